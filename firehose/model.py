@@ -1,0 +1,162 @@
+"""Values that flow between the decoder, the pipeline and storage.
+
+Everything here is plain data: the protocol decoder produces these values from bytes, the
+storage layer consumes them. Names follow the atproto specification (`seq`, `did`, `rev`,
+`rkey`, `cid`, `cursor`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+
+class Action(StrEnum):
+    CREATE = "create"
+    UPDATE = "update"
+    DELETE = "delete"
+
+
+# Account statuses named by com.atproto.sync.subscribeRepos#account. `active` is ours: the
+# event says `active: true` and carries no status.
+ACCOUNT_STATUS_ACTIVE = "active"
+ACCOUNT_STATUS_DELETED = "deleted"
+
+
+@dataclass(frozen=True, slots=True)
+class RecordWrite:
+    """One record operation, ready for storage.
+
+    `record` is the record in the atproto JSON form (links as ``{"$link": cid}``, bytes as
+    ``{"$bytes": base64}``) with NUL characters already replaced, so PostgreSQL accepts it;
+    `sanitized` says whether that happened. `cid` and `record` are ``None`` for deletes.
+    `rev` is the repo revision (a TID) of the commit or snapshot that carried the op: the
+    storage layer applies a write only if no newer rev has touched the same uri.
+    """
+
+    did: str
+    collection: str
+    rkey: str
+    rev: str
+    action: Action
+    cid: str | None = None
+    record: dict[str, Any] | None = None
+    sanitized: bool = False
+
+    @property
+    def uri(self) -> str:
+        return f"at://{self.did}/{self.collection}/{self.rkey}"
+
+
+@dataclass(frozen=True, slots=True)
+class CommitEvent:
+    """A `#commit` frame, its CAR already verified and its ops resolved to records."""
+
+    seq: int
+    did: str
+    rev: str
+    since: str | None
+    commit_cid: str
+    prev_data: str | None
+    time: datetime | None
+    writes: tuple[RecordWrite, ...]
+    too_big: bool = False
+    # Ops that could not be resolved (record block missing from the CAR, bad path, ...):
+    # (reason, detail) pairs the worker counts under firehose_invalid_total.
+    invalid_ops: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SyncEvent:
+    """A `#sync` frame: the repo's state was reset to `commit_cid` at `rev`."""
+
+    seq: int
+    did: str
+    rev: str
+    commit_cid: str
+    time: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityEvent:
+    """`#identity` (or legacy `#handle`): the DID document or handle may have changed."""
+
+    seq: int
+    did: str
+    time: datetime | None
+    handle: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AccountEvent:
+    """`#account` (or legacy `#tombstone`, which means deleted)."""
+
+    seq: int
+    did: str
+    time: datetime | None
+    active: bool
+    status: str | None = None
+
+    @property
+    def effective_status(self) -> str:
+        if self.active:
+            return ACCOUNT_STATUS_ACTIVE
+        return self.status or "deactivated"
+
+
+@dataclass(frozen=True, slots=True)
+class InfoEvent:
+    """`#info`: informational, e.g. ``OutdatedCursor``. Carries no seq."""
+
+    name: str
+    message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorFrame:
+    """An error frame (header ``op = -1``), e.g. ``FutureCursor`` or ``ConsumerTooSlow``."""
+
+    error: str
+    message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IgnoredEvent:
+    """A frame we decode but do not index (legacy `#migrate`, unknown future types).
+
+    It still carries its seq (when it has one) so the cursor advances past it.
+    """
+
+    seq: int | None
+    kind: str
+    did: str | None = None
+    time: datetime | None = None
+
+
+Event = (
+    CommitEvent
+    | SyncEvent
+    | IdentityEvent
+    | AccountEvent
+    | InfoEvent
+    | ErrorFrame
+    | IgnoredEvent
+)
+
+
+@dataclass(slots=True)
+class Batch:
+    """What one database transaction applies: rows plus the cursor that covers them.
+
+    Invariant 1 of the design: `cursor` is written in the same transaction as the rows of
+    every event whose seq is <= cursor, so the cursor never runs ahead of the data.
+    """
+
+    writes: list[RecordWrite] = field(default_factory=list)
+    identities: list[IdentityEvent] = field(default_factory=list)
+    accounts: list[AccountEvent] = field(default_factory=list)
+    cursor: int | None = None
+    last_event_time: datetime | None = None
+    events: int = 0
