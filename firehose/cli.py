@@ -1,0 +1,119 @@
+"""Command line: `firehose run | devnet | migrate`. `python -m firehose` is `firehose run`.
+
+Configuration comes from the environment (see README); a bad value exits with status 2 and
+a message naming the variable (design invariant 6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from firehose import __version__, logs
+from firehose.settings import ConfigError, Settings
+
+log = logging.getLogger("firehose")
+
+EXIT_CONFIG = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="firehose",
+        description="AT Protocol firehose + backfill indexer into PostgreSQL. "
+        "Settings come from environment variables (see README).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command")
+
+    run = sub.add_parser("run", help="run the unified worker (default)")
+    run.add_argument(
+        "--devnet",
+        action="store_true",
+        help="start a local devnet relay on loopback and index it (offline quick start)",
+    )
+    run.add_argument("--devnet-seed", type=int, default=1, help="devnet seed (with --devnet)")
+    run.add_argument(
+        "--devnet-rate", type=float, default=50.0, help="devnet events/s (with --devnet)"
+    )
+
+    from firehose.devnet import cli as devnet_cli
+
+    devnet = sub.add_parser("devnet", help="serve a local relay with seeded, signed traffic")
+    devnet_cli.add_arguments(devnet)
+
+    sub.add_parser("migrate", help="apply database migrations and exit")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    command = args.command or "run"
+    if command == "devnet":
+        logs.configure("INFO", "text")
+        from firehose.devnet import cli as devnet_cli
+
+        return _run_async(devnet_cli.run(args))
+    try:
+        settings = Settings.from_env()
+    except ConfigError as err:
+        print(f"firehose: configuration error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    logs.configure(settings.log_level, settings.log_format)
+    if command == "migrate":
+        return _run_async(_migrate(settings))
+    return _run_async(
+        _run(
+            settings,
+            devnet=getattr(args, "devnet", False),
+            devnet_seed=getattr(args, "devnet_seed", 1),
+            devnet_rate=getattr(args, "devnet_rate", 50.0),
+        )
+    )
+
+
+def _run_async(coro: Coroutine[Any, Any, None]) -> int:
+    try:
+        import uvloop
+
+        uvloop.run(coro)
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
+        asyncio.run(coro)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+async def _run(settings: Settings, *, devnet: bool, devnet_seed: int, devnet_rate: float) -> None:
+    from firehose.worker import Worker, run_until_signalled
+
+    if not devnet:
+        await run_until_signalled(Worker(settings))
+        return
+    from firehose.devnet.relay import DevnetConfig, DevnetRelay
+
+    config = DevnetConfig(seed=devnet_seed, rate=devnet_rate)
+    async with DevnetRelay(config) as relay:
+        log.info("devnet relay on %s (seed %d, %.0f events/s)", relay.url, devnet_seed, devnet_rate)
+        relay_settings = dataclasses.replace(settings.relay, url=relay.url)
+        worker_settings = dataclasses.replace(settings, relay=relay_settings)
+        # The devnet's history starts at seq 1: with no saved cursor, index it from there.
+        await run_until_signalled(Worker(worker_settings, default_cursor=0))
+
+
+async def _migrate(settings: Settings) -> None:
+    from firehose.storage.database import Database
+
+    db = await Database.open(settings.database)
+    await db.close()
+    log.info("database schema is up to date")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,81 @@
+"""Turning decoded events into batches (pure: no I/O).
+
+A batch keeps the firehose order of its events, so the writer sees each repo's ops in the
+order the relay sent them (design invariant 3), and it carries the seq of its last event as
+the cursor to save in the same transaction (invariant 1). Events this worker does not index
+(other shards, unwanted collections, notices) still move the cursor forward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+
+from firehose.model import (
+    AccountEvent,
+    Batch,
+    CommitEvent,
+    Event,
+    IdentityEvent,
+    IgnoredEvent,
+    SyncEvent,
+)
+from firehose.settings import WorkerSettings, collection_wanted
+
+
+def shard_of(did: str, worker_count: int) -> int:
+    """Stable shard of a DID: the same on every machine and Python run (no hash seed)."""
+    digest = hashlib.sha256(did.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % worker_count
+
+
+def shard_filter(worker: WorkerSettings) -> Callable[[str], bool] | None:
+    if worker.worker_count == 1:
+        return None
+    count, mine = worker.worker_count, worker.worker_id
+    return lambda did: shard_of(did, count) == mine
+
+
+class BatchBuilder:
+    def __init__(
+        self,
+        wanted_collections: tuple[str, ...] = (),
+        owns_did: Callable[[str], bool] | None = None,
+    ) -> None:
+        self._wanted = wanted_collections
+        self._owns_did = owns_did
+        self._batch = Batch()
+
+    def __len__(self) -> int:
+        return self._batch.events
+
+    def add(self, event: Event) -> None:
+        batch = self._batch
+        seq = getattr(event, "seq", None)
+        if seq is None:
+            return  # #info and error frames carry no seq and change no rows
+        batch.events += 1
+        batch.cursor = seq
+        event_time = getattr(event, "time", None)
+        if event_time is not None:
+            batch.last_event_time = event_time
+        if isinstance(event, IgnoredEvent | SyncEvent):
+            # #sync resynchronisation is the backfill path's job (a later issue).
+            return
+        if self._owns_did is not None and not self._owns_did(event.did):
+            return
+        if isinstance(event, CommitEvent):
+            if self._wanted:
+                batch.writes.extend(
+                    w for w in event.writes if collection_wanted(w.collection, self._wanted)
+                )
+            else:
+                batch.writes.extend(event.writes)
+        elif isinstance(event, IdentityEvent):
+            batch.identities.append(event)
+        elif isinstance(event, AccountEvent):
+            batch.accounts.append(event)
+
+    def take(self) -> Batch:
+        batch, self._batch = self._batch, Batch()
+        return batch

@@ -1,0 +1,201 @@
+"""The relay client: a websocket to `com.atproto.sync.subscribeRepos` that never gives up.
+
+It yields raw frames and reconnects by itself: capped exponential backoff with full jitter,
+reset once a connection has stayed healthy; a socket that delivers nothing for
+`idle_timeout_s` is treated as dead (the protocol has no application heartbeat). On every
+(re)connect it resumes from the last seq the worker has *read*: frames already read are in
+the pipeline's bounded queue and will be committed, so resuming from the read position loses
+nothing. After a crash the worker resumes from the committed cursor instead (invariant 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+from urllib.parse import urlencode
+
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+
+from firehose.metrics import LiveMetrics
+from firehose.model import ErrorFrame, Event, IgnoredEvent, InfoEvent
+from firehose.settings import RelaySettings
+
+log = logging.getLogger("firehose.relay")
+
+SUBSCRIBE_PATH = "/xrpc/com.atproto.sync.subscribeRepos"
+# websockets' own frame limit is a hard memory bound; the decoder applies the protocol's
+# smaller limit and counts the frame, so an oversized frame is skipped, not a reconnect loop.
+WS_MAX_SIZE_FACTOR = 4
+IDLE_CHECK_INTERVAL_S = 1.0
+
+
+def subscribe_url(relay_url: str, cursor: int | None) -> str:
+    base = relay_url.rstrip("/")
+    if not base.endswith(SUBSCRIBE_PATH):
+        base += SUBSCRIBE_PATH
+    if cursor is None:
+        return base
+    return f"{base}?{urlencode({'cursor': cursor})}"
+
+
+class RelayClient:
+    def __init__(self, settings: RelaySettings, metrics: LiveMetrics, start_cursor: int | None):
+        self._settings = settings
+        self._metrics = metrics
+        # The seq of the last event read; the resume point of the next connection.
+        self.cursor: int | None = start_cursor
+        self._ws: ClientConnection | None = None
+        self._reconnect_reason: str | None = None
+        self._attempt = 0
+        self.connected_since: float | None = None
+        self.last_frame_at: float | None = None
+
+    async def frames(self, stop: asyncio.Event) -> AsyncIterator[bytes]:
+        """Yield raw frames until `stop` is set, reconnecting as needed."""
+        while not stop.is_set():
+            url = subscribe_url(self._settings.url, self.cursor)
+            reason = "closed"
+            try:
+                async with connect(
+                    url,
+                    compression=None,
+                    max_size=self._settings.max_frame_bytes * WS_MAX_SIZE_FACTOR,
+                    open_timeout=15,
+                    close_timeout=2,
+                    proxy=None,
+                    max_queue=64,
+                ) as ws:
+                    self._on_open(ws, url)
+                    # A plain task, not a TaskGroup: this is an async generator, and a task
+                    # group must not stay open across a yield.
+                    watchdog = asyncio.create_task(self._watch(ws, stop))
+                    try:
+                        async for message in ws:
+                            self.last_frame_at = time.monotonic()
+                            if isinstance(message, bytes):
+                                yield message
+                            if stop.is_set() or self._reconnect_reason:
+                                break
+                    finally:
+                        watchdog.cancel()
+                    reason = self._reconnect_reason or reason
+            except (OSError, websockets.exceptions.WebSocketException, TimeoutError) as exc:
+                reason = self._reconnect_reason or _classify(exc)
+                if not stop.is_set():
+                    log.warning("relay connection failed (%s): %s", reason, _short(exc))
+            finally:
+                self._on_close()
+            if stop.is_set():
+                return
+            self._metrics.reconnects.labels(reason).inc()
+            await self._backoff(stop)
+
+    def observe(self, event: Event) -> None:
+        """Track seq and react to relay notices; called for every decoded event in order."""
+        seq = getattr(event, "seq", None)
+        if isinstance(seq, int):
+            if self.cursor is not None:
+                if seq <= self.cursor:
+                    # Per the lexicon seq only grows; a relay that restarted with a fresh
+                    # database resets it. Rev guards make re-applied events harmless.
+                    self._metrics.seq_anomalies.labels("backwards").inc()
+                    log.warning("relay seq went backwards: %d after %d", seq, self.cursor)
+                elif seq > self.cursor + 1 and not isinstance(event, IgnoredEvent):
+                    self._metrics.seq_anomalies.labels("gap").inc()
+                    log.debug("relay seq jumped: %d after %d", seq, self.cursor)
+            self.cursor = seq
+        elif isinstance(event, InfoEvent):
+            if event.name == "OutdatedCursor":
+                self._metrics.seq_anomalies.labels("outdated_cursor").inc()
+                log.warning(
+                    "relay says OutdatedCursor: cursor %s is older than its window, events "
+                    "before its oldest were missed (%s); a backfill recovers them",
+                    self.cursor,
+                    event.message,
+                )
+            else:
+                log.info("relay info %s: %s", event.name, event.message)
+        elif isinstance(event, ErrorFrame):
+            if event.error == "FutureCursor":
+                log.error(
+                    "relay says FutureCursor: our cursor %s is ahead of the relay (%s). "
+                    "Resuming from the live tip; events in between are not replayed.",
+                    self.cursor,
+                    event.message,
+                )
+                self.cursor = None
+                self.request_reconnect("future_cursor")
+            elif event.error == "ConsumerTooSlow":
+                log.warning("relay says ConsumerTooSlow; reconnecting from cursor %s", self.cursor)
+                self.request_reconnect("consumer_too_slow")
+            else:
+                log.warning("relay error frame %s: %s", event.error, event.message)
+                self.request_reconnect("error")
+
+    def request_reconnect(self, reason: str) -> None:
+        self._reconnect_reason = reason
+
+    @property
+    def connected(self) -> bool:
+        return self._ws is not None
+
+    def _on_open(self, ws: ClientConnection, url: str) -> None:
+        self._ws = ws
+        self._reconnect_reason = None
+        self.connected_since = self.last_frame_at = time.monotonic()
+        self._metrics.connected.set(1)
+        log.info("connected to relay %s", url)
+
+    def _on_close(self) -> None:
+        now = time.monotonic()
+        if self.connected_since is not None:
+            if now - self.connected_since >= self._settings.healthy_after_s:
+                self._attempt = 0
+        self._ws = None
+        self.connected_since = None
+        self._metrics.connected.set(0)
+
+    async def _watch(self, ws: ClientConnection, stop: asyncio.Event) -> None:
+        """Close a silent socket (no frames for idle_timeout_s) and honour stop()."""
+        while True:
+            await asyncio.sleep(IDLE_CHECK_INTERVAL_S)
+            idle_s = time.monotonic() - (self.last_frame_at or 0.0)
+            if stop.is_set() or self._reconnect_reason:
+                await ws.close()
+                return
+            if idle_s >= self._settings.idle_timeout_s:
+                log.warning("relay silent for %.0f s; treating the socket as dead", idle_s)
+                self._reconnect_reason = "idle"
+                with contextlib.suppress(Exception):
+                    await ws.close()
+                return
+
+    async def _backoff(self, stop: asyncio.Event) -> None:
+        cap_s = min(
+            self._settings.reconnect_max_s,
+            self._settings.reconnect_min_s * (2**self._attempt),
+        )
+        self._attempt = min(self._attempt + 1, 30)
+        # Full jitter: many workers reconnecting after a relay restart do not stampede it.
+        delay_s = random.uniform(self._settings.reconnect_min_s / 2, cap_s)
+        log.info("reconnecting to relay in %.1f s", delay_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay_s)
+
+
+def _classify(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, websockets.exceptions.ConnectionClosed):
+        return "closed"
+    return "error"
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 200 else text[:197] + "..."

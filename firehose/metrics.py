@@ -1,0 +1,131 @@
+"""Prometheus metrics of the live path, built on a registry that is passed in.
+
+Tests build a fresh `CollectorRegistry` per worker, so counts never leak between them.
+Every label takes values from a bounded set: event types from the lexicon, actions, the
+decoder's fixed error reasons, reconnect reasons named here. Help text says how an operator
+reads the metric.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Event types named by com.atproto.sync.subscribeRepos, plus legacy ones and "other".
+EVENT_TYPES = (
+    "commit",
+    "sync",
+    "identity",
+    "account",
+    "info",
+    "error",
+    "handle",
+    "migrate",
+    "tombstone",
+    "other",
+)
+RECONNECT_REASONS = ("closed", "idle", "error", "consumer_too_slow", "future_cursor", "refused")
+
+_LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_BATCH_SIZE_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+
+
+@dataclass(frozen=True)
+class LiveMetrics:
+    events: Counter
+    ops: Counter
+    invalid: Counter
+    sanitized: Counter
+    cursor: Gauge
+    lag_seconds: Gauge
+    batch_seconds: Histogram
+    batch_events: Histogram
+    queue_depth: Gauge
+    connected: Gauge
+    reconnects: Counter
+    seq_anomalies: Counter
+    db_errors: Counter
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> LiveMetrics:
+        return cls(
+            events=Counter(
+                "firehose_events_total",
+                "Firehose events read from the relay, by type. rate() is the live event rate.",
+                ["type"],
+                registry=registry,
+            ),
+            ops=Counter(
+                "firehose_ops_total",
+                "Record operations committed to PostgreSQL, by action (create/update/delete).",
+                ["action"],
+                registry=registry,
+            ),
+            invalid=Counter(
+                "firehose_invalid_total",
+                "Malformed frames or ops counted and skipped, by reason. Non-zero is hostile or "
+                "buggy input upstream; the worker keeps going.",
+                ["reason"],
+                registry=registry,
+            ),
+            sanitized=Counter(
+                "firehose_records_sanitized_total",
+                "Records indexed with NUL characters replaced by U+FFFD (PostgreSQL cannot "
+                "store NUL). They are indexed, not dropped.",
+                registry=registry,
+            ),
+            cursor=Gauge(
+                "firehose_cursor",
+                "Last relay seq committed to PostgreSQL together with its rows. Flat while "
+                "events arrive means the writer is stuck.",
+                registry=registry,
+            ),
+            lag_seconds=Gauge(
+                "firehose_lag_seconds",
+                "Now minus the relay time of the last committed event. Growing lag means the "
+                "worker is slower than the network.",
+                registry=registry,
+            ),
+            batch_seconds=Histogram(
+                "firehose_batch_commit_seconds",
+                "Time to apply one batch in one transaction (COPY, upserts, cursor).",
+                buckets=_LATENCY_BUCKETS_S,
+                registry=registry,
+            ),
+            batch_events=Histogram(
+                "firehose_batch_events",
+                "Events per committed batch. Large batches mean the worker is catching up.",
+                buckets=_BATCH_SIZE_BUCKETS,
+                registry=registry,
+            ),
+            queue_depth=Gauge(
+                "firehose_queue_depth",
+                "Frames read from the socket but not yet committed. Near its bound means the "
+                "database is the bottleneck and the socket is being slowed (back-pressure).",
+                registry=registry,
+            ),
+            connected=Gauge(
+                "firehose_relay_connected",
+                "1 while the websocket to the relay is open.",
+                registry=registry,
+            ),
+            reconnects=Counter(
+                "firehose_reconnects_total",
+                "Reconnections to the relay, by reason. A steady rate means an unstable link.",
+                ["reason"],
+                registry=registry,
+            ),
+            seq_anomalies=Counter(
+                "firehose_seq_anomalies_total",
+                "Relay seq numbers that went backwards or jumped forward, and OutdatedCursor "
+                "notices (events the relay no longer had).",
+                ["kind"],
+                registry=registry,
+            ),
+            db_errors=Counter(
+                "firehose_db_errors_total",
+                "Database errors while committing a batch; the batch is retried.",
+                registry=registry,
+            ),
+        )

@@ -1,0 +1,227 @@
+"""The unified worker: relay → decode → batch → one transaction per batch.
+
+`run()` reads like a table of contents. `stop()` only sets an event: the reader stops
+reading, the committer finishes the batch in hand plus what is already queued (within
+`STOP_DRAIN_S`), saves the cursor with it, and `run()` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+from prometheus_client import CollectorRegistry
+
+from firehose.http import start_http
+from firehose.live.batch import BatchBuilder, shard_filter
+from firehose.live.relay import RelayClient
+from firehose.metrics import LiveMetrics
+from firehose.model import Batch, CommitEvent, Event
+from firehose.protocol.errors import ProtocolError
+from firehose.protocol.frames import FrameLimits, decode_frame
+from firehose.settings import Settings
+from firehose.storage import writer
+from firehose.storage.database import Database
+
+log = logging.getLogger("firehose.worker")
+
+STOP_DRAIN_S = 7.0  # SIGTERM → exit within 10 s, leaving room for closing the pool
+DB_RETRY_MIN_S = 0.5
+DB_RETRY_MAX_S = 10.0
+_EVENT_TYPE = {
+    "CommitEvent": "commit",
+    "SyncEvent": "sync",
+    "IdentityEvent": "identity",
+    "AccountEvent": "account",
+    "InfoEvent": "info",
+    "ErrorFrame": "error",
+}
+_DONE = object()  # queue sentinel: the reader has stopped
+
+
+@dataclass
+class WorkerState:
+    """What /status and tests read: the committed position of the live stream."""
+
+    cursor: int | None = None
+    last_event_time: datetime | None = None
+    events_committed: int = 0
+    batches_committed: int = 0
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: CollectorRegistry | None = None,
+        *,
+        default_cursor: int | None = None,
+    ) -> None:
+        self.settings = settings
+        # Where to start when no cursor is saved and START_CURSOR is unset: None is the
+        # relay's live tip (the real network); the devnet passes 0, its oldest event.
+        self._default_cursor = default_cursor
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = LiveMetrics.create(self.registry)
+        self.state = WorkerState()
+        self._stop = asyncio.Event()
+        self._queue: asyncio.Queue[object] = asyncio.Queue(settings.pipeline.queue_max_frames)
+        self._limits = FrameLimits(max_frame_bytes=settings.relay.max_frame_bytes)
+        self._service = settings.worker.cursor_service
+        self.metrics.queue_depth.set_function(self._queue.qsize)
+        self.metrics.lag_seconds.set_function(self._lag_seconds)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        db = await Database.open(self.settings.database)
+        http = await start_http(self.registry, self.settings.metrics_port)
+        try:
+            start_cursor = await self._start_cursor(db)
+            relay = RelayClient(self.settings.relay, self.metrics, start_cursor)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._read(relay))
+                tg.create_task(self._commit(db))
+        finally:
+            if http is not None:
+                await http.cleanup()
+            await db.close()
+            log.info("worker stopped at cursor %s", self.state.cursor)
+
+    async def _start_cursor(self, db: Database) -> int | None:
+        saved = await db.run(writer.load_cursor, self._service)
+        self.state.cursor = saved
+        forced = self.settings.relay.start_cursor
+        if forced is not None:
+            log.info("START_CURSOR=%d: replaying from there (saved cursor was %s)", forced, saved)
+            return forced
+        if saved is not None:
+            log.info("resuming %r from saved cursor %d", self._service, saved)
+            return saved
+        if self._default_cursor is None:
+            log.info("no saved cursor for %r: starting from the live tip", self._service)
+        else:
+            log.info("no saved cursor for %r: starting at %d", self._service, self._default_cursor)
+        return self._default_cursor
+
+    # -- read + decode ---------------------------------------------------------------
+
+    async def _read(self, relay: RelayClient) -> None:
+        try:
+            async for frame in relay.frames(self._stop):
+                event = self._decode(frame)
+                if event is None:
+                    continue
+                relay.observe(event)
+                await self._queue.put(event)  # bounded: a slow database slows the socket
+        finally:
+            await self._queue.put(_DONE)
+
+    def _decode(self, frame: bytes) -> Event | None:
+        try:
+            event = decode_frame(frame, self._limits)
+        except ProtocolError as err:
+            self.metrics.invalid.labels(err.reason).inc()
+            log.warning("skipping malformed frame (%s): %s", err.reason, err.detail)
+            return None
+        self.metrics.events.labels(_EVENT_TYPE.get(type(event).__name__, "other")).inc()
+        if isinstance(event, CommitEvent) and event.invalid_ops:
+            for reason, detail in event.invalid_ops:
+                self.metrics.invalid.labels(reason).inc()
+                log.warning("skipping invalid op in %s seq %d: %s", event.did, event.seq, detail)
+        return event
+
+    # -- batch + commit --------------------------------------------------------------
+
+    async def _commit(self, db: Database) -> None:
+        pipeline = self.settings.pipeline
+        builder = BatchBuilder(pipeline.wanted_collections, shard_filter(self.settings.worker))
+        max_wait_s = pipeline.batch_max_wait_ms / 1000
+        reader_done = False
+        drain_deadline: float | None = None
+        while not reader_done:
+            item = await self._queue.get()
+            deadline = time.monotonic() + max_wait_s
+            while item is not _DONE:
+                builder.add(item)  # type: ignore[arg-type]
+                if len(builder) >= pipeline.batch_max_events:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        item = await asyncio.wait_for(self._queue.get(), remaining)
+                    except TimeoutError:
+                        break
+            reader_done = item is _DONE
+            if self._stop.is_set() and drain_deadline is None:
+                drain_deadline = time.monotonic() + STOP_DRAIN_S
+            if len(builder):
+                await self._apply(db, builder.take(), drain_deadline)
+            if drain_deadline is not None and time.monotonic() > drain_deadline:
+                log.warning("stop: drain deadline reached; unsaved events replay on restart")
+                return
+
+    async def _apply(self, db: Database, batch: Batch, deadline: float | None) -> None:
+        delay_s = DB_RETRY_MIN_S
+        while True:
+            started = time.perf_counter()
+            try:
+                await db.run(writer.apply_batch, batch, service=self._service)
+            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+                # Nothing was committed (one transaction): retrying the same batch is safe,
+                # and the rev guards make it idempotent anyway.
+                self.metrics.db_errors.inc()
+                log.error("batch commit failed, retrying in %.1f s: %s", delay_s, exc)
+                if deadline is not None and time.monotonic() + delay_s > deadline:
+                    raise
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, DB_RETRY_MAX_S)
+                continue
+            self._committed(batch, time.perf_counter() - started)
+            return
+
+    def _committed(self, batch: Batch, elapsed_s: float) -> None:
+        m = self.metrics
+        m.batch_seconds.observe(elapsed_s)
+        m.batch_events.observe(batch.events)
+        actions = Counter(w.action.value for w in batch.writes)
+        for action, count in actions.items():
+            m.ops.labels(action).inc(count)
+        sanitized = sum(1 for w in batch.writes if w.sanitized)
+        if sanitized:
+            m.sanitized.inc(sanitized)
+        if batch.cursor is not None:
+            m.cursor.set(batch.cursor)
+            self.state.cursor = batch.cursor
+        if batch.last_event_time is not None:
+            self.state.last_event_time = batch.last_event_time
+        self.state.events_committed += batch.events
+        self.state.batches_committed += 1
+
+    def _lag_seconds(self) -> float:
+        t = self.state.last_event_time
+        if t is None:
+            return 0.0
+        return max(0.0, (datetime.now(UTC) - t).total_seconds())
+
+
+async def run_until_signalled(worker: Worker) -> None:
+    """Run the worker; SIGTERM/SIGINT call stop() (finish the batch, save the cursor)."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, worker.stop)
+    await worker.run()
