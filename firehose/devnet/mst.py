@@ -1,0 +1,265 @@
+"""Merkle Search Tree (MST) of a repository: record path -> record CID.
+
+Spec: https://atproto.com/specs/repository#mst-structure. A key's height is the number of
+leading zero bits of sha256(key) divided by 2 (fanout ~4). A node at layer L holds, in key
+order, the keys of height L in its range; the gaps between them (and before the first) point
+to subtrees at layer L-1 holding the lower keys of that gap. The root sits at the largest
+height; a subtree with no keys of its own but lower keys below is an "empty intermediate"
+node (only an `l` link), which the spec allows everywhere except at the root. The structure
+depends only on the key set, so any correct builder gives the same root CID.
+
+Node encoding: ``{"l": link|null, "e": [{"p": shared prefix length with the previous key in
+the node, "k": remaining key bytes, "v": record link, "t": right subtree link|null}]}``.
+
+Two builders live here: `build_mst` (from scratch, straight from the definition; the
+reference) and `Mst` (persistent, copy-on-write updates touching only the nodes on the path
+of the changed key, so a commit re-encodes O(depth) nodes rather than the whole tree).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
+from functools import lru_cache
+
+from firehose.devnet import dagcbor
+
+HEIGHT_CACHE_ENTRIES = 1 << 20
+
+
+@lru_cache(maxsize=HEIGHT_CACHE_ENTRIES)
+def key_height(key: bytes) -> int:
+    """Leading zero bits of sha256(key), counted in 2-bit chunks."""
+    digest = hashlib.sha256(key).digest()
+    zeros = 0
+    for byte in digest:
+        if byte == 0:
+            zeros += 8
+            continue
+        zeros += 8 - byte.bit_length()
+        break
+    return zeros // 2
+
+
+class Node:
+    """One MST node. Treated as immutable once built; `cid`/`block` are filled lazily."""
+
+    __slots__ = ("block", "cid", "keys", "left", "rights", "vals")
+
+    def __init__(
+        self,
+        left: Node | None,
+        keys: list[bytes],
+        vals: list[bytes],
+        rights: list[Node | None],
+    ) -> None:
+        self.left = left
+        self.keys = keys
+        self.vals = vals
+        self.rights = rights
+        self.cid: bytes | None = None
+        self.block: bytes | None = None
+
+    def copy(self) -> Node:
+        return Node(self.left, self.keys.copy(), self.vals.copy(), self.rights.copy())
+
+    def pointer(self, index: int) -> Node | None:
+        """The subtree covering the gap before entry `index` (index == len: after the last)."""
+        return self.left if index == 0 else self.rights[index - 1]
+
+    def set_pointer(self, index: int, node: Node | None) -> None:
+        if index == 0:
+            self.left = node
+        else:
+            self.rights[index - 1] = node
+
+    def encode(self) -> bytes:
+        """Encode (children first) and cache; returns this node's CID."""
+        if self.cid is not None:
+            return self.cid
+        entries = []
+        previous = b""
+        for key, val, right in zip(self.keys, self.vals, self.rights, strict=True):
+            prefix = 0
+            limit = min(len(previous), len(key))
+            while prefix < limit and previous[prefix] == key[prefix]:
+                prefix += 1
+            entries.append(
+                {
+                    "p": prefix,
+                    "k": key[prefix:],
+                    "v": dagcbor.link(val),
+                    "t": None if right is None else dagcbor.link(right.encode()),
+                }
+            )
+            previous = key
+        left = None if self.left is None else dagcbor.link(self.left.encode())
+        self.cid, self.block = dagcbor.encode_block({"l": left, "e": entries})
+        return self.cid
+
+
+def _normalise(node: Node) -> Node | None:
+    """A node with neither entries nor a subtree is no node at all."""
+    return None if not node.keys and node.left is None else node
+
+
+def _split(node: Node | None, key: bytes) -> tuple[Node | None, Node | None]:
+    """Split a subtree into the parts below and above `key` (which it does not contain)."""
+    if node is None:
+        return None, None
+    index = bisect_left(node.keys, key)
+    below, above = _split(node.pointer(index), key)
+    low = Node(node.left, node.keys[:index], node.vals[:index], node.rights[:index])
+    low.set_pointer(index, below)
+    high = Node(above, node.keys[index:], node.vals[index:], node.rights[index:])
+    return _normalise(low), _normalise(high)
+
+
+def _merge(first: Node | None, second: Node | None) -> Node | None:
+    """Join two adjacent subtrees of the same layer (all keys of `first` < those of `second`)."""
+    if first is None:
+        return second
+    if second is None:
+        return first
+    middle = _merge(first.pointer(len(first.keys)), second.left)
+    merged = Node(
+        first.left,
+        first.keys + second.keys,
+        first.vals + second.vals,
+        first.rights + second.rights,
+    )
+    merged.set_pointer(len(first.keys), middle)
+    return merged
+
+
+def _insert(node: Node | None, layer: int, key: bytes, height: int, val: bytes) -> Node:
+    current = Node(None, [], [], []) if node is None else node.copy()
+    index = bisect_left(current.keys, key)
+    if height == layer:
+        if index < len(current.keys) and current.keys[index] == key:
+            current.vals[index] = val
+            return current
+        below, above = _split(current.pointer(index), key)
+        current.set_pointer(index, below)
+        current.keys.insert(index, key)
+        current.vals.insert(index, val)
+        current.rights.insert(index, above)
+    else:
+        current.set_pointer(
+            index, _insert(current.pointer(index), layer - 1, key, height, val)
+        )
+    return current
+
+
+def _delete(node: Node | None, layer: int, key: bytes, height: int) -> Node | None:
+    if node is None:
+        raise KeyError(key)
+    current = node.copy()
+    index = bisect_left(current.keys, key)
+    if height == layer:
+        if index >= len(current.keys) or current.keys[index] != key:
+            raise KeyError(key)
+        merged = _merge(current.pointer(index), current.rights[index])
+        del current.keys[index], current.vals[index], current.rights[index]
+        current.set_pointer(index, merged)
+    else:
+        current.set_pointer(index, _delete(current.pointer(index), layer - 1, key, height))
+    return _normalise(current)
+
+
+def _walk(node: Node | None) -> Iterator[Node]:
+    if node is None:
+        return
+    yield node
+    yield from _walk(node.left)
+    for right in node.rights:
+        yield from _walk(right)
+
+
+class Mst:
+    """A mutable handle on a persistent MST; `put`/`delete` copy only the touched path."""
+
+    def __init__(self) -> None:
+        self.root: Node | None = None
+        self.layer = 0
+
+    def put(self, key: str, cid: bytes) -> None:
+        raw = key.encode()
+        height = key_height(raw)
+        if self.root is None:
+            self.layer = height
+        while height > self.layer:  # grow the tree upwards with empty intermediate nodes
+            self.root = Node(self.root, [], [], [])
+            self.layer += 1
+        self.root = _insert(self.root, self.layer, raw, height, cid)
+
+    def delete(self, key: str) -> None:
+        raw = key.encode()
+        self.root = _delete(self.root, self.layer, raw, key_height(raw))
+        # The root must not be an empty node pointing at a subtree (repository spec).
+        while self.root is not None and not self.root.keys:
+            self.root = self.root.left
+            self.layer -= 1
+        if self.root is None:
+            self.layer = 0
+
+    def root_cid(self) -> bytes:
+        return self._root_node().encode()
+
+    def new_blocks(self) -> list[tuple[bytes, bytes]]:
+        """Encode the root and return the blocks of nodes encoded for the first time: exactly
+        the nodes created since the previous call (unchanged subtrees keep their cached CID)."""
+        fresh: list[Node] = []
+        self._collect_unencoded(self._root_node(), fresh)
+        blocks = []
+        for node in fresh:
+            node.encode()
+            assert node.cid is not None and node.block is not None
+            blocks.append((node.cid, node.block))
+        return blocks
+
+    def all_blocks(self) -> list[tuple[bytes, bytes]]:
+        root = self._root_node()
+        root.encode()
+        return [(node.cid, node.block) for node in _walk(root)]  # type: ignore[misc]
+
+    def _root_node(self) -> Node:
+        if self.root is None:
+            self.root = Node(None, [], [], [])  # an empty repo is a single empty node
+        return self.root
+
+    def _collect_unencoded(self, node: Node | None, out: list[Node]) -> None:
+        # An encoded node's children are encoded too, so stop descending at the first one.
+        if node is None or node.cid is not None:
+            return
+        self._collect_unencoded(node.left, out)
+        for right in node.rights:
+            self._collect_unencoded(right, out)
+        out.append(node)
+
+
+def build_mst(items: Iterable[tuple[str, bytes]]) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """Reference builder: the tree for a key -> cid map, built from scratch.
+
+    Returns the root CID and every node block (root first). Used to check `Mst`."""
+    entries = sorted((key.encode(), cid) for key, cid in items)
+    heights = [key_height(key) for key, _ in entries]
+    top = max(heights, default=0)
+
+    def build(lo: int, hi: int, layer: int) -> Node | None:
+        if lo >= hi:
+            return None
+        seps = [i for i in range(lo, hi) if heights[i] == layer]
+        bounds = [lo, *seps, hi]
+        node = Node(None, [], [], [])
+        node.left = build(bounds[0], bounds[1], layer - 1)
+        for n, sep in enumerate(seps):
+            node.keys.append(entries[sep][0])
+            node.vals.append(entries[sep][1])
+            node.rights.append(build(sep + 1, bounds[n + 2], layer - 1))
+        return node
+
+    root = build(0, len(entries), top) or Node(None, [], [], [])
+    root_cid = root.encode()
+    return root_cid, [(node.cid, node.block) for node in _walk(root)]  # type: ignore[misc]
