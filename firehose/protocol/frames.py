@@ -1,0 +1,326 @@
+"""`com.atproto.sync.subscribeRepos` frames -> `firehose.model` events.
+
+A frame (https://atproto.com/specs/event-stream#framing) is two concatenated DAG-CBOR
+objects: a header ``{op, t}`` and a body. ``op = 1`` is a message whose type is ``t``;
+``op = -1`` is an error whose body is ``{error, message?}``. Bodies follow the
+subscribeRepos lexicon (https://github.com/bluesky-social/atproto/blob/main/lexicons/com/atproto/sync/subscribeRepos.json).
+
+For ``#commit`` the ``blocks`` CAR is read with every block hash-checked, the commit object
+is found and must name the same DID as the frame (a relay bug or forgery otherwise), and
+each op becomes a `RecordWrite`. A bad op (record block missing, bad path, undecodable
+record) does not spoil the frame: it goes to ``invalid_ops`` and the other ops are kept,
+because dropping a whole commit would silently lose its valid writes. A bad frame
+(header, body fields, CAR, commit) raises `ProtocolError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from firehose.model import (
+    ACCOUNT_STATUS_DELETED,
+    AccountEvent,
+    Action,
+    CommitEvent,
+    ErrorFrame,
+    Event,
+    IdentityEvent,
+    IgnoredEvent,
+    InfoEvent,
+    RecordWrite,
+    SyncEvent,
+)
+from firehose.protocol.car import Car, read_car
+from firehose.protocol.cbor import decode_block, decode_multi, decode_record
+from firehose.protocol.cid import CID_BYTES, SUPPORTED_PREFIXES, cid_str_from_bytes
+from firehose.protocol.cid import _encode_cid as _encode_cid
+from firehose.protocol.errors import FrameError, ProtocolError
+from firehose.protocol.syntax import is_did, is_nsid, is_record_key, is_tid, parse_datetime
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class FrameLimits:
+    """Size limits for one frame; anything larger is rejected with reason ``too_large``.
+
+    The lexicon caps ``#commit.blocks`` at 2,000,000 bytes (raised from 1,000,000 with sync
+    v1.1) and ``ops`` at 200. We allow a little more blocks slack (2 MiB) and 5x the op
+    count, so a slightly non-conforming PDS does not lose data, while still bounding the
+    work one frame can cause. The websocket client should use `max_frame_bytes` as its
+    message size limit too.
+    """
+
+    max_frame_bytes: int = 5 * MIB
+    max_blocks_bytes: int = 2 * MIB
+    max_block_bytes: int = 1 * MIB
+    max_blocks: int = 20_000  # a 2 MiB CAR holds at most ~2 MiB / 37 B sections anyway
+    max_ops: int = 1000
+
+
+DEFAULT_LIMITS = FrameLimits()
+_OP_MESSAGE = 1
+_OP_ERROR = -1
+_ACTIONS = {"create": Action.CREATE, "update": Action.UPDATE, "delete": Action.DELETE}
+_CREATE = Action.CREATE
+_UPDATE = Action.UPDATE
+_MAX_PATH_CHARS = 1024  # NSID (317) + "/" + record key (512), rounded up
+
+
+def decode_frame(data: bytes, limits: FrameLimits = DEFAULT_LIMITS) -> Event:
+    """Decode one binary websocket message. Raises ProtocolError (only) on bad input."""
+    if len(data) > limits.max_frame_bytes:
+        raise FrameError(f"frame of {len(data)} bytes", "too_large")
+    parts = decode_multi(data)
+    if len(parts) != 2:
+        raise FrameError(f"frame has {len(parts)} objects, expected header and body", "header")
+    header, body = parts
+    if type(header) is not dict:
+        raise FrameError("header is not a map", "header")
+    if type(body) is not dict:
+        raise FrameError("body is not a map")
+    op = header.get("op")
+    if op == _OP_MESSAGE and type(op) is int:
+        kind = header.get("t")
+        if type(kind) is not str:
+            raise FrameError("header has no message type 't'", "header")
+        handler = _HANDLERS.get(kind)
+        if handler is None:
+            return _ignored(kind, body)
+        return handler(body, limits)
+    if op == _OP_ERROR and type(op) is int:
+        return ErrorFrame(_req_str(body, "error"), _opt_str(body, "message"))
+    raise FrameError(f"unknown header op {op!r}"[:80], "header")
+
+
+# --- field helpers: a missing or mistyped field is a malformed body (reason "body") ---
+
+
+def _req_int(body: dict[str, Any], key: str) -> int:
+    value = body.get(key)
+    if type(value) is not int:
+        raise FrameError(f"field {key!r} must be an integer")
+    return value
+
+
+def _req_str(body: dict[str, Any], key: str) -> str:
+    value = body.get(key)
+    if type(value) is not str:
+        raise FrameError(f"field {key!r} must be a string")
+    return value
+
+
+def _opt_str(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is not None and type(value) is not str:
+        raise FrameError(f"field {key!r} must be a string or null")
+    return value
+
+
+def _req_did(body: dict[str, Any], key: str) -> str:
+    did = _req_str(body, key)
+    if not is_did(did):
+        raise FrameError(f"field {key!r} is not a DID: {did[:60]!r}", "syntax")
+    return did
+
+
+def _req_link(body: dict[str, Any], key: str) -> bytes:
+    value = body.get(key)
+    if type(value) is not bytes or len(value) != CID_BYTES or value[:4] not in SUPPORTED_PREFIXES:
+        raise FrameError(f"field {key!r} must be a CID link")
+    return value
+
+
+def _opt_link_str(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if type(value) is not bytes:
+        raise FrameError(f"field {key!r} must be a CID link or null")
+    return cid_str_from_bytes(value)
+
+
+def _time(body: dict[str, Any]) -> Any:
+    value = body.get("time")
+    return parse_datetime(value) if type(value) is str else None
+
+
+def _rev(body: dict[str, Any], key: str = "rev") -> str:
+    rev = _req_str(body, key)
+    # Storage orders writes by rev compared as text: only a TID keeps that meaningful.
+    if not is_tid(rev):
+        raise FrameError(f"{key} is not a TID: {rev[:20]!r}", "syntax")
+    return rev
+
+
+def _read_blocks(body: dict[str, Any], limits: FrameLimits) -> Car:
+    blocks = body.get("blocks")
+    if type(blocks) is not bytes:
+        raise FrameError("field 'blocks' must be bytes")
+    if len(blocks) > limits.max_blocks_bytes:
+        raise FrameError(f"blocks CAR of {len(blocks)} bytes", "too_large")
+    return read_car(blocks, max_block_bytes=limits.max_block_bytes, max_blocks=limits.max_blocks)
+
+
+def _commit_object(car: Car, commit_cid: bytes, did: str) -> dict[str, Any]:
+    """The signed commit object (https://atproto.com/specs/repository#commit-objects)."""
+    block = car.blocks.get(commit_cid)
+    if block is None:
+        raise FrameError("commit block is not in the CAR", "missing_block")
+    commit = decode_block(block)
+    if type(commit) is not dict:
+        raise FrameError("commit object is not a map")
+    if commit.get("did") != did:
+        raise FrameError(f"commit is for {str(commit.get('did'))[:60]!r}, frame for {did!r}")
+    return commit
+
+
+# --- message types ---
+
+
+def _commit(body: dict[str, Any], limits: FrameLimits) -> CommitEvent:
+    seq = _req_int(body, "seq")
+    did = _req_did(body, "repo")
+    rev = _rev(body)
+    since = _opt_str(body, "since")
+    commit_cid = _req_link(body, "commit")
+    ops = body.get("ops")
+    if type(ops) is not list:
+        raise FrameError("field 'ops' must be an array")
+    if len(ops) > limits.max_ops:
+        raise FrameError(f"{len(ops)} ops", "too_large")
+    too_big = body.get("tooBig") is True
+    car = _read_blocks(body, limits)
+    commit = _commit_object(car, commit_cid, did)
+    if commit.get("rev", rev) != rev:
+        raise FrameError("commit object rev differs from the frame rev")
+    blocks = car.blocks
+    writes: list[RecordWrite] = []
+    invalid: list[tuple[str, str]] = []
+    for op in ops:
+        try:
+            writes.append(_record_write(op, did, rev, blocks))
+        except ProtocolError as exc:
+            path = op.get("path") if type(op) is dict else None
+            where = path[:120] if type(path) is str else "?"
+            invalid.append((exc.reason, f"{where}: {exc.detail}"[:200]))
+    return CommitEvent(
+        seq=seq,
+        did=did,
+        rev=rev,
+        since=since,
+        commit_cid=_encode_cid(commit_cid),
+        prev_data=_opt_link_str(body, "prevData"),
+        time=_time(body),
+        writes=tuple(writes),
+        too_big=too_big,
+        invalid_ops=tuple(invalid),
+    )
+
+
+def _record_write(op: Any, did: str, rev: str, blocks: dict[bytes, bytes]) -> RecordWrite:
+    if type(op) is not dict:
+        raise FrameError("op is not a map", "bad_op")
+    action = _ACTIONS.get(op.get("action"))  # type: ignore[arg-type]
+    if action is None:
+        raise FrameError(f"unknown action {str(op.get('action'))[:20]!r}", "bad_op")
+    path = op.get("path")
+    if type(path) is not str or len(path) > _MAX_PATH_CHARS:
+        raise FrameError("path must be a string", "bad_op")
+    collection, sep, rkey = path.partition("/")
+    if not sep or not is_nsid(collection) or not is_record_key(rkey):
+        raise FrameError("path is not collection/rkey", "syntax")
+    if action is not _CREATE and action is not _UPDATE:
+        return RecordWrite(did, collection, rkey, rev, action)
+    cid = op.get("cid")
+    if type(cid) is not bytes or len(cid) != CID_BYTES or cid[:4] not in SUPPORTED_PREFIXES:
+        raise FrameError(f"{action.value} without a valid record cid", "bad_op")
+    block = blocks.get(cid)
+    if block is None:
+        raise FrameError("record block is not in the CAR", "missing_block")
+    record, sanitized = decode_record(block)
+    return RecordWrite(did, collection, rkey, rev, action, _encode_cid(cid), record, sanitized)
+
+
+def _sync(body: dict[str, Any], limits: FrameLimits) -> SyncEvent:
+    seq = _req_int(body, "seq")
+    did = _req_did(body, "did")
+    rev = _rev(body)
+    car = _read_blocks(body, limits)
+    # The #sync CAR holds just the commit block, and its root is that commit.
+    commit = _commit_object(car, car.root_cid, did)
+    if commit.get("rev", rev) != rev:
+        raise FrameError("commit object rev differs from the frame rev")
+    return SyncEvent(seq=seq, did=did, rev=rev, commit_cid=car.root, time=_time(body))
+
+
+def _identity(body: dict[str, Any], limits: FrameLimits) -> IdentityEvent:
+    return IdentityEvent(
+        seq=_req_int(body, "seq"),
+        did=_req_did(body, "did"),
+        time=_time(body),
+        handle=_opt_str(body, "handle"),
+    )
+
+
+def _handle(body: dict[str, Any], limits: FrameLimits) -> IdentityEvent:
+    # Legacy #handle: {seq, did, handle, time}; superseded by #identity.
+    return IdentityEvent(
+        seq=_req_int(body, "seq"),
+        did=_req_did(body, "did"),
+        time=_time(body),
+        handle=_req_str(body, "handle"),
+    )
+
+
+def _account(body: dict[str, Any], limits: FrameLimits) -> AccountEvent:
+    active = body.get("active")
+    if type(active) is not bool:
+        raise FrameError("field 'active' must be a boolean")
+    return AccountEvent(
+        seq=_req_int(body, "seq"),
+        did=_req_did(body, "did"),
+        time=_time(body),
+        active=active,
+        status=_opt_str(body, "status"),
+    )
+
+
+def _tombstone(body: dict[str, Any], limits: FrameLimits) -> AccountEvent:
+    # Legacy #tombstone: the account was deleted (now #account active=false status=deleted).
+    return AccountEvent(
+        seq=_req_int(body, "seq"),
+        did=_req_did(body, "did"),
+        time=_time(body),
+        active=False,
+        status=ACCOUNT_STATUS_DELETED,
+    )
+
+
+def _info(body: dict[str, Any], limits: FrameLimits) -> InfoEvent:
+    return InfoEvent(name=_req_str(body, "name"), message=_opt_str(body, "message"))
+
+
+def _ignored(kind: str, body: dict[str, Any]) -> IgnoredEvent:
+    # Unknown types are skipped, not errors: the lexicon may add types (forward compat),
+    # but we keep the seq so the cursor advances past them.
+    seq = body.get("seq")
+    did = body.get("did", body.get("repo"))
+    return IgnoredEvent(
+        seq=seq if type(seq) is int else None,
+        kind=kind[:64],
+        did=did if type(did) is str and is_did(did) else None,
+        time=_time(body),
+    )
+
+
+_HANDLERS: dict[str, Any] = {
+    "#commit": _commit,
+    "#sync": _sync,
+    "#identity": _identity,
+    "#account": _account,
+    "#info": _info,
+    "#handle": _handle,
+    "#tombstone": _tombstone,
+}
