@@ -1,0 +1,127 @@
+"""Embedded PostgreSQL (pgserver) for machines without `DATABASE_URL`.
+
+`start_embedded(DATA_DIR / "pg")` starts (or joins) a PostgreSQL 16 server whose data lives in
+that directory, creates the database `atproto` if it is missing and returns its DSN. The same
+data survives a restart.
+
+pgserver notes that shape this module:
+  * `cleanup_mode="stop"`: stop the server when the last handle goes away (never "delete",
+    which would remove the data directory);
+  * pgserver shares one running server per data directory between processes: it keeps a list
+    of the pids using it and only the last one to leave stops it. A process killed with
+    -9 stays on that list, which would keep the server running forever; `stop()` therefore
+    forgets dead pids first;
+  * when the server is already running (left over from a crash) pgserver simply reuses it;
+  * as root it runs PostgreSQL as a dedicated `pgserver` user;
+  * the import is lazy: pgserver is only loaded when no DATABASE_URL is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("firehose.db")
+
+DATABASE_NAME = "atproto"
+
+
+class EmbeddedPostgres:
+    """A running embedded server: `.dsn` points to the database `atproto`."""
+
+    def __init__(self, server: Any, data_dir: Path, database: str) -> None:
+        self._server = server
+        self.data_dir = data_dir
+        self.database = database
+        self.admin_dsn: str = server.get_uri()
+        self.dsn: str = server.get_uri(database)
+        self._stopped = False
+
+    def stop(self) -> None:
+        """Leave the server; it stops when no other live process uses it. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        _forget_dead_pids(self._server)
+        try:
+            self._server.cleanup()
+        except Exception:  # a stop failure must not hide the error that made us stop
+            log.exception("embedded PostgreSQL in %s did not stop cleanly", self.data_dir)
+
+
+def _forget_dead_pids(server: Any) -> None:
+    """Drop pids of processes that died without leaving (kill -9) from pgserver's list."""
+    try:
+        with server._lock:  # pgserver's own inter-process lock around that list
+            handles = server.global_process_id_list
+            alive = [p for p in handles.get() if p == os.getpid() or _pid_alive(p)]
+            handles.put(alive)
+    except Exception:  # best effort: pgserver internals
+        log.debug("could not prune pgserver's pid list", exc_info=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _psql(server: Any, sql: str, database: str = "postgres") -> str:
+    from pgserver._commands import POSTGRES_BIN_PATH
+
+    out = subprocess.run(
+        [
+            str(POSTGRES_BIN_PATH / "psql"),
+            "-X",
+            "-tA",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+            server.get_uri(database),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"psql failed: {out.stderr.strip()}")
+    return out.stdout.strip()
+
+
+def start_embedded(data_dir: Path | str, *, database: str = DATABASE_NAME) -> EmbeddedPostgres:
+    """Start (or join) the embedded server in `data_dir`; create `database` if missing.
+
+    Blocking (initdb takes a few seconds the first time); call it before the event loop is
+    busy or through `asyncio.to_thread`.
+    """
+    import pgserver  # lazy: only needed without DATABASE_URL
+
+    path = Path(data_dir).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(path, cleanup_mode="stop")
+    try:
+        # `database` is our own constant (or a test's), not external input; psql needs it
+        # inline because CREATE DATABASE takes no bind parameters. Quote it as an identifier.
+        ident = '"' + database.replace('"', '""') + '"'
+        literal = "'" + database.replace("'", "''") + "'"
+        exists = _psql(server, f"SELECT 1 FROM pg_database WHERE datname = {literal}")
+        if exists != "1":
+            try:
+                _psql(server, f"CREATE DATABASE {ident}")
+                log.info("created database %s in embedded PostgreSQL %s", database, path)
+            except RuntimeError as err:
+                if "already exists" not in str(err):  # another process won the race
+                    raise
+    except BaseException:
+        embedded = EmbeddedPostgres(server, path, database)
+        embedded.stop()
+        raise
+    return EmbeddedPostgres(server, path, database)

@@ -1,0 +1,275 @@
+"""Named SQL statements of the storage layer.
+
+Rule (house style): identifiers come only from the constants of this module, every value is a
+bind parameter or goes through COPY. The typed tables' statements are generated from one
+column spec per table (`TYPED_TABLES`), which must match `sql/001_initial.sql`
+(tests/test_storage_schema.py checks it against the migrated database).
+
+Guards (DESIGN.md invariant 2), used by every upsert below:
+  * no tombstone of the uri has rev >= the new rev;
+  * the stored row's rev is <= the new rev (an equal rev with the same cid is a replay: skipped
+    so that replays write nothing);
+  * the account is not `deleted`.
+The tombstone and actor checks are scalar subqueries on purpose: they are always executed as
+one primary-key probe per staged row, whereas a NOT EXISTS could be planned as a hash
+anti-join that scans the whole (large) table when the unanalysed staging table looks big.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# --- migrations -------------------------------------------------------------------------------
+
+MIGRATIONS_TABLE_EXISTS = "SELECT to_regclass('schema_migrations') IS NOT NULL"
+MIGRATIONS_APPLIED = "SELECT version, name, checksum FROM schema_migrations ORDER BY version"
+MIGRATION_RECORD = (
+    "INSERT INTO schema_migrations (version, name, checksum, applied_at) VALUES ($1, $2, $3, now())"
+)
+ADVISORY_LOCK = "SELECT pg_advisory_lock($1)"
+ADVISORY_UNLOCK = "SELECT pg_advisory_unlock($1)"
+
+# --- cursor -----------------------------------------------------------------------------------
+
+CURSOR_LOAD = "SELECT cursor FROM firehose_cursor WHERE service = $1"
+CURSOR_SAVE = """
+INSERT INTO firehose_cursor AS c (service, cursor, last_event_time, updated_at)
+VALUES ($1, $2, $3, now())
+ON CONFLICT (service) DO UPDATE
+   SET cursor = EXCLUDED.cursor,
+       last_event_time = coalesce(EXCLUDED.last_event_time, c.last_event_time),
+       updated_at = now()
+"""
+
+# --- table specs ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TypedTable:
+    """One typed table: its collection, name and the columns after the common ones."""
+
+    collection: str
+    name: str
+    # (column, staging type) after COMMON_TYPED_COLUMNS; rows.py yields values in this order.
+    columns: tuple[tuple[str, str], ...]
+
+    @property
+    def stage(self) -> str:
+        return f"_stage_{self.name}"
+
+    @property
+    def all_columns(self) -> tuple[str, ...]:
+        return tuple(c for c, _ in COMMON_TYPED_COLUMNS) + tuple(c for c, _ in self.columns)
+
+
+_ID = 'text COLLATE "C"'
+
+# Common leading columns of every typed row (indexed_at is left to its default / now()).
+COMMON_TYPED_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("uri", _ID),
+    ("did", _ID),
+    ("rkey", _ID),
+    ("cid", _ID),
+    ("rev", _ID),
+    ("created_at", "timestamptz"),
+)
+
+RECORDS_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("uri", _ID),
+    ("did", _ID),
+    ("collection", _ID),
+    ("rkey", _ID),
+    ("cid", _ID),
+    ("rev", _ID),
+    ("record", "jsonb"),
+    ("created_at", "timestamptz"),
+)
+RECORDS_COLUMN_NAMES = tuple(c for c, _ in RECORDS_COLUMNS)
+RECORDS_STAGE = "_stage_records"
+
+_SUBJECT = (("subject_uri", _ID), ("subject_cid", _ID))
+
+TYPED_TABLES: dict[str, TypedTable] = {
+    t.collection: t
+    for t in (
+        TypedTable(
+            "app.bsky.feed.post",
+            "posts",
+            (
+                ("text", "text"),
+                ("langs", "text[]"),
+                ("reply_root_uri", _ID),
+                ("reply_parent_uri", _ID),
+                ("quote_uri", _ID),
+                ("embed_kind", "text"),
+                ("mentions", "text[]"),
+                ("links", "text[]"),
+                ("tags", "text[]"),
+            ),
+        ),
+        TypedTable("app.bsky.feed.like", "likes", _SUBJECT),
+        TypedTable("app.bsky.feed.repost", "reposts", _SUBJECT),
+        TypedTable("app.bsky.graph.follow", "follows", (("subject_did", _ID),)),
+        TypedTable("app.bsky.graph.block", "blocks", (("subject_did", _ID),)),
+        TypedTable(
+            "app.bsky.actor.profile",
+            "profiles",
+            (
+                ("display_name", "text"),
+                ("description", "text"),
+                ("avatar_cid", _ID),
+                ("banner_cid", _ID),
+            ),
+        ),
+        TypedTable(
+            "app.bsky.graph.list",
+            "lists",
+            (("name", "text"), ("purpose", "text"), ("description", "text")),
+        ),
+        TypedTable(
+            "app.bsky.graph.listitem",
+            "list_items",
+            (("list_uri", _ID), ("subject_did", _ID)),
+        ),
+        TypedTable(
+            "app.bsky.feed.generator",
+            "feed_generators",
+            (("service_did", _ID), ("display_name", "text"), ("description", "text")),
+        ),
+        TypedTable(
+            "app.bsky.graph.starterpack",
+            "starter_packs",
+            (("name", "text"), ("description", "text"), ("list_uri", _ID)),
+        ),
+    )
+}
+
+# Tables holding rows of repos (purged when an account is deleted), records first.
+REPO_TABLES: tuple[str, ...] = ("records", *(t.name for t in TYPED_TABLES.values()))
+
+# --- staging ----------------------------------------------------------------------------------
+
+
+def _stage_ddl(name: str, columns: tuple[tuple[str, str], ...]) -> str:
+    cols = ", ".join(f"{c} {t}" for c, t in columns)
+    # Temp + ON COMMIT DELETE ROWS: private to the connection, emptied by every commit, never
+    # WAL-logged.
+    return f"CREATE TEMP TABLE IF NOT EXISTS {name} ({cols}) ON COMMIT DELETE ROWS"
+
+
+STAGE_DDL: dict[str, str] = {
+    RECORDS_STAGE: _stage_ddl(RECORDS_STAGE, RECORDS_COLUMNS),
+    **{
+        t.stage: _stage_ddl(t.stage, COMMON_TYPED_COLUMNS + t.columns)
+        for t in TYPED_TABLES.values()
+    },
+}
+
+# --- upserts ----------------------------------------------------------------------------------
+
+_GUARD = """
+ WHERE coalesce((SELECT d.rev FROM record_tombstones d WHERE d.uri = s.uri) < s.rev, true)
+   AND coalesce((SELECT a.status FROM actors a WHERE a.did = s.did) <> 'deleted', true)
+"""
+
+
+def _upsert_sql(table: str, stage: str, columns: tuple[str, ...]) -> str:
+    cols = ", ".join(columns)
+    src = ", ".join(f"s.{c}" for c in columns)
+    sets = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns if c != "uri")
+    return (
+        f"INSERT INTO {table} AS t ({cols}) SELECT {src} FROM {stage} s{_GUARD}"
+        f"ON CONFLICT (uri) DO UPDATE SET {sets}, indexed_at = now() "
+        "WHERE t.rev < EXCLUDED.rev OR (t.rev = EXCLUDED.rev AND t.cid <> EXCLUDED.cid)"
+    )
+
+
+RECORDS_UPSERT = _upsert_sql("records", RECORDS_STAGE, RECORDS_COLUMN_NAMES)
+TYPED_UPSERT: dict[str, str] = {
+    t.name: _upsert_sql(t.name, t.stage, t.all_columns) for t in TYPED_TABLES.values()
+}
+
+# --- deletes ----------------------------------------------------------------------------------
+# One statement for all deletes of a batch: $1..$4 are parallel arrays (uri, did, collection,
+# rev), deduplicated by uri. Upsert the tombstone keeping the greatest rev, then delete the row
+# from records and from the typed table of its collection where stored rev <= delete rev.
+# Data-modifying CTEs on different tables run in one statement (one round trip); the join on
+# the unnested arrays is a primary-key probe per deleted uri.
+
+
+def _delete_sql() -> str:
+    ctes = [
+        "d AS MATERIALIZED (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])"
+        " AS d(uri, did, collection, rev))",
+        "ts AS (INSERT INTO record_tombstones AS t (uri, did, rev, deleted_at)"
+        " SELECT uri, did, rev, now() FROM d"
+        " ON CONFLICT (uri) DO UPDATE SET rev = EXCLUDED.rev, did = EXCLUDED.did,"
+        " deleted_at = now() WHERE t.rev < EXCLUDED.rev RETURNING 1)",
+        "r AS (DELETE FROM records t USING d WHERE t.uri = d.uri AND t.rev <= d.rev RETURNING 1)",
+    ]
+    for i, t in enumerate(TYPED_TABLES.values()):
+        # Collection names are constants of this module; written as literals so each CTE only
+        # probes the uris of its own collection.
+        ctes.append(
+            f"x{i} AS (DELETE FROM {t.name} t USING d WHERE d.collection = '{t.collection}'"
+            " AND t.uri = d.uri AND t.rev <= d.rev RETURNING 1)"
+        )
+    typed = " + ".join(f"(SELECT count(*) FROM x{i})" for i in range(len(TYPED_TABLES)))
+    return (
+        "WITH "
+        + ",\n".join(ctes)
+        + "\nSELECT (SELECT count(*) FROM ts) AS tombstones, (SELECT count(*) FROM r) AS deleted,"
+        + f" {typed} AS typed"
+    )
+
+
+DELETES_APPLY = _delete_sql()
+
+# --- actors -----------------------------------------------------------------------------------
+
+# Latest commit per repo: $1 did[], $2 rev[], $3 data_cid[]; never goes backwards.
+ACTOR_HEADS = """
+INSERT INTO actors AS a (did, rev, data_cid, updated_at)
+SELECT h.did, h.rev, h.data_cid, now()
+  FROM unnest($1::text[], $2::text[], $3::text[]) AS h(did, rev, data_cid)
+ON CONFLICT (did) DO UPDATE
+   SET rev = EXCLUDED.rev, data_cid = EXCLUDED.data_cid, updated_at = now()
+ WHERE a.rev IS NULL OR a.rev < EXCLUDED.rev
+"""
+
+# #identity: $1 did[], $2 handle[] (NULL keeps the stored handle), $3 seq[].
+ACTOR_IDENTITIES = """
+INSERT INTO actors AS a (did, handle, seq, updated_at)
+SELECT i.did, i.handle, i.seq, now()
+  FROM unnest($1::text[], $2::text[], $3::bigint[]) AS i(did, handle, seq)
+ON CONFLICT (did) DO UPDATE
+   SET handle = coalesce(EXCLUDED.handle, a.handle), seq = EXCLUDED.seq, updated_at = now()
+"""
+
+# #account: $1 did[], $2 status[], $3 active[], $4 seq[].
+ACTOR_ACCOUNTS = """
+INSERT INTO actors AS a (did, status, active, seq, updated_at)
+SELECT e.did, e.status, e.active, e.seq, now()
+  FROM unnest($1::text[], $2::text[], $3::bool[], $4::bigint[]) AS e(did, status, active, seq)
+ON CONFLICT (did) DO UPDATE
+   SET status = EXCLUDED.status, active = EXCLUDED.active, seq = EXCLUDED.seq,
+       updated_at = now()
+"""
+
+
+def _purge_sql() -> str:
+    # Rows of deleted accounts ($1 did[]): found through the uri prefix 'at://<did>/' as a
+    # primary-key range ('0' follows '/' in byte order), so the typed tables need no did index.
+    ctes = [
+        "k AS MATERIALIZED (SELECT did, 'at://' || did || '/' AS lo, 'at://' || did || '0' AS hi"
+        " FROM unnest($1::text[]) AS k(did))"
+    ]
+    for i, name in enumerate(REPO_TABLES):
+        ctes.append(
+            f"p{i} AS (DELETE FROM {name} t USING k"
+            " WHERE t.uri >= k.lo AND t.uri < k.hi AND t.did = k.did RETURNING 1)"
+        )
+    return "WITH " + ",\n".join(ctes) + "\nSELECT (SELECT count(*) FROM p0) AS purged"
+
+
+ACTOR_PURGE = _purge_sql()

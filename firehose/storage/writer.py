@@ -1,0 +1,258 @@
+"""apply_batch(): one batch of firehose (or backfill) work in ONE transaction.
+
+Steps, all inside one transaction so that the cursor never runs ahead of the data
+(DESIGN.md invariant 1):
+
+1. account (`#account`) and identity (`#identity`) events, last one per did in seq order;
+   accounts whose status became `deleted` lose their rows in records and every typed table;
+2. record writes, deduplicated per uri keeping the highest rev (ties: the later write);
+   creates/updates are COPY'd into temp staging tables, then upserted set-wise with the
+   rev guards of invariant 2 (see queries.py); deletes leave a tombstone (uri, rev) and
+   remove rows whose rev is not newer than the delete;
+3. per repo, the latest commit rev (and data cid when known) in `actors`, never backwards;
+4. the cursor row of `service`, when the batch carries a cursor.
+
+Round trips per batch: BEGIN, staging DDL, one COPY per non-empty staging table, one
+statement per target table, one for all deletes, one per actor step, the cursor, COMMIT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import Any
+
+from firehose.model import Action, Batch, RecordWrite
+from firehose.storage import queries
+from firehose.storage.rows import created_at_of, records_row, storable, typed_row
+
+# (did, rev, data_cid): the head of a repo after a commit. data_cid is the commit's MST root
+# when the caller knows it, else None.
+RepoHead = tuple[str, str, str | None]
+
+
+@dataclass(slots=True)
+class ApplyStats:
+    writes: int = 0  # record writes in the batch
+    duplicates: int = 0  # dropped by the per-uri dedupe (an older rev of the same uri)
+    invalid: int = 0  # unstorable writes skipped (no record, oversized/NUL uri, ...)
+    upserted: int = 0  # records rows inserted or updated
+    typed: int = 0  # typed-table rows inserted or updated
+    skipped: int = 0  # creates/updates refused by a guard (older rev, tombstone, deleted
+    #                   account) or identical replays
+    deleted: int = 0  # records rows removed by delete ops
+    tombstones: int = 0  # tombstones written or advanced
+    purged: int = 0  # records rows removed because their account was deleted
+    heads: int = 0  # actors whose latest commit rev advanced
+
+    def add(self, other: ApplyStats) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+def dedupe(writes: Iterable[RecordWrite]) -> dict[str, RecordWrite]:
+    """uri -> the write with the highest rev (ties: the later one in the list)."""
+    latest: dict[str, RecordWrite] = {}
+    for w in writes:
+        uri = w.uri
+        seen = latest.get(uri)
+        if seen is None or seen.rev <= w.rev:
+            latest[uri] = w
+    return latest
+
+
+def heads_from_writes(writes: Iterable[RecordWrite]) -> list[RepoHead]:
+    """Per did, the highest rev among the writes (data cid unknown)."""
+    best: dict[str, str] = {}
+    for w in writes:
+        rev = best.get(w.did)
+        if rev is None or rev < w.rev:
+            best[w.did] = w.rev
+    return [(did, rev, None) for did, rev in best.items()]
+
+
+def _count(status: str) -> int:
+    """Row count of a command tag such as 'INSERT 0 12' or 'DELETE 3'."""
+    try:
+        return int(status.rsplit(" ", 1)[-1])
+    except ValueError:
+        return 0
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """The batch turned into rows (pure work done before the transaction starts)."""
+
+    records: list[tuple[Any, ...]]
+    typed: dict[str, list[tuple[Any, ...]]]
+    deletes: tuple[list[str], list[str], list[str], list[str]]
+    heads: list[RepoHead]
+
+
+def prepare(batch: Batch, stats: ApplyStats, heads: Sequence[RepoHead] | None = None) -> _Prepared:
+    stats.writes += len(batch.writes)
+    valid = [w for w in batch.writes if storable(w)]
+    stats.invalid += len(batch.writes) - len(valid)
+    latest = dedupe(valid)
+    stats.duplicates += len(valid) - len(latest)
+
+    records: list[tuple[Any, ...]] = []
+    typed: dict[str, list[tuple[Any, ...]]] = {}
+    d_uri: list[str] = []
+    d_did: list[str] = []
+    d_col: list[str] = []
+    d_rev: list[str] = []
+    for uri, w in latest.items():
+        if w.action is Action.DELETE:
+            d_uri.append(uri)
+            d_did.append(w.did)
+            d_col.append(w.collection)
+            d_rev.append(w.rev)
+            continue
+        created_at = created_at_of(w.record)
+        row = records_row(w, created_at)
+        if row is None:
+            stats.invalid += 1
+            continue
+        records.append(row)
+        t = typed_row(w, created_at)
+        if t is not None:
+            typed.setdefault(t[0], []).append(t[1])
+    return _Prepared(
+        records=records,
+        typed=typed,
+        deletes=(d_uri, d_did, d_col, d_rev),
+        heads=list(heads) if heads is not None else heads_from_writes(valid),
+    )
+
+
+def _last_per_did(events: Iterable[Any]) -> list[Any]:
+    """Events sorted by seq; the last one per did wins."""
+    last: dict[str, Any] = {}
+    for e in sorted(events, key=lambda e: e.seq):
+        last[e.did] = e
+    return list(last.values())
+
+
+_TABLE_BY_NAME = {t.name: t for t in queries.TYPED_TABLES.values()}
+
+
+async def _ensure_stages(conn: Any, names: list[str], nested: bool) -> None:
+    if not names:
+        return
+    # IF NOT EXISTS every time: it costs one catalog lookup per table and survives pooled
+    # connections, rolled-back first transactions and DISCARD, which a cache would not.
+    stmts = ["SET LOCAL client_min_messages = warning"]
+    stmts += [queries.STAGE_DDL[n] for n in names]
+    if nested:
+        # Inside a caller's transaction our commit is only a savepoint release, so ON COMMIT
+        # DELETE ROWS has not emptied the stages of a previous batch yet.
+        stmts.append("TRUNCATE " + ", ".join(names))
+    await conn.execute(";\n".join(stmts))
+
+
+async def apply_batch(
+    conn: Any,
+    batch: Batch,
+    *,
+    service: str = "firehose",
+    heads: Sequence[RepoHead] | None = None,
+) -> ApplyStats:
+    """Apply `batch` in one transaction; save `batch.cursor` under `service` if not None.
+
+    `heads` gives each repo's latest commit (did, rev, data_cid); by default the highest
+    write rev per did, without data cid. Backfill snapshots use this with `cursor=None`
+    (see `write_snapshot`).
+    """
+    stats = ApplyStats()
+    prep = prepare(batch, stats, heads)
+    identities = _last_per_did(batch.identities)
+    accounts = _last_per_did(batch.accounts)
+    stages = ([queries.RECORDS_STAGE] if prep.records else []) + [
+        _TABLE_BY_NAME[name].stage for name in prep.typed
+    ]
+    nested = conn.is_in_transaction()
+
+    async with conn.transaction():
+        await _ensure_stages(conn, stages, nested)
+
+        # 1. Accounts first, so that writes of a deleted account in this very batch are refused
+        #    by the actor guard, and writes after a reactivation are accepted.
+        if identities:
+            await conn.execute(
+                queries.ACTOR_IDENTITIES,
+                [e.did for e in identities],
+                [e.handle for e in identities],
+                [e.seq for e in identities],
+            )
+        if accounts:
+            await conn.execute(
+                queries.ACTOR_ACCOUNTS,
+                [e.did for e in accounts],
+                [e.effective_status for e in accounts],
+                [e.active for e in accounts],
+                [e.seq for e in accounts],
+            )
+            dead = [e.did for e in accounts if e.effective_status == "deleted"]
+            if dead:
+                stats.purged += await conn.fetchval(queries.ACTOR_PURGE, dead)
+
+        # 2. Creates/updates: COPY to staging, then one guarded upsert per target.
+        if prep.records:
+            await conn.copy_records_to_table(
+                queries.RECORDS_STAGE,
+                records=prep.records,
+                columns=queries.RECORDS_COLUMN_NAMES,
+            )
+            stats.upserted += _count(await conn.execute(queries.RECORDS_UPSERT))
+            stats.skipped += len(prep.records) - stats.upserted
+        for name, rows in prep.typed.items():
+            table = _TABLE_BY_NAME[name]
+            await conn.copy_records_to_table(table.stage, records=rows, columns=table.all_columns)
+            stats.typed += _count(await conn.execute(queries.TYPED_UPSERT[name]))
+
+        # 3. Deletes: tombstones + guarded deletes, one statement.
+        if prep.deletes[0]:
+            row = await conn.fetchrow(queries.DELETES_APPLY, *prep.deletes)
+            stats.tombstones += row["tombstones"]
+            stats.deleted += row["deleted"]
+
+        # 4. Repo heads, never backwards.
+        if prep.heads:
+            stats.heads += _count(
+                await conn.execute(
+                    queries.ACTOR_HEADS,
+                    [h[0] for h in prep.heads],
+                    [h[1] for h in prep.heads],
+                    [h[2] for h in prep.heads],
+                )
+            )
+
+        # 5. The cursor, in the same transaction as the rows it covers (invariant 1).
+        if batch.cursor is not None:
+            await save_cursor(conn, service, batch.cursor, batch.last_event_time)
+    return stats
+
+
+async def write_snapshot(
+    conn: Any, writes: list[RecordWrite], *, heads: Sequence[RepoHead] | None = None
+) -> ApplyStats:
+    """Backfill: write snapshot records (rev = the snapshot's rev) without touching a cursor.
+
+    The rev guards make this safe against live events in any order (invariant 2).
+    """
+    return await apply_batch(conn, Batch(writes=writes), heads=heads)
+
+
+async def load_cursor(conn: Any, service: str) -> int | None:
+    """The saved cursor of `service`, or None if there is none."""
+    value = await conn.fetchval(queries.CURSOR_LOAD, service)
+    return int(value) if value is not None else None
+
+
+async def save_cursor(
+    conn: Any, service: str, cursor: int | None, last_event_time: datetime | None = None
+) -> None:
+    """Upsert the cursor row of `service` (a NULL last_event_time keeps the stored one)."""
+    await conn.execute(queries.CURSOR_SAVE, service, cursor, last_event_time)
