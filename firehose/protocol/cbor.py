@@ -208,7 +208,7 @@ def _item(data: bytes, pos: int, depth: int, flags: list[bool]) -> tuple[Any, in
         if arg > len(data) - pos:
             raise CborError("truncated map")
         out: dict[str, Any] = {}
-        prev = b""
+        prev = None
         for _ in range(arg):
             kb = data[pos]
             if kb >> 5 != 3:
@@ -228,7 +228,9 @@ def _item(data: bytes, pos: int, depth: int, flags: list[bool]) -> tuple[Any, in
                 raise CborError("truncated map key")
             key_bytes = data[pos:kend]
             # DAG-CBOR map order: shorter keys first, then bytewise; equal means duplicate.
-            if len(key_bytes) < len(prev) or (len(key_bytes) == len(prev) and key_bytes <= prev):
+            if prev is not None and (
+                len(key_bytes) < len(prev) or (len(key_bytes) == len(prev) and key_bytes <= prev)
+            ):
                 raise CborError("map keys must be sorted and unique")
             prev = key_bytes
             key = key_bytes.decode("utf-8")
@@ -244,7 +246,7 @@ def _item(data: bytes, pos: int, depth: int, flags: list[bool]) -> tuple[Any, in
             raise CborError("nesting too deep")
         if arg > len(data) - pos:
             raise CborError("truncated array")
-        items = []
+        items: list[Any] = []
         append = items.append
         for _ in range(arg):
             value, pos = _item(data, pos, depth - 1, flags)

@@ -1,0 +1,186 @@
+"""Merkle Search Tree walk (https://atproto.com/specs/repository#mst-structure).
+
+A node is ``{l: link|null, e: [{p: int, k: bytes, v: link, t: link|null}]}``: ``l`` is the
+subtree left of every entry, each entry's key is the previous entry's key truncated to
+``p`` bytes plus the suffix ``k``, ``v`` is the record CID, and ``t`` the subtree between
+this entry and the next. An in-order walk therefore yields keys ("collection/rkey") in
+sorted order. The walk uses an explicit stack (no recursion on hostile depth) and checks
+that keys strictly increase, which also stops a hostile DAG that reuses a subtree from
+making the walk exponential.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from firehose.protocol.car import Car
+from firehose.protocol.cbor import decode_block, decode_record
+from firehose.protocol.cid import (
+    CID_BYTES,
+    SUPPORTED_PREFIXES,
+    cid_bytes_from_str,
+    cid_str_from_bytes,
+)
+from firehose.protocol.errors import ProtocolError
+from firehose.protocol.syntax import is_did, is_nsid, is_record_key
+
+# atproto MST keys are "collection/rkey": NSID (317) + 1 + record key (512), rounded up.
+MAX_KEY_BYTES = 1024
+# A repo of N records has well under 2N nodes; the cap bounds work on hostile DAGs.
+MAX_NODES = 20_000_000
+
+
+def mst_key_height(key: bytes | str) -> int:
+    """Layer of a key: leading zero bits of sha256(key), counted in 2-bit chunks (fanout 4)."""
+    raw = key.encode("utf-8") if isinstance(key, str) else key
+    digest = hashlib.sha256(raw).digest()
+    value = int.from_bytes(digest, "big")
+    zero_bits = 256 - value.bit_length()
+    return zero_bits // 2
+
+
+def _link(value: Any, what: str, nullable: bool) -> bytes | None:
+    if value is None and nullable:
+        return None
+    if type(value) is not bytes or len(value) != CID_BYTES or value[:4] not in SUPPORTED_PREFIXES:
+        raise ProtocolError("body", f"MST {what} is not a CID link")
+    return value
+
+
+def walk_mst(
+    root_cid: bytes | str,
+    get_block: Callable[[bytes], bytes | None],
+    *,
+    max_nodes: int = MAX_NODES,
+) -> Iterator[tuple[str, bytes]]:
+    """Yield ``(key, record cid)`` for every entry under MST root `root_cid`, in key order.
+
+    `get_block` maps a binary CID to its (already verified) block, or None if absent,
+    which raises ProtocolError(``missing_block``) when reached. Keys must strictly
+    increase (reason ``body`` otherwise).
+    """
+    if isinstance(root_cid, str):
+        root_cid = cid_bytes_from_str(root_cid)
+    # Stack items: bytes = a subtree to expand; tuple = an entry (key, value cid) to yield.
+    stack: list[bytes | tuple[str, bytes]] = [root_cid]
+    last_key: bytes | None = None
+    nodes = 0
+    while stack:
+        item = stack.pop()
+        if type(item) is tuple:
+            key_bytes = item[0].encode("utf-8")
+            if last_key is not None and key_bytes <= last_key:
+                raise ProtocolError("body", f"MST keys out of order at {item[0][:100]!r}")
+            last_key = key_bytes
+            yield item
+            continue
+        assert isinstance(item, bytes)
+        nodes += 1
+        if nodes > max_nodes:
+            raise ProtocolError("too_large", f"MST has more than {max_nodes} nodes")
+        block = get_block(item)
+        if block is None:
+            raise ProtocolError("missing_block", f"MST node {cid_str_from_bytes(item)} missing")
+        node = decode_block(block)
+        if type(node) is not dict or type(node.get("e")) is not list:
+            raise ProtocolError("body", "MST node is not {l, e}")
+        pending: list[bytes | tuple[str, bytes]] = []
+        left = _link(node.get("l"), "l", True)
+        if left is not None:
+            pending.append(left)
+        prev = b""
+        for entry in node["e"]:
+            if type(entry) is not dict:
+                raise ProtocolError("body", "MST entry is not a map")
+            prefix_len = entry.get("p")
+            suffix = entry.get("k")
+            if type(prefix_len) is not int or type(suffix) is not bytes:
+                raise ProtocolError("body", "MST entry needs integer p and bytes k")
+            if not 0 <= prefix_len <= len(prev):
+                raise ProtocolError("body", "MST entry prefix longer than the previous key")
+            key = prev[:prefix_len] + suffix
+            if len(key) > MAX_KEY_BYTES:
+                raise ProtocolError("too_large", "MST key too long")
+            value = _link(entry.get("v"), "v", False)
+            assert value is not None
+            try:
+                key_str = key.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ProtocolError("body", "MST key is not UTF-8") from None
+            pending.append((key_str, value))
+            right = _link(entry.get("t"), "t", True)
+            if right is not None:
+                pending.append(right)
+            prev = key
+        # Push in reverse so the leftmost item pops first.
+        stack.extend(reversed(pending))
+
+
+@dataclass(frozen=True, slots=True)
+class CommitInfo:
+    """The signed commit at the root of a repo export."""
+
+    did: str
+    version: int
+    rev: str | None
+    data_cid: str
+    prev: str | None
+    cid: str
+
+
+def read_commit(car: Car) -> CommitInfo:
+    """Decode the root commit object of a repo CAR (v2 or v3)."""
+    block = car.blocks.get(car.root_cid)
+    if block is None:
+        raise ProtocolError("missing_block", "root commit block is not in the CAR")
+    commit = decode_block(block)
+    if type(commit) is not dict:
+        raise ProtocolError("body", "commit object is not a map")
+    did, version, rev = commit.get("did"), commit.get("version"), commit.get("rev")
+    if type(did) is not str or not is_did(did):
+        raise ProtocolError("body", "commit has no valid did")
+    if type(version) is not int or version not in (2, 3):
+        raise ProtocolError("unsupported", f"repo version {version!r}"[:60])
+    if rev is not None and type(rev) is not str:
+        raise ProtocolError("body", "commit rev is not a string")
+    data = _link(commit.get("data"), "commit data", False)
+    assert data is not None
+    prev = _link(commit.get("prev"), "commit prev", True)
+    return CommitInfo(
+        did=did,
+        version=version,
+        rev=rev,
+        data_cid=cid_str_from_bytes(data),
+        prev=None if prev is None else cid_str_from_bytes(prev),
+        cid=car.root,
+    )
+
+
+RepoRecord = tuple[str, str, str, dict[str, Any]]
+
+
+def iter_repo_records(car: Car) -> tuple[CommitInfo, Iterator[RepoRecord]]:
+    """A full repo CAR -> (commit, iterator of (collection, rkey, cid, record JSON form)).
+
+    Keys that are not "collection/rkey" and records that fail to decode raise
+    ProtocolError from the iterator; a missing record or MST block raises missing_block.
+    """
+    info = read_commit(car)
+    blocks = car.blocks
+    root = cid_bytes_from_str(info.data_cid)
+
+    def records() -> Iterator[RepoRecord]:
+        for key, cid in walk_mst(root, blocks.get):
+            collection, _, rkey = key.partition("/")
+            if not is_nsid(collection) or not is_record_key(rkey):
+                raise ProtocolError("syntax", f"bad MST key {key[:100]!r}")
+            block = blocks.get(cid)
+            if block is None:
+                raise ProtocolError("missing_block", f"record {key[:100]} missing")
+            record, _sanitized = decode_record(block)
+            yield collection, rkey, cid_str_from_bytes(cid), record
+
+    return info, records()
