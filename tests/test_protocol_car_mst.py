@@ -143,7 +143,8 @@ def test_walk_mst_accepts_string_root_and_reports_missing_root() -> None:
     info = read_commit(car)
     assert len(list(walk_mst(info.data_cid, car.blocks.get))) == 6
     with pytest.raises(ProtocolError) as err:
-        list(walk_mst(info.data_cid, {}.get))
+        empty: dict[bytes, bytes] = {}
+        list(walk_mst(info.data_cid, empty.get))
     assert err.value.reason == "missing_block"
 
 

@@ -202,7 +202,8 @@ def test_nul_is_replaced_everywhere_and_reported() -> None:
 
 
 def test_records_must_be_maps() -> None:
-    for value in ([], "s", 1, None):
+    values: list[object] = [[], "s", 1, None]
+    for value in values:
         with pytest.raises(ProtocolError):
             decode_record(dag_cbor(value))
 

@@ -32,6 +32,7 @@ MAX_HEADER_BYTES = 1024
 _MAX_VARINT_BYTES = 9  # unsigned-varint spec: at most 9 bytes (63 bits)
 
 _sha256 = hashlib.sha256
+_PREFIX_TUPLE = tuple(SUPPORTED_PREFIXES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,12 +100,16 @@ def read_car(
     blocks: dict[bytes, bytes] = {}
     max_section = CID_BYTES + max_block_bytes
     count = 0
-    supported = SUPPORTED_PREFIXES
+    prefixes = _PREFIX_TUPLE
     sha256 = _sha256
     while pos < n:
+        # Section length varint: one byte up to 127, two bytes up to 16383 (most blocks).
         length = data[pos]
         if length < 0x80:
             pos += 1
+        elif pos + 1 < n and data[pos + 1] < 0x80:
+            length = (length & 0x7F) | (data[pos + 1] << 7)
+            pos += 2
         else:
             length, pos = read_varint(data, pos)
         if length > max_section:
@@ -114,12 +119,12 @@ def read_car(
             raise CarError("truncated section")
         if length < CID_BYTES:
             raise CarError(f"section of {length} bytes is too short for a CID")
+        if not data.startswith(prefixes, pos):
+            raise explain_bad_cid(data[pos:end])
         cid_end = pos + CID_BYTES
         cid = data[pos:cid_end]
-        if cid[:4] not in supported:
-            raise explain_bad_cid(data[pos:end])
         block = data[cid_end:end]
-        if sha256(block).digest() != data[pos + 4 : cid_end]:
+        if sha256(block).digest() != cid[4:]:
             raise CarError(f"block {cid_str_from_bytes(cid)} does not match its CID", "block_hash")
         blocks[cid] = block
         count += 1

@@ -53,6 +53,9 @@ _DATETIME_RE = re.compile(
     r"(Z|[+-][0-9]{2}:[0-9]{2})"
 )
 
+_DATETIME_MS_Z = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
+_fromisoformat = datetime.fromisoformat
+
 
 def is_tid(text: str) -> bool:
     return len(text) == TID_CHARS and _TID_RE.fullmatch(text) is not None
@@ -133,6 +136,12 @@ def parse_datetime(text: str) -> datetime | None:
     """atproto datetime -> aware datetime, or None if invalid (syntax or calendar)."""
     if type(text) is not str or len(text) > DATETIME_MAX_CHARS:
         return None
+    if len(text) == 24 and text[23] == "Z" and _DATETIME_MS_Z.fullmatch(text) is not None:
+        # The common JS form "YYYY-MM-DDTHH:MM:SS.sssZ": fromisoformat is ~4x faster.
+        try:
+            return _fromisoformat(text)
+        except ValueError:
+            return None
     m = _DATETIME_RE.fullmatch(text)
     if m is None or text.endswith("-00:00"):
         return None
