@@ -109,6 +109,22 @@ def _hash_scalar(label: bytes, order: int) -> int:
     return int.from_bytes(hashlib.sha256(label).digest(), "big") % (order - 1) + 1
 
 
+def _batch_inverse(values: list[int], modulus: int) -> list[int]:
+    """Montgomery's trick: n modular inverses for one `pow(..., -1)` and 3n multiplications."""
+    prefix = [1] * (len(values) + 1)
+    for i, value in enumerate(values):
+        prefix[i + 1] = prefix[i] * value % modulus
+    inverse = pow(prefix[-1], -1, modulus)
+    out = [0] * len(values)
+    for i in range(len(values) - 1, -1, -1):
+        out[i] = prefix[i] * inverse % modulus
+        inverse = inverse * values[i] % modulus
+    return out
+
+
+NONCE_BATCH = 16  # nonces prepared per refill; each refill costs two modular inversions
+
+
 @dataclass
 class SigningKey:
     """One account's signing key; `sign` is deterministic given the sequence of calls."""
@@ -116,22 +132,22 @@ class SigningKey:
     curve: str
     private_value: int
     public_point: bytes = field(init=False)
-    _r_x: int = field(init=False, repr=False)
-    _r_y: int = field(init=False, repr=False)
-    _k: int = field(init=False, repr=False)
-    _step_x: int = field(init=False, repr=False)
-    _step_y: int = field(init=False, repr=False)
+    _next_k: int = field(init=False, repr=False)  # nonce of the next point to prepare
+    _next_r: tuple[int, int] = field(init=False, repr=False)  # next_k * G, affine
     _step: int = field(init=False, repr=False)
+    _step_point: tuple[int, int] = field(init=False, repr=False)  # step * G, affine
+    _ready: list[tuple[int, int]] = field(init=False, repr=False)  # (k^-1 mod n, r), reversed
 
     def __post_init__(self) -> None:
         order = _ORDER[self.curve]
         x, y = _base_mul(self.curve, self.private_value)
         self.public_point = _compressed(self.curve, x, y)
         secret = self.private_value.to_bytes(32, "big")
-        self._k = _hash_scalar(b"devnet-nonce-start|" + secret, order)
+        self._next_k = _hash_scalar(b"devnet-nonce-start|" + secret, order)
         self._step = _hash_scalar(b"devnet-nonce-step|" + secret, order)
-        self._r_x, self._r_y = _base_mul(self.curve, self._k)
-        self._step_x, self._step_y = _base_mul(self.curve, self._step)
+        self._next_r = _base_mul(self.curve, self._next_k)
+        self._step_point = _base_mul(self.curve, self._step)
+        self._ready = []
 
     @classmethod
     def from_seed(cls, seed: int, index: int) -> SigningKey:
@@ -157,29 +173,54 @@ class SigningKey:
         """ECDSA-SHA256 of `message` as raw 64-byte r||s, low-S normalised."""
         order = _ORDER[self.curve]
         z = int.from_bytes(hashlib.sha256(message).digest(), "big")
-        k, r = self._k, self._r_x % order
-        self._advance_nonce()
-        s = pow(k, -1, order) * (z + r * self.private_value) % order
-        if r == 0 or s == 0:  # probability ~2^-256; move on to the next nonce
-            return self.sign(message)
+        while True:
+            if not self._ready:
+                self._prepare_nonces()
+            k_inverse, r = self._ready.pop()
+            s = k_inverse * (z + r * self.private_value) % order
+            if r != 0 and s != 0:  # else (probability ~2^-256) use the next nonce
+                break
         if s > order // 2:
             s = order - s  # atproto requires low-S (cryptography spec, "ECDSA signatures")
         return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
-    def _advance_nonce(self) -> None:
-        """k += step and R += step*G: one affine point addition (distinct x with overwhelming
-        probability; the doubling and inverse cases are handled for completeness)."""
-        prime = _FIELD_PRIME[self.curve]
-        x1, y1, x2, y2 = self._r_x, self._r_y, self._step_x, self._step_y
-        if x1 == x2:  # R == ±step*G: recompute from the scalar instead of special-casing
-            self._k = (self._k + self._step) % _ORDER[self.curve] or 1
-            self._r_x, self._r_y = _base_mul(self.curve, self._k)
-            return
-        slope = (y2 - y1) * pow(x2 - x1, -1, prime) % prime
-        x3 = (slope * slope - x1 - x2) % prime
-        self._r_y = (slope * (x1 - x3) - y1) % prime
-        self._r_x = x3
-        self._k = (self._k + self._step) % _ORDER[self.curve]
+    def _prepare_nonces(self) -> None:
+        """Walk R += step*G for NONCE_BATCH points in Jacobian coordinates (mixed addition,
+        "madd-2007-bl" of the Explicit-Formulas Database, valid for any short Weierstrass
+        curve), then normalise all of them and invert all nonces with one inversion each."""
+        prime, order = _FIELD_PRIME[self.curve], _ORDER[self.curve]
+        step_x, step_y = self._step_point
+        x, y = self._next_r
+        points = [(x, y, 1)]
+        nonces = [self._next_k]
+        for _ in range(NONCE_BATCH):
+            x1, y1, z1 = points[-1]
+            z1z1 = z1 * z1 % prime
+            h = (step_x * z1z1 - x1) % prime
+            rr = 2 * (step_y * z1 * z1z1 - y1) % prime
+            if h == 0:  # R == ±step*G: restart this batch from the scalar (never happens)
+                break
+            hh = h * h % prime
+            i = 4 * hh % prime
+            j = h * i % prime
+            v = x1 * i % prime
+            x3 = (rr * rr - j - 2 * v) % prime
+            y3 = (rr * (v - x3) - 2 * y1 * j) % prime
+            z3 = ((z1 + h) * (z1 + h) - z1z1 - hh) % prime
+            points.append((x3, y3, z3))
+            nonces.append((nonces[-1] + self._step) % order)
+        z_inverses = _batch_inverse([z for _, _, z in points], prime)
+        k_inverses = _batch_inverse(nonces[:-1], order)
+        affine = [
+            (px * zi * zi % prime, py * zi * zi * zi % prime)
+            for (px, py, _), zi in zip(points, z_inverses, strict=True)
+        ]
+        ready = [(ki, ax % order) for ki, (ax, _) in zip(k_inverses, affine, strict=False)]
+        self._ready = ready[::-1]  # pop() from the end yields them in nonce order
+        self._next_k, self._next_r = nonces[-1], affine[-1]
+        if len(points) <= NONCE_BATCH:  # the degenerate case above: recompute from scratch
+            self._next_k = (self._next_k + self._step) % order or 1
+            self._next_r = _base_mul(self.curve, self._next_k)
 
 
 def verify(public_key: ec.EllipticCurvePublicKey, message: bytes, signature: bytes) -> bool:

@@ -43,9 +43,12 @@ def key_height(key: bytes) -> int:
 
 
 class Node:
-    """One MST node. Treated as immutable once built; `cid`/`block` are filled lazily."""
+    """One MST node. Treated as immutable once encoded; `cid`/`block` are filled lazily.
 
-    __slots__ = ("block", "cid", "keys", "left", "rights", "vals")
+    `enc[i]` caches the encoded bytes of entry i; code that changes an entry's key prefix
+    (its predecessor) or its right subtree sets it to None (`set_pointer` does the latter)."""
+
+    __slots__ = ("block", "cid", "enc", "keys", "left", "rights", "vals")
 
     def __init__(
         self,
@@ -53,16 +56,20 @@ class Node:
         keys: list[bytes],
         vals: list[bytes],
         rights: list[Node | None],
+        enc: list[bytes | None] | None = None,
     ) -> None:
         self.left = left
         self.keys = keys
         self.vals = vals
         self.rights = rights
+        self.enc: list[bytes | None] = [None] * len(keys) if enc is None else enc
         self.cid: bytes | None = None
         self.block: bytes | None = None
 
     def copy(self) -> Node:
-        return Node(self.left, self.keys.copy(), self.vals.copy(), self.rights.copy())
+        return Node(
+            self.left, self.keys.copy(), self.vals.copy(), self.rights.copy(), self.enc.copy()
+        )
 
     def pointer(self, index: int) -> Node | None:
         """The subtree covering the gap before entry `index` (index == len: after the last)."""
@@ -73,29 +80,34 @@ class Node:
             self.left = node
         else:
             self.rights[index - 1] = node
+            self.enc[index - 1] = None
+
+    def forget_prefix(self, index: int) -> None:
+        """Entry `index` got a new predecessor, so its shared-prefix length may change."""
+        if index < len(self.enc):
+            self.enc[index] = None
 
     def encode(self) -> bytes:
         """Encode (children first) and cache; returns this node's CID."""
         if self.cid is not None:
             return self.cid
-        entries = []
-        previous = b""
-        for key, val, right in zip(self.keys, self.vals, self.rights, strict=True):
-            prefix = 0
+        enc = self.enc
+        for i, cached in enumerate(enc):
+            if cached is not None:
+                continue
+            key = self.keys[i]
+            previous = self.keys[i - 1] if i else b""
+            # Shared prefix length in O(1) Python steps: the first differing byte is where
+            # the XOR of the two (equal-length) prefixes has its highest set bit.
             limit = min(len(previous), len(key))
-            while prefix < limit and previous[prefix] == key[prefix]:
-                prefix += 1
-            entries.append(
-                {
-                    "p": prefix,
-                    "k": key[prefix:],
-                    "v": dagcbor.link(val),
-                    "t": None if right is None else dagcbor.link(right.encode()),
-                }
-            )
-            previous = key
-        left = None if self.left is None else dagcbor.link(self.left.encode())
-        self.cid, self.block = dagcbor.encode_block({"l": left, "e": entries})
+            diff = int.from_bytes(previous[:limit], "big") ^ int.from_bytes(key[:limit], "big")
+            prefix = limit - (diff.bit_length() + 7) // 8
+            right = self.rights[i]
+            subtree = None if right is None else right.encode()
+            enc[i] = dagcbor.encode_mst_entry(prefix, key[prefix:], self.vals[i], subtree)
+        left = None if self.left is None else self.left.encode()
+        self.block = dagcbor.encode_mst_node(left, enc)  # type: ignore[arg-type]
+        self.cid = dagcbor.cid_for_block(self.block)
         return self.cid
 
 
@@ -110,9 +122,12 @@ def _split(node: Node | None, key: bytes) -> tuple[Node | None, Node | None]:
         return None, None
     index = bisect_left(node.keys, key)
     below, above = _split(node.pointer(index), key)
-    low = Node(node.left, node.keys[:index], node.vals[:index], node.rights[:index])
+    low = Node(
+        node.left, node.keys[:index], node.vals[:index], node.rights[:index], node.enc[:index]
+    )
     low.set_pointer(index, below)
-    high = Node(above, node.keys[index:], node.vals[index:], node.rights[index:])
+    high = Node(above, node.keys[index:], node.vals[index:], node.rights[index:], node.enc[index:])
+    high.forget_prefix(0)
     return _normalise(low), _normalise(high)
 
 
@@ -128,8 +143,10 @@ def _merge(first: Node | None, second: Node | None) -> Node | None:
         first.keys + second.keys,
         first.vals + second.vals,
         first.rights + second.rights,
+        first.enc + second.enc,
     )
     merged.set_pointer(len(first.keys), middle)
+    merged.forget_prefix(len(first.keys))
     return merged
 
 
@@ -139,16 +156,17 @@ def _insert(node: Node | None, layer: int, key: bytes, height: int, val: bytes) 
     if height == layer:
         if index < len(current.keys) and current.keys[index] == key:
             current.vals[index] = val
+            current.enc[index] = None
             return current
         below, above = _split(current.pointer(index), key)
         current.set_pointer(index, below)
         current.keys.insert(index, key)
         current.vals.insert(index, val)
         current.rights.insert(index, above)
+        current.enc.insert(index, None)
+        current.forget_prefix(index + 1)
     else:
-        current.set_pointer(
-            index, _insert(current.pointer(index), layer - 1, key, height, val)
-        )
+        current.set_pointer(index, _insert(current.pointer(index), layer - 1, key, height, val))
     return current
 
 
@@ -161,8 +179,9 @@ def _delete(node: Node | None, layer: int, key: bytes, height: int) -> Node | No
         if index >= len(current.keys) or current.keys[index] != key:
             raise KeyError(key)
         merged = _merge(current.pointer(index), current.rights[index])
-        del current.keys[index], current.vals[index], current.rights[index]
+        del current.keys[index], current.vals[index], current.rights[index], current.enc[index]
         current.set_pointer(index, merged)
+        current.forget_prefix(index)
     else:
         current.set_pointer(index, _delete(current.pointer(index), layer - 1, key, height))
     return _normalise(current)
@@ -258,6 +277,7 @@ def build_mst(items: Iterable[tuple[str, bytes]]) -> tuple[bytes, list[tuple[byt
             node.keys.append(entries[sep][0])
             node.vals.append(entries[sep][1])
             node.rights.append(build(sep + 1, bounds[n + 2], layer - 1))
+            node.enc.append(None)
         return node
 
     root = build(0, len(entries), top) or Node(None, [], [], [])

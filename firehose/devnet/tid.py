@@ -7,11 +7,15 @@ alphabet so that string order equals numeric order.
 
 from __future__ import annotations
 
+import base64
+
 TID_ALPHABET = "234567abcdefghijklmnopqrstuvwxyz"
 TID_LENGTH_CHARS = 13
 CLOCK_ID_BITS = 10
 CLOCK_ID_MASK = (1 << CLOCK_ID_BITS) - 1
 MAX_MICROS = (1 << 53) - 1
+# RFC 4648 base32 and base32-sortable split bits identically; only the alphabets differ.
+_FROM_RFC4648 = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", TID_ALPHABET)
 
 
 def tid(micros: int, clock_id: int) -> str:
@@ -19,11 +23,9 @@ def tid(micros: int, clock_id: int) -> str:
     if not 0 <= micros <= MAX_MICROS:
         raise ValueError(f"timestamp out of TID range: {micros} µs")
     value = (micros << CLOCK_ID_BITS) | (clock_id & CLOCK_ID_MASK)
-    chars = []
-    for _ in range(TID_LENGTH_CHARS):
-        chars.append(TID_ALPHABET[value & 31])
-        value >>= 5
-    return "".join(reversed(chars))
+    # 10 bytes = 16 base32 characters; the last 13 carry the low 65 bits, i.e. the TID.
+    text = base64.b32encode(value.to_bytes(10, "big")).decode("ascii")
+    return text[-TID_LENGTH_CHARS:].translate(_FROM_RFC4648)
 
 
 def tid_micros(text: str) -> int:
