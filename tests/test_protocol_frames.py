@@ -92,9 +92,11 @@ def test_missing_record_block_goes_to_invalid_ops() -> None:
     body["ops"].append({**op, "path": "app.bsky.feed.post/3abc", "cid": {"$link": missing()}})
     body["ops"].append({**op, "path": "not a path"})
     body["ops"].append({**op, "action": "frobnicate"})
+    body["ops"].append({**op, "action": ["unhashable"]})
     event = decode_frame(commit_frame(body))
     assert isinstance(event, CommitEvent) and len(event.writes) == 1
-    assert [reason for reason, _ in event.invalid_ops] == ["missing_block", "syntax", "bad_op"]
+    reasons = [reason for reason, _ in event.invalid_ops]
+    assert reasons == ["missing_block", "syntax", "bad_op", "bad_op"]
     assert all(len(detail) <= 200 for _, detail in event.invalid_ops)
 
 

@@ -222,7 +222,8 @@ def _commit(body: dict[str, Any], limits: FrameLimits) -> CommitEvent:
 def _record_write(op: Any, did: str, rev: str, blocks: dict[bytes, bytes]) -> RecordWrite:
     if type(op) is not dict:
         raise FrameError("op is not a map", "bad_op")
-    action = _ACTIONS.get(op.get("action"))  # type: ignore[arg-type]
+    raw_action = op.get("action")
+    action = _ACTIONS.get(raw_action) if type(raw_action) is str else None
     if action is None:
         raise FrameError(f"unknown action {str(op.get('action'))[:20]!r}", "bad_op")
     path = op.get("path")
