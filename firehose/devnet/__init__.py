@@ -1,0 +1,23 @@
+"""The devnet: a local AT Protocol relay producing realistic, signed, deterministic traffic.
+
+Owns: account keys and did:plc identities (`keys`, `plc`), repositories with their MST and
+signed commits (`mst`, `repo`, `tid`), record values (`records`), the event generator and its
+truth (`generator`), frame encoding (`frames`, `faults`), the subscribeRepos server (`relay`)
+and the command line (`cli`, `python -m firehose.devnet`).
+
+Invariants:
+
+* Deterministic by seed: the same seed and parameters give byte-identical frames (a virtual
+  clock drives every timestamp, rev and record key; no hash-ordered iteration).
+* Truth = final state: `Generator.truth()` / the truth file describe what an indexer must hold
+  after consuming every event up to `last_seq`, in the format of docs/ARCHITECTURE.md.
+* Independent encoder: DAG-CBOR is written with cbor2 (plus a hand-written encoder for the
+  fixed MST node shape, cross-checked against cbor2) and never imports `firehose.protocol`,
+  so the devnet and the worker's decoder check each other.
+* Devnet keys are derived from the seed and are therefore public: never use them elsewhere.
+"""
+
+from firehose.devnet.generator import Generator, did_document
+from firehose.devnet.relay import DevnetConfig, DevnetRelay
+
+__all__ = ["DevnetConfig", "DevnetRelay", "Generator", "did_document"]

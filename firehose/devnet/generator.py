@@ -246,7 +246,7 @@ class Generator:
         if collection == rec.PROFILE:
             return f.profile(account.handle, now)
         if collection == rec.LIST:
-            return f.list(now)
+            return f.graph_list(now)
         if collection == rec.LISTITEM and account.lists:
             return f.listitem(self.rng.choice(account.lists), self._other_did(account), now)
         if collection == rec.FEED_GENERATOR:

@@ -34,10 +34,47 @@ FEED_SERVICE_DID = "did:web:feeds.devnet.test"
 NUL_TEXT_PROBABILITY = 0.003
 
 _WORDS = (
-    "the a firehose relay repo commit record indexer sky blue protocol garden coffee morning "
-    "train city music photo cat dog build ship test today tomorrow think love new open small "
-    "café naïve über 東京 こんにちは 🦋 ☕ 🌱 señor façade"
-).split()
+    "the",
+    "a",
+    "firehose",
+    "relay",
+    "repo",
+    "commit",
+    "record",
+    "indexer",
+    "sky",
+    "blue",
+    "protocol",
+    "garden",
+    "coffee",
+    "morning",
+    "train",
+    "city",
+    "music",
+    "photo",
+    "cat",
+    "dog",
+    "build",
+    "ship",
+    "test",
+    "today",
+    "tomorrow",
+    "think",
+    "love",
+    "new",
+    "open",
+    "small",
+    "café",
+    "naïve",
+    "über",
+    "東京",
+    "こんにちは",
+    "🦋",
+    "☕",
+    "🌱",
+    "señor",
+    "façade",
+)
 _TAGS = ("devnet", "atproto", "bluesky", "photography", "café", "日本語")
 _LANGS = (["en"], ["en"], ["en"], ["ja"], ["pt", "en"], ["de"], ["fr"])
 _NAMES = ("Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy")
@@ -194,7 +231,7 @@ class RecordFactory:
             record["banner"] = self.blob()
         return record
 
-    def list(self, created_at: str) -> dict[str, Any]:
+    def graph_list(self, created_at: str) -> dict[str, Any]:
         purpose = self.rng.choice(("curatelist", "curatelist", "modlist"))
         return {
             "$type": LIST,

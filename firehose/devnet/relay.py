@@ -1,0 +1,279 @@
+"""The devnet relay: serves the generated event log as com.atproto.sync.subscribeRepos.
+
+Cursor semantics follow the lexicon (com.atproto.sync.subscribeRepos) and the event stream
+spec (https://atproto.com/specs/event-stream#sequence-numbers):
+
+* no cursor: live tail only, starting with events produced after the connection;
+* cursor within the retained window (including 0 when everything is retained): replay every
+  event with seq > cursor, then continue live;
+* cursor older than the window: one ``#info OutdatedCursor`` frame, then replay from the
+  oldest retained event;
+* cursor > current head: error frame ``FutureCursor``, then close.
+
+Events are produced by a background task, either as fast as possible in small chunks
+(`rate` 0) or paced at `rate` events/s, until `events` exist; then connections stay open,
+idle. Frames are stored encoded, so replay costs only the send. `websockets`' ``send``
+waits while the client is not reading, which gives natural back-pressure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from firehose.devnet import frames
+from firehose.devnet.faults import MalformedFrames
+from firehose.devnet.generator import DEFAULT_START_TIME_US, Generator
+
+log = logging.getLogger(__name__)
+
+SUBSCRIBE_PATH = "/xrpc/com.atproto.sync.subscribeRepos"
+GENERATION_CHUNK_EVENTS = 50  # events generated between yields to the event loop (rate 0)
+MIN_SLEEP_S = 0.002
+
+
+@dataclass(frozen=True)
+class DevnetConfig:
+    seed: int = 0
+    accounts: int = 200
+    events: int = 10_000
+    rate: float = 0.0  # events/s; 0 = generate everything as fast as possible
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 = pick a free port (see DevnetRelay.port)
+    window: int = 0  # events retained for replay; 0 = all
+    drop_every: int = 0  # abort each connection after this many frames; 0 = never
+    malformed_every: int = 0  # inject a malformed frame after this many real frames; 0 = never
+    start_time_us: int = DEFAULT_START_TIME_US
+    truth_path: str | None = None  # written (atomically) once all events exist
+
+
+@dataclass
+class RelayStats:
+    connections: int = 0
+    frames_sent: int = 0  # real event frames
+    malformed_sent: int = 0
+    drops: int = 0  # connections aborted by drop_every
+    info_sent: int = 0
+    errors_sent: int = 0
+
+
+class DevnetRelay:
+    """``async with DevnetRelay(config) as relay:`` serves on `relay.url`; with rate 0 the
+    context is entered once every event exists (so `relay.truth()` is final)."""
+
+    def __init__(self, config: DevnetConfig | None = None) -> None:
+        self.config = config or DevnetConfig()
+        self.generator = Generator(
+            seed=self.config.seed,
+            accounts=self.config.accounts,
+            start_time_us=self.config.start_time_us,
+        )
+        self.stats = RelayStats()
+        self.generated = asyncio.Event()
+        self._log: list[bytes] = []
+        self._dropped = 0  # events trimmed from the front of the retention window
+        self._wakeup = asyncio.Event()
+        self._server: Server | None = None
+        self._producer: asyncio.Task[None] | None = None
+        self._malformed = MalformedFrames(self.config.seed)
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._server = await serve(
+            self._handle,
+            self.config.host,
+            self.config.port,
+            process_request=self._route,
+            compression=None,
+            max_size=None,
+        )
+        self._producer = asyncio.create_task(self._produce(), name="devnet-producer")
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            self._producer.cancel()
+            await asyncio.gather(self._producer, return_exceptions=True)
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def __aenter__(self) -> DevnetRelay:
+        await self.start()
+        if self.config.rate == 0:
+            await self.wait_generated()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def wait_generated(self) -> None:
+        """Wait until all events exist; re-raises a failure of the producer."""
+        assert self._producer is not None
+        done, _ = await asyncio.wait(
+            {self._producer, asyncio.ensure_future(self.generated.wait())},
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if self._producer in done:
+            self._producer.result()
+
+    # ---- state ----------------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "not started"
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        """Base URL of the relay, e.g. ``ws://127.0.0.1:PORT`` (the worker adds the XRPC path)."""
+        return f"ws://{self.config.host}:{self.port}"
+
+    @property
+    def subscribe_url(self) -> str:
+        return self.url + SUBSCRIBE_PATH
+
+    @property
+    def head_seq(self) -> int:
+        return self._dropped + len(self._log)
+
+    @property
+    def oldest_seq(self) -> int:
+        """Seq of the oldest retained event (head + 1 when nothing has been produced)."""
+        return self._dropped + 1
+
+    def frame(self, seq: int) -> bytes:
+        return self._log[seq - self._dropped - 1]
+
+    def truth(self) -> dict[str, Any]:
+        return self.generator.truth()
+
+    def write_truth(self, path: str | os.PathLike[str]) -> None:
+        """Write the truth file atomically (tmp file + rename): readers never see half."""
+        target = Path(path)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(json.dumps(self.truth(), ensure_ascii=False, separators=(",", ":")))
+        os.replace(tmp, target)
+
+    # ---- production ---------------------------------------------------------------------------
+
+    def _append(self, frame: bytes) -> None:
+        self._log.append(frame)
+        window = self.config.window
+        if window and len(self._log) > 2 * window:  # trim in bulk: O(1) amortised
+            excess = len(self._log) - window
+            del self._log[:excess]
+            self._dropped += excess
+
+    def _retained_oldest(self) -> int:
+        window = self.config.window
+        if window and self.head_seq - window + 1 > self.oldest_seq:
+            return self.head_seq - window + 1
+        return self.oldest_seq
+
+    def _notify(self) -> None:
+        self._wakeup.set()
+        self._wakeup = asyncio.Event()
+
+    async def _produce(self) -> None:
+        total, rate = self.config.events, self.config.rate
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        produced = 0
+        while produced < total:
+            if rate > 0:
+                due = min(total, int((loop.time() - started) * rate) + 1)
+                if due <= produced:
+                    await asyncio.sleep(
+                        max(MIN_SLEEP_S, (produced + 1) / rate - (loop.time() - started))
+                    )
+                    continue
+                batch = due - produced
+            else:
+                batch = min(GENERATION_CHUNK_EVENTS, total - produced)
+            for _ in range(batch):
+                self._append(self.generator.next_frame())
+            produced += batch
+            self._notify()
+            await asyncio.sleep(0)
+        if self.config.truth_path:
+            self.write_truth(self.config.truth_path)
+        self.generated.set()
+        self._notify()
+
+    # ---- serving ------------------------------------------------------------------------------
+
+    def _route(self, connection: ServerConnection, request: Request) -> Response | None:
+        if urlsplit(request.path).path != SUBSCRIBE_PATH:
+            return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
+        return None
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        self.stats.connections += 1
+        assert ws.request is not None
+        query = parse_qs(urlsplit(ws.request.path).query)
+        with contextlib.suppress(ConnectionClosed):  # the client went away: nothing to do
+            await self._serve(ws, query.get("cursor", [None])[0])
+
+    async def _serve(self, ws: ServerConnection, cursor_text: str | None) -> None:
+        if cursor_text is None:
+            position = self.head_seq + 1  # live tail
+        else:
+            try:
+                cursor = int(cursor_text)
+            except ValueError:
+                self.stats.errors_sent += 1
+                await ws.send(frames.error("InvalidRequest", "cursor must be an integer"))
+                await ws.close()
+                return
+            if cursor > self.head_seq:
+                self.stats.errors_sent += 1
+                await ws.send(frames.error("FutureCursor", "cursor is ahead of the stream"))
+                await ws.close()
+                return
+            position = cursor + 1
+        sent = 0
+        last_seq = 0
+        while True:
+            oldest = self._retained_oldest()
+            if position < oldest:  # fell out of (or asked before) the retention window
+                self.stats.info_sent += 1
+                await ws.send(frames.info("OutdatedCursor", "cursor older than the window"))
+                position = oldest
+            if position > self.head_seq:
+                if self.generated.is_set():
+                    await ws.wait_closed()  # all events sent: stay connected, idle
+                    return
+                wakeup = asyncio.ensure_future(self._wakeup.wait())
+                closed = asyncio.ensure_future(ws.wait_closed())
+                await asyncio.wait({wakeup, closed}, return_when=asyncio.FIRST_COMPLETED)
+                wakeup.cancel()
+                closed.cancel()
+                if ws.state.name == "CLOSED":
+                    return
+                continue
+            await ws.send(self.frame(position))
+            last_seq = position
+            position += 1
+            sent += 1
+            self.stats.frames_sent += 1
+            if self.config.malformed_every and sent % self.config.malformed_every == 0:
+                _, bad = self._malformed.next_frame(last_seq)
+                self.stats.malformed_sent += 1
+                await ws.send(bad)
+            if self.config.drop_every and sent % self.config.drop_every == 0:
+                self.stats.drops += 1
+                ws.transport.abort()  # abrupt: no close frame, like a dying relay
+                return
