@@ -35,7 +35,7 @@ MIN_ACTIVE_ACCOUNTS = 3  # status changes never leave fewer active accounts than
 RECENT_POSTS = 2000  # posts remembered as reply/quote/like targets
 STATUS_ACTIVE = "active"
 STATUS_DELETED = "deleted"
-INACTIVE_STATUSES = ("deactivated",) * 5 + ("takendown", "takendown", "suspended", "deleted")
+INACTIVE_STATUSES = ("deactivated",) * 3 + ("takendown", "suspended") * 2 + ("deleted",)
 
 # Relative weights of what an active account does next.
 _ACTIONS: tuple[tuple[str, float], ...] = (
@@ -54,7 +54,7 @@ _ACTIONS: tuple[tuple[str, float], ...] = (
     ("recreate", 1),
     ("multi", 4),
     ("identity", 0.6),
-    ("status", 0.6),
+    ("status", 1.0),
 )
 
 

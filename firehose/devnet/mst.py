@@ -224,19 +224,36 @@ class Mst:
             self.layer = 0
 
     def root_cid(self) -> bytes:
+        """The root CID. Encoding marks nodes as seen: call `new_blocks` first when the
+        blocks of this change are needed (`Repo.commit` does)."""
         return self._root_node().encode()
 
     def new_blocks(self) -> list[tuple[bytes, bytes]]:
-        """Encode the root and return the blocks of nodes encoded for the first time: exactly
-        the nodes created since the previous call (unchanged subtrees keep their cached CID)."""
+        """Encode the tree and return the blocks of nodes encoded for the first time: the
+        nodes created since the previous call (unchanged subtrees keep their cached CID)."""
         fresh: list[Node] = []
         self._collect_unencoded(self._root_node(), fresh)
         blocks = []
-        for node in fresh:
+        for node in fresh:  # children come before parents, so each encode is one level
             node.encode()
             assert node.cid is not None and node.block is not None
             blocks.append((node.cid, node.block))
         return blocks
+
+    def path_blocks(self, key: str) -> list[tuple[bytes, bytes]]:
+        """Blocks of the nodes from the root down to where `key` is, or would be: the
+        inclusion proof of a created/updated key, the exclusion proof of a deleted one."""
+        raw = key.encode()
+        node: Node | None = self._root_node()
+        node_blocks = []
+        while node is not None:
+            node.encode()
+            node_blocks.append((node.cid, node.block))
+            index = bisect_left(node.keys, raw)
+            if index < len(node.keys) and node.keys[index] == raw:
+                break
+            node = node.pointer(index)
+        return node_blocks  # type: ignore[return-value]
 
     def all_blocks(self) -> list[tuple[bytes, bytes]]:
         root = self._root_node()

@@ -4,7 +4,8 @@ Repository spec (https://atproto.com/specs/repository): a v3 commit is
 ``{did, version: 3, data: <MST root link>, rev: <TID>, prev: null, sig: <bytes>}``, signed
 over the DAG-CBOR of the same map without `sig`. The firehose carries, per commit, a CAR v1
 whose root is the commit and which holds the commit block, the MST nodes that changed and the
-blocks of created/updated records (subscribeRepos lexicon, `#commit.blocks`). Sync 1.1
+blocks of created/updated records (subscribeRepos lexicon, `#commit.blocks`), plus the
+nodes on each op's path so the ops can be verified against the new tree. Sync 1.1
 (https://github.com/bluesky-social/proposals/tree/main/0006-sync-iteration) adds `prevData`
 (the previous MST root) and `prev` on update/delete ops so consumers can check continuity.
 """
@@ -98,8 +99,8 @@ class Repo:
             record_blocks[cid] = block
             ops.append(AppliedOp(write.action, write.path, cid, prev))
 
+        node_blocks = self.mst.new_blocks()  # before root_cid(): it would mark them as seen
         data = self.mst.root_cid()
-        node_blocks = self.mst.new_blocks()
         # Keys in DAG-CBOR order (length first, then bytewise), so no sorting pass is needed.
         data_link = dagcbor.link(data)
         unsigned = {"did": self.did, "rev": rev, "data": data_link, "prev": None}
@@ -113,6 +114,12 @@ class Repo:
         blocks: dict[bytes, bytes] = {commit_cid: commit_block}
         for cid, block in node_blocks:
             blocks.setdefault(cid, block)
+        # Sync 1.1: consumers may check each op against the new tree (and invert it), so
+        # the proof path of every op travels too, even where those nodes are not new (e.g.
+        # after a delete the root can be an old subtree).
+        for op in ops:
+            for cid, block in self.mst.path_blocks(op.path):
+                blocks.setdefault(cid, block)
         for cid, block in record_blocks.items():
             blocks.setdefault(cid, block)
         car = dagcbor.write_car(commit_cid, blocks.items())
