@@ -87,7 +87,9 @@ async def test_failed_migration_rolls_back(conn: asyncpg.Connection, tmp_path: P
     with pytest.raises(asyncpg.DivisionByZeroError):
         await migrate(conn, source=tmp_path)
     assert await conn.fetchval("SELECT to_regclass('half')") is None
-    assert await conn.fetchval("SELECT max(version) FROM schema_migrations") == 1
+    assert await conn.fetchval("SELECT max(version) FROM schema_migrations") == max(
+        x.version for x in load_migrations()
+    )
     # The lock is released even after a failure.
     assert await conn.fetchval(ADVISORY_LOCKS) == 0
 

@@ -5,14 +5,15 @@ bind parameter or goes through COPY. The typed tables' statements are generated 
 column spec per table (`TYPED_TABLES`), which must match `sql/001_initial.sql`
 (tests/test_storage_schema.py checks it against the migrated database).
 
-Guards (DESIGN.md invariant 2), used by every upsert below:
+Guards (DESIGN.md invariant 2) of the `records` upsert:
   * no tombstone of the uri has rev >= the new rev;
   * the stored row's rev is <= the new rev (an equal rev with the same cid is a replay: skipped
     so that replays write nothing);
   * the account is not `deleted`.
-The tombstone and actor checks are scalar subqueries on purpose: they are always executed as
-one primary-key probe per staged row, whereas a NOT EXISTS could be planned as a hash
-anti-join that scans the whole (large) table when the unanalysed staging table looks big.
+The typed tables then follow `records` (see _MIRROR_GUARD). Guards are scalar subqueries on
+purpose: they always run as one primary-key probe per staged row, whereas a NOT EXISTS could be
+planned as a hash anti-join scanning a whole (large) table when the unanalysed staging table
+looks big.
 """
 
 from __future__ import annotations
@@ -173,20 +174,31 @@ _GUARD = """
 """
 
 
-def _upsert_sql(table: str, stage: str, columns: tuple[str, ...]) -> str:
+# A typed row mirrors the records row of its uri: it applies only if the records upsert just
+# before left exactly this (rev, cid) in `records`, which already encodes every guard (one
+# probe per row instead of re-checking tombstones and actors).
+_MIRROR_GUARD = """
+ WHERE coalesce((SELECT r.rev = s.rev AND r.cid = s.cid FROM records r WHERE r.uri = s.uri),
+                false)
+"""
+
+
+def _upsert_sql(table: str, stage: str, columns: tuple[str, ...], guard: str) -> str:
     cols = ", ".join(columns)
     src = ", ".join(f"s.{c}" for c in columns)
     sets = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns if c != "uri")
     return (
-        f"INSERT INTO {table} AS t ({cols}) SELECT {src} FROM {stage} s{_GUARD}"
+        f"INSERT INTO {table} AS t ({cols}) SELECT {src} FROM {stage} s{guard}"
         f"ON CONFLICT (uri) DO UPDATE SET {sets}, indexed_at = now() "
         "WHERE t.rev < EXCLUDED.rev OR (t.rev = EXCLUDED.rev AND t.cid <> EXCLUDED.cid)"
     )
 
 
-RECORDS_UPSERT = _upsert_sql("records", RECORDS_STAGE, RECORDS_COLUMN_NAMES)
+# Run RECORDS_UPSERT first, then the typed upserts of the same batch.
+RECORDS_UPSERT = _upsert_sql("records", RECORDS_STAGE, RECORDS_COLUMN_NAMES, _GUARD)
 TYPED_UPSERT: dict[str, str] = {
-    t.name: _upsert_sql(t.name, t.stage, t.all_columns) for t in TYPED_TABLES.values()
+    t.name: _upsert_sql(t.name, t.stage, t.all_columns, _MIRROR_GUARD)
+    for t in TYPED_TABLES.values()
 }
 
 # --- deletes ----------------------------------------------------------------------------------

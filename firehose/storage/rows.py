@@ -22,7 +22,7 @@ import json
 import math
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from firehose.model import RecordWrite
@@ -70,18 +70,26 @@ def _text(value: Any) -> str | None:
     return clean_text(value) if isinstance(value, str) else None
 
 
+# Up to this many characters a string always fits MAX_INDEXED_TEXT_BYTES (4 bytes per char).
+_FAST_CHARS = MAX_INDEXED_TEXT_BYTES // 4
+
+
 def fits_index(value: str) -> bool:
     """Whether `value` may go into an indexed column (see the module docstring)."""
     if len(value) > MAX_INDEXED_TEXT_CHARS:
         return False
-    return len(value) * 4 <= MAX_INDEXED_TEXT_BYTES or (
+    return len(value) <= _FAST_CHARS or (
         len(value.encode("utf-8", "replace")) <= MAX_INDEXED_TEXT_BYTES
     )
 
 
 def _ident(value: Any) -> str | None:
-    if isinstance(value, str) and fits_index(value):
-        return clean_text(value)
+    if isinstance(value, str):
+        # Fast path: short ASCII without NUL, i.e. every legitimate identifier.
+        if len(value) <= _FAST_CHARS and value.isascii() and "\x00" not in value:
+            return value
+        if fits_index(value):
+            return clean_text(value)
     return None
 
 
@@ -120,38 +128,26 @@ def _blob_cid(value: Any) -> str | None:
 
 # --- datetimes --------------------------------------------------------------------------------
 
-_DATETIME_RE = re.compile(
-    r"(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(?:\.(\d+))?(?:([Zz])|([+-])(\d\d):(\d\d))"
-)
+# The atproto datetime: RFC 3339, `T` and `Z` upper case, a timezone always present. The shape
+# is checked here; datetime.fromisoformat (C, any number of fractional digits since 3.11) then
+# does the parsing and rejects impossible dates, hours, leap seconds and offsets.
+_DATETIME_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,20})?(?:Z|[+-]\d\d:\d\d)")
 
 
 def created_at_of(record: Any) -> datetime | None:
     """The record's `createdAt` as an aware UTC datetime, or None.
 
-    The atproto datetime is RFC 3339 with a timezone. Anything else (no timezone, impossible
-    dates, leap seconds, years outside 0001..9999 once in UTC, which is what both Python and
-    PostgreSQL can hold) gives None rather than an error.
+    Anything that is not an atproto datetime (no timezone, impossible dates, leap seconds,
+    years outside 0001..9999 once in UTC, which is what both Python and PostgreSQL can hold)
+    gives None rather than an error.
     """
     if not isinstance(record, dict):
         return None
     value = record.get("createdAt")
-    if not isinstance(value, str) or len(value) > 64:
+    if not isinstance(value, str) or _DATETIME_RE.fullmatch(value) is None:
         return None
-    m = _DATETIME_RE.fullmatch(value)
-    if m is None:
-        return None
-    year, month, day, hour, minute, second, frac, zulu, sign, oh, om = m.groups()
     try:
-        if zulu:
-            tz = UTC
-        else:
-            offset = timedelta(hours=int(oh), minutes=int(om))
-            tz = timezone(-offset if sign == "-" else offset)
-        micros = int((frac or "0")[:6].ljust(6, "0"))
-        dt = datetime(
-            int(year), int(month), int(day), int(hour), int(minute), int(second), micros, tz
-        )
-        return dt.astimezone(UTC)
+        return datetime.fromisoformat(value).astimezone(UTC)
     except (ValueError, OverflowError):
         return None
 
@@ -214,7 +210,9 @@ def _add(items: list[str], value: str | None) -> None:
 
 def _subject_ref(rec: dict[str, Any]) -> Row:
     subject = rec.get("subject")
-    return (_ref_uri(subject), _ref_cid(subject))
+    if not isinstance(subject, dict):
+        return (None, None)
+    return (_ident(subject.get("uri")), _ident(subject.get("cid")))
 
 
 def _subject_did(rec: dict[str, Any]) -> Row:
@@ -274,15 +272,22 @@ def typed_row(write: RecordWrite, created_at: datetime | None = _UNSET) -> tuple
     The row's columns are `queries.TYPED_TABLES[collection].all_columns`: uri, did, rkey, cid,
     rev, created_at, then the table's own. Pass `created_at` when already computed.
     """
-    entry = _TABLES.get(write.collection)
     record = write.record
-    if entry is None or not isinstance(record, dict) or write.cid is None:
+    if not isinstance(record, dict) or write.cid is None:
         return None
-    table, extract = entry
     if created_at is _UNSET:
         created_at = created_at_of(record)
-    common = (write.uri, write.did, write.rkey, write.cid, write.rev, created_at)
-    return table, common + extract(record)
+    return _typed(write, write.uri, record, created_at)
+
+
+def _typed(
+    write: RecordWrite, uri: str, record: dict[str, Any], created_at: datetime | None
+) -> tuple[str, Row] | None:
+    entry = _TABLES.get(write.collection)
+    if entry is None:
+        return None
+    table, extract = entry
+    return table, (uri, write.did, write.rkey, write.cid, write.rev, created_at, *extract(record))
 
 
 # --- records ----------------------------------------------------------------------------------
@@ -331,8 +336,14 @@ def records_row(write: RecordWrite, created_at: datetime | None = _UNSET) -> Row
         return None
     if created_at is _UNSET:
         created_at = created_at_of(record)
+    return _records(write, write.uri, record, created_at)
+
+
+def _records(
+    write: RecordWrite, uri: str, record: dict[str, Any], created_at: datetime | None
+) -> Row:
     return (
-        write.uri,
+        uri,
         write.did,
         write.collection,
         write.rkey,
@@ -343,11 +354,33 @@ def records_row(write: RecordWrite, created_at: datetime | None = _UNSET) -> Row
     )
 
 
-def storable(write: RecordWrite) -> bool:
+def rows_of(write: RecordWrite, uri: str) -> tuple[Row, tuple[str, Row] | None] | None:
+    """Both rows of a create/update whose `uri` is already computed (the writer's hot path):
+    `(records row, (typed table, row) or None)`, or None if there is no record to store."""
+    record = write.record
+    if not isinstance(record, dict) or write.cid is None:
+        return None
+    created_at = created_at_of(record)
+    return _records(write, uri, record, created_at), _typed(write, uri, record, created_at)
+
+
+def storable(write: RecordWrite, uri: str | None = None) -> bool:
     """Whether the write's identifiers can be stored at all: the uri (a primary key) fits a
     btree entry and uri/rev/cid hold no NUL or invalid UTF-8. A write failing this is hostile
     input; the writer counts and skips it rather than failing the whole batch."""
-    uri = write.uri
+    if uri is None:
+        uri = write.uri
+    rev, cid = write.rev, write.cid
+    if (
+        len(uri) <= _FAST_CHARS
+        and uri.isascii()
+        and "\x00" not in uri
+        and 0 < len(rev) <= _FAST_CHARS
+        and rev.isascii()
+        and "\x00" not in rev
+        and (cid is None or (len(cid) <= _FAST_CHARS and cid.isascii() and "\x00" not in cid))
+    ):
+        return True  # fast path: every legitimate write
     if not write.rev or not fits_index(uri) or not fits_index(write.rev):
         return False
     if clean_text(uri) is not uri or clean_text(write.rev) is not write.rev:

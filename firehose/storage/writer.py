@@ -25,7 +25,7 @@ from typing import Any
 
 from firehose.model import Action, Batch, RecordWrite
 from firehose.storage import queries
-from firehose.storage.rows import created_at_of, records_row, storable, typed_row
+from firehose.storage.rows import rows_of, storable
 
 # (did, rev, data_cid): the head of a repo after a commit. data_cid is the commit's MST root
 # when the caller knows it, else None.
@@ -55,11 +55,14 @@ def dedupe(writes: Iterable[RecordWrite]) -> dict[str, RecordWrite]:
     """uri -> the write with the highest rev (ties: the later one in the list)."""
     latest: dict[str, RecordWrite] = {}
     for w in writes:
-        uri = w.uri
-        seen = latest.get(uri)
-        if seen is None or seen.rev <= w.rev:
-            latest[uri] = w
+        _keep(latest, w.uri, w)
     return latest
+
+
+def _keep(latest: dict[str, RecordWrite], uri: str, w: RecordWrite) -> None:
+    seen = latest.get(uri)
+    if seen is None or seen.rev <= w.rev:
+        latest[uri] = w
 
 
 def heads_from_writes(writes: Iterable[RecordWrite]) -> list[RepoHead]:
@@ -92,10 +95,15 @@ class _Prepared:
 
 def prepare(batch: Batch, stats: ApplyStats, heads: Sequence[RepoHead] | None = None) -> _Prepared:
     stats.writes += len(batch.writes)
-    valid = [w for w in batch.writes if storable(w)]
-    stats.invalid += len(batch.writes) - len(valid)
-    latest = dedupe(valid)
-    stats.duplicates += len(valid) - len(latest)
+    latest: dict[str, RecordWrite] = {}
+    valid = 0
+    for w in batch.writes:
+        uri = w.uri
+        if storable(w, uri):
+            valid += 1
+            _keep(latest, uri, w)
+    stats.invalid += len(batch.writes) - valid
+    stats.duplicates += valid - len(latest)
 
     records: list[tuple[Any, ...]] = []
     typed: dict[str, list[tuple[Any, ...]]] = {}
@@ -110,20 +118,19 @@ def prepare(batch: Batch, stats: ApplyStats, heads: Sequence[RepoHead] | None = 
             d_col.append(w.collection)
             d_rev.append(w.rev)
             continue
-        created_at = created_at_of(w.record)
-        row = records_row(w, created_at)
-        if row is None:
+        both = rows_of(w, uri)
+        if both is None:
             stats.invalid += 1
             continue
-        records.append(row)
-        t = typed_row(w, created_at)
+        records.append(both[0])
+        t = both[1]
         if t is not None:
             typed.setdefault(t[0], []).append(t[1])
     return _Prepared(
         records=records,
         typed=typed,
         deletes=(d_uri, d_did, d_col, d_rev),
-        heads=list(heads) if heads is not None else heads_from_writes(valid),
+        heads=list(heads) if heads is not None else heads_from_writes(latest.values()),
     )
 
 
@@ -205,8 +212,9 @@ async def apply_batch(
                 records=prep.records,
                 columns=queries.RECORDS_COLUMN_NAMES,
             )
-            stats.upserted += _count(await conn.execute(queries.RECORDS_UPSERT))
-            stats.skipped += len(prep.records) - stats.upserted
+            upserted = _count(await conn.execute(queries.RECORDS_UPSERT))
+            stats.upserted += upserted
+            stats.skipped += len(prep.records) - upserted
         for name, rows in prep.typed.items():
             table = _TABLE_BY_NAME[name]
             await conn.copy_records_to_table(table.stage, records=rows, columns=table.all_columns)
