@@ -1,0 +1,14 @@
+"""Storage: PostgreSQL through asyncpg (schema in sql/, shipped as `firehose.sql`).
+
+Owns: the numbered migrations and their runner (migrate.py), the embedded server used when no
+DATABASE_URL is given (embedded.py), the pure record -> row mapping (rows.py), the named SQL
+(queries.py) and the batch writer (writer.py).
+
+Invariants kept here (DESIGN.md):
+  1. the cursor is written in the same transaction as the rows it covers (writer.apply_batch);
+  2. every row remembers the repo rev that wrote it; an upsert applies only if no tombstone or
+     stored row has a newer rev and the account is not deleted; a delete leaves a tombstone,
+     so live events, replays and backfill snapshots converge in any order;
+  5. hostile record content never fails a batch (wrong types -> NULL, oversized or
+     unstorable values dropped and counted); an edited migration stops the worker.
+"""

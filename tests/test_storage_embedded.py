@@ -1,0 +1,40 @@
+"""Embedded PostgreSQL (pgserver): database `atproto` created, data survives a restart."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from firehose.storage.embedded import DATABASE_NAME, start_embedded
+
+
+@pytest.mark.slow
+async def test_embedded_restart_keeps_data(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data" / "pg"  # parents are created
+    pg = await asyncio.to_thread(start_embedded, data_dir)
+    try:
+        assert pg.dsn.split("?")[0].endswith("/" + DATABASE_NAME)
+        conn = await asyncpg.connect(pg.dsn)
+        try:
+            assert await conn.fetchval("SELECT current_database()") == "atproto"
+            await conn.execute("CREATE TABLE kept (x int); INSERT INTO kept VALUES (7)")
+        finally:
+            await conn.close()
+    finally:
+        await asyncio.to_thread(pg.stop)
+    pg.stop()  # idempotent
+
+    pg = await asyncio.to_thread(start_embedded, data_dir)
+    try:
+        conn = await asyncpg.connect(pg.dsn)
+        try:
+            assert await conn.fetchval("SELECT x FROM kept") == 7
+        finally:
+            await conn.close()
+    finally:
+        await asyncio.to_thread(pg.stop)
+    with pytest.raises((OSError, asyncpg.PostgresError)):
+        await asyncpg.connect(pg.dsn, timeout=2)

@@ -1,0 +1,100 @@
+"""The migrated schema matches the column specs the writer generates its SQL from."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from firehose.storage import queries
+
+PG_TYPES = {'text COLLATE "C"': "text", "timestamptz": "timestamp with time zone"}
+
+
+async def columns(conn: asyncpg.Connection, table: str) -> dict[str, tuple[str, str | None]]:
+    rows = await conn.fetch(
+        """
+        SELECT a.attname, format_type(a.atttypid, a.atttypmod) AS type, c.collname
+          FROM pg_attribute a LEFT JOIN pg_collation c ON c.oid = a.attcollation
+         WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped
+        """,
+        table,
+    )
+    return {r["attname"]: (r["type"], r["collname"]) for r in rows}
+
+
+async def test_typed_tables_match_spec(conn: asyncpg.Connection) -> None:
+    for spec in queries.TYPED_TABLES.values():
+        cols = await columns(conn, spec.name)
+        common = [c for c, _ in queries.COMMON_TYPED_COLUMNS]
+        assert list(cols) == [*common, "indexed_at", *(c for c, _ in spec.columns)], spec.name
+        for name, pgtype in queries.COMMON_TYPED_COLUMNS + spec.columns:
+            assert cols[name][0] == PG_TYPES.get(pgtype, pgtype), (spec.name, name)
+        # Revs compare byte-wise whatever the database locale (TIDs sort as text).
+        assert cols["rev"][1] == "C"
+        assert cols["uri"][1] == "C"
+
+
+async def test_records_match_spec(conn: asyncpg.Connection) -> None:
+    cols = await columns(conn, "records")
+    assert [c for c in cols if c != "indexed_at"] == list(queries.RECORDS_COLUMN_NAMES)
+    assert cols["rev"][1] == "C" and cols["uri"][1] == "C"
+    assert cols["record"][0] == "jsonb"
+    assert (await columns(conn, "record_tombstones"))["rev"][1] == "C"
+    assert (await columns(conn, "actors"))["rev"][1] == "C"
+
+
+async def test_user_guide_cursor_query(conn: asyncpg.Connection) -> None:
+    # The user guide's query, verbatim.
+    await conn.execute("INSERT INTO firehose_cursor (service, cursor) VALUES ('backfill', 42)")
+    rows = await conn.fetch("SELECT * FROM firehose_cursor WHERE service = 'backfill';")
+    assert [tuple(r.keys()) for r in rows] == [
+        ("service", "cursor", "last_event_time", "updated_at")
+    ]
+    assert rows[0]["cursor"] == 42
+
+
+async def test_indexes(conn: asyncpg.Connection) -> None:
+    names = {
+        r["indexname"]
+        for r in await conn.fetch("SELECT indexname FROM pg_indexes WHERE schemaname = 'public'")
+    }
+    assert "records_collection_created_at_idx" in names
+    assert "records_did_idx" not in names  # dropped by 002: the uri prefix range serves it
+    for idx in (
+        "likes_subject_uri_idx",
+        "reposts_subject_uri_idx",
+        "follows_subject_did_idx",
+        "blocks_subject_did_idx",
+        "list_items_list_uri_idx",
+        "posts_reply_root_uri_idx",
+    ):
+        assert idx in names
+
+
+async def test_account_rows_are_a_primary_key_range(conn: asyncpg.Connection) -> None:
+    # The purge and `uri LIKE 'at://<did>/%'` must use the primary key, not scan the table.
+    await conn.execute("SET enable_seqscan = off")
+    plan = "\n".join(
+        r[0]
+        for r in await conn.fetch(
+            "EXPLAIN SELECT * FROM records WHERE uri LIKE 'at://did:plc:abc/%'"
+        )
+    )
+    assert "records_pkey" in plan
+    await conn.execute("RESET enable_seqscan")
+
+
+async def test_generated_sql_is_valid(conn: asyncpg.Connection) -> None:
+    for name, ddl in queries.STAGE_DDL.items():
+        await conn.execute(ddl)
+        await conn.fetch(f"SELECT * FROM {name} LIMIT 0")
+    for sql in [queries.RECORDS_UPSERT, *queries.TYPED_UPSERT.values()]:
+        await conn.prepare(sql)
+    for sql in (
+        queries.DELETES_APPLY,
+        queries.ACTOR_PURGE,
+        queries.ACTOR_HEADS,
+        queries.ACTOR_ACCOUNTS,
+        queries.ACTOR_IDENTITIES,
+        queries.CURSOR_SAVE,
+    ):
+        await conn.prepare(sql)
