@@ -80,6 +80,9 @@ async def test_account_rows_are_a_primary_key_range(conn: asyncpg.Connection) ->
         )
     )
     assert "records_pkey" in plan
+    plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + queries.ACTOR_PURGE, ["d"]))
+    for table in queries.REPO_TABLES:
+        assert f"Index Scan on {table}_pkey" in plan, table
     await conn.execute("RESET enable_seqscan")
 
 

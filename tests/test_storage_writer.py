@@ -223,7 +223,8 @@ async def test_account_and_identity_events_in_seq_order(conn: asyncpg.Connection
 
 
 async def test_actor_head_never_goes_backwards(conn: asyncpg.Connection) -> None:
-    await apply_batch(conn, Batch(writes=[post(ALICE, "a", 5)]), heads=[(ALICE, tid(5), "bafyd5")])
+    heads = [(ALICE, tid(4), "bafyd4"), (ALICE, tid(5), "bafyd5"), (ALICE, tid(4), None)]
+    await apply_batch(conn, Batch(writes=[post(ALICE, "a", 5)]), heads=heads)
     await write_snapshot(conn, [post(ALICE, "b", 3)])
     row = await conn.fetchrow("SELECT rev, data_cid FROM actors WHERE did = $1", ALICE)
     assert (row["rev"], row["data_cid"]) == (tid(5), "bafyd5")

@@ -72,7 +72,17 @@ def heads_from_writes(writes: Iterable[RecordWrite]) -> list[RepoHead]:
         rev = best.get(w.did)
         if rev is None or rev < w.rev:
             best[w.did] = w.rev
-    return [(did, rev, None) for did, rev in best.items()]
+    return [(did, best[did], None) for did in sorted(best)]
+
+
+def _latest_heads(heads: Iterable[RepoHead]) -> list[RepoHead]:
+    """One head per did (the highest rev; ties: the later one), in did order."""
+    best: dict[str, RepoHead] = {}
+    for h in heads:
+        seen = best.get(h[0])
+        if seen is None or seen[1] <= h[1]:
+            best[h[0]] = h
+    return [best[did] for did in sorted(best)]
 
 
 def _count(status: str) -> int:
@@ -111,7 +121,10 @@ def prepare(batch: Batch, stats: ApplyStats, heads: Sequence[RepoHead] | None = 
     d_did: list[str] = []
     d_col: list[str] = []
     d_rev: list[str] = []
-    for uri, w in latest.items():
+    # In uri order: concurrent transactions (live + backfill on the same repo) then lock rows
+    # in the same order and cannot deadlock each other; it also helps btree locality.
+    for uri in sorted(latest):
+        w = latest[uri]
         if w.action is Action.DELETE:
             d_uri.append(uri)
             d_did.append(w.did)
@@ -130,16 +143,17 @@ def prepare(batch: Batch, stats: ApplyStats, heads: Sequence[RepoHead] | None = 
         records=records,
         typed=typed,
         deletes=(d_uri, d_did, d_col, d_rev),
-        heads=list(heads) if heads is not None else heads_from_writes(latest.values()),
+        heads=_latest_heads(heads) if heads is not None else heads_from_writes(latest.values()),
     )
 
 
 def _last_per_did(events: Iterable[Any]) -> list[Any]:
-    """Events sorted by seq; the last one per did wins."""
+    """Events applied in seq order: the last one per did wins. Returned in did order (the
+    lock order of every statement here)."""
     last: dict[str, Any] = {}
     for e in sorted(events, key=lambda e: e.seq):
         last[e.did] = e
-    return list(last.values())
+    return [last[did] for did in sorted(last)]
 
 
 _TABLE_BY_NAME = {t.name: t for t in queries.TYPED_TABLES.values()}
