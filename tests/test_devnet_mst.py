@@ -89,7 +89,7 @@ def test_empty_tree_is_one_empty_node() -> None:
 
 def test_incremental_updates_match_reference_builder() -> None:
     rng = random.Random(7)
-    tree, state = Mst(), {}
+    tree, state = Mst(), dict[str, bytes]()
     keys = [f"app.bsky.feed.like/{rng.getrandbits(40):013x}" for _ in range(200)]
     for step in range(2000):
         key = rng.choice(keys)

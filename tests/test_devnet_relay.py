@@ -109,7 +109,8 @@ async def test_malformed_frames_rotate_and_leave_truth_alone() -> None:
     config = DevnetConfig(seed=8, accounts=10, events=200, malformed_every=10)
     async with DevnetRelay(config) as relay:
         truth = relay.truth()
-        good, bad = [], []
+        good: list[int] = []
+        bad: list[tuple[str, Any]] = []
         async with subscribe(relay.subscribe_url + "?cursor=0") as ws:
             while len(good) < 200:
                 frame = await recv(ws)
