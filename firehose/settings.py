@@ -39,7 +39,7 @@ class RelaySettings:
     start_cursor: int | None
     # A socket that delivers nothing for this long is dead (no heartbeat in the protocol).
     idle_timeout_s: float = 60.0
-    reconnect_min_s: float = 1.0
+    reconnect_min_s: float = 0.5
     reconnect_max_s: float = 60.0
     # A connection that stayed up this long resets the backoff.
     healthy_after_s: float = 30.0

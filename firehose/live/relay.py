@@ -32,6 +32,7 @@ SUBSCRIBE_PATH = "/xrpc/com.atproto.sync.subscribeRepos"
 # smaller limit and counts the frame, so an oversized frame is skipped, not a reconnect loop.
 WS_MAX_SIZE_FACTOR = 4
 IDLE_CHECK_INTERVAL_S = 1.0
+HEALTHY_AFTER_FRAMES = 100
 
 
 def subscribe_url(relay_url: str, cursor: int | None) -> str:
@@ -52,6 +53,7 @@ class RelayClient:
         self._ws: ClientConnection | None = None
         self._reconnect_reason: str | None = None
         self._attempt = 0
+        self._frames_this_connection = 0
         self.connected_since: float | None = None
         self.last_frame_at: float | None = None
 
@@ -77,6 +79,7 @@ class RelayClient:
                     try:
                         async for message in ws:
                             self.last_frame_at = time.monotonic()
+                            self._frames_this_connection += 1
                             if isinstance(message, bytes):
                                 yield message
                             if stop.is_set() or self._reconnect_reason:
@@ -147,15 +150,21 @@ class RelayClient:
     def _on_open(self, ws: ClientConnection, url: str) -> None:
         self._ws = ws
         self._reconnect_reason = None
+        self._frames_this_connection = 0
         self.connected_since = self.last_frame_at = time.monotonic()
         self._metrics.connected.set(1)
         log.info("connected to relay %s", url)
 
     def _on_close(self) -> None:
+        # A connection is healthy if it stayed up a while or made real progress; a relay that
+        # drops us after delivering thousands of frames deserves a quick reconnect, one that
+        # refuses or drops at once deserves a growing delay.
         now = time.monotonic()
-        if self.connected_since is not None:
-            if now - self.connected_since >= self._settings.healthy_after_s:
-                self._attempt = 0
+        if self.connected_since is not None and (
+            now - self.connected_since >= self._settings.healthy_after_s
+            or self._frames_this_connection >= HEALTHY_AFTER_FRAMES
+        ):
+            self._attempt = 0
         self._ws = None
         self.connected_since = None
         self._metrics.connected.set(0)
@@ -182,7 +191,7 @@ class RelayClient:
         )
         self._attempt = min(self._attempt + 1, 30)
         # Full jitter: many workers reconnecting after a relay restart do not stampede it.
-        delay_s = random.uniform(self._settings.reconnect_min_s / 2, cap_s)
+        delay_s = random.uniform(0, cap_s)
         log.info("reconnecting to relay in %.1f s", delay_s)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), delay_s)
