@@ -125,7 +125,7 @@ def prepare(batch: Batch, stats: ApplyStats, heads: Sequence[RepoHead] | None = 
     # in the same order and cannot deadlock each other; it also helps btree locality.
     for uri in sorted(latest):
         w = latest[uri]
-        if w.action is Action.DELETE:
+        if w.action == Action.DELETE:  # == : a plain "delete" str counts too
             d_uri.append(uri)
             d_did.append(w.did)
             d_col.append(w.collection)
