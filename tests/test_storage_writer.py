@@ -292,7 +292,7 @@ async def test_nul_and_hostile_values_stored(conn: asyncpg.Connection) -> None:
     stats = await apply_batch(
         conn, Batch(writes=[sanitized, raw_nul, surrogate, huge, no_record, nul_key, big_int])
     )
-    assert stats.upserted == 4 and stats.invalid == 3
+    assert stats.upserted == 4 and stats.invalid == 3 and stats.sanitized == 1
     texts = {r["rkey"]: r["text"] for r in await conn.fetch("SELECT rkey, text FROM posts")}
     assert texts == {"s": "a\ufffdb", "n": "c\ufffd", "u": "x?"}
     rec = await conn.fetchval("SELECT record->>'te\ufffdxt' FROM records WHERE rkey = 'n'")

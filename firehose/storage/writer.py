@@ -45,6 +45,7 @@ class ApplyStats:
     tombstones: int = 0  # tombstones written or advanced
     purged: int = 0  # records rows removed because their account was deleted
     heads: int = 0  # actors whose latest commit rev advanced
+    sanitized: int = 0  # creates/updates staged whose record had NUL replaced (decoder flag)
 
     def add(self, other: ApplyStats) -> None:
         for f in fields(self):
@@ -136,6 +137,8 @@ def prepare(batch: Batch, stats: ApplyStats, heads: Sequence[RepoHead] | None = 
             stats.invalid += 1
             continue
         records.append(both[0])
+        if w.sanitized:
+            stats.sanitized += 1
         t = both[1]
         if t is not None:
             typed.setdefault(t[0], []).append(t[1])
