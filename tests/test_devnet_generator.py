@@ -246,3 +246,21 @@ def test_generation_speed() -> None:
     rate = 3000 / (time.perf_counter() - started)
     print(f"devnet generation: {rate:.0f} events/s")
     assert rate > 500  # a loose floor: catches accidental quadratic behaviour only
+
+
+def test_hand_written_encoders_match_cbor2() -> None:
+    data = dagcbor.cid_for_block(b"tree")
+    for sig in (None, bytes(64)):
+        expected: dict[str, Any] = {
+            "did": "did:plc:abc",
+            "rev": "3lenax2ss2227",
+            "data": dagcbor.link(data),
+            "prev": None,
+            "version": 3,
+        }
+        if sig is not None:
+            expected["sig"] = sig
+        got = dagcbor.encode_commit("did:plc:abc", "3lenax2ss2227", data, 3, sig)
+        assert got == dagcbor.encode(expected)
+    header = dagcbor.car_header([data])
+    assert header[1:] == dagcbor.encode({"version": 1, "roots": [dagcbor.link(data)]})

@@ -90,6 +90,24 @@ def encode_mst_node(left: bytes | None, entries: list[bytes]) -> bytes:
     return b"".join((b"\xa2\x61e", _head(4, len(entries)), *entries, b"\x61l", _link_bytes(left)))
 
 
+def _text(value: str) -> bytes:
+    raw = value.encode()
+    return _head(3, len(raw)) + raw
+
+
+def encode_commit(did: str, rev: str, data: bytes, version: int, sig: bytes | None) -> bytes:
+    """DAG-CBOR of a repo commit ``{did, rev, sig?, data, prev: null, version}`` (keys in
+    canonical order), written directly like MST nodes; `sig` None gives the unsigned form
+    that is signed. Checked against cbor2 in the tests."""
+    parts = [b"\xa6" if sig is not None else b"\xa5", b"\x63did", _text(did), b"\x63rev"]
+    parts.append(_text(rev))
+    if sig is not None:
+        parts += (b"\x63sig", _head(2, len(sig)), sig)
+    parts += (b"\x64data", _link_bytes(data), b"\x64prev", _NULL, b"\x67version")
+    parts.append(_head(0, version))
+    return b"".join(parts)
+
+
 def cid_for_block(block: bytes) -> bytes:
     """Binary CIDv1 (dag-cbor, sha2-256) of an encoded block."""
     return CID_PREFIX_DAG_CBOR + hashlib.sha256(block).digest()
@@ -139,8 +157,9 @@ def varint(n: int) -> bytes:
 
 def car_header(roots: Iterable[bytes]) -> bytes:
     """CAR v1 header section: varint length + DAG-CBOR {version: 1, roots: [links]}."""
-    links = [link(cid) for cid in roots]
-    header = encode_ordered({"roots": links, "version": 1})  # "roots" sorts before "version"
+    links = [_link_bytes(cid) for cid in roots]
+    # {"roots": [...], "version": 1}: "roots" sorts before "version" (same length rule)
+    header = b"".join((b"\xa2\x65roots", _head(4, len(links)), *links, b"\x67version\x01"))
     return varint(len(header)) + header
 
 

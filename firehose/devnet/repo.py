@@ -101,14 +101,9 @@ class Repo:
 
         node_blocks = self.mst.new_blocks()  # before root_cid(): it would mark them as seen
         data = self.mst.root_cid()
-        # Keys in DAG-CBOR order (length first, then bytewise), so no sorting pass is needed.
-        data_link = dagcbor.link(data)
-        unsigned = {"did": self.did, "rev": rev, "data": data_link, "prev": None}
-        unsigned["version"] = REPO_VERSION
-        signature = self.key.sign(dagcbor.encode_ordered(unsigned))
-        signed = {"did": self.did, "rev": rev, "sig": signature, "data": data_link, "prev": None}
-        signed["version"] = REPO_VERSION
-        commit_block = dagcbor.encode_ordered(signed)
+        unsigned = dagcbor.encode_commit(self.did, rev, data, REPO_VERSION, None)
+        signature = self.key.sign(unsigned)
+        commit_block = dagcbor.encode_commit(self.did, rev, data, REPO_VERSION, signature)
         commit_cid = dagcbor.cid_for_block(commit_block)
 
         blocks: dict[bytes, bytes] = {commit_cid: commit_block}
