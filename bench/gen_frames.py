@@ -1,0 +1,48 @@
+"""Devnet generation speed: events/s of `firehose.devnet.Generator` (wall and CPU time).
+
+    python bench/gen_frames.py [--events 50000] [--accounts 200] [--seed 1]
+
+Prints a human line and a JSON line. CPU time is reported too because on a shared machine
+wall time mostly measures the neighbours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from firehose.devnet import Generator
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--accounts", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+
+    generator = Generator(seed=args.seed, accounts=args.accounts)
+    wall, cpu = time.perf_counter(), time.process_time()
+    frames = generator.frames(args.events)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    size = sum(map(len, frames))
+    print(
+        f"{args.events} events in {wall:.2f} s wall ({args.events / wall:.0f}/s), "
+        f"{cpu:.2f} s CPU ({args.events / cpu:.0f}/s); {size / args.events:.0f} B/frame"
+    )
+    print(
+        json.dumps(
+            {
+                "bench": "gen_frames",
+                "events": args.events,
+                "events_per_s_wall": round(args.events / wall),
+                "events_per_s_cpu": round(args.events / cpu),
+                "bytes_per_frame": round(size / args.events),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
