@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import sys
+import time
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
@@ -20,6 +21,10 @@ from firehose.settings import ConfigError, Settings
 log = logging.getLogger("firehose")
 
 EXIT_CONFIG = 2
+# `run --devnet` keeps producing for days at the default rate, retaining a bounded replay
+# window so the devnet's memory stays flat.
+DEVNET_QUICKSTART_EVENTS = 100_000_000
+DEVNET_QUICKSTART_WINDOW_EVENTS = 100_000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +103,15 @@ async def _run(settings: Settings, *, devnet: bool, devnet_seed: int, devnet_rat
         return
     from firehose.devnet.relay import DevnetConfig, DevnetRelay
 
-    config = DevnetConfig(seed=devnet_seed, rate=devnet_rate)
+    # The devnet's virtual clock starts now, so lag and record times look like a live network.
+    now_us = int(time.time() * 1_000_000)
+    config = DevnetConfig(
+        seed=devnet_seed,
+        rate=devnet_rate,
+        events=DEVNET_QUICKSTART_EVENTS,
+        window=DEVNET_QUICKSTART_WINDOW_EVENTS,
+        start_time_us=now_us,
+    )
     async with DevnetRelay(config) as relay:
         log.info("devnet relay on %s (seed %d, %.0f events/s)", relay.url, devnet_seed, devnet_rate)
         relay_settings = dataclasses.replace(settings.relay, url=relay.url)

@@ -41,6 +41,7 @@ class LiveMetrics:
     lag_seconds: Gauge
     batch_seconds: Histogram
     batch_events: Histogram
+    commit_latency: Histogram
     queue_depth: Gauge
     connected: Gauge
     reconnects: Counter
@@ -97,6 +98,13 @@ class LiveMetrics:
                 "firehose_batch_events",
                 "Events per committed batch. Large batches mean the worker is catching up.",
                 buckets=_BATCH_SIZE_BUCKETS,
+                registry=registry,
+            ),
+            commit_latency=Histogram(
+                "firehose_event_commit_latency_seconds",
+                "Time from reading an event off the socket to its transaction committing "
+                "(the oldest event of each batch). High values: the database is behind.",
+                buckets=_LATENCY_BUCKETS_S,
                 registry=registry,
             ),
             queue_depth=Gauge(

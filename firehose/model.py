@@ -68,6 +68,8 @@ class CommitEvent:
     # Ops that could not be resolved (record block missing from the CAR, bad path, ...):
     # (reason, detail) pairs the worker counts under firehose_invalid_total.
     invalid_ops: tuple[tuple[str, str], ...] = ()
+    # The signed commit's `data`: the repo's MST root after this commit.
+    data_cid: str | None = None
 
 
 @dataclass(slots=True)
@@ -138,13 +140,7 @@ class IgnoredEvent:
 
 
 Event = (
-    CommitEvent
-    | SyncEvent
-    | IdentityEvent
-    | AccountEvent
-    | InfoEvent
-    | ErrorFrame
-    | IgnoredEvent
+    CommitEvent | SyncEvent | IdentityEvent | AccountEvent | InfoEvent | ErrorFrame | IgnoredEvent
 )
 
 
@@ -159,6 +155,9 @@ class Batch:
     writes: list[RecordWrite] = field(default_factory=list)
     identities: list[IdentityEvent] = field(default_factory=list)
     accounts: list[AccountEvent] = field(default_factory=list)
+    # Per commit, the repo head it leaves: (did, rev, data_cid), kept in `actors` so the next
+    # commit's `since`/`prevData` can be checked against it (sync 1.1).
+    heads: list[tuple[str, str, str | None]] = field(default_factory=list)
     cursor: int | None = None
     last_event_time: datetime | None = None
     events: int = 0

@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 from prometheus_client import CollectorRegistry
@@ -70,8 +71,10 @@ class Worker:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = LiveMetrics.create(self.registry)
         self.state = WorkerState()
+        self.latency_samples: list[float] | None = None
         self._stop = asyncio.Event()
-        self._queue: asyncio.Queue[object] = asyncio.Queue(settings.pipeline.queue_max_frames)
+        # Items are (read time, event), or _DONE once the reader has stopped.
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(settings.pipeline.queue_max_frames)
         self._limits = FrameLimits(max_frame_bytes=settings.relay.max_frame_bytes)
         self._service = settings.worker.cursor_service
         self.metrics.queue_depth.set_function(self._queue.qsize)
@@ -120,7 +123,8 @@ class Worker:
                 if event is None:
                     continue
                 relay.observe(event)
-                await self._queue.put(event)  # bounded: a slow database slows the socket
+                # bounded: a slow database slows the socket (back-pressure, invariant 4)
+                await self._queue.put((time.monotonic(), event))
         finally:
             await self._queue.put(_DONE)
 
@@ -149,8 +153,11 @@ class Worker:
         while not reader_done:
             item = await self._queue.get()
             deadline = time.monotonic() + max_wait_s
+            read_times: list[float] = []
             while item is not _DONE:
-                builder.add(item)  # type: ignore[arg-type]
+                read_at, event = item
+                read_times.append(read_at)
+                builder.add(event)
                 if len(builder) >= pipeline.batch_max_events:
                     break
                 try:
@@ -168,6 +175,7 @@ class Worker:
                 drain_deadline = time.monotonic() + STOP_DRAIN_S
             if len(builder):
                 await self._apply(db, builder.take(), drain_deadline)
+                self._observe_latency(read_times)
             if drain_deadline is not None and time.monotonic() > drain_deadline:
                 log.warning("stop: drain deadline reached; unsaved events replay on restart")
                 return
@@ -177,7 +185,7 @@ class Worker:
         while True:
             started = time.perf_counter()
             try:
-                await db.run(writer.apply_batch, batch, service=self._service)
+                await db.run(writer.apply_batch, batch, service=self._service, heads=batch.heads)
             except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
                 # Nothing was committed (one transaction): retrying the same batch is safe,
                 # and the rev guards make it idempotent anyway.
@@ -208,6 +216,17 @@ class Worker:
             self.state.last_event_time = batch.last_event_time
         self.state.events_committed += batch.events
         self.state.batches_committed += 1
+
+    def _observe_latency(self, read_times: list[float]) -> None:
+        """Read → commit latency: the histogram gets the batch's oldest event (one observe
+        per batch keeps the hot path cheap); `latency_samples`, when a benchmark sets it to a
+        list, gets every event."""
+        if not read_times:
+            return
+        now = time.monotonic()
+        self.metrics.commit_latency.observe(now - read_times[0])
+        if self.latency_samples is not None:
+            self.latency_samples.extend(now - t for t in read_times)
 
     def _lag_seconds(self) -> float:
         t = self.state.last_event_time

@@ -17,8 +17,6 @@ from firehose.model import (
     CommitEvent,
     Event,
     IdentityEvent,
-    IgnoredEvent,
-    SyncEvent,
 )
 from firehose.settings import WorkerSettings, collection_wanted
 
@@ -59,12 +57,14 @@ class BatchBuilder:
         event_time = getattr(event, "time", None)
         if event_time is not None:
             batch.last_event_time = event_time
-        if isinstance(event, IgnoredEvent | SyncEvent):
-            # #sync resynchronisation is the backfill path's job (a later issue).
+        if not isinstance(event, CommitEvent | IdentityEvent | AccountEvent):
+            # #sync resynchronisation is the backfill path's job (a later issue); legacy
+            # #migrate and unknown types change nothing.
             return
         if self._owns_did is not None and not self._owns_did(event.did):
             return
         if isinstance(event, CommitEvent):
+            batch.heads.append((event.did, event.rev, event.data_cid))
             if self._wanted:
                 batch.writes.extend(
                     w for w in event.writes if collection_wanted(w.collection, self._wanted)

@@ -216,7 +216,16 @@ def _commit(body: dict[str, Any], limits: FrameLimits) -> CommitEvent:
         writes=tuple(writes),
         too_big=too_big,
         invalid_ops=tuple(invalid),
+        data_cid=_data_cid(commit),
     )
+
+
+def _data_cid(commit: dict[str, Any]) -> str | None:
+    """The commit's MST root (`data`): the repo head that the next commit's prevData names."""
+    data = commit.get("data")
+    if type(data) is bytes and len(data) == CID_BYTES:
+        return _encode_cid(data)
+    return None
 
 
 def _record_write(op: Any, did: str, rev: str, blocks: dict[bytes, bytes]) -> RecordWrite:
