@@ -1,25 +1,37 @@
 """Live-path benchmark: devnet frames as fast as the worker takes them.
 
-A devnet relay (subprocess, `--rate 0`: every frame generated before the clock starts)
-serves N events; the worker runs in this process against a fresh embedded PostgreSQL,
-starting at cursor 0. Printed: committed events/s and records/s, p50/p99 read→commit
-latency, peak RSS of this process (the worker), and decode-only events/s over the first
-20,000 frames for comparison; then one JSON line.
+A relay subprocess serves N devnet events; the worker runs in this process against a fresh
+embedded PostgreSQL, starting at cursor 0. By default the relay is `bench/replay.py`, which
+serves the devnet's frames from a cache file (generated once per arguments and devnet
+source: generation costs ~0.6 ms per event) at almost no CPU cost, like a remote relay;
+`--no-cache` uses the devnet relay itself (`--rate 0`: every frame generated before the
+clock starts). Printed: committed events/s and records/s, p50/p99 read→commit latency, peak
+RSS of this process (the worker), CPU seconds per 1000 events of the worker, PostgreSQL and
+the relay, and decode-only events/s over the first 20,000 frames; then one JSON line.
 
-    python bench/live.py [--events 200000] [--accounts 1000] [--seed 3]
+    python bench/live.py [--events 200000] [--accounts 1000] [--seed 3] [--no-cache]
+                         [--profile FILE] [--statements]
+
+`--profile FILE` runs the worker under cProfile (slower; stats saved to FILE, top printed);
+`--statements` times every SQL call of the worker by its first words (wall time, which on
+this loopback is mostly PostgreSQL's own).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import json
+import pstats
 import re
 import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import psutil
 import uvloop
@@ -29,6 +41,7 @@ from websockets.asyncio.client import connect
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.replay import cache_path, read_frames  # noqa: E402
 from firehose.protocol.frames import decode_frame  # noqa: E402
 from firehose.settings import Settings  # noqa: E402
 from firehose.storage.embedded import start_embedded  # noqa: E402
@@ -57,7 +70,83 @@ def start_devnet(tmp: Path, events: int, accounts: int, seed: int) -> tuple[subp
     return proc, url.group(1)
 
 
-async def run_worker(dsn: str, relay_url: str, events: int) -> dict[str, float]:
+def start_replay(tmp: Path, events: int, accounts: int, seed: int) -> tuple[subprocess.Popen, str]:
+    # The subprocess generates a missing cache itself: the generator's memory must not count
+    # in this process's peak RSS.
+    started = time.monotonic()
+    log = tmp / "replay.log"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "replay.py"), "--events", str(events),
+         "--accounts", str(accounts), "--seed", str(seed)],
+        cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    while (url := re.search(r"listening on (ws://\S+)", log.read_text())) is None:
+        if proc.poll() is not None:
+            raise SystemExit(f"replay relay failed:\n{log.read_text()}")
+        time.sleep(0.1)
+    print(f"replay relay: {events:,} cached events ready in {time.monotonic() - started:.1f} s")
+    return proc, url.group(1)
+
+
+def _postgres_processes(pg_dir: Path) -> list[psutil.Process]:
+    """The postmaster of the embedded server and its children (backends, WAL writer...)."""
+    pid = int((pg_dir / "postmaster.pid").read_text().split()[0])
+    main = psutil.Process(pid)
+    return [main, *main.children(recursive=True)]
+
+
+def _cpu_s(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:  # a backend that exited
+            continue
+        total += t.user + t.system
+    return total
+
+
+class StatementTimes:
+    """Wall time of every SQL call of the worker, keyed by the statement's first words."""
+
+    METHODS = ("execute", "fetchrow", "fetchval", "fetch", "copy_records_to_table")
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def install(self) -> None:
+        import asyncpg.connection
+
+        cls = asyncpg.connection.Connection
+        for name in self.METHODS:
+            setattr(cls, name, self._wrap(name, getattr(cls, name)))
+
+    def _wrap(self, name: str, fn: Any) -> Any:
+        times = self
+
+        async def timed(conn: Any, *args: Any, **kwargs: Any) -> Any:
+            first = str(args[0]) if args else ""
+            key = " ".join(first.split()[:4])[:60] if name != "copy_records_to_table" else first
+            key = f"{name}: {key}"
+            t0 = time.perf_counter()
+            try:
+                return await fn(conn, *args, **kwargs)
+            finally:
+                times.seconds[key] += time.perf_counter() - t0
+                times.calls[key] += 1
+
+        return timed
+
+    def report(self, events: int) -> None:
+        print(f"SQL wall time per 1000 events (of {events:,}):")
+        for key, s in sorted(self.seconds.items(), key=lambda kv: -kv[1]):
+            print(f"  {s * 1000 / events * 1000:8.1f} ms  {self.calls[key]:6d} calls  {key}")
+
+
+async def run_worker(
+    dsn: str, relay_url: str, events: int, cpu_procs: dict[str, list[psutil.Process]]
+) -> dict[str, float]:
     settings = Settings.from_env(
         {"DATABASE_URL": dsn, "RELAY_URL": relay_url, "START_CURSOR": "0", "METRICS_PORT": "0"}
     )
@@ -72,21 +161,27 @@ async def run_worker(dsn: str, relay_url: str, events: int) -> dict[str, float]:
         if task.done():
             task.result()
     t0, base = time.perf_counter(), worker.state.events_committed
-    records0 = int(worker.metrics.ops.labels("create")._value.get())
+    cpu0 = {name: _cpu_s(ps) for name, ps in cpu_procs.items()}
+    records0 = sum(
+        worker.metrics.ops.labels(a)._value.get() for a in ("create", "update", "delete")
+    )
+    latency0 = len(worker.latency_samples)
     while (worker.state.cursor or 0) < events:
         await asyncio.sleep(RSS_SAMPLE_S)
         peak_rss = max(peak_rss, proc.memory_info().rss)
         if task.done():
             task.result()
     elapsed = time.perf_counter() - t0
+    cpu = {name: _cpu_s(ps) - cpu0[name] for name, ps in cpu_procs.items()}
     committed = worker.state.events_committed - base
-    ops = sum(
-        worker.metrics.ops.labels(a)._value.get() for a in ("create", "update", "delete")
-    ) - records0
+    ops = (
+        sum(worker.metrics.ops.labels(a)._value.get() for a in ("create", "update", "delete"))
+        - records0
+    )
     worker.stop()
     await task
-    lat = sorted(worker.latency_samples)
-    return {
+    lat = sorted(worker.latency_samples[latency0:])  # steady state: the first batch excluded
+    result = {
         "events_per_s": committed / elapsed,
         "records_per_s": ops / elapsed,
         "p50_ms": lat[len(lat) // 2] * 1000,
@@ -95,9 +190,12 @@ async def run_worker(dsn: str, relay_url: str, events: int) -> dict[str, float]:
         "elapsed_s": elapsed,
         "events": committed,
     }
+    for name, seconds in cpu.items():
+        result[f"cpu_ms_per_1k_events_{name}"] = seconds * 1000 / committed * 1000
+    return result
 
 
-async def decode_only(relay_url: str, n: int) -> float:
+async def fetch_frames(relay_url: str, n: int) -> list[bytes]:
     frames: list[bytes] = []
     url = f"{relay_url}/xrpc/com.atproto.sync.subscribeRepos?cursor=0"
     async with connect(url, max_size=None, compression=None) as ws:
@@ -105,10 +203,14 @@ async def decode_only(relay_url: str, n: int) -> float:
             message = await ws.recv()
             assert isinstance(message, bytes)
             frames.append(message)
+    return frames
+
+
+def decode_only(frames: list[bytes]) -> float:
     t0 = time.perf_counter()
     for frame in frames:
         decode_frame(frame)
-    return n / (time.perf_counter() - t0)
+    return len(frames) / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -116,23 +218,57 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--accounts", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--no-cache", action="store_true", help="serve from the devnet relay")
+    parser.add_argument("--profile", metavar="FILE", help="cProfile the worker into FILE")
+    parser.add_argument("--statements", action="store_true", help="time each SQL statement")
     args = parser.parse_args()
+    statements = StatementTimes() if args.statements else None
+    if statements is not None:
+        statements.install()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        devnet, url = start_devnet(tmp, args.events, args.accounts, args.seed)
+        start = start_devnet if args.no_cache else start_replay
+        relay, url = start(tmp, args.events, args.accounts, args.seed)
         pg = start_embedded(tmp / "pg")
         try:
-            result = uvloop.run(run_worker(pg.dsn, url, args.events))
-            result["decode_only_events_per_s"] = uvloop.run(decode_only(url, DECODE_ONLY_FRAMES))
+            cpu_procs = {
+                "worker": [psutil.Process()],
+                "postgres": _postgres_processes(tmp / "pg"),
+                "relay": [psutil.Process(relay.pid)],
+            }
+            profiler = cProfile.Profile() if args.profile else None
+            if profiler is not None:
+                profiler.enable()
+            result = uvloop.run(run_worker(pg.dsn, url, args.events, cpu_procs))
+            if profiler is not None:
+                profiler.disable()
+                profiler.dump_stats(args.profile)
+            if args.no_cache:
+                frames = uvloop.run(fetch_frames(url, DECODE_ONLY_FRAMES))
+            else:
+                path = cache_path(args.events, args.accounts, args.seed)
+                frames = read_frames(path, DECODE_ONLY_FRAMES)
+            result["decode_only_events_per_s"] = decode_only(frames)
         finally:
             pg.stop()
-            devnet.terminate()
+            relay.terminate()
     print(f"committed: {result['events']:,} events in {result['elapsed_s']:.1f} s")
     print(f"events/s committed: {result['events_per_s']:,.0f}")
     print(f"records/s committed: {result['records_per_s']:,.0f}")
     print(f"read->commit latency: p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms")
     print(f"peak RSS (worker process): {result['peak_rss_mb']:.0f} MB")
+    print(
+        "CPU ms per 1000 events: "
+        + ", ".join(
+            f"{name} {result[f'cpu_ms_per_1k_events_{name}']:.0f}"
+            for name in ("worker", "postgres", "relay")
+        )
+    )
     print(f"decode-only events/s: {result['decode_only_events_per_s']:,.0f}")
+    if statements is not None:
+        statements.report(int(result["events"]))
+    if args.profile:
+        pstats.Stats(args.profile).sort_stats("tottime").print_stats(25)
     print(json.dumps({"bench": "live", **{k: round(v, 2) for k, v in result.items()}}))
 
 
