@@ -7,6 +7,11 @@ parameters give byte-identical frames on every run and machine. Time is simulate
 advances a virtual clock by a random gap, so revs and record keys (TIDs) increase per account
 regardless of how fast frames are produced.
 
+With `history_days`, the first `history_events` events are spread over the days before
+`now_us` and the rest continue from `now_us` (see `clock.VirtualClock`). Pre-populated
+("prebuilt") accounts are added with `add_prebuilt`: their repos exist from the start and no
+event ever mentions them (see `prebuilt`).
+
 `truth()` describes the final state after the frames produced so far, in the truth-file
 format of docs/ARCHITECTURE.md.
 """
@@ -22,13 +27,15 @@ from firehose.devnet import dagcbor, frames
 from firehose.devnet import records as rec
 from firehose.devnet.accounts import STATUS_ACTIVE, STATUS_DELETED, Account, IndexedSet
 from firehose.devnet.accounts import did_document as did_document
+from firehose.devnet.clock import MAX_EVENT_GAP_US as MAX_EVENT_GAP_US
+from firehose.devnet.clock import VirtualClock
 from firehose.devnet.keys import SigningKey
 from firehose.devnet.plc import genesis_operation
 from firehose.devnet.repo import ACTION_CREATE, ACTION_DELETE, ACTION_UPDATE, Repo, Write
 from firehose.devnet.tid import CLOCK_ID_MASK, tid
+from firehose.devnet.truth import accounts_truth
 
 DEFAULT_START_TIME_US = 1_735_689_600_000_000  # 2025-01-01T00:00:00Z
-MAX_EVENT_GAP_US = 40_000  # the virtual clock advances 1..40 ms between events
 DEFAULT_PDS_ENDPOINT = "http://127.0.0.1:2583"
 BIRTH_PROBABILITY = 0.08  # chance per event that a not-yet-seen account signs up
 MIN_ACTIVE_ACCOUNTS = 3  # status changes never leave fewer active accounts than this
@@ -63,6 +70,10 @@ class Generator:
         accounts: int = 200,
         start_time_us: int = DEFAULT_START_TIME_US,
         pds_endpoint: str = DEFAULT_PDS_ENDPOINT,
+        *,
+        now_us: int | None = None,
+        history_days: float = 0.0,
+        history_events: int = 0,
     ) -> None:
         if accounts < 1:
             raise ValueError("need at least one account")
@@ -72,10 +83,17 @@ class Generator:
         self.rng = random.Random(seed)
         self.factory = rec.RecordFactory(self.rng)
         self.clock_id = seed & CLOCK_ID_MASK
-        self.now_us = start_time_us
+        self.clock = VirtualClock(
+            start_time_us,
+            now_us=now_us,
+            history_days=history_days,
+            history_events=history_events,
+        )
+        self.now_us = self.clock.current_us  # the current event's moment
         self.seq = 0
         self.accounts: list[Account] = []  # born accounts, in birth order
         self.by_did: dict[str, Account] = {}
+        self.prebuilt: list[Account] = []  # quiet accounts with pre-populated repos
         self.active = IndexedSet()  # dids of active accounts
         self.inactive = IndexedSet()  # dids deactivated/takendown/suspended (not deleted)
         self.posts: deque[rec.PostRef] = deque(maxlen=RECENT_POSTS)
@@ -92,7 +110,7 @@ class Generator:
     def next_frame(self) -> bytes:
         """Produce the next event (seq = previous + 1) as an encoded frame."""
         self.seq += 1
-        self.now_us += self.rng.randint(1, MAX_EVENT_GAP_US)
+        self.now_us = self.clock.tick(self.rng)
         self._new_rkeys = 0
         if self._queue:
             return self._queue.popleft()()
@@ -116,24 +134,21 @@ class Generator:
     def time_str(self) -> str:
         return frames.rfc3339_millis(self.now_us)
 
+    def add_prebuilt(self, accounts: list[Account]) -> None:
+        """Register quiet, pre-populated accounts (never chosen to act in an event)."""
+        for account in accounts:
+            if account.did in self.by_did:
+                raise ValueError(f"duplicate did {account.did}")
+            self.by_did[account.did] = account
+            self.prebuilt.append(account)
+
+    def all_accounts(self) -> list[Account]:
+        """Creation order: pre-populated accounts first, then sign-ups as they happen."""
+        return [*self.prebuilt, *self.accounts]
+
     def truth(self) -> dict[str, Any]:
         """Final state after the frames produced so far (docs/ARCHITECTURE.md, truth file)."""
-        records: dict[str, str] = {}
-        deleted: list[str] = []
-        for account in self.accounts:
-            if account.status == STATUS_DELETED:
-                continue  # a deleted account's records are gone, and so are its tombstones
-            prefix = f"at://{account.did}/"
-            for path, (cid, _) in account.repo.records.items():
-                records[prefix + path] = dagcbor.cid_str(cid)
-            deleted.extend(prefix + path for path in account.deleted.items)
-        return {
-            "last_seq": self.seq,
-            "records": dict(sorted(records.items())),
-            "deleted": sorted(deleted),
-            "handles": {account.did: account.handle for account in self.accounts},
-            "statuses": {account.did: account.status for account in self.accounts},
-        }
+        return accounts_truth(self.all_accounts(), self.seq, self.clock.now_us)
 
     # ---- helpers ------------------------------------------------------------------------------
 

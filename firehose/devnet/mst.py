@@ -275,11 +275,8 @@ class Mst:
         out.append(node)
 
 
-def build_mst(items: Iterable[tuple[str, bytes]]) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-    """Reference builder: the tree for a key -> cid map, built from scratch.
-
-    Returns the root CID and every node block (root first). Used to check `Mst`."""
-    entries = sorted((key.encode(), cid) for key, cid in items)
+def _build_tree(entries: list[tuple[bytes, bytes]]) -> tuple[Node, int]:
+    """The tree of sorted, distinct ``(key bytes, cid)`` entries and its root layer."""
     heights = [key_height(key) for key, _ in entries]
     top = max(heights, default=0)
 
@@ -297,6 +294,23 @@ def build_mst(items: Iterable[tuple[str, bytes]]) -> tuple[bytes, list[tuple[byt
             node.enc.append(None)
         return node
 
-    root = build(0, len(entries), top) or Node(None, [], [], [])
+    return build(0, len(entries), top) or Node(None, [], [], []), top
+
+
+def mst_from_items(items: Iterable[tuple[str, bytes]]) -> Mst:
+    """An `Mst` holding `items` (path -> cid), built in one pass rather than key by key:
+    the bulk path of pre-populated repos (a put costs O(depth) node copies each)."""
+    entries = sorted((key.encode(), cid) for key, cid in items)
+    mst = Mst()
+    if entries:
+        mst.root, mst.layer = _build_tree(entries)
+    return mst
+
+
+def build_mst(items: Iterable[tuple[str, bytes]]) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """Reference builder: the tree for a key -> cid map, built from scratch.
+
+    Returns the root CID and every node block (root first). Used to check `Mst`."""
+    root, _ = _build_tree(sorted((key.encode(), cid) for key, cid in items))
     root_cid = root.encode()
     return root_cid, [(node.cid, node.block) for node in _walk(root)]  # type: ignore[misc]

@@ -17,7 +17,7 @@ from typing import Any
 
 from firehose.devnet import dagcbor
 from firehose.devnet.keys import SigningKey
-from firehose.devnet.mst import Mst
+from firehose.devnet.mst import Mst, mst_from_items
 
 ACTION_CREATE = "create"
 ACTION_UPDATE = "update"
@@ -133,8 +133,29 @@ class Repo:
         self.commit_cid, self.commit_block = commit_cid, commit_block
         return result
 
-    def full_car(self) -> bytes:
-        """The whole repo as a CAR (com.atproto.sync.getRepo): commit, every node, records."""
+    def load(self, records: list[tuple[str, bytes, bytes]], rev: str) -> None:
+        """Fill an empty repo with ``(path, cid, block)`` records as ONE signed commit.
+
+        The bulk path of pre-populated accounts: the repo looks like one whose history
+        happened before the relay started, so no firehose event describes these records
+        and only com.atproto.sync.getRepo serves them."""
+        if self.rev is not None:
+            raise ValueError(f"{self.did} already has commits")
+        self.records = {path: (cid, block) for path, cid, block in records}
+        if len(self.records) != len(records):
+            raise ValueError("duplicate record path")
+        self.mst = mst_from_items((path, cid) for path, cid, _ in records)
+        data = self.mst.root_cid()
+        unsigned = dagcbor.encode_commit(self.did, rev, data, REPO_VERSION, None)
+        signature = self.key.sign(unsigned)
+        self.commit_block = dagcbor.encode_commit(self.did, rev, data, REPO_VERSION, signature)
+        self.commit_cid = dagcbor.cid_for_block(self.commit_block)
+        self.rev, self.data = rev, data
+
+    def car_blocks(self) -> list[tuple[bytes, bytes]]:
+        """Every block of the current repo, commit first, each once: the body of
+        com.atproto.sync.getRepo. A snapshot (bytes are immutable), so it can be streamed
+        while the generator keeps committing."""
         if self.commit_cid is None or self.commit_block is None:
             raise ValueError(f"{self.did} has no commit yet")
         blocks: dict[bytes, bytes] = {self.commit_cid: self.commit_block}
@@ -142,4 +163,9 @@ class Repo:
             blocks.setdefault(cid, block)
         for cid, block in self.records.values():
             blocks.setdefault(cid, block)
-        return dagcbor.write_car(self.commit_cid, blocks.items())
+        return list(blocks.items())
+
+    def full_car(self) -> bytes:
+        """The whole repo as a CAR (com.atproto.sync.getRepo): commit, every node, records."""
+        assert self.commit_cid is not None
+        return dagcbor.write_car(self.commit_cid, self.car_blocks())
