@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from backfill.settings import BackfillSettings
+
 T = TypeVar("T")
 
 DEFAULT_RELAY_URL = "wss://bsky.network"
@@ -78,6 +80,7 @@ class Settings:
     log_format: str
     metrics_port: int
     extra: Mapping[str, str] = field(default_factory=dict)
+    backfill: BackfillSettings = field(default_factory=BackfillSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -114,6 +117,7 @@ class Settings:
             log_level=e.get("LOG_LEVEL", "INFO", _choice(LOG_LEVELS, upper=True)),
             log_format=e.get("LOG_FORMAT", "text", _choice(LOG_FORMATS)),
             metrics_port=e.get("METRICS_PORT", 8000, _int_range(0, 65535)),
+            backfill=BackfillSettings.from_env(os.environ if env is None else env),
         )
 
 

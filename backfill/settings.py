@@ -1,0 +1,179 @@
+"""Backfill configuration: `BackfillSettings.from_env(env)`, profiles, explicit overrides.
+
+The user guide's variables and defaults (conservative profile) are honoured word for word:
+BACKFILL_DAYS 0, BACKFILL_BATCH_SIZE 5, BACKFILL_BATCH_DELAY_MS 2000, BACKFILL_MAX_CONCURRENT
+2, BACKFILL_MAX_MEMORY_MB 512, BACKFILL_USE_IDLE true. BACKFILL_PROFILE picks a whole set
+(the guide's conservative / moderate / aggressive, plus unthrottled); any variable set
+explicitly overrides its profile value. A bad value raises firehose.settings.ConfigError
+naming the variable (design invariant 6).
+
+This module does not import firehose.settings at import time: firehose.settings imports it
+to build `Settings.backfill`, and the cycle would break whichever is imported first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+from firehose.protocol.syntax import is_did
+
+T = TypeVar("T")
+
+DEFAULT_PLC_URL = "https://plc.directory"
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    batch_size: int  # records per write batch
+    batch_delay_ms: int  # pause between two batches of one repo
+    max_concurrent: int  # repos in flight (download + write)
+    max_memory_mb: int  # RSS above which the backfill pauses
+    use_idle: bool  # yield while the live stream is behind
+
+
+PROFILES: dict[str, Profile] = {
+    # The guide's default: backfill must never hurt the live stream.
+    "conservative": Profile(5, 2000, 2, 512, True),
+    "moderate": Profile(20, 500, 5, 1024, True),
+    "aggressive": Profile(100, 100, 10, 2048, True),
+    # A dedicated backfill machine: no delay, big batches; the memory limit still holds.
+    "unthrottled": Profile(5000, 0, 32, 2048, False),
+}
+DEFAULT_PROFILE = "conservative"
+
+
+@dataclass(frozen=True, slots=True)
+class BackfillSettings:
+    days: int = 0  # 0 off, N days, -1 the whole history
+    profile: str = DEFAULT_PROFILE
+    batch_size: int = 5
+    batch_delay_ms: int = 2000
+    max_concurrent: int = 2
+    max_memory_mb: int = 512
+    use_idle: bool = True
+    max_repo_mb: int = 512  # a repo CAR larger than this fails (non-transient)
+    max_attempts: int = 5  # transient failures of one repo before it is failed
+    dids: tuple[str, ...] = ()  # priority repos, claimed before enumerated ones
+    on_all_workers: bool = False  # let workers other than 0 help with the same job
+    vacuum: bool = False  # VACUUM ANALYZE the touched tables on completion
+    dry_run: bool = False  # fetch and count, write nothing
+    plc_url: str = DEFAULT_PLC_URL
+    allow_private_network: bool = False  # let PDS/PLC URLs resolve to private addresses
+
+    @property
+    def enabled(self) -> bool:
+        return self.days != 0
+
+    def runs_on(self, worker_id: int) -> bool:
+        return self.enabled and (worker_id == 0 or self.on_all_workers)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> BackfillSettings:
+        e = _Env(env)
+        profile_name = e.get("BACKFILL_PROFILE", DEFAULT_PROFILE, _choice(tuple(PROFILES)))
+        p = PROFILES[profile_name]
+        return cls(
+            days=e.get("BACKFILL_DAYS", 0, _days),
+            profile=profile_name,
+            batch_size=e.get("BACKFILL_BATCH_SIZE", p.batch_size, _int_range(1, 100_000)),
+            batch_delay_ms=e.get(
+                "BACKFILL_BATCH_DELAY_MS", p.batch_delay_ms, _int_range(0, 3_600_000)
+            ),
+            max_concurrent=e.get("BACKFILL_MAX_CONCURRENT", p.max_concurrent, _int_range(1, 1024)),
+            max_memory_mb=e.get(
+                "BACKFILL_MAX_MEMORY_MB", p.max_memory_mb, _int_range(64, 1_048_576)
+            ),
+            use_idle=e.get("BACKFILL_USE_IDLE", p.use_idle, _bool),
+            max_repo_mb=e.get("BACKFILL_MAX_REPO_MB", 512, _int_range(1, 65_536)),
+            max_attempts=e.get("BACKFILL_MAX_ATTEMPTS", 5, _int_range(1, 100)),
+            dids=e.get("BACKFILL_DIDS", (), _dids),
+            on_all_workers=e.get("BACKFILL_ON_ALL_WORKERS", False, _bool),
+            vacuum=e.get("BACKFILL_VACUUM", False, _bool),
+            dry_run=e.get("BACKFILL_DRY_RUN", False, _bool),
+            plc_url=e.get("PLC_URL", DEFAULT_PLC_URL, _http_url),
+            allow_private_network=e.get("ALLOW_PRIVATE_NETWORK", False, _bool),
+        )
+
+
+def config_error(message: str) -> Exception:
+    from firehose.settings import ConfigError  # see the module docstring
+
+    return ConfigError(message)
+
+
+class _Env:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def get(self, name: str, default: T, parse: Callable[[str], T]) -> T:
+        raw = self._env.get(name)
+        if raw is None or raw.strip() == "":
+            return default
+        try:
+            return parse(raw.strip())
+        except (ValueError, TypeError) as exc:
+            raise config_error(f"{name}={raw!r} is invalid: {exc}") from None
+
+
+def _int_range(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError("expected an integer") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"expected an integer between {lo} and {hi}")
+        return value
+
+    return parse
+
+
+def _days(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError("expected 0 (off), a number of days, or -1 (whole history)") from None
+    if value < -1 or value > 36_500:
+        raise ValueError("expected 0 (off), 1..36500 days, or -1 (whole history)")
+    return value
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _bool(raw: str) -> bool:
+    value = raw.lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError("expected true or false")
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.lower()
+        if value not in options:
+            raise ValueError(f"expected one of {', '.join(options)}")
+        return value
+
+    return parse
+
+
+def _dids(raw: str) -> tuple[str, ...]:
+    items = tuple(dict.fromkeys(item.strip() for item in raw.split(",") if item.strip()))
+    for item in items:
+        if not is_did(item):
+            raise ValueError(f"{item!r} is not a DID")
+    return items
+
+
+def _http_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError("expected an https:// URL")
+    return raw.rstrip("/")
