@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from datetime import UTC, datetime
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(message)s"
@@ -37,5 +38,8 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     # Third-party chatter stays at WARNING unless we debug.
-    for noisy in ("websockets", "asyncio", "aiohttp.access"):
+    # pgserver logs every initdb/pg_ctl step at INFO; our own line says what matters.
+    # pgserver asks platformdirs for a runtime dir it does not need; containers have none.
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+    for noisy in ("websockets", "asyncio", "aiohttp.access", "pgserver"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -32,6 +32,7 @@ from firehose.storage.database import Database
 
 log = logging.getLogger("firehose.worker")
 
+PROGRESS_LOG_INTERVAL_S = 15.0
 STOP_DRAIN_S = 7.0  # SIGTERM → exit within 10 s, leaving room for closing the pool
 DB_RETRY_MIN_S = 0.5
 DB_RETRY_MAX_S = 10.0
@@ -90,6 +91,7 @@ class Worker:
             start_cursor = await self._start_cursor(db)
             relay = RelayClient(self.settings.relay, self.metrics, start_cursor)
             async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._report_progress())
                 tg.create_task(self._read(relay))
                 tg.create_task(self._commit(db))
         finally:
@@ -113,6 +115,26 @@ class Worker:
         else:
             log.info("no saved cursor for %r: starting at %d", self._service, self._default_cursor)
         return self._default_cursor
+
+    async def _report_progress(self) -> None:
+        """One log line per interval, so `docker-compose logs python-worker` shows progress."""
+        last_events, last_t = self.state.events_committed, time.monotonic()
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), PROGRESS_LOG_INTERVAL_S)
+            now = time.monotonic()
+            events = self.state.events_committed
+            rate = (events - last_events) / max(now - last_t, 1e-9)
+            last_events, last_t = events, now
+            log.info(
+                "[FIREHOSE] Progress: cursor %s, %d events committed (%.0f evt/s), lag %.1fs, "
+                "queue %d",
+                self.state.cursor,
+                events,
+                rate,
+                self._lag_seconds(),
+                self._queue.qsize(),
+            )
 
     # -- read + decode ---------------------------------------------------------------
 
