@@ -1,0 +1,421 @@
+"""HTTP to relays, PDSes and the PLC directory, polite per host. I/O.
+
+Every host (``host:port``) gets its own concurrency limit and its own rate-limit state.
+atproto services announce their limits with the IETF draft headers
+(https://datatracker.ietf.org/doc/draft-ietf-httpapi-ratelimit-headers/):
+``RateLimit-Limit``, ``RateLimit-Remaining`` and ``RateLimit-Reset`` (the reference PDS
+sends the reset as epoch seconds; the draft says delta-seconds, so small values are read
+as a delta). We slow down *before* a 429: when the remaining budget is low, requests are
+spaced so that the budget lasts until the reset, and at zero the host waits for the reset.
+A 429 (with ``Retry-After``, ``RateLimit-Reset`` or neither) pauses that host only.
+
+Anything a remote sends is hostile input (design invariant 5): bodies are size-capped, JSON
+shape errors and HTTP failures become `FetchError` with a bounded `reason`, never another
+exception. TLS is verified (aiohttp's default SSL context). Unless `allow_private`, URLs
+whose host is, or resolves to, a non-global address (loopback, RFC 1918, link-local, ...)
+are refused, so a hostile DID document cannot point the worker at internal services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import ipaddress
+import json
+import socket
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+
+MAX_JSON_BYTES = 1024 * 1024  # listRepos pages (1000 repos) are ~200 KiB; DID docs ~1 KiB
+MAX_ERROR_BODY_BYTES = 16 * 1024  # an XRPC error body is {"error", "message"}
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 60.0  # between two reads of a body, not for the whole (multi-GB) body
+JSON_TOTAL_TIMEOUT_S = 60.0
+STREAM_CHUNK_BYTES = 64 * 1024
+DEFAULT_PER_HOST_CONCURRENCY = 4
+
+RATE_LIMIT_DEFAULT_PAUSE_S = 60.0  # a 429 that says nothing about when to come back
+RATE_LIMIT_MAX_PAUSE_S = 3600.0  # the longest window the reference PDS uses is an hour
+RATE_LIMIT_LOW_REMAINING = 10  # below this budget, space requests until the reset
+# RateLimit-Reset values below this are delta-seconds (the draft), above it epoch seconds
+# (what the reference PDS sends): 10^9 s is 2001-09-09, 31 years of delta.
+RATE_LIMIT_EPOCH_THRESHOLD_S = 1_000_000_000
+ADDRESS_CHECK_TTL_S = 300.0
+
+# Every value FetchError.reason may take (a metric label): keep the set small and fixed.
+FETCH_REASONS = frozenset(
+    {
+        "bad_url",  # not http(s), no host
+        "forbidden_address",  # private/loopback/link-local and allow_private is off
+        "connection",  # connect/reset/DNS failure
+        "timeout",
+        "truncated",  # the body ended early
+        "too_large",  # body over the cap
+        "bad_response",  # not JSON, wrong shape, unexpected redirect
+        "rate_limited",  # 429
+        "server_error",  # 5xx (and 408)
+        "not_found",  # 404 / 410
+        "repo_not_found",
+        "repo_deactivated",
+        "repo_takendown",
+        "repo_suspended",
+        "client_error",  # any other 4xx
+    }
+)
+
+# XRPC error names of com.atproto.sync.getRepo / getLatestCommit (lexicon `errors`).
+_XRPC_ERRORS = {
+    "RepoNotFound": "repo_not_found",
+    "RepoDeactivated": "repo_deactivated",
+    "RepoTakendown": "repo_takendown",
+    "RepoSuspended": "repo_suspended",
+}
+
+
+class FetchError(Exception):
+    """An HTTP fetch failed. `transient` says whether retrying later may succeed."""
+
+    def __init__(
+        self,
+        reason: str,
+        detail: str = "",
+        *,
+        transient: bool,
+        retry_after_s: float | None = None,
+        status: int | None = None,
+    ) -> None:
+        if reason not in FETCH_REASONS:
+            detail, reason = f"({reason[:20]}) {detail}", "bad_response"
+        detail = detail.replace("\n", " ")[:200]
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+        self.transient = transient
+        self.retry_after_s = retry_after_s
+        self.status = status
+
+
+def host_key(url: str) -> str:
+    """``scheme://host:port`` -> ``host:port`` (the unit of politeness)."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if port is None:
+        port = 443 if parts.scheme == "https" else 80
+    return f"{host}:{port}"
+
+
+def is_forbidden_ip(text: str) -> bool:
+    """True for any address that is not globally routable (or is multicast)."""
+    try:
+        addr = ipaddress.ip_address(text.split("%", 1)[0])  # drop an IPv6 zone id
+    except ValueError:
+        return True
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return not addr.is_global or addr.is_multicast
+
+
+def parse_retry_after(value: str | None, now_epoch: float) -> float | None:
+    """``Retry-After``: delta-seconds or an HTTP-date (RFC 9110 s10.2.3) -> seconds."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - now_epoch)
+
+
+def parse_reset(value: str | None, now_epoch: float) -> float | None:
+    """``RateLimit-Reset`` -> seconds from now (epoch seconds or, when small, a delta)."""
+    if not value:
+        return None
+    try:
+        number = float(value.strip())
+    except ValueError:
+        return None
+    if number != number or number < 0:  # NaN or negative
+        return None
+    if number >= RATE_LIMIT_EPOCH_THRESHOLD_S:
+        return max(0.0, number - now_epoch)
+    return number
+
+
+def _parse_int(value: str | None) -> int | None:
+    if value is None:
+        return None
+    value = value.strip()
+    return int(value) if value.isdigit() and len(value) < 19 else None
+
+
+@dataclass
+class _Host:
+    semaphore: asyncio.Semaphore
+    paused_until: float = 0.0  # monotonic; no request before this
+    next_at: float = 0.0  # monotonic; spacing while the budget is low
+    remaining: int | None = None  # requests left in the current window (our estimate)
+    reset_at: float | None = None  # monotonic end of the current window
+    address_checked_until: float = 0.0
+
+
+class HostClient:
+    """An aiohttp session wrapper that is polite per host and raises only `FetchError`."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        per_host_concurrency: int = DEFAULT_PER_HOST_CONCURRENCY,
+        allow_private: bool = False,
+        max_response_bytes: int = MAX_JSON_BYTES,
+    ) -> None:
+        if per_host_concurrency < 1:
+            raise ValueError("per_host_concurrency must be >= 1")
+        self.session = session
+        self.per_host_concurrency = per_host_concurrency
+        self.allow_private = allow_private
+        self.max_response_bytes = max_response_bytes
+        self._hosts: dict[str, _Host] = {}
+        # Counters for metrics (engineer O exports them).
+        self.rate_limit_pauses = 0  # 429s received
+        self.rate_limit_waits = 0  # requests delayed because the budget was low
+        self.requests = 0
+        self.bytes_received = 0
+
+    # -- introspection -------------------------------------------------------------------
+
+    def paused_hosts(self) -> dict[str, float]:
+        """host -> seconds until it may be asked again, for hosts waiting on a rate limit."""
+        now = time.monotonic()
+        return {key: h.paused_until - now for key, h in self._hosts.items() if h.paused_until > now}
+
+    def known_hosts(self) -> set[str]:
+        return set(self._hosts)
+
+    # -- requests ------------------------------------------------------------------------
+
+    async def get_json(self, url: str, params: Mapping[str, Any] | None = None) -> Any:
+        """GET and parse a JSON body of at most `max_response_bytes`."""
+        timeout = aiohttp.ClientTimeout(
+            total=JSON_TOTAL_TIMEOUT_S, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S
+        )
+        async with self._request(url, params, timeout, self.max_response_bytes) as resp:
+            body = bytearray()
+            async for chunk in self._chunks(resp):
+                body += chunk
+                if len(body) > self.max_response_bytes:
+                    raise FetchError(
+                        "too_large", f"JSON body over {self.max_response_bytes} B", transient=False
+                    )
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise FetchError("bad_response", f"not JSON: {exc}", transient=False) from None
+
+    @asynccontextmanager
+    async def stream(
+        self,
+        url: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        max_bytes: int | None = None,
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """GET and yield the body as chunks. `max_bytes` refuses a bigger Content-Length
+        up front (the caller still counts: the header may lie or be absent)."""
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S
+        )
+        async with self._request(url, params, timeout, max_bytes) as resp:
+            yield self._chunks(resp)
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _host(self, key: str) -> _Host:
+        host = self._hosts.get(key)
+        if host is None:
+            host = self._hosts[key] = _Host(asyncio.Semaphore(self.per_host_concurrency))
+        return host
+
+    async def _check_address(self, url: str, host: _Host) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise FetchError("bad_url", url[:100], transient=False)
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            raise FetchError("bad_url", url[:100], transient=False) from None
+        if self.allow_private or host.address_checked_until > time.monotonic():
+            return
+        name = parts.hostname
+        try:
+            ipaddress.ip_address(name.split("%", 1)[0])
+            addresses = [name]
+        except ValueError:
+            loop = asyncio.get_running_loop()
+            try:
+                infos = await loop.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+            except (OSError, UnicodeError) as exc:
+                raise FetchError(
+                    "connection", f"resolve {name[:60]}: {exc}", transient=True
+                ) from None
+            addresses = [str(info[4][0]) for info in infos]
+        # Every address must be global: aiohttp may connect to any of them. (A DNS answer
+        # that changes between this check and the connect is not covered; a resolver hook
+        # in the session's connector would close that gap.)
+        for address in addresses:
+            if is_forbidden_ip(address):
+                raise FetchError("forbidden_address", f"{name[:60]} -> {address}", transient=False)
+        host.address_checked_until = time.monotonic() + ADDRESS_CHECK_TTL_S
+
+    async def _wait_turn(self, host: _Host) -> None:
+        """Sleep while the host is paused or its low budget asks for spacing."""
+        while True:
+            now = time.monotonic()
+            if host.reset_at is not None and now >= host.reset_at:
+                host.remaining, host.reset_at = None, None  # a new window: budget unknown
+            if host.remaining is not None and host.remaining <= 0 and host.reset_at is not None:
+                host.paused_until = max(host.paused_until, host.reset_at)
+            wake = max(host.paused_until, host.next_at)
+            if wake <= now:
+                break
+            self.rate_limit_waits += 1
+            await asyncio.sleep(wake - now)
+        if host.remaining is not None:
+            host.remaining -= 1  # this request spends budget before its response says so
+            if host.reset_at is not None and host.remaining < RATE_LIMIT_LOW_REMAINING:
+                left_s = max(0.0, host.reset_at - now)
+                host.next_at = now + left_s / (max(host.remaining, 0) + 1)
+
+    def _learn_limits(self, host: _Host, headers: Mapping[str, str]) -> None:
+        remaining = _parse_int(headers.get("RateLimit-Remaining"))
+        reset_s = parse_reset(headers.get("RateLimit-Reset"), time.time())
+        if remaining is None:
+            return
+        now = time.monotonic()
+        reset_at = now + min(reset_s, RATE_LIMIT_MAX_PAUSE_S) if reset_s is not None else None
+        same_window = (
+            host.reset_at is not None and reset_at is not None and reset_at <= host.reset_at + 1.0
+        )
+        if same_window and host.remaining is not None:
+            # Responses can arrive out of order: never let a stale, higher figure win over
+            # our own count of requests already sent in this window.
+            host.remaining = min(host.remaining, remaining)
+        else:
+            host.remaining = remaining
+            host.reset_at = reset_at
+
+    def _pause_for_429(self, host: _Host, headers: Mapping[str, str]) -> float:
+        now_epoch = time.time()
+        pause = parse_retry_after(headers.get("Retry-After"), now_epoch)
+        if pause is None:
+            pause = parse_reset(headers.get("RateLimit-Reset"), now_epoch)
+        if pause is None:
+            pause = RATE_LIMIT_DEFAULT_PAUSE_S
+        pause = min(max(pause, 0.0), RATE_LIMIT_MAX_PAUSE_S)
+        host.paused_until = max(host.paused_until, time.monotonic() + pause)
+        host.remaining, host.reset_at = None, None
+        self.rate_limit_pauses += 1
+        return pause
+
+    @asynccontextmanager
+    async def _request(
+        self,
+        url: str,
+        params: Mapping[str, Any] | None,
+        client_timeout: aiohttp.ClientTimeout,
+        max_bytes: int | None,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        key = host_key(url)
+        host = self._host(key)
+        await self._check_address(url, host)
+        async with host.semaphore:
+            await self._wait_turn(host)
+            self.requests += 1
+            try:
+                # Redirects are not followed: a redirect could lead to a private address
+                # behind the check above, and no XRPC endpoint we call redirects.
+                resp = await self.session.get(
+                    url, params=params, timeout=client_timeout, allow_redirects=False
+                )
+            except TimeoutError:
+                raise FetchError("timeout", key, transient=True) from None
+            except (aiohttp.ClientError, OSError) as exc:
+                detail = f"{type(exc).__name__}: {exc}"
+                raise FetchError("connection", detail, transient=True) from None
+            # Exceptions raised by the caller's body arrive at `yield`: they pass through
+            # unchanged (a local disk error must not look like a network failure).
+            try:
+                self._learn_limits(host, resp.headers)
+                await self._check_status(host, resp)
+                length = resp.content_length
+                if max_bytes is not None and length is not None and length > max_bytes:
+                    raise FetchError("too_large", f"Content-Length {length}", transient=False)
+                yield resp
+            except BaseException:
+                resp.close()  # drop the connection: the body may be half read
+                raise
+            resp.release()
+
+    async def _check_status(self, host: _Host, resp: aiohttp.ClientResponse) -> None:
+        status = resp.status
+        if 200 <= status < 300:
+            return
+        if status == 429:
+            pause = self._pause_for_429(host, resp.headers)
+            raise FetchError(
+                "rate_limited",
+                f"paused {pause:.0f} s",
+                transient=True,
+                retry_after_s=pause,
+                status=status,
+            )
+        if status >= 500 or status == 408:
+            raise FetchError("server_error", f"HTTP {status}", transient=True, status=status)
+        if 300 <= status < 400:
+            raise FetchError(
+                "bad_response", f"HTTP {status} redirect", transient=False, status=status
+            )
+        error = await self._xrpc_error(resp)
+        reason = _XRPC_ERRORS.get(error or "")
+        if reason is None:
+            reason = "not_found" if status in (404, 410) else "client_error"
+        raise FetchError(
+            reason, f"HTTP {status} {error or ''}".strip(), transient=False, status=status
+        )
+
+    async def _xrpc_error(self, resp: aiohttp.ClientResponse) -> str | None:
+        """The ``error`` name of an XRPC error body, read within a small cap."""
+        try:
+            body = await resp.content.read(MAX_ERROR_BODY_BYTES)
+            doc = json.loads(body)
+        except (ValueError, aiohttp.ClientError, OSError, TimeoutError, RecursionError):
+            return None
+        error = doc.get("error") if type(doc) is dict else None
+        return error[:64] if type(error) is str else None
+
+    async def _chunks(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in resp.content.iter_chunked(STREAM_CHUNK_BYTES):
+                self.bytes_received += len(chunk)
+                yield chunk
+        except TimeoutError:
+            raise FetchError("timeout", "reading body", transient=True) from None
+        except aiohttp.ClientPayloadError as exc:
+            raise FetchError("truncated", str(exc), transient=True) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise FetchError("connection", f"{type(exc).__name__}: {exc}", transient=True) from None
