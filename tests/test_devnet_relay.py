@@ -160,7 +160,8 @@ async def test_cli_process_serves_and_writes_truth(tmp_path: Path) -> None:
             await asyncio.sleep(0.1)
         truth = json.loads(truth_path.read_text())
         assert truth["last_seq"] == 250 and truth["records"]
-        assert set(truth) == {"last_seq", "records", "deleted", "handles", "statuses"}
+        live_keys = {"last_seq", "records", "deleted", "handles", "statuses"}
+        assert set(truth) == live_keys | {"record_times", "now_us", "hosts"}
     finally:
         process.terminate()
         await process.wait()

@@ -9,6 +9,7 @@ import contextlib
 from datetime import UTC, datetime
 
 from firehose.devnet.generator import DEFAULT_START_TIME_US
+from firehose.devnet.httpfaults import HttpFaults
 from firehose.devnet.relay import DevnetConfig, DevnetRelay
 
 DEFAULT_EVENTS = 10_000
@@ -49,7 +50,86 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--start-time",
         type=_start_time_us,
         default=DEFAULT_START_TIME_US,
-        help="virtual clock start, RFC 3339 (default 2025-01-01T00:00:00Z)",
+        help="virtual clock start, RFC 3339 (default 2025-01-01T00:00:00Z); ignored with "
+        "--history-days",
+    )
+    history = parser.add_argument_group("devnet history (backfill)")
+    history.add_argument(
+        "--now",
+        type=_start_time_us,
+        default=None,
+        help="the devnet's 'now', RFC 3339 (default: the real time at start)",
+    )
+    history.add_argument(
+        "--history-days",
+        type=float,
+        default=0.0,
+        help="spread the first --history-events events over this many days before --now",
+    )
+    history.add_argument(
+        "--history-events",
+        type=int,
+        default=None,
+        help="events in the history phase (default with --history-days: all of --events); "
+        "the rest continue live from --now",
+    )
+    history.add_argument(
+        "--repo-accounts",
+        type=int,
+        default=0,
+        help="pre-populated accounts built directly (no firehose events; getRepo only)",
+    )
+    history.add_argument(
+        "--repo-records", type=int, default=500, help="records per pre-populated account"
+    )
+    history.add_argument(
+        "--extra-car",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="serve this repository CAR verbatim from a PDS (repeatable)",
+    )
+    history.add_argument(
+        "--did-web-records",
+        type=int,
+        default=0,
+        help="add a did:web account with this many records on PDS 0 (0 = none)",
+    )
+    http = parser.add_argument_group("devnet HTTP: PDS hosts, PLC directory, faults")
+    http.add_argument("--pds-hosts", type=int, default=3, help="PDS hosts (one port each)")
+    http.add_argument("--plc-port", type=int, default=0, help="PLC directory port; 0 = free")
+    http.add_argument(
+        "--pds-port-base", type=int, default=0, help="PDS i listens on BASE+i; 0 = free ports"
+    )
+    http.add_argument(
+        "--rate-limit",
+        action="append",
+        metavar="[HOST:]N/SECONDS",
+        help="per-host fixed-window limit with RateLimit-* headers, 429 past it",
+    )
+    http.add_argument(
+        "--429-without-headers",
+        dest="without_headers",
+        action="store_true",
+        help="429 answers carry no RateLimit-*/Retry-After headers",
+    )
+    http.add_argument(
+        "--storm-429",
+        action="append",
+        metavar="[HOST:]P",
+        help="answer 429 with probability P (0.2) or every Nth request (4)",
+    )
+    http.add_argument(
+        "--fail-5xx", action="append", metavar="[HOST:]P", help="answer 5xx (P as above)"
+    )
+    http.add_argument(
+        "--slow-host", action="append", metavar="[HOST:]MS", help="add MS ms before answers"
+    )
+    http.add_argument(
+        "--truncate-car",
+        action="append",
+        metavar="[HOST:]P",
+        help="cut getRepo CARs mid-section (P as above)",
     )
 
 
@@ -66,6 +146,28 @@ def config_from_args(args: argparse.Namespace) -> DevnetConfig:
         malformed_every=args.malformed_every,
         start_time_us=args.start_time,
         truth_path=args.truth,
+        now_us=args.now,
+        history_days=args.history_days,
+        history_events=(
+            args.events
+            if args.history_events is None and args.history_days > 0
+            else args.history_events or 0
+        ),
+        pds_hosts=args.pds_hosts,
+        plc_port=args.plc_port,
+        pds_port_base=args.pds_port_base,
+        repo_accounts=args.repo_accounts,
+        repo_records=args.repo_records,
+        extra_cars=tuple(args.extra_car),
+        did_web_records=args.did_web_records,
+        http_faults=HttpFaults.parse(
+            rate_limit=args.rate_limit,
+            without_headers=args.without_headers,
+            storm_429=args.storm_429,
+            fail_5xx=args.fail_5xx,
+            slow_host=args.slow_host,
+            truncate_car=args.truncate_car,
+        ),
     )
 
 
@@ -73,7 +175,11 @@ async def run(args: argparse.Namespace) -> None:
     """Serve until cancelled; the truth file appears once every event has been produced."""
     relay = DevnetRelay(config_from_args(args))
     await relay.start()
+    # The relay line comes first: existing consumers read only the first line.
     print(f"devnet relay listening on {relay.url}", flush=True)
+    print(f"devnet PLC directory on {relay.network.plc_url}", flush=True)
+    for index, url in enumerate(relay.network.pds_urls):
+        print(f"devnet PDS {index} on {url}", flush=True)
     try:
         await relay.wait_generated()
         where = f", truth in {args.truth}" if args.truth else ""

@@ -23,7 +23,7 @@ import contextlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,8 @@ from websockets.http11 import Request, Response
 from firehose.devnet import frames
 from firehose.devnet.faults import MalformedFrames
 from firehose.devnet.generator import DEFAULT_START_TIME_US, Generator
+from firehose.devnet.httpfaults import HttpFaults
+from firehose.devnet.network import DevnetNetwork, NetworkConfig, json_bytes
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,33 @@ class DevnetConfig:
     malformed_every: int = 0  # inject a malformed frame after this many real frames; 0 = never
     start_time_us: int = DEFAULT_START_TIME_US
     truth_path: str | None = None  # written (atomically) once all events exist
+    # History (see clock.VirtualClock): the first history_events events fall in the
+    # history_days before now_us (None = the real time at start); the rest continue live.
+    now_us: int | None = None
+    history_days: float = 0.0
+    history_events: int = 0
+    # The HTTP side (see network.py): PDS hosts, PLC directory, prebuilt repos, CAR files.
+    pds_hosts: int = 3
+    plc_port: int = 0
+    pds_port_base: int = 0
+    repo_accounts: int = 0
+    repo_records: int = 0
+    extra_cars: tuple[str, ...] = ()
+    did_web_records: int = 0
+    http_faults: HttpFaults = field(default_factory=HttpFaults)
+
+    def network_config(self) -> NetworkConfig:
+        return NetworkConfig(
+            host=self.host,
+            pds_hosts=self.pds_hosts,
+            plc_port=self.plc_port,
+            pds_port_base=self.pds_port_base,
+            repo_accounts=self.repo_accounts,
+            repo_records=self.repo_records,
+            extra_cars=self.extra_cars,
+            did_web_records=self.did_web_records,
+            faults=self.http_faults,
+        )
 
 
 @dataclass
@@ -79,7 +108,11 @@ class DevnetRelay:
             seed=self.config.seed,
             accounts=self.config.accounts,
             start_time_us=self.config.start_time_us,
+            now_us=self.config.now_us,
+            history_days=self.config.history_days,
+            history_events=self.config.history_events,
         )
+        self.network = DevnetNetwork(self.config.network_config(), self.generator, self.config.seed)
         self.stats = RelayStats()
         self.generated = asyncio.Event()
         self._log: list[bytes] = []
@@ -92,6 +125,7 @@ class DevnetRelay:
     # ---- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        await self.network.start()  # builds prebuilt repos first: seconds when big
         self._server = await serve(
             self._handle,
             self.config.host,
@@ -109,6 +143,7 @@ class DevnetRelay:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        await self.network.stop()
 
     async def __aenter__(self) -> DevnetRelay:
         await self.start()
@@ -158,7 +193,7 @@ class DevnetRelay:
         return self._log[seq - self._dropped - 1]
 
     def truth(self) -> dict[str, Any]:
-        return self.generator.truth()
+        return self.network.truth(self.generator.truth())
 
     def write_truth(self, path: str | os.PathLike[str]) -> None:
         """Write the truth file atomically (tmp file + rename): readers never see half."""
@@ -216,9 +251,20 @@ class DevnetRelay:
     # ---- serving ------------------------------------------------------------------------------
 
     def _route(self, connection: ServerConnection, request: Request) -> Response | None:
-        if urlsplit(request.path).path != SUBSCRIBE_PATH:
+        if urlsplit(request.path).path == SUBSCRIBE_PATH:
+            return None  # the websocket handshake goes on
+        answer = self.network.relay_http(request.path)
+        if answer is None:
             return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
-        return None
+        # Plain HTTP on the websocket port (listRepos, stats): the backfill derives its
+        # HTTP base from RELAY_URL, as with a real relay.
+        status, body = answer
+        response = connection.respond(status, "")
+        response.body = json_bytes(body)
+        del response.headers["Content-Length"], response.headers["Content-Type"]
+        response.headers["Content-Length"] = str(len(response.body))
+        response.headers["Content-Type"] = "application/json"
+        return response
 
     async def _handle(self, ws: ServerConnection) -> None:
         self.stats.connections += 1

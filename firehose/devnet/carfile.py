@@ -1,0 +1,89 @@
+"""Real repository CAR files served verbatim by a devnet PDS (`--extra-car PATH`).
+
+The file is read once with libipld (an independent decoder; the devnet never imports
+`firehose.protocol`): the root is the signed commit (repository spec,
+https://atproto.com/specs/repository#commit-objects) whose `did` and `rev` identify the
+repo, and whose `data` is the MST root. Walking the MST (node ``{l, e: [{p, k, v, t}]}``)
+gives every record path and CID for the truth file; record values, where their blocks are
+present, give `createdAt` for the record-time rule. getRepo returns the file's bytes
+unchanged, so the backfill sees exactly what a real PDS produced.
+
+The account's signing key is not in the CAR, so the DID document the devnet's PLC directory
+serves for it has no verification method: signatures of these repos cannot be checked here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import libipld
+
+from firehose.devnet import dagcbor
+from firehose.devnet.clock import record_time_us
+
+HANDLE_SUFFIX = ".extra.devnet.test"
+
+
+@dataclass
+class CarRepo:
+    """One served CAR: identity, head, and the records the truth file lists."""
+
+    path: str
+    did: str
+    rev: str
+    commit_cid: bytes
+    data: bytes = field(repr=False)
+    records: dict[str, bytes] = field(default_factory=dict, repr=False)  # path -> cid
+    times: dict[str, int | None] = field(default_factory=dict, repr=False)
+    handle: str = ""
+
+    def truth_records(self) -> dict[str, str]:
+        return {f"at://{self.did}/{p}": dagcbor.cid_str(c) for p, c in self.records.items()}
+
+    def truth_times(self) -> dict[str, int | None]:
+        return {f"at://{self.did}/{p}": t for p, t in self.times.items()}
+
+
+def _cid_bytes(link: Any) -> bytes:
+    """libipld gives CID links as bytes (binary CID); tolerate the multibase-prefixed form."""
+    if isinstance(link, bytes):
+        return link[1:] if link[:1] == b"\x00" else link
+    if isinstance(link, str):
+        return dagcbor.cid_from_str(link)
+    raise ValueError(f"not a CID link: {link!r}")
+
+
+def _walk(blocks: dict[bytes, Any], cid: bytes, out: dict[str, bytes]) -> None:
+    node = blocks.get(cid)
+    if node is None:
+        raise ValueError(f"MST node {dagcbor.cid_str(cid)} missing from the CAR")
+    if node.get("l") is not None:
+        _walk(blocks, _cid_bytes(node["l"]), out)
+    previous = b""
+    for entry in node.get("e", []):
+        key = previous[: entry["p"]] + entry["k"]
+        out[key.decode()] = _cid_bytes(entry["v"])
+        previous = key
+        if entry.get("t") is not None:
+            _walk(blocks, _cid_bytes(entry["t"]), out)
+
+
+def load_car(path: str | Path, index: int) -> CarRepo:
+    """Parse a repo CAR file; `index` only names the synthetic handle."""
+    data = Path(path).read_bytes()
+    header, raw_blocks = libipld.decode_car(data)
+    blocks = {_cid_bytes(cid): value for cid, value in raw_blocks.items()}
+    root = _cid_bytes(header["roots"][0])
+    commit = blocks.get(root)
+    if not isinstance(commit, dict) or not isinstance(commit.get("did"), str):
+        raise ValueError(f"{path}: root block is not a repo commit")
+    repo = CarRepo(str(path), commit["did"], str(commit["rev"]), root, data)
+    _walk(blocks, _cid_bytes(commit["data"]), repo.records)
+    for record_path, cid in repo.records.items():
+        rkey = record_path.split("/", 1)[1]
+        value = blocks.get(cid)
+        repo.times[record_path] = record_time_us(rkey, value if isinstance(value, dict) else None)
+    repo.handle = f"extra-{index}{HANDLE_SUFFIX}"
+    return repo
