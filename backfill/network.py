@@ -1,0 +1,127 @@
+"""What the orchestration needs from the network, as a Protocol, and its HTTP implementation.
+
+The service talks to `Network` only, so unit tests inject a fake (counting in-flight
+downloads, failing on cue) and the real thing composes engineer N's modules: listRepos on
+the relay, DID resolution (PLC / did:web), getRepo through the polite per-host client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from backfill.settings import BackfillSettings
+
+MIB = 1024 * 1024
+LIST_REPOS_PAGE = 1000  # listRepos' maximum page size
+
+
+class RepoEntry(Protocol):
+    @property
+    def did(self) -> str: ...
+    @property
+    def active(self) -> bool: ...
+
+
+class RepoPage(Protocol):
+    @property
+    def repos(self) -> Sequence[RepoEntry]: ...
+    @property
+    def cursor(self) -> str | None: ...
+
+
+class Snapshot(Protocol):
+    did: str
+    rev: str
+    data_cid: str
+    bytes_downloaded: int
+
+    def writes(self, window: Any) -> Iterable[Any]: ...
+    def close(self) -> None: ...
+
+
+class Network(Protocol):
+    @property
+    def rate_limit_pauses(self) -> int: ...
+
+    async def list_repos(self, cursor: str | None, limit: int) -> RepoPage: ...
+    async def fetch(self, did: str) -> Snapshot: ...
+    def paused_hosts(self) -> dict[str, float]: ...
+    def known_hosts(self) -> set[str]: ...
+
+
+class HttpNetwork:
+    """The real network: relay listRepos, identity resolution, getRepo spooled to disk."""
+
+    def __init__(self, http: Any, resolver: Any, relay_base: str, *, max_bytes: int, spool: Path):
+        self._http = http
+        self._resolver = resolver
+        self._relay_base = relay_base
+        self._max_bytes = max_bytes
+        self._spool = spool
+
+    @property
+    def rate_limit_pauses(self) -> int:
+        return int(self._http.rate_limit_pauses)
+
+    async def list_repos(self, cursor: str | None, limit: int) -> RepoPage:
+        from backfill.relay_http import list_repos
+
+        page: RepoPage = await list_repos(self._http, self._relay_base, cursor, limit)
+        return page
+
+    async def fetch(self, did: str) -> Snapshot:
+        from backfill.download import fetch_repo
+        from backfill.hosts import FetchError
+
+        identity = await self._resolver.resolve(did)
+        try:
+            snap: Snapshot = await fetch_repo(
+                self._http, identity.pds, did, max_bytes=self._max_bytes, spool_dir=self._spool
+            )
+        except FetchError as err:
+            if err.reason in ("not_found", "repo_not_found"):
+                # The account may have moved to another PDS: re-resolve on the next attempt.
+                self._resolver.invalidate(did)
+            raise
+        return snap
+
+    def paused_hosts(self) -> dict[str, float]:
+        return dict(self._http.paused_hosts())
+
+    def known_hosts(self) -> set[str]:
+        return set(self._http.known_hosts())
+
+
+@contextlib.asynccontextmanager
+async def open_http_network(
+    settings: BackfillSettings, relay_url: str, *, per_host_concurrency: int | None = None
+) -> AsyncIterator[HttpNetwork]:
+    import aiohttp
+
+    from backfill.hosts import HostClient
+    from backfill.identity import IdentityResolver
+    from backfill.relay_http import relay_http_base
+
+    spool = Path(tempfile.mkdtemp(prefix="firehose-backfill-"))
+    try:
+        async with aiohttp.ClientSession() as session:
+            http = HostClient(
+                session,
+                per_host_concurrency=per_host_concurrency or max(4, settings.max_concurrent),
+                allow_private=settings.allow_private_network,
+            )
+            resolver = IdentityResolver(http, settings.plc_url)
+            yield HttpNetwork(
+                http,
+                resolver,
+                relay_http_base(relay_url),
+                max_bytes=settings.max_repo_mb * MIB,
+                spool=spool,
+            )
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)

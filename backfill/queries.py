@@ -1,0 +1,261 @@
+"""Named SQL of the backfill (tables from sql/003_backfill.sql). Every value is a bind parameter.
+
+Durations are bound as float seconds and turned into intervals with make_interval(secs => ...).
+Leases compare against the database clock (now()), never a client clock, so machines with
+skewed clocks still agree on when a lease expired.
+"""
+
+from __future__ import annotations
+
+ACTIVE_STATUSES = ("running", "paused", "paused_rate_limited")
+TERMINAL_STATUSES = ("completed", "failed")
+
+# -- jobs ----------------------------------------------------------------------------------
+
+JOB_ACTIVE = """
+SELECT * FROM backfill_jobs
+ WHERE status IN ('running', 'paused', 'paused_rate_limited')
+ ORDER BY id DESC LIMIT 1
+"""
+JOB_LATEST = "SELECT * FROM backfill_jobs ORDER BY id DESC LIMIT 1"
+JOB_LATEST_FOR_DAYS = "SELECT * FROM backfill_jobs WHERE days = $1 ORDER BY id DESC LIMIT 1"
+JOB_GET = "SELECT * FROM backfill_jobs WHERE id = $1"
+JOB_CREATE = """
+INSERT INTO backfill_jobs (days, cutoff, started_at, relay_url)
+VALUES ($1, $2, $3, $4)
+RETURNING *
+"""
+# A job replaced by one with another BACKFILL_DAYS: ends as failed, saying why.
+JOB_SUPERSEDE = """
+UPDATE backfill_jobs
+   SET status = 'failed', error = $2, completed_at = now(), updated_at = now(),
+       enum_owner = NULL, enum_lease_until = NULL
+ WHERE id = $1
+"""
+# Serialises the find-or-create decision of concurrent start-ups (with the unique index on
+# the active job as the backstop). Key: b"fh-bkfjb" as a big-endian int64.
+JOB_LOCK = "SELECT pg_advisory_xact_lock($1)"
+JOB_LOCK_KEY = int.from_bytes(b"fh-bkfjb", "big")
+
+# Control (CLI) and rate-limit state: only from the listed statuses, so a user's pause is
+# never overwritten by the service's own paused_rate_limited/running flips.
+JOB_SET_STATUS = """
+UPDATE backfill_jobs SET status = $2, updated_at = now()
+ WHERE id = $1 AND status = ANY($3::text[])
+RETURNING status
+"""
+JOB_STATUS = "SELECT status FROM backfill_jobs WHERE id = $1"
+JOB_ADD_RECORDS = """
+UPDATE backfill_jobs
+   SET records_received = records_received + $2,
+       records_processed = records_processed + $3,
+       records_skipped = records_skipped + $4,
+       bytes_downloaded = bytes_downloaded + $5,
+       updated_at = now()
+ WHERE id = $1
+"""
+# Completes the job when enumeration is finished and no repo is pending or in flight. One
+# statement, guarded by the status: of several processes only one completes it.
+JOB_COMPLETE = """
+UPDATE backfill_jobs j
+   SET status = 'completed', completed_at = now(), updated_at = now(),
+       summary = jsonb_build_object(
+           'job_id', j.id, 'days', j.days, 'cutoff', j.cutoff, 'started_at', j.started_at,
+           'completed_at', now(),
+           'duration_s', round(extract(epoch FROM now() - j.started_at)::numeric, 1),
+           'repos_total', j.repos_total, 'repos_done', j.repos_done,
+           'repos_failed', j.repos_failed, 'records_received', j.records_received,
+           'records_processed', j.records_processed, 'records_skipped', j.records_skipped,
+           'bytes_downloaded', j.bytes_downloaded, 'list_pages', j.list_pages)
+ WHERE j.id = $1
+   AND j.status IN ('running', 'paused_rate_limited')
+   AND j.enumeration_done
+   AND NOT EXISTS (SELECT 1 FROM backfill_repos r
+                    WHERE r.job_id = $1 AND r.state IN ('pending', 'in_progress'))
+RETURNING *
+"""
+JOB_FAIL = """
+UPDATE backfill_jobs SET status = 'failed', error = $2, completed_at = now(), updated_at = now()
+ WHERE id = $1 AND status IN ('running', 'paused', 'paused_rate_limited')
+"""
+
+# -- enumeration (listRepos) ---------------------------------------------------------------
+
+ENUM_CLAIM = """
+UPDATE backfill_jobs
+   SET enum_owner = $2, enum_lease_until = now() + make_interval(secs => $3::float8)
+ WHERE id = $1 AND NOT enumeration_done
+   AND (enum_owner IS NULL OR enum_owner = $2 OR enum_lease_until < now()
+        OR enum_owner = ANY($4::text[]))
+RETURNING list_cursor, list_pages
+"""
+ENUM_DONE = "SELECT enumeration_done FROM backfill_jobs WHERE id = $1"
+# Guarded by the owner and the cursor the page was fetched from: a process whose lease was
+# taken over cannot move the cursor (its inserts were idempotent anyway).
+ENUM_ADVANCE = """
+UPDATE backfill_jobs
+   SET list_cursor = $4, list_pages = list_pages + 1, enumeration_done = $5,
+       repos_total = repos_total + $6,
+       enum_lease_until = now() + make_interval(secs => $7::float8), updated_at = now()
+ WHERE id = $1 AND enum_owner = $2 AND list_cursor IS NOT DISTINCT FROM $3
+RETURNING list_pages
+"""
+
+# -- the queue -----------------------------------------------------------------------------
+
+# New repos are inserted; a known pending repo only gains priority. Done, failed or in-flight
+# repos are left alone (a done repo is never downloaded again). `inserted` feeds repos_total.
+REPOS_ENQUEUE = """
+WITH touched AS (
+    INSERT INTO backfill_repos AS r (job_id, did, priority)
+    SELECT $1, d, $3 FROM unnest($2::text[]) AS d
+    ON CONFLICT (job_id, did) DO UPDATE
+       SET priority = greatest(r.priority, EXCLUDED.priority), updated_at = now()
+     WHERE r.state = 'pending' AND r.priority < EXCLUDED.priority
+    RETURNING (xmax = 0) AS inserted
+)
+SELECT count(*) FILTER (WHERE inserted) AS inserted, count(*) AS touched FROM touched
+"""
+JOB_ADD_TOTAL = """
+UPDATE backfill_jobs SET repos_total = repos_total + $2, updated_at = now() WHERE id = $1
+"""
+REPOS_CLAIM = """
+WITH picked AS (
+    SELECT job_id, did FROM backfill_repos
+     WHERE job_id = $1 AND state = 'pending' AND next_attempt_at <= now()
+     ORDER BY priority DESC, next_attempt_at
+     LIMIT $3
+       FOR UPDATE SKIP LOCKED
+)
+UPDATE backfill_repos r
+   SET state = 'in_progress', lease_owner = $2,
+       lease_until = now() + make_interval(secs => $4::float8), updated_at = now()
+  FROM picked
+ WHERE r.job_id = picked.job_id AND r.did = picked.did
+RETURNING r.did, r.attempts, r.priority
+"""
+REPOS_RENEW = """
+UPDATE backfill_repos SET lease_until = now() + make_interval(secs => $4::float8)
+ WHERE job_id = $1 AND did = ANY($2::text[]) AND lease_owner = $3 AND state = 'in_progress'
+"""
+REPO_PROGRESS = """
+UPDATE backfill_repos
+   SET records = $4, bytes = $5, rev = $6,
+       lease_until = now() + make_interval(secs => $7::float8), updated_at = now()
+ WHERE job_id = $1 AND did = $2 AND lease_owner = $3 AND state = 'in_progress'
+"""
+# Done, and the job's counter with it, in one statement; nothing happens if the lease was lost.
+REPO_DONE = """
+WITH r AS (
+    UPDATE backfill_repos
+       SET state = 'done', rev = $4, records = $5, bytes = $6, error = NULL,
+           lease_owner = NULL, lease_until = NULL, updated_at = now()
+     WHERE job_id = $1 AND did = $2 AND lease_owner = $3 AND state = 'in_progress'
+    RETURNING 1
+)
+UPDATE backfill_jobs SET repos_done = repos_done + (SELECT count(*) FROM r), updated_at = now()
+ WHERE id = $1
+RETURNING (SELECT count(*) FROM r) AS changed
+"""
+# Back to pending after `delay_s`; attempts grows by $5 (0 for a rate-limit pause, which is
+# the host's state, not the repo's fault).
+REPO_RETRY = """
+UPDATE backfill_repos
+   SET state = 'pending', attempts = attempts + $5,
+       next_attempt_at = now() + make_interval(secs => $6::float8), error = $4,
+       lease_owner = NULL, lease_until = NULL, updated_at = now()
+ WHERE job_id = $1 AND did = $2 AND lease_owner = $3 AND state = 'in_progress'
+RETURNING attempts
+"""
+REPO_FAIL = """
+WITH r AS (
+    UPDATE backfill_repos
+       SET state = 'failed', attempts = attempts + 1, error = $4,
+           lease_owner = NULL, lease_until = NULL, updated_at = now()
+     WHERE job_id = $1 AND did = $2 AND lease_owner = $3 AND state = 'in_progress'
+    RETURNING 1
+)
+UPDATE backfill_jobs SET repos_failed = repos_failed + (SELECT count(*) FROM r),
+       updated_at = now()
+ WHERE id = $1
+RETURNING (SELECT count(*) FROM r) AS changed
+"""
+# Stuck-work recovery: leases that expired, or whose owners are known dead ($2: owners on
+# this host whose process is gone, checked at start-up, so a restart need not wait for the
+# lease to expire). The interrupted attempt counts, so a repo that kills its process every
+# time ends as failed instead of looping; $3 is BACKFILL_MAX_ATTEMPTS.
+REPOS_RECLAIM = """
+WITH r AS (
+    UPDATE backfill_repos
+       SET state = CASE WHEN attempts + 1 >= $3 THEN 'failed' ELSE 'pending' END,
+           attempts = attempts + 1, error = 'lease expired (worker stopped or stalled)',
+           next_attempt_at = now(), lease_owner = NULL, lease_until = NULL, updated_at = now()
+     WHERE job_id = $1 AND state = 'in_progress'
+       AND (lease_until < now() OR lease_owner = ANY($2::text[]))
+    RETURNING state
+)
+UPDATE backfill_jobs
+   SET repos_failed = repos_failed + (SELECT count(*) FROM r WHERE state = 'failed'),
+       updated_at = now()
+ WHERE id = $1
+RETURNING (SELECT count(*) FROM r) AS reclaimed
+"""
+REPOS_RETRY_FAILED = """
+WITH r AS (
+    UPDATE backfill_repos
+       SET state = 'pending', attempts = 0, next_attempt_at = now(), error = NULL,
+           updated_at = now()
+     WHERE job_id = $1 AND state = 'failed'
+    RETURNING 1
+)
+UPDATE backfill_jobs
+   SET repos_failed = repos_failed - (SELECT count(*) FROM r),
+       status = CASE WHEN status = 'completed' AND (SELECT count(*) FROM r) > 0
+                     THEN 'running' ELSE status END,
+       completed_at = CASE WHEN (SELECT count(*) FROM r) > 0 THEN NULL ELSE completed_at END,
+       updated_at = now()
+ WHERE id = $1
+RETURNING (SELECT count(*) FROM r) AS retried
+"""
+REPOS_BY_STATE = """
+SELECT state, count(*) AS n FROM backfill_repos WHERE job_id = $1 GROUP BY state
+"""
+LEASE_OWNERS_ON_HOST = """
+SELECT DISTINCT lease_owner FROM backfill_repos
+ WHERE job_id = $1 AND state = 'in_progress' AND starts_with(lease_owner, $2)
+UNION
+SELECT enum_owner FROM backfill_jobs WHERE id = $1 AND starts_with(enum_owner, $2)
+"""
+BACKFILL_CURSOR_TOUCH = """
+UPDATE firehose_cursor SET updated_at = now() WHERE service = 'backfill'
+"""
+REPOS_IN_PROGRESS = """
+SELECT count(*) FROM backfill_repos WHERE job_id = $1 AND state = 'in_progress'
+"""
+REPOS_PENDING_EXISTS = """
+SELECT EXISTS (SELECT 1 FROM backfill_repos WHERE job_id = $1 AND state = 'pending')
+"""
+REPOS_FAILED_SAMPLE = """
+SELECT did, attempts, error FROM backfill_repos
+ WHERE job_id = $1 AND state = 'failed' ORDER BY did LIMIT $2
+"""
+
+# Tables a backfill writes; VACUUM ANALYZE'd on completion with BACKFILL_VACUUM=true.
+# (Identifiers are constants here, never input.)
+VACUUM_TABLES = (
+    "records",
+    "record_tombstones",
+    "actors",
+    "posts",
+    "likes",
+    "reposts",
+    "follows",
+    "blocks",
+    "profiles",
+    "lists",
+    "list_items",
+    "feed_generators",
+    "starter_packs",
+    "backfill_repos",
+    "backfill_jobs",
+)

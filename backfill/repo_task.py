@@ -1,0 +1,237 @@
+"""One claimed repo: download, write its in-window records in throttled batches, finish.
+
+* At most BACKFILL_MAX_CONCURRENT repos are in flight per process (the semaphore around
+  download + write).
+* Records go to firehose.storage.writer.write_snapshot in batches of BACKFILL_BATCH_SIZE,
+  with BACKFILL_BATCH_DELAY_MS between batches and the throttles checked before each batch.
+  Every row carries the snapshot's rev, so backfill and live converge in any order; the repo
+  head (did, rev, data cid) is written with the last batch, once all records are in.
+* A failure retries with backoff (1 s, 2 s, 4 s ...) while transient and under
+  BACKFILL_MAX_ATTEMPTS; a 429 re-queues the repo for when the host resumes, without
+  counting an attempt. When the backfill stops, in-flight repos are released (pending again,
+  no attempt counted) with their progress saved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import asyncpg
+
+from backfill import jobs, queries, queue
+from backfill.context import Context, Halted
+from backfill.progress import SAVE_EVERY_RECORDS, Counts
+from backfill.queue import Claimed, backoff_s
+from backfill.window import Window
+from firehose.model import RecordWrite
+from firehose.settings import collection_wanted
+from firehose.storage.writer import write_snapshot
+
+log = logging.getLogger("backfill")
+
+YIELD_EVERY_RECORDS = 1000  # give the event loop a turn while walking a big repo
+FAILURE_REASONS = frozenset(
+    {
+        "connection",
+        "timeout",
+        "truncated",
+        "too_large",
+        "bad_response",
+        "rate_limited",
+        "server_error",
+        "not_found",
+        "repo_not_found",
+        "repo_deactivated",
+        "repo_takendown",
+        "repo_suspended",
+        "client_error",
+        "forbidden_address",
+        "bad_url",
+        "bad_did",
+        "bad_document",
+        "no_pds",
+        "network",
+        "database",
+    }
+)
+_TRANSIENT_TYPES = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+class RepoTask:
+    def __init__(self, ctx: Context, slots: asyncio.Semaphore) -> None:
+        self.ctx = ctx
+        self.slots = slots
+        self.window = Window(cutoff=ctx.job.cutoff)
+
+    async def run(self, c: Claimed) -> None:
+        ctx = self.ctx
+        async with self.slots:
+            ctx.in_flight.add(c.did)
+            try:
+                await self._process(c)
+            except Halted:
+                await self._release(c)
+            finally:
+                ctx.in_flight.discard(c.did)
+
+    async def _process(self, c: Claimed) -> None:
+        ctx = self.ctx
+        started = time.monotonic()
+        try:
+            snap = await ctx.until_halt(ctx.network.fetch(c.did))
+        except Halted:
+            raise
+        except Exception as exc:
+            await self._failed_attempt(c, exc)
+            return
+        ctx.metrics.fetch_seconds.observe(time.monotonic() - started)
+        ctx.metrics.bytes_downloaded.inc(snap.bytes_downloaded)
+        try:
+            written = await self._write(c, snap)
+        except Halted:
+            raise
+        except Exception as exc:
+            await self._failed_attempt(c, exc)
+            return
+        finally:
+            snap.close()
+        async with ctx.conn() as conn:
+            await queue.mark_done(
+                conn, ctx.job.id, c.did, ctx.owner,
+                rev=snap.rev, records=written, bytes_=snap.bytes_downloaded,
+            )  # fmt: skip
+            await self._save(conn, force=True)
+
+    async def _write(self, c: Claimed, snap: Any) -> int:
+        """Write the snapshot's in-window records; the number written."""
+        ctx = self.ctx
+        size = ctx.settings.batch_size
+        counts = Counts(bytes=snap.bytes_downloaded)
+        written = 0
+        since_save = 0
+        batch: list[RecordWrite] = []
+        head = [(snap.did, snap.rev, snap.data_cid)]
+        for n, item in enumerate(snap.writes(self.window), 1):
+            counts.received += 1
+            if not isinstance(item, RecordWrite) or not collection_wanted(
+                item.collection, ctx.wanted_collections
+            ):
+                counts.skipped += 1
+            else:
+                batch.append(item)
+            if len(batch) >= size:
+                written += await self._write_batch(batch, None, counts)
+                since_save += len(batch)
+                batch = []
+                if since_save >= SAVE_EVERY_RECORDS:
+                    since_save = 0
+                    await self._save_repo(c, snap, written)
+                await ctx.sleep(ctx.settings.batch_delay_ms / 1000)
+            elif n % YIELD_EVERY_RECORDS == 0:
+                await asyncio.sleep(0)
+        # The last batch (maybe empty) carries the repo head: all records are in by then.
+        written += await self._write_batch(batch, head, counts)
+        return written
+
+    async def _write_batch(self, batch: list[RecordWrite], head: Any, counts: Counts) -> int:
+        ctx = self.ctx
+        await ctx.throttle.wait_clear(ctx.halt)
+        if ctx.halt.is_set():
+            raise Halted
+        async with ctx.conn() as conn:
+            stats = await write_snapshot(conn, batch, heads=head)
+        processed = len(batch) - stats.invalid
+        counts.processed += processed
+        counts.skipped += stats.invalid
+        self._count(counts)
+        return processed
+
+    def _count(self, counts: Counts) -> None:
+        """Move `counts` into the process totals (and metrics), then zero it."""
+        m = self.ctx.metrics
+        m.records.labels("received").inc(counts.received)
+        m.records.labels("processed").inc(counts.processed)
+        m.records.labels("skipped").inc(counts.skipped)
+        self.ctx.progress.add(counts)
+        counts.received = counts.processed = counts.skipped = counts.bytes = 0
+
+    async def _save_repo(self, c: Claimed, snap: Any, written: int) -> None:
+        ctx = self.ctx
+        async with ctx.conn() as conn:
+            await queue.save_repo_progress(
+                conn, ctx.job.id, c.did, ctx.owner, records=written,
+                bytes_=snap.bytes_downloaded, rev=snap.rev, lease_s=ctx.lease_s,
+            )  # fmt: skip
+            await self._save(conn, force=False)
+
+    async def _save(self, conn: Any, *, force: bool) -> None:
+        await save_progress(self.ctx, conn, force=force)
+
+    async def _failed_attempt(self, c: Claimed, exc: BaseException) -> None:
+        ctx = self.ctx
+        reason = failure_reason(exc)
+        transient = bool(getattr(exc, "transient", isinstance(exc, _TRANSIENT_TYPES)))
+        retry_after = getattr(exc, "retry_after_s", None)
+        ctx.metrics.repo_failures.labels(reason).inc()
+        error = f"{reason}: {exc}"[:1000]
+        attempt = c.attempts + 1
+        async with ctx.conn() as conn:
+            if reason == "rate_limited":
+                delay = retry_after if retry_after is not None else backoff_s(attempt)
+                await queue.mark_retry(
+                    conn, ctx.job.id, c.did, ctx.owner, error, delay, counts=False
+                )
+                return
+            if transient and attempt < ctx.settings.max_attempts:
+                delay = max(backoff_s(attempt), retry_after or 0.0)
+                log.warning(
+                    "[BACKFILL] %s: attempt %d/%d failed, retry in %.0fs: %s",
+                    c.did, attempt, ctx.settings.max_attempts, delay, error,
+                )  # fmt: skip
+                await queue.mark_retry(
+                    conn, ctx.job.id, c.did, ctx.owner, error, delay, counts=True
+                )
+                return
+            log.warning("[BACKFILL] %s failed after %d attempt(s): %s", c.did, attempt, error)
+            await queue.mark_failed(conn, ctx.job.id, c.did, ctx.owner, error)
+
+    async def _release(self, c: Claimed) -> None:
+        """Stopping: hand the repo back (pending, no attempt counted) for the next start."""
+        ctx = self.ctx
+        try:
+            async with ctx.conn() as conn:
+                await queue.mark_retry(
+                    conn, ctx.job.id, c.did, ctx.owner, "interrupted by stop", 0.0, counts=False
+                )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("[BACKFILL] could not release %s (its lease will expire): %s", c.did, exc)
+
+
+def failure_reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, str) and reason in FAILURE_REASONS:
+        return reason
+    if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError):
+        return "database"
+    if isinstance(exc, OSError | TimeoutError):
+        return "connection"
+    return "bad_response"
+
+
+async def save_progress(ctx: Context, conn: Any, *, force: bool) -> None:
+    """Add this process's unsaved counters to the job row (every 1000 records, or now)."""
+    if not (force or ctx.progress.save_due()) or ctx.progress.unsaved.empty:
+        return
+    delta = ctx.progress.take_unsaved()
+    try:
+        await jobs.add_records(
+            conn, ctx.job.id, received=delta.received, processed=delta.processed,
+            skipped=delta.skipped, bytes_=delta.bytes,
+        )  # fmt: skip
+        await conn.execute(queries.BACKFILL_CURSOR_TOUCH)
+    except BaseException:
+        ctx.progress.unsaved.add(delta)  # not saved: keep it for the next try
+        raise

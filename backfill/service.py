@@ -1,0 +1,358 @@
+"""BackfillService: the history of the last BACKFILL_DAYS days, next to the live stream.
+
+`run(stop)` reads like a table of contents: announce, open the job, recover stuck work,
+queue the priority repos, then three loops until the job completes or `stop` is set —
+enumerate repos, dispatch them to throttled repo tasks, and a control loop (pause/resume
+from the job row, rate-limit state, lease renewal, stuck-work recovery, metrics, progress
+lines). On completion: the summary (log + job row) and, with BACKFILL_VACUUM=true, VACUUM
+ANALYZE. On stop: in-flight repos are handed back and counters saved, promptly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+from prometheus_client import CollectorRegistry
+
+from backfill import jobs, queue
+from backfill.context import Context
+from backfill.enumeration import enumerate_until_done
+from backfill.jobs import Job
+from backfill.metrics import BackfillMetrics
+from backfill.network import Network, open_http_network
+from backfill.progress import Progress, config_lines, start_line
+from backfill.repo_task import RepoTask, save_progress
+from backfill.settings import BackfillSettings
+from backfill.status import job_status
+from backfill.throttle import LivePressure, Throttle, process_rss_bytes
+
+__all__ = ["BackfillService", "LivePressure", "should_run"]
+
+log = logging.getLogger("backfill")
+
+CONTROL_POLL_S = 1.0  # pause/resume from the CLI are noticed within this
+DISPATCH_POLL_S = 0.2  # empty queue: look again this often
+RECLAIM_EVERY_S = 15.0  # stuck-work recovery while running
+
+
+def should_run(settings: BackfillSettings, worker_id: int) -> bool:
+    """The start rule, with its log line when the backfill does not run here."""
+    if not settings.enabled:
+        log.info("[BACKFILL] Backfill disabled (BACKFILL_DAYS=0)")
+        return False
+    if worker_id != 0 and not settings.on_all_workers:
+        log.info(
+            "[BACKFILL] Skipping backfill on worker %d: it runs only on the primary worker "
+            "(WORKER_ID=0); set BACKFILL_ON_ALL_WORKERS=true to let this worker help",
+            worker_id,
+        )
+        return False
+    return True
+
+
+class BackfillService:
+    def __init__(
+        self,
+        settings: BackfillSettings,
+        pool: asyncpg.Pool,
+        registry: CollectorRegistry,
+        *,
+        relay_url: str,
+        worker_id: int,
+        live_pressure: Callable[[], LivePressure] | None,
+        network: Network | None = None,
+        rss_reader: Callable[[], int] = process_rss_bytes,
+        wanted_collections: tuple[str, ...] = (),
+        lease_s: float | None = None,
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.metrics = BackfillMetrics.create(registry)
+        self.relay_url = relay_url
+        self.worker_id = worker_id
+        self.throttle = Throttle(
+            max_memory_mb=settings.max_memory_mb,
+            use_idle=settings.use_idle,
+            rss_reader=rss_reader,
+            live_pressure=live_pressure,
+        )
+        self.throttle.on_change = self.metrics.set_throttle
+        self.progress = Progress()
+        self._network = network
+        self._wanted = wanted_collections
+        self._lease_s = lease_s
+        self._ctx: Context | None = None
+        self._status: dict[str, Any] = {"state": "starting"}
+        self.metrics.memory_limit_bytes.set(settings.max_memory_mb * 1024 * 1024)
+
+    # -- the table of contents -------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        if self.settings.dry_run:
+            from backfill.dryrun import dry_run
+
+            async with self._open_network() as net:
+                await dry_run(self.settings, net, stop, log_start=self._announce)
+            return
+        self._announce()
+        async with self._open_network() as net:
+            job = await self._open_job()
+            if job is None:
+                return
+            ctx = self._context(job, net)
+            await self._recover_stuck_work(ctx, at_start=True)
+            await self._queue_priority_repos(ctx)
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._watch_stop(ctx, stop))
+                    tg.create_task(self._control(ctx))
+                    tg.create_task(enumerate_until_done(ctx))
+                    tg.create_task(self._dispatch(ctx))
+            finally:
+                await self._save_on_exit(ctx)
+
+    def status(self) -> dict[str, Any]:
+        return dict(self._status)
+
+    # -- start ---------------------------------------------------------------------------
+
+    def _announce(self) -> None:
+        s = self.settings
+        log.info(start_line(s.days, self.worker_id))
+        lines = config_lines(
+            s.batch_size, s.batch_delay_ms, s.max_concurrent, s.max_memory_mb, s.use_idle
+        )
+        log.info("\n".join(lines))
+
+    @contextlib.asynccontextmanager
+    async def _open_network(self) -> AsyncIterator[Network]:
+        if self._network is not None:
+            yield self._network
+            return
+        async with open_http_network(self.settings, self.relay_url) as net:
+            yield net
+
+    async def _open_job(self) -> Job | None:
+        now = datetime.now(UTC)
+        async with self.pool.acquire() as conn:
+            decision = await jobs.ensure_job(conn, self.settings.days, self.relay_url, now)
+            job = decision.job
+            if decision.superseded is not None:
+                old = decision.superseded
+                log.info(
+                    "[BACKFILL] BACKFILL_DAYS changed from %d to %d: job %d ended, "
+                    "starting a new job",
+                    old.days,
+                    job.days,
+                    old.id,
+                )
+            if decision.action == "already_completed":
+                log.info(
+                    "[BACKFILL] Job %d (BACKFILL_DAYS=%d) already completed at %s; nothing to do",
+                    job.id,
+                    job.days,
+                    job.completed_at,
+                )
+                self._status = {"state": "completed", "job_id": job.id}
+                return None
+            if decision.action == "created":
+                from firehose.storage.writer import save_cursor
+
+                await save_cursor(conn, "backfill", 0, None)  # a new job pages from the start
+                log.info("[BACKFILL] New job %d: %s", job.id, job.describe_window())
+            else:
+                log.info(
+                    "[BACKFILL] Resuming job %d (%s): %d/%d repos done, listRepos page %d",
+                    job.id,
+                    job.describe_window(),
+                    job.repos_done,
+                    job.repos_total,
+                    job.list_pages,
+                )
+        return job
+
+    def _context(self, job: Job, net: Network) -> Context:
+        ctx = Context(
+            settings=self.settings,
+            pool=self.pool,
+            network=net,
+            metrics=self.metrics,
+            throttle=self.throttle,
+            progress=self.progress,
+            job=job,
+            owner=queue.owner_id(self.worker_id),
+            halt=asyncio.Event(),
+            # The live path must always find a pooled connection for its next commit.
+            db_slots=asyncio.Semaphore(max(1, self.pool.get_max_size() - 1)),
+            wanted_collections=self._wanted,
+        )
+        if self._lease_s is not None:
+            ctx.lease_s = self._lease_s
+        self._ctx = ctx
+        return ctx
+
+    async def _recover_stuck_work(self, ctx: Context, *, at_start: bool) -> None:
+        async with ctx.conn() as conn:
+            if at_start:
+                ctx.dead_owners = await queue.dead_owners_on_host(conn, ctx.job.id)
+            n = await queue.reclaim(
+                conn, ctx.job.id, self.settings.max_attempts, ctx.dead_owners if at_start else ()
+            )
+        if n:
+            log.info("[BACKFILL] Recovered %d stuck repo(s) from stopped or stalled workers", n)
+
+    async def _queue_priority_repos(self, ctx: Context) -> None:
+        if self.settings.dids:
+            async with ctx.conn() as conn:
+                await queue.enqueue(conn, ctx.job.id, self.settings.dids, queue.PRIORITY_REQUESTED)
+
+    # -- the loops -----------------------------------------------------------------------
+
+    async def _watch_stop(self, ctx: Context, stop: asyncio.Event) -> None:
+        stop_wait = asyncio.ensure_future(stop.wait())
+        halt_wait = asyncio.ensure_future(ctx.halt.wait())
+        await asyncio.wait({stop_wait, halt_wait}, return_when=asyncio.FIRST_COMPLETED)
+        stop_wait.cancel()
+        halt_wait.cancel()
+        ctx.halt.set()
+
+    async def _dispatch(self, ctx: Context) -> None:
+        """Claim repos while there are free slots and no throttle holds; complete the job
+        when every repo is finished."""
+        limit = self.settings.max_concurrent
+        slots = asyncio.Semaphore(limit)
+        runner = RepoTask(ctx, slots)
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            while not ctx.halt.is_set():
+                tasks = {t for t in tasks if not t.done()}
+                await self.throttle.wait_clear(ctx.halt)
+                free = limit - len(tasks)
+                claimed: list[queue.Claimed] = []
+                if free > 0 and not ctx.halt.is_set():
+                    async with ctx.conn() as conn:
+                        claimed = await queue.claim(conn, ctx.job.id, ctx.owner, free, ctx.lease_s)
+                for c in claimed:
+                    tasks.add(asyncio.create_task(runner.run(c)))
+                if claimed:
+                    continue
+                if not tasks and await self._try_complete(ctx):
+                    return
+                if tasks:
+                    await asyncio.wait(
+                        tasks, timeout=DISPATCH_POLL_S, return_when="FIRST_COMPLETED"
+                    )
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(ctx.halt.wait(), DISPATCH_POLL_S)
+        finally:
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            ctx.halt.set()
+
+    async def _try_complete(self, ctx: Context) -> bool:
+        async with ctx.conn() as conn:
+            await save_progress(ctx, conn, force=True)
+            done = await jobs.try_complete(conn, ctx.job.id)
+            if done is None:
+                current = await jobs.load_job(conn, ctx.job.id)
+                # Completed (or failed) by another process or the enumerator: stop too.
+                return current is None or not current.active
+        self._log_summary(done)
+        if self.settings.vacuum:
+            log.info("[BACKFILL] BACKFILL_VACUUM=true: VACUUM ANALYZE of the touched tables...")
+            async with ctx.conn() as conn:
+                tables = await jobs.vacuum_analyze(conn)
+            log.info("[BACKFILL] VACUUM ANALYZE done: %s", ", ".join(tables))
+        return True
+
+    def _log_summary(self, job: Job) -> None:
+        self.progress.log(
+            self.throttle.rss_bytes or process_rss_bytes(), self.settings.max_memory_mb
+        )
+        log.info("[BACKFILL] Completed job %d: %s", job.id, json.dumps(job.summary, default=str))
+        self.metrics.set_status("completed")
+        self._status = {"state": "completed", "job_id": job.id, "summary": job.summary}
+
+    async def _control(self, ctx: Context) -> None:
+        last_reclaim = last_renew = time.monotonic()
+        seen_pauses = 0
+        announced = ""
+        while not ctx.halt.is_set():
+            async with ctx.conn() as conn:
+                job = await jobs.load_job(conn, ctx.job.id)
+                if job is None or not job.active:
+                    ctx.halt.set()  # completed, failed or superseded elsewhere
+                    return
+                status = await self._rate_limit_status(ctx, conn, job.status)
+                snapshot = await job_status(conn, job)
+            self.throttle.paused = status == "paused"
+            if status != announced:
+                if status != "running" or announced:
+                    log.info("[BACKFILL] Job %d is %s", job.id, status)
+                announced = status
+            pauses = ctx.network.rate_limit_pauses
+            if pauses > seen_pauses:
+                self.metrics.rate_limit_pauses.inc(pauses - seen_pauses)
+                seen_pauses = pauses
+            self._publish(snapshot, status)
+            now = time.monotonic()
+            if now - last_renew >= ctx.lease_s / 3:
+                last_renew = now
+                async with ctx.conn() as conn:
+                    await queue.renew(conn, ctx.job.id, list(ctx.in_flight), ctx.owner, ctx.lease_s)
+            if now - last_reclaim >= RECLAIM_EVERY_S:
+                last_reclaim = now
+                await self._recover_stuck_work(ctx, at_start=False)
+            if self.progress.log_due():
+                self.progress.log(self.throttle.rss_bytes, self.settings.max_memory_mb)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ctx.halt.wait(), CONTROL_POLL_S)
+
+    async def _rate_limit_status(self, ctx: Context, conn: Any, status: str) -> str:
+        """paused_rate_limited while every known host is paused by a 429; running after."""
+        known = ctx.network.known_hosts()
+        all_paused = bool(known) and known <= set(ctx.network.paused_hosts())
+        self.throttle.rate_limited = all_paused
+        if (
+            all_paused
+            and status == "running"
+            and await jobs.set_status(conn, ctx.job.id, "paused_rate_limited", ("running",))
+        ):
+            return "paused_rate_limited"
+        if (
+            not all_paused
+            and status == "paused_rate_limited"
+            and await jobs.set_status(conn, ctx.job.id, "running", ("paused_rate_limited",))
+        ):
+            return "running"
+        return status
+
+    def _publish(self, snapshot: dict[str, Any], status: str) -> None:
+        m = self.metrics
+        for state, n in snapshot["repos"].items():
+            m.repos.labels(state).set(n)
+        m.set_status(status)
+        m.rss_bytes.set(self.throttle.rss_bytes)
+        m.progress_ratio.set(snapshot["progress_ratio"])
+        eta = snapshot["eta_s"]
+        m.eta_seconds.set(-1 if eta is None else eta)
+        self._status = {"state": status, **snapshot}
+
+    async def _save_on_exit(self, ctx: Context) -> None:
+        try:
+            async with ctx.conn() as conn:
+                await save_progress(ctx, conn, force=True)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("[BACKFILL] could not save progress on exit: %s", exc)
+        if self._status.get("state") != "completed":
+            self.progress.log(self.throttle.rss_bytes, self.settings.max_memory_mb)
+            log.info("[BACKFILL] Stopped; progress saved (job %d)", ctx.job.id)
