@@ -1,4 +1,4 @@
-"""Command line: `firehose run | devnet | migrate`. `python -m firehose` is `firehose run`.
+"""Command line: `firehose run | devnet | migrate | backfill ...`. `python -m firehose` is `firehose run`.
 
 Configuration comes from the environment (see README); a bad value exits with status 2 and
 a message naming the variable (design invariant 6).
@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     devnet_cli.add_arguments(devnet)
 
     sub.add_parser("migrate", help="apply database migrations and exit")
+
+    from backfill import cli as backfill_cli
+
+    backfill_cli.add_subcommands(sub)
     return parser
 
 
@@ -73,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(settings.log_level, settings.log_format)
     if command == "migrate":
         return _run_async(_migrate(settings))
+    if command == "backfill":
+        from backfill import cli as backfill_cli
+
+        return backfill_cli.handle(args, settings)
     return _run_async(
         _run(
             settings,
