@@ -1,0 +1,288 @@
+"""One repo snapshot: ``com.atproto.sync.getRepo`` streamed to a disk spool, then walked.
+
+A repo export is a CAR whose root is the signed commit
+(https://atproto.com/specs/repository#car-file-serialization). Big accounts export
+hundreds of MB, so the CAR is never held in memory: `CarStreamReader` verifies every
+block's sha256 as chunks arrive and each block is appended to an anonymous temp file in
+`spool_dir` (O_TMPFILE where available: nothing is left behind even after kill -9). Memory
+holds only an index, digest prefix -> (offset, length), 16 bytes per block whatever the
+block size (see `BlockSpool`). The MST walk then reads nodes and records back with
+``os.pread``.
+
+Before `fetch_repo` returns, the MST is walked once checking that every node and record
+block is present: an export cut at a block boundary (which the CAR reader cannot notice)
+becomes a transient `FetchError` instead of a silently partial snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from array import array
+from bisect import bisect_left
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from backfill.hosts import FetchError, HostClient
+from backfill.window import Window
+from firehose.model import Action, RecordWrite
+from firehose.protocol.car import Car, CarStreamReader
+from firehose.protocol.cbor import decode_record
+from firehose.protocol.cid import CID_BYTES, cid_bytes_from_str, cid_str_from_bytes
+from firehose.protocol.errors import ProtocolError
+from firehose.protocol.mst import read_commit, walk_mst
+from firehose.protocol.syntax import is_nsid, is_record_key
+
+GET_REPO_PATH = "/xrpc/com.atproto.sync.getRepo"
+SPOOL_WRITE_BUFFER_BYTES = 1024 * 1024
+_LENGTH_BITS = 21  # a section is at most CID_BYTES + MAX_BLOCK_BYTES (1 MiB) < 2**21
+_LENGTH_MASK = (1 << _LENGTH_BITS) - 1
+_KEY_SLICE = slice(4, 12)  # 8 bytes of the sha256 digest: the index key
+
+SKIP_WINDOW = "window"
+SKIP_INVALID = "invalid"
+
+
+@dataclass(frozen=True, slots=True)
+class SkippedRecord:
+    """A record not written: outside the window (``window``) or undecodable (``invalid``)."""
+
+    reason: str
+    collection: str = ""
+    rkey: str = ""
+    detail: str = ""
+
+
+class BlockSpool:
+    """Verified blocks on disk (``cid || block`` per entry) with a compact in-memory index.
+
+    The index is two ``array('Q')``: the key (8 bytes of the block's sha256 digest) and the
+    packed ``offset << 21 | length`` of each section, 16 bytes per block (a dict of the same
+    would cost ~140). `add` appends; `seal` sorts them once, after the download (stable, so
+    among repeated sections the last copy wins, as in `read_car`); `get` bisects. The stored
+    CID is compared on every read, so two CIDs sharing a key (the same digest under another
+    codec, or a hostile collision) are told apart.
+    """
+
+    def __init__(self, spool_dir: Path) -> None:
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        # Owned by the spool for its lifetime; closed (and so deleted) by `close`.
+        self._file: BinaryIO = tempfile.TemporaryFile(  # noqa: SIM115
+            dir=spool_dir, prefix="repo-", suffix=".blocks"
+        )
+        self._fd = self._file.fileno()
+        self._keys = array("Q")
+        self._packed = array("Q")
+        self._sealed = False
+        self._buffer = bytearray()
+        self._size = 0  # bytes written or buffered
+        self.blocks = 0
+
+    def add(self, cid: bytes, block: bytes) -> None:
+        if self._sealed:
+            raise ValueError("spool is sealed")
+        self._keys.append(int.from_bytes(cid[_KEY_SLICE], "little"))
+        self._packed.append((self._size << _LENGTH_BITS) | (CID_BYTES + len(block)))
+        self._buffer += cid
+        self._buffer += block
+        self._size += CID_BYTES + len(block)
+        self.blocks += 1
+        if len(self._buffer) >= SPOOL_WRITE_BUFFER_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buffer:
+            self._file.write(self._buffer)
+            self._file.flush()
+            self._buffer.clear()
+
+    def seal(self) -> None:
+        """Flush and sort the index (CPU: run it off the event loop for big repos)."""
+        self.flush()
+        if self._sealed:
+            return
+        keys, packed = self._keys, self._packed
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        self._keys = array("Q", [keys[i] for i in order])
+        self._packed = array("Q", [packed[i] for i in order])
+        self._sealed = True
+
+    def _read_section(self, packed: int) -> tuple[bytes, bytes]:
+        offset, length = packed >> _LENGTH_BITS, packed & _LENGTH_MASK
+        data = os.pread(self._fd, length, offset)
+        return data[:CID_BYTES], data[CID_BYTES:]
+
+    def get(self, cid: bytes) -> bytes | None:
+        """The block of binary CID `cid`, read from disk, or None if absent."""
+        if not self._sealed:
+            raise ValueError("spool is not sealed")
+        keys = self._keys
+        key = int.from_bytes(cid[_KEY_SLICE], "little")
+        i = bisect_left(keys, key)
+        found = None
+        while i < len(keys) and keys[i] == key:
+            stored, block = self._read_section(self._packed[i])
+            if stored == cid:
+                found = block  # keep scanning: the last copy wins
+            i += 1
+        return found
+
+    def has_key_for(self, cid: bytes) -> bool:
+        """Cheap presence test (index only, no disk read): for the completeness walk."""
+        key = int.from_bytes(cid[_KEY_SLICE], "little")
+        i = bisect_left(self._keys, key)
+        return i < len(self._keys) and self._keys[i] == key
+
+    def close(self) -> None:
+        self._keys = array("Q")
+        self._packed = array("Q")
+        self._buffer.clear()
+        self._file.close()
+
+
+@dataclass
+class RepoSnapshot:
+    """A verified getRepo download, spooled to disk. Call `close` (or use ``with``)."""
+
+    did: str
+    rev: str
+    commit_cid: str
+    data_cid: str
+    bytes_downloaded: int
+    blocks: int = 0
+    records: int = 0  # MST entries (found by the completeness walk)
+    _spool: BlockSpool | None = field(default=None, repr=False)
+
+    def writes(self, window: Window) -> Iterator[RecordWrite | SkippedRecord]:
+        """Records in MST key order as RecordWrite(CREATE, rev=snapshot rev), or Skipped.
+
+        Synchronous and CPU/disk bound: run it off the event loop for big repos. The window
+        is applied to the rkey first, so a record outside a TID window is never read.
+        """
+        spool = self._spool
+        if spool is None:
+            raise ValueError("snapshot is closed")
+        did, rev = self.did, self.rev
+        for key, cid in walk_mst(self.data_cid, spool.get):
+            collection, _, rkey = key.partition("/")
+            if not is_nsid(collection) or not is_record_key(rkey):
+                yield SkippedRecord(SKIP_INVALID, collection[:100], rkey[:100], "bad MST key")
+                continue
+            verdict = window.rkey_verdict(rkey)
+            if verdict is False:
+                yield SkippedRecord(SKIP_WINDOW, collection, rkey)
+                continue
+            block = spool.get(cid)
+            if block is None:
+                yield SkippedRecord(SKIP_INVALID, collection, rkey, "record block missing")
+                continue
+            try:
+                record, sanitized = decode_record(block)
+            except ProtocolError as exc:
+                yield SkippedRecord(SKIP_INVALID, collection, rkey, str(exc))
+                continue
+            if verdict is None and not window.keeps(rkey, record):
+                yield SkippedRecord(SKIP_WINDOW, collection, rkey)
+                continue
+            yield RecordWrite(
+                did,
+                collection,
+                rkey,
+                rev,
+                Action.CREATE,
+                cid_str_from_bytes(cid),
+                record,
+                sanitized,
+            )
+
+    def close(self) -> None:
+        """Remove the spool file (idempotent)."""
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+
+    def __enter__(self) -> RepoSnapshot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_snapshot(spool: BlockSpool, root_cid: bytes, did: str) -> tuple[str, str, str, int]:
+    """Seal the spool; commit checks and the completeness walk -> (rev, commit, data, records)."""
+    spool.seal()
+    commit_block = spool.get(root_cid)
+    if commit_block is None:
+        raise FetchError("truncated", "root commit block is not in the CAR", transient=True)
+    try:
+        info = read_commit(Car(cid_str_from_bytes(root_cid), root_cid, {root_cid: commit_block}))
+    except ProtocolError as exc:
+        raise FetchError("bad_response", f"commit: {exc}", transient=False) from None
+    if info.did != did:
+        # A PDS must not be able to serve another account's repo as this one's.
+        raise FetchError("bad_response", f"commit is for {info.did[:80]}", transient=False)
+    if info.rev is None:
+        # v2 commits have no rev, and rows need one for the rev guard (invariant 2).
+        raise FetchError("bad_response", "commit has no rev (repo v2)", transient=False)
+    records = 0
+    try:
+        for _key, cid in walk_mst(cid_bytes_from_str(info.data_cid), spool.get):
+            if not spool.has_key_for(cid):
+                raise ProtocolError("missing_block", "record block missing")
+            records += 1
+    except ProtocolError as exc:
+        if exc.reason == "missing_block":
+            raise FetchError("truncated", f"incomplete repo: {exc}", transient=True) from None
+        raise FetchError("bad_response", f"MST: {exc}", transient=False) from None
+    return info.rev, info.cid, info.data_cid, records
+
+
+async def fetch_repo(
+    http: HostClient, pds: str, did: str, *, max_bytes: int, spool_dir: Path
+) -> RepoSnapshot:
+    """Download, verify and spool `did`'s repo from `pds`.
+
+    Raises FetchError for anything the network or the PDS did wrong; OSError only for
+    local spool failures (disk full).
+    """
+    url = pds.rstrip("/") + GET_REPO_PATH
+    reader = CarStreamReader()
+    spool = BlockSpool(spool_dir)
+    try:
+        async with http.stream(url, {"did": did}, max_bytes=max_bytes) as chunks:
+            async for chunk in chunks:
+                if reader.bytes_read + len(chunk) > max_bytes:
+                    raise FetchError("too_large", f"CAR over {max_bytes} B", transient=False)
+                try:
+                    for cid, block in reader.feed(chunk):
+                        spool.add(cid, block)
+                except ProtocolError as exc:
+                    reason = "too_large" if exc.reason == "too_large" else "bad_response"
+                    raise FetchError(reason, f"CAR: {exc}", transient=False) from None
+        try:
+            reader.close()
+        except ProtocolError as exc:
+            # Complete at the HTTP level but cut inside a section: retry.
+            raise FetchError("truncated", f"CAR: {exc}", transient=True) from None
+        assert reader.root_cid is not None
+        # The walk decodes every MST node: off the event loop, which also serves the live
+        # stream.
+        rev, commit_cid, data_cid, records = await asyncio.to_thread(
+            _check_snapshot, spool, reader.root_cid, did
+        )
+    except BaseException:
+        spool.close()
+        raise
+    return RepoSnapshot(
+        did=did,
+        rev=rev,
+        commit_cid=commit_cid,
+        data_cid=data_cid,
+        bytes_downloaded=reader.bytes_read,
+        blocks=spool.blocks,
+        records=records,
+        _spool=spool,
+    )
