@@ -1,0 +1,216 @@
+"""Jobs and the work queue against a real PostgreSQL: start rules, SKIP LOCKED claims from
+two connections, leases and stuck-work recovery, retry backoff and failure."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from backfill import jobs, queue
+
+NOW = datetime(2026, 1, 31, 12, 0, tzinfo=UTC)
+RELAY = "wss://relay.example"
+
+
+def dids(n: int) -> list[str]:
+    return [f"did:plc:{i:024d}" for i in range(n)]
+
+
+async def test_job_created_then_resumed_with_a_fixed_window(conn: asyncpg.Connection) -> None:
+    first = await jobs.ensure_job(conn, 30, RELAY, NOW)
+    assert first.action == "created"
+    assert first.job.cutoff == NOW - timedelta(days=30)
+    assert first.job.started_at == NOW and first.job.status == "running"
+    later = await jobs.ensure_job(conn, 30, RELAY, NOW + timedelta(days=3))
+    assert later.action == "resumed" and later.job.id == first.job.id
+    assert later.job.cutoff == NOW - timedelta(days=30)  # fixed when created
+
+
+async def test_new_days_starts_a_new_job(conn: asyncpg.Connection) -> None:
+    old = (await jobs.ensure_job(conn, 30, RELAY, NOW)).job
+    new = await jobs.ensure_job(conn, 7, RELAY, NOW)
+    assert new.action == "created" and new.job.id != old.id
+    assert new.superseded is not None and new.superseded.id == old.id
+    ended = await jobs.load_job(conn, old.id)
+    assert ended is not None and ended.status == "failed" and "superseded" in (ended.error or "")
+    whole = await jobs.ensure_job(conn, -1, RELAY, NOW)
+    assert whole.job.cutoff is None and whole.job.days == -1
+
+
+async def test_completed_job_is_not_redone(conn: asyncpg.Connection) -> None:
+    job = (await jobs.ensure_job(conn, 30, RELAY, NOW)).job
+    await conn.execute("UPDATE backfill_jobs SET enumeration_done = true WHERE id = $1", job.id)
+    done = await jobs.try_complete(conn, job.id)
+    assert done is not None and done.status == "completed" and done.summary is not None
+    again = await jobs.ensure_job(conn, 30, RELAY, NOW)
+    assert again.action == "already_completed" and again.job.id == job.id
+
+
+async def test_concurrent_start_ups_create_one_job(db_dsn: str) -> None:
+    conns = [await asyncpg.connect(db_dsn) for _ in range(4)]
+    try:
+        results = await asyncio.gather(*(jobs.ensure_job(c, 30, RELAY, NOW) for c in conns))
+    finally:
+        for c in conns:
+            await c.close()
+    assert len({r.job.id for r in results}) == 1
+    assert sorted(r.action for r in results) == ["created", "resumed", "resumed", "resumed"]
+
+
+async def test_enqueue_counts_new_repos_and_raises_priority(conn: asyncpg.Connection) -> None:
+    job = (await jobs.ensure_job(conn, 30, RELAY, NOW)).job
+    assert await queue.enqueue(conn, job.id, dids(5), queue.PRIORITY_ENUMERATED) == 5
+    assert await queue.enqueue(conn, job.id, dids(7), queue.PRIORITY_ENUMERATED) == 2
+    assert await queue.enqueue(conn, job.id, [dids(7)[6]], queue.PRIORITY_REQUESTED) == 0
+    loaded = await jobs.load_job(conn, job.id)
+    assert loaded is not None and loaded.repos_total == 7
+    claimed = await queue.claim(conn, job.id, "a", 1, 60)
+    assert [c.did for c in claimed] == [dids(7)[6]]  # priority first
+
+
+async def test_two_connections_claim_every_repo_exactly_once(db_dsn: str) -> None:
+    setup = await asyncpg.connect(db_dsn)
+    job = (await jobs.ensure_job(setup, 30, RELAY, NOW)).job
+    await queue.enqueue(setup, job.id, dids(300), 0)
+    claims: dict[str, list[str]] = {"a": [], "b": []}
+
+    async def worker(owner: str) -> None:
+        c = await asyncpg.connect(db_dsn)
+        try:
+            while True:
+                async with c.transaction():
+                    got = await queue.claim(c, job.id, owner, 7, 60)
+                if not got:
+                    return
+                for item in got:
+                    claims[owner].append(item.did)
+                    assert await queue.mark_done(
+                        c, job.id, item.did, owner, rev="r", records=1, bytes_=1
+                    )
+                await asyncio.sleep(0)
+        finally:
+            await c.close()
+
+    await asyncio.gather(worker("a"), worker("b"))
+    every = claims["a"] + claims["b"]
+    assert sorted(every) == sorted(dids(300)) and len(set(every)) == 300
+    assert claims["a"] and claims["b"]
+    assert await queue.counts_by_state(setup, job.id) == {
+        "pending": 0, "in_progress": 0, "done": 300, "failed": 0,
+    }  # fmt: skip
+    loaded = await jobs.load_job(setup, job.id)
+    assert loaded is not None and loaded.repos_done == 300
+    await setup.close()
+
+
+async def test_done_is_never_claimed_again(conn: asyncpg.Connection) -> None:
+    job = (await jobs.ensure_job(conn, 30, RELAY, NOW)).job
+    await queue.enqueue(conn, job.id, dids(1), 0)
+    (c,) = await queue.claim(conn, job.id, "a", 5, 60)
+    assert await queue.mark_done(conn, job.id, c.did, "a", rev="r", records=0, bytes_=0)
+    await queue.enqueue(conn, job.id, dids(1), queue.PRIORITY_REQUESTED)
+    assert await queue.reclaim(conn, job.id, 5, ["a"]) == 0
+    assert await queue.claim(conn, job.id, "b", 5, 60) == []
+
+
+async def test_lost_lease_cannot_finish(conn: asyncpg.Connection) -> None:
+    job = (await jobs.ensure_job(conn, 30, RELAY, NOW)).job
+    await queue.enqueue(conn, job.id, dids(1), 0)
+    (c,) = await queue.claim(conn, job.id, "a", 5, 60)
+    assert not await queue.mark_done(conn, job.id, c.did, "b", rev="r", records=0, bytes_=0)
+    assert not await queue.mark_failed(conn, job.id, c.did, "b", "x")
+
+
+async def test_expired_lease_is_reclaimed(conn: asyncpg.Connection) -> None:
+    job = (await jobs.ensure_job(conn, 30, RELAY, NOW)).job
+    await queue.enqueue(conn, job.id, dids(2), 0)
+    await queue.claim(conn, job.id, "dead", 1, 0.05)
+    await queue.claim(conn, job.id, "alive", 1, 60)
+    await asyncio.sleep(0.1)
+    assert await queue.reclaim(conn, job.id, 5) == 1
+    counts = await queue.counts_by_state(conn, job.id)
+    assert counts["pending"] == 1 and counts["in_progress"] == 1
+    (again,) = await queue.claim(conn, job.id, "new", 5, 60)
+    assert again.attempts == 1  # the interrupted attempt counts
+
+
+async def test_dead_owner_on_this_host_is_reclaimed_at_once(conn: asyncpg.Connection) -> None:
+    job = (await jobs.ensure_job(conn, 30, RELAY, NOW)).job
+    await queue.enqueue(conn, job.id, dids(3), 0)
+    dead = queue.owner_id(0, pid=2**22 + 12345, host="testhost")  # no such pid
+    me = queue.owner_id(0, host="testhost")  # ourselves: a container restarts with our pid
+    other_alive = queue.owner_id(1, pid=1, host="testhost")  # pid 1 exists, not us
+    for owner in (dead, me, other_alive):
+        await queue.claim(conn, job.id, owner, 1, 600)
+    found = await queue.dead_owners_on_host(conn, job.id, host="testhost")
+    assert sorted(found) == sorted([dead, me])
+    assert await queue.reclaim(conn, job.id, 5, found) == 2
+
+
+def test_backoff_schedule() -> None:
+    assert [queue.backoff_s(n) for n in range(1, 7)] == [1, 2, 4, 8, 16, 32]
+    assert queue.backoff_s(40) == queue.RETRY_MAX_S
+
+
+async def test_retry_then_failed_after_max_attempts(conn: asyncpg.Connection) -> None:
+    job = (await jobs.ensure_job(conn, 30, RELAY, NOW)).job
+    await queue.enqueue(conn, job.id, dids(1), 0)
+    for attempt in range(1, 3):
+        (c,) = await queue.claim(conn, job.id, "a", 1, 60)
+        assert c.attempts == attempt - 1
+        assert await queue.mark_retry(conn, job.id, c.did, "a", "boom", 0.0, counts=True)
+    (c,) = await queue.claim(conn, job.id, "a", 1, 60)
+    assert await queue.mark_retry(conn, job.id, c.did, "a", "later", 30.0, counts=True)
+    assert await queue.claim(conn, job.id, "a", 1, 60) == []  # not due for 30 s
+    await conn.execute("UPDATE backfill_repos SET next_attempt_at = now()")
+    (c,) = await queue.claim(conn, job.id, "a", 1, 60)
+    assert await queue.mark_failed(conn, job.id, c.did, "a", "gave up")
+    row = await conn.fetchrow("SELECT state, attempts, error FROM backfill_repos")
+    assert tuple(row) == ("failed", 4, "gave up")
+    loaded = await jobs.load_job(conn, job.id)
+    assert loaded is not None and loaded.repos_failed == 1
+    assert await queue.retry_failed(conn, job.id) == 1
+    loaded = await jobs.load_job(conn, job.id)
+    assert loaded is not None and loaded.repos_failed == 0
+    (c,) = await queue.claim(conn, job.id, "a", 1, 60)
+    assert c.attempts == 0
+
+
+async def test_reclaim_fails_a_repo_at_max_attempts(conn: asyncpg.Connection) -> None:
+    job = (await jobs.ensure_job(conn, 30, RELAY, NOW)).job
+    await queue.enqueue(conn, job.id, dids(1), 0)
+    await conn.execute("UPDATE backfill_repos SET attempts = 4")
+    await queue.claim(conn, job.id, "dead", 1, 600)
+    assert await queue.reclaim(conn, job.id, 5, ["dead"]) == 1
+    assert await conn.fetchval("SELECT state FROM backfill_repos") == "failed"
+    loaded = await jobs.load_job(conn, job.id)
+    assert loaded is not None and loaded.repos_failed == 1
+
+
+async def test_completion_waits_for_enumeration_and_work(conn: asyncpg.Connection) -> None:
+    job = (await jobs.ensure_job(conn, 30, RELAY, NOW)).job
+    await queue.enqueue(conn, job.id, dids(1), 0)
+    assert await jobs.try_complete(conn, job.id) is None  # enumeration unfinished
+    await conn.execute("UPDATE backfill_jobs SET enumeration_done = true")
+    assert await jobs.try_complete(conn, job.id) is None  # a repo pending
+    (c,) = await queue.claim(conn, job.id, "a", 1, 60)
+    assert await jobs.try_complete(conn, job.id) is None  # in flight
+    await queue.mark_failed(conn, job.id, c.did, "a", "x")
+    done = await jobs.try_complete(conn, job.id)
+    assert done is not None and done.summary is not None
+    assert done.summary["repos_failed"] == 1 and done.summary["repos_total"] == 1
+    # retry-failed reopens a completed job
+    assert await queue.retry_failed(conn, job.id) == 1
+    reopened = await jobs.load_job(conn, job.id)
+    assert reopened is not None and reopened.status == "running"
+
+
+@pytest.mark.parametrize("status", ["paused", "completed"])
+async def test_set_status_only_from_allowed(conn: asyncpg.Connection, status: str) -> None:
+    job = (await jobs.ensure_job(conn, 30, RELAY, NOW)).job
+    await conn.execute("UPDATE backfill_jobs SET status = $1", status)
+    moved = await jobs.set_status(conn, job.id, "running", ("paused",))
+    assert moved == (status == "paused")
