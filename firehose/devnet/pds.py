@@ -44,6 +44,7 @@ _INACTIVE_ERRORS = {
     "takendown": "RepoTakendown",
     "suspended": "RepoSuspended",
 }
+EXTRA_HEADERS = web.RequestKey("extra_headers", dict[str, str])  # rate-limit headers
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -159,7 +160,7 @@ class PdsHost:
             elif status is not None:
                 response = XrpcError("InternalServerError", "devnet fault", status).response()
             else:
-                request["extra_headers"] = headers
+                request[EXTRA_HEADERS] = headers
                 try:
                     response = await handler(request)
                 except XrpcError as err:
@@ -196,7 +197,7 @@ class PdsHost:
             middle = max(1, len(chunks) // 2) if len(chunks) > 1 else 0
             cut = chunks[middle]
             chunks = [*chunks[:middle], cut[: max(1, len(cut) // 2)]]
-        response = web.StreamResponse(headers=request["extra_headers"])
+        response = web.StreamResponse(headers=request[EXTRA_HEADERS])
         response.content_type = CAR_MIME
         response.enable_chunked_encoding()
         await response.prepare(request)
@@ -214,7 +215,7 @@ class PdsHost:
         return response
 
     def _json(self, request: web.Request, body: dict[str, Any]) -> web.Response:
-        return web.json_response(body, headers=request.get("extra_headers"))
+        return web.json_response(body, headers=request.get(EXTRA_HEADERS))
 
     async def _latest(self, request: web.Request) -> web.Response:
         cid, rev = self._repo(request.query.get("did")).head()
