@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +146,7 @@ class StatementTimes:
 
 
 async def run_worker(
-    dsn: str, relay_url: str, events: int, cpu_procs: dict[str, list[psutil.Process]]
+    dsn: str, relay_url: str, events: int, cpu_procs: dict[str, Callable[[], list[psutil.Process]]]
 ) -> dict[str, float]:
     settings = Settings.from_env(
         {"DATABASE_URL": dsn, "RELAY_URL": relay_url, "START_CURSOR": "0", "METRICS_PORT": "0"}
@@ -161,7 +162,9 @@ async def run_worker(
         if task.done():
             task.result()
     t0, base = time.perf_counter(), worker.state.events_committed
-    cpu0 = {name: _cpu_s(ps) for name, ps in cpu_procs.items()}
+    # Process lists are taken once the pool's backends exist; they live as long as the pool.
+    procs = {name: list_procs() for name, list_procs in cpu_procs.items()}
+    cpu0 = {name: _cpu_s(ps) for name, ps in procs.items()}
     records0 = sum(
         worker.metrics.ops.labels(a)._value.get() for a in ("create", "update", "delete")
     )
@@ -172,7 +175,7 @@ async def run_worker(
         if task.done():
             task.result()
     elapsed = time.perf_counter() - t0
-    cpu = {name: _cpu_s(ps) - cpu0[name] for name, ps in cpu_procs.items()}
+    cpu = {name: _cpu_s(ps) - cpu0[name] for name, ps in procs.items()}
     committed = worker.state.events_committed - base
     ops = (
         sum(worker.metrics.ops.labels(a)._value.get() for a in ("create", "update", "delete"))
@@ -232,9 +235,9 @@ def main() -> None:
         pg = start_embedded(tmp / "pg")
         try:
             cpu_procs = {
-                "worker": [psutil.Process()],
-                "postgres": _postgres_processes(tmp / "pg"),
-                "relay": [psutil.Process(relay.pid)],
+                "worker": lambda: [psutil.Process()],
+                "postgres": lambda: _postgres_processes(tmp / "pg"),
+                "relay": lambda: [psutil.Process(relay.pid)],
             }
             profiler = cProfile.Profile() if args.profile else None
             if profiler is not None:
