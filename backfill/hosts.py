@@ -19,7 +19,6 @@ are refused, so a hostile DID document cannot point the worker at internal servi
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import ipaddress
 import json
 import socket
@@ -32,6 +31,31 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from backfill.http_rules import (
+    FETCH_REASONS,
+    RATE_LIMIT_DEFAULT_PAUSE_S,
+    RATE_LIMIT_LOW_REMAINING,
+    RATE_LIMIT_MAX_PAUSE_S,
+    XRPC_ERRORS,
+    FetchError,
+    host_key,
+    is_forbidden_ip,
+    parse_int,
+    parse_reset,
+    parse_retry_after,
+)
+
+__all__ = [
+    "FETCH_REASONS",
+    "RATE_LIMIT_DEFAULT_PAUSE_S",
+    "FetchError",
+    "HostClient",
+    "host_key",
+    "is_forbidden_ip",
+    "parse_reset",
+    "parse_retry_after",
+]
+
 MAX_JSON_BYTES = 1024 * 1024  # listRepos pages (1000 repos) are ~200 KiB; DID docs ~1 KiB
 MAX_ERROR_BODY_BYTES = 16 * 1024  # an XRPC error body is {"error", "message"}
 CONNECT_TIMEOUT_S = 10.0
@@ -39,128 +63,7 @@ READ_TIMEOUT_S = 60.0  # between two reads of a body, not for the whole (multi-G
 JSON_TOTAL_TIMEOUT_S = 60.0
 STREAM_CHUNK_BYTES = 64 * 1024
 DEFAULT_PER_HOST_CONCURRENCY = 4
-
-RATE_LIMIT_DEFAULT_PAUSE_S = 60.0  # a 429 that says nothing about when to come back
-RATE_LIMIT_MAX_PAUSE_S = 3600.0  # the longest window the reference PDS uses is an hour
-RATE_LIMIT_LOW_REMAINING = 10  # below this budget, space requests until the reset
-# RateLimit-Reset values below this are delta-seconds (the draft), above it epoch seconds
-# (what the reference PDS sends): 10^9 s is 2001-09-09, 31 years of delta.
-RATE_LIMIT_EPOCH_THRESHOLD_S = 1_000_000_000
-ADDRESS_CHECK_TTL_S = 300.0
-
-# Every value FetchError.reason may take (a metric label): keep the set small and fixed.
-FETCH_REASONS = frozenset(
-    {
-        "bad_url",  # not http(s), no host
-        "forbidden_address",  # private/loopback/link-local and allow_private is off
-        "connection",  # connect/reset/DNS failure
-        "timeout",
-        "truncated",  # the body ended early
-        "too_large",  # body over the cap
-        "bad_response",  # not JSON, wrong shape, unexpected redirect
-        "rate_limited",  # 429
-        "server_error",  # 5xx (and 408)
-        "not_found",  # 404 / 410
-        "repo_not_found",
-        "repo_deactivated",
-        "repo_takendown",
-        "repo_suspended",
-        "client_error",  # any other 4xx
-    }
-)
-
-# XRPC error names of com.atproto.sync.getRepo / getLatestCommit (lexicon `errors`).
-_XRPC_ERRORS = {
-    "RepoNotFound": "repo_not_found",
-    "RepoDeactivated": "repo_deactivated",
-    "RepoTakendown": "repo_takendown",
-    "RepoSuspended": "repo_suspended",
-}
-
-
-class FetchError(Exception):
-    """An HTTP fetch failed. `transient` says whether retrying later may succeed."""
-
-    def __init__(
-        self,
-        reason: str,
-        detail: str = "",
-        *,
-        transient: bool,
-        retry_after_s: float | None = None,
-        status: int | None = None,
-    ) -> None:
-        if reason not in FETCH_REASONS:
-            detail, reason = f"({reason[:20]}) {detail}", "bad_response"
-        detail = detail.replace("\n", " ")[:200]
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-        self.transient = transient
-        self.retry_after_s = retry_after_s
-        self.status = status
-
-
-def host_key(url: str) -> str:
-    """``scheme://host:port`` -> ``host:port`` (the unit of politeness)."""
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    if port is None:
-        port = 443 if parts.scheme == "https" else 80
-    return f"{host}:{port}"
-
-
-def is_forbidden_ip(text: str) -> bool:
-    """True for any address that is not globally routable (or is multicast)."""
-    try:
-        addr = ipaddress.ip_address(text.split("%", 1)[0])  # drop an IPv6 zone id
-    except ValueError:
-        return True
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return not addr.is_global or addr.is_multicast
-
-
-def parse_retry_after(value: str | None, now_epoch: float) -> float | None:
-    """``Retry-After``: delta-seconds or an HTTP-date (RFC 9110 s10.2.3) -> seconds."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        return None
-    return max(0.0, when.timestamp() - now_epoch)
-
-
-def parse_reset(value: str | None, now_epoch: float) -> float | None:
-    """``RateLimit-Reset`` -> seconds from now (epoch seconds or, when small, a delta)."""
-    if not value:
-        return None
-    try:
-        number = float(value.strip())
-    except ValueError:
-        return None
-    if number != number or number < 0:  # NaN or negative
-        return None
-    if number >= RATE_LIMIT_EPOCH_THRESHOLD_S:
-        return max(0.0, number - now_epoch)
-    return number
-
-
-def _parse_int(value: str | None) -> int | None:
-    if value is None:
-        return None
-    value = value.strip()
-    return int(value) if value.isdigit() and len(value) < 19 else None
+ADDRESS_CHECK_TTL_S = 300.0  # re-resolve a host name for the private-address check
 
 
 @dataclass
@@ -302,7 +205,7 @@ class HostClient:
                 host.next_at = now + left_s / (max(host.remaining, 0) + 1)
 
     def _learn_limits(self, host: _Host, headers: Mapping[str, str]) -> None:
-        remaining = _parse_int(headers.get("RateLimit-Remaining"))
+        remaining = parse_int(headers.get("RateLimit-Remaining"))
         reset_s = parse_reset(headers.get("RateLimit-Reset"), time.time())
         if remaining is None:
             return
@@ -391,7 +294,7 @@ class HostClient:
                 "bad_response", f"HTTP {status} redirect", transient=False, status=status
             )
         error = await self._xrpc_error(resp)
-        reason = _XRPC_ERRORS.get(error or "")
+        reason = XRPC_ERRORS.get(error or "")
         if reason is None:
             reason = "not_found" if status in (404, 410) else "client_error"
         raise FetchError(
