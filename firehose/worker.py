@@ -19,6 +19,8 @@ from typing import Any
 import asyncpg
 from prometheus_client import CollectorRegistry
 
+from backfill.service import BackfillService, LivePressure
+from backfill.service import should_run as should_run_backfill
 from firehose.http import start_http
 from firehose.live.batch import BatchBuilder, shard_filter
 from firehose.live.relay import RelayClient
@@ -94,6 +96,8 @@ class Worker:
                 tg.create_task(self._report_progress())
                 tg.create_task(self._read(relay))
                 tg.create_task(self._commit(db))
+                if should_run_backfill(self.settings.backfill, self.settings.worker.worker_id):
+                    tg.create_task(self._backfill(db))
         finally:
             if http is not None:
                 await http.cleanup()
@@ -249,6 +253,25 @@ class Worker:
         self.metrics.commit_latency.observe(now - read_times[0])
         if self.latency_samples is not None:
             self.latency_samples.extend(now - t for t in read_times)
+
+    async def _backfill(self, db: Database) -> None:
+        """History in the background, yielding while the live stream is behind. Its errors
+        stop the backfill only, never the live stream."""
+        service = BackfillService(
+            self.settings.backfill,
+            db.pool,
+            self.registry,
+            relay_url=self.settings.relay.url,
+            worker_id=self.settings.worker.worker_id,
+            live_pressure=lambda: LivePressure(
+                self._lag_seconds(), self._queue.qsize(), self._queue.maxsize
+            ),
+            wanted_collections=self.settings.pipeline.wanted_collections,
+        )
+        try:
+            await service.run(self._stop)
+        except Exception:
+            log.exception("[BACKFILL] stopped by an error; the live stream goes on")
 
     def _lag_seconds(self) -> float:
         t = self.state.last_event_time
