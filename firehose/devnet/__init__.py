@@ -2,8 +2,12 @@
 
 Owns: account keys and did:plc identities (`keys`, `plc`), repositories with their MST and
 signed commits (`mst`, `repo`, `tid`), record values (`records`), the event generator and its
-truth (`generator`), frame encoding (`frames`, `faults`), the subscribeRepos server (`relay`)
-and the command line (`cli`, `python -m firehose.devnet`).
+virtual clock with a history phase (`generator`, `clock`, `accounts`), the truth file
+(`truth`), frame encoding (`frames`, `faults`), the subscribeRepos server (`relay`), the
+HTTP side for the backfill (`network`: PDS hosts and PLC directory in `pds`, the repo
+listing in `directory`, pre-populated repos in `prebuilt`, served CAR files in `carfile`,
+HTTP faults in `httpfaults`) and the command line (`cli`, `python -m firehose.devnet`).
+docs/devnet.md describes the endpoints, flags and truth-file keys.
 
 Invariants:
 
