@@ -1,4 +1,6 @@
-"""Command line: `firehose run | devnet | migrate | backfill ...`. `python -m firehose` is `firehose run`.
+"""Command line: `firehose run | devnet | migrate | backfill ...`.
+
+`python -m firehose` is `firehose run`.
 
 Configuration comes from the environment (see README); a bad value exits with status 2 and
 a message naming the variable (design invariant 6).
