@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import random
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from firehose.devnet import dagcbor, frames
@@ -31,6 +32,7 @@ from firehose.devnet.keys import SigningKey
 from firehose.devnet.plc import genesis_operation
 from firehose.devnet.repo import Repo
 from firehose.devnet.tid import CLOCK_ID_MASK, tid
+from firehose.devnet.truth import account_entries
 
 HANDLE_SUFFIX = ".devnet.test"
 SUBJECT_POOL = 4096  # recent posts / dids that likes, reposts and follows point at
@@ -122,7 +124,10 @@ def _build_chunk(
     seed: int, pds_endpoint: str, first: int, count: int, records: int, span: tuple[int, int]
 ) -> list[Account]:
     factory = PrebuiltFactory(seed, pds_endpoint)
-    return [factory.build(first + i, records, *span) for i in range(count)]
+    accounts = [factory.build(first + i, records, *span) for i in range(count)]
+    for account in accounts:
+        account_entries(account)  # the truth entries too, while in parallel
+    return accounts
 
 
 def build_accounts(
@@ -145,6 +150,9 @@ def build_accounts(
     if count * records < PARALLEL_MIN_RECORDS or workers < 2:
         return [account for chunk in chunks for account in _build_chunk(*chunk)]
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        results = pool.map(_build_chunk, *zip(*chunks, strict=True))
-        return [account for chunk in results for account in chunk]
+    try:
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            results = pool.map(_build_chunk, *zip(*chunks, strict=True))
+            return [account for chunk in results for account in chunk]
+    except BrokenProcessPool:  # e.g. a __main__ read from stdin cannot be re-imported
+        return [account for chunk in chunks for account in _build_chunk(*chunk)]

@@ -20,6 +20,25 @@ from firehose.devnet.accounts import STATUS_DELETED, Account
 from firehose.devnet.clock import TID_RE, record_time_us
 
 
+def account_entries(account: Account) -> tuple[dict[str, str], dict[str, int | None]]:
+    """{uri: cid} and {uri: record time} of an account's current records (cached per rev)."""
+    cache = account.truth_cache
+    if cache is not None and cache[0] == account.repo.rev:
+        return cache[1], cache[2]
+    records: dict[str, str] = {}
+    times: dict[str, int | None] = {}
+    prefix = f"at://{account.did}/"
+    for path, (cid, block) in account.repo.records.items():
+        uri = prefix + path
+        records[uri] = dagcbor.cid_str(cid)
+        rkey = path.split("/", 1)[1]
+        # Only non-TID keys need the value (profile "self"): decode just those.
+        value = None if TID_RE.match(rkey) else cbor2.loads(block)
+        times[uri] = record_time_us(rkey, value)
+    account.truth_cache = (account.repo.rev, records, times)
+    return records, times
+
+
 def accounts_truth(accounts: Iterable[Account], last_seq: int, now_us: int) -> dict[str, Any]:
     records: dict[str, str] = {}
     times: dict[str, int | None] = {}
@@ -31,13 +50,10 @@ def accounts_truth(accounts: Iterable[Account], last_seq: int, now_us: int) -> d
         statuses[account.did] = account.status
         if account.status == STATUS_DELETED:
             continue  # a deleted account's records are gone, and so are its tombstones
+        account_records, account_times = account_entries(account)
+        records.update(account_records)
+        times.update(account_times)
         prefix = f"at://{account.did}/"
-        for path, (cid, block) in account.repo.records.items():
-            records[prefix + path] = dagcbor.cid_str(cid)
-            rkey = path.split("/", 1)[1]
-            # Only non-TID keys need the value (profile "self"): decode just those.
-            value = None if TID_RE.match(rkey) else cbor2.loads(block)
-            times[prefix + path] = record_time_us(rkey, value)
         deleted.extend(prefix + path for path in account.deleted.items)
     return {
         "last_seq": last_seq,
