@@ -6,22 +6,25 @@ Steps, all inside one transaction so that the cursor never runs ahead of the dat
 1. account (`#account`) and identity (`#identity`) events, last one per did in seq order;
    accounts whose status became `deleted` lose their rows in records and every typed table;
 2. record writes, deduplicated per uri keeping the highest rev (ties: the later write);
-   creates/updates are COPY'd into temp staging tables, then upserted set-wise with the
-   rev guards of invariant 2 (see queries.py); deletes leave a tombstone (uri, rev) and
-   remove rows whose rev is not newer than the delete;
+   creates/updates are sent as one array per column and upserted set-wise (unnest) with
+   the rev guards of invariant 2 (see queries.py); deletes leave a tombstone (uri, rev)
+   and remove rows whose rev is not newer than the delete;
 3. per repo, the latest commit rev (and data cid when known) in `actors`, never backwards;
 4. the cursor row of `service`, when the batch carries a cursor.
 
-Round trips per batch: BEGIN, staging DDL, one COPY per non-empty staging table, one
-statement per target table, one for all deletes, one per actor step, the cursor, COMMIT.
+Round trips per batch: BEGIN, SET LOCAL, one statement per target table, one for all
+deletes, one per actor step, the cursor, COMMIT. The pure half (`prepare_batch`) is apart
+from the transaction (`apply_prepared`) so that the worker can overlap them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from typing import Any
+
+import orjson
 
 from firehose.model import Action, Batch, RecordWrite
 from firehose.storage import queries
@@ -159,21 +162,58 @@ def _last_per_did(events: Iterable[Any]) -> list[Any]:
     return [last[did] for did in sorted(last)]
 
 
-_TABLE_BY_NAME = {t.name: t for t in queries.TYPED_TABLES.values()}
+# Asynchronous commit: COMMIT returns before its WAL is flushed (one fsync less per batch).
+# Safe for invariant 1 because the rows and the cursor are in the SAME transaction and the
+# WAL is one sequential log: a crash of the PostgreSQL server (a crash of the worker changes
+# nothing) can only lose a suffix of the most recent transactions, each with its rows AND its
+# cursor, never rows without their cursor or a cursor without its rows. On restart the
+# worker reads the older cursor that survived and the relay replays the lost events, which
+# the rev guards make idempotent. A later synchronous commit (of any session) flushes the
+# earlier WAL too, so what a caller saw durably committed stays so.
+_ASYNC_COMMIT = "SET LOCAL synchronous_commit = off"
+_dumps = orjson.dumps  # list of (already cleaned) strings -> JSON array, for jsonb[]
 
 
-async def _ensure_stages(conn: Any, names: list[str], nested: bool) -> None:
-    if not names:
-        return
-    # IF NOT EXISTS every time: it costs one catalog lookup per table and survives pooled
-    # connections, rolled-back first transactions and DISCARD, which a cache would not.
-    stmts = ["SET LOCAL client_min_messages = warning"]
-    stmts += [queries.STAGE_DDL[n] for n in names]
-    if nested:
-        # Inside a caller's transaction our commit is only a savepoint release, so ON COMMIT
-        # DELETE ROWS has not emptied the stages of a previous batch yet.
-        stmts.append("TRUNCATE " + ", ".join(names))
-    await conn.execute(";\n".join(stmts))
+def _columns(rows: list[tuple[Any, ...]], json_columns: tuple[int, ...] = ()) -> list[Any]:
+    """Rows -> one list per column (the unnest() parameters of queries.*_UPSERT)."""
+    columns: list[Any] = [list(c) for c in zip(*rows, strict=True)]
+    for i in json_columns:
+        columns[i] = [None if v is None else _dumps(v).decode() for v in columns[i]]
+    return columns
+
+
+@dataclass(slots=True)
+class PreparedBatch:
+    """A batch turned into rows and statement arguments: everything `apply_prepared` needs,
+    computed without the database, so the worker can build batch N+1 while batch N's
+    transaction runs on the server."""
+
+    batch: Batch
+    stats: ApplyStats
+    rows: _Prepared
+    identities: list[Any]
+    accounts: list[Any]
+    # unnest() arguments: records columns, and (table, columns) per typed table
+    records: list[Any]
+    typed: list[tuple[str, list[Any]]]
+
+
+def prepare_batch(batch: Batch, heads: Sequence[RepoHead] | None = None) -> PreparedBatch:
+    """The pure half of `apply_batch` (no I/O)."""
+    stats = ApplyStats()
+    prep = prepare(batch, stats, heads)
+    return PreparedBatch(
+        batch=batch,
+        stats=stats,
+        rows=prep,
+        identities=_last_per_did(batch.identities),
+        accounts=_last_per_did(batch.accounts),
+        records=_columns(prep.records) if prep.records else [],
+        typed=[
+            (name, _columns(rows, queries.JSON_ARRAY_COLUMNS[name]))
+            for name, rows in prep.typed.items()
+        ],
+    )
 
 
 async def apply_batch(
@@ -189,17 +229,21 @@ async def apply_batch(
     write rev per did, without data cid. Backfill snapshots use this with `cursor=None`
     (see `write_snapshot`).
     """
-    stats = ApplyStats()
-    prep = prepare(batch, stats, heads)
-    identities = _last_per_did(batch.identities)
-    accounts = _last_per_did(batch.accounts)
-    stages = ([queries.RECORDS_STAGE] if prep.records else []) + [
-        _TABLE_BY_NAME[name].stage for name in prep.typed
-    ]
+    return await apply_prepared(conn, prepare_batch(batch, heads), service=service)
+
+
+async def apply_prepared(
+    conn: Any, prepared: PreparedBatch, *, service: str = "firehose"
+) -> ApplyStats:
+    """The database half of `apply_batch`: one transaction (see the module docstring)."""
+    batch, prep = prepared.batch, prepared.rows
+    stats = replace(prepared.stats)  # a copy: a retried transaction must not count twice
+    identities, accounts = prepared.identities, prepared.accounts
     nested = conn.is_in_transaction()
 
     async with conn.transaction():
-        await _ensure_stages(conn, stages, nested)
+        if not nested:  # inside a caller's transaction, its durability is the caller's
+            await conn.execute(_ASYNC_COMMIT)
 
         # 1. Accounts first, so that writes of a deleted account in this very batch are refused
         #    by the actor guard, and writes after a reactivation are accepted.
@@ -222,20 +266,13 @@ async def apply_batch(
             if dead:
                 stats.purged += await conn.fetchval(queries.ACTOR_PURGE, dead)
 
-        # 2. Creates/updates: COPY to staging, then one guarded upsert per target.
+        # 2. Creates/updates: one guarded upsert per target, records first.
         if prep.records:
-            await conn.copy_records_to_table(
-                queries.RECORDS_STAGE,
-                records=prep.records,
-                columns=queries.RECORDS_COLUMN_NAMES,
-            )
-            upserted = _count(await conn.execute(queries.RECORDS_UPSERT))
+            upserted = _count(await conn.execute(queries.RECORDS_UPSERT, *prepared.records))
             stats.upserted += upserted
             stats.skipped += len(prep.records) - upserted
-        for name, rows in prep.typed.items():
-            table = _TABLE_BY_NAME[name]
-            await conn.copy_records_to_table(table.stage, records=rows, columns=table.all_columns)
-            stats.typed += _count(await conn.execute(queries.TYPED_UPSERT[name]))
+        for name, columns in prepared.typed:
+            stats.typed += _count(await conn.execute(queries.TYPED_UPSERT[name], *columns))
 
         # 3. Deletes: tombstones + guarded deletes, one statement.
         if prep.deletes[0]:
