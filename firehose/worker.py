@@ -38,6 +38,8 @@ PROGRESS_LOG_INTERVAL_S = 15.0
 STOP_DRAIN_S = 7.0  # SIGTERM → exit within 10 s, leaving room for closing the pool
 DB_RETRY_MIN_S = 0.5
 DB_RETRY_MAX_S = 10.0
+# Frames decoded between two yields to the event loop (~60 us each: ~1 ms of decoding).
+READ_YIELD_EVERY = 16
 _EVENT_TYPE = {
     "CommitEvent": "commit",
     "SyncEvent": "sync",
@@ -143,6 +145,8 @@ class Worker:
     # -- read + decode ---------------------------------------------------------------
 
     async def _read(self, relay: RelayClient) -> None:
+        queue = self._queue
+        decoded = 0
         try:
             async for frame in relay.frames(self._stop):
                 event = self._decode(frame)
@@ -150,7 +154,13 @@ class Worker:
                     continue
                 relay.observe(event)
                 # bounded: a slow database slows the socket (back-pressure, invariant 4)
-                await self._queue.put((time.monotonic(), event))
+                await queue.put((time.monotonic(), event))
+                decoded += 1
+                if decoded % READ_YIELD_EVERY == 0:
+                    # Neither a buffered socket nor a non-full queue suspends this loop, so
+                    # without this it could decode for tens of ms in a row while the
+                    # batch transaction waits to send its next statement.
+                    await asyncio.sleep(0)
         finally:
             await self._queue.put(_DONE)
 
@@ -176,42 +186,75 @@ class Worker:
         max_wait_s = pipeline.batch_max_wait_ms / 1000
         reader_done = False
         drain_deadline: float | None = None
-        while not reader_done:
-            item = await self._queue.get()
-            deadline = time.monotonic() + max_wait_s
-            read_times: list[float] = []
-            while item is not _DONE:
-                read_at, event = item
-                read_times.append(read_at)
-                builder.add(event)
-                if len(builder) >= pipeline.batch_max_events:
-                    break
-                try:
-                    item = self._queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
+        # Pipelining: batch N's transaction runs on the server (a task) while this loop
+        # collects and prepares batch N+1 (pure CPU), so the worker's CPU and PostgreSQL's
+        # work overlap. Transactions stay strictly one after the other (N+1 starts after N
+        # committed), which keeps per-repo order (invariant 3) and the cursor order; at most
+        # two batches are held besides the bounded queue (invariant 4).
+        in_flight: asyncio.Task[None] | None = None
+        try:
+            while not reader_done:
+                item = await self._queue.get()
+                deadline = time.monotonic() + max_wait_s
+                read_times: list[float] = []
+                while item is not _DONE:
+                    read_at, event = item
+                    read_times.append(read_at)
+                    builder.add(event)
+                    if len(builder) >= pipeline.batch_max_events:
                         break
                     try:
-                        item = await asyncio.wait_for(self._queue.get(), remaining)
-                    except TimeoutError:
-                        break
-            reader_done = item is _DONE
-            if self._stop.is_set() and drain_deadline is None:
-                drain_deadline = time.monotonic() + STOP_DRAIN_S
-            if len(builder):
-                await self._apply(db, builder.take(), drain_deadline)
-                self._observe_latency(read_times)
-            if drain_deadline is not None and time.monotonic() > drain_deadline:
-                log.warning("stop: drain deadline reached; unsaved events replay on restart")
-                return
+                        item = self._queue.get_nowait()
+                    except asyncio.QueueEmpty:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        try:
+                            item = await asyncio.wait_for(self._queue.get(), remaining)
+                        except TimeoutError:
+                            break
+                reader_done = item is _DONE
+                if self._stop.is_set() and drain_deadline is None:
+                    drain_deadline = time.monotonic() + STOP_DRAIN_S
+                prepared = None
+                if len(builder):
+                    batch = builder.take()
+                    prepared = writer.prepare_batch(batch, batch.heads)
+                if in_flight is not None:
+                    await in_flight
+                    in_flight = None
+                if prepared is not None:
+                    in_flight = asyncio.create_task(
+                        self._apply(db, prepared, drain_deadline, read_times)
+                    )
+                if drain_deadline is not None and time.monotonic() > drain_deadline:
+                    if in_flight is not None:  # started already; its retries obey the deadline
+                        await in_flight
+                        in_flight = None
+                    log.warning("stop: drain deadline reached; unsaved events replay on restart")
+                    return
+            if in_flight is not None:
+                await in_flight
+                in_flight = None
+        finally:
+            if in_flight is not None:  # cancelled or failed: never leave a transaction behind
+                in_flight.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await in_flight
 
-    async def _apply(self, db: Database, batch: Batch, deadline: float | None) -> None:
+    async def _apply(
+        self,
+        db: Database,
+        prepared: writer.PreparedBatch,
+        deadline: float | None,
+        read_times: list[float],
+    ) -> None:
+        batch = prepared.batch
         delay_s = DB_RETRY_MIN_S
         while True:
             started = time.perf_counter()
             try:
-                await db.run(writer.apply_batch, batch, service=self._service, heads=batch.heads)
+                await db.run(writer.apply_prepared, prepared, service=self._service)
             except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
                 # Nothing was committed (one transaction): retrying the same batch is safe,
                 # and the rev guards make it idempotent anyway.
@@ -223,6 +266,7 @@ class Worker:
                 delay_s = min(delay_s * 2, DB_RETRY_MAX_S)
                 continue
             self._committed(batch, time.perf_counter() - started)
+            self._observe_latency(read_times)
             return
 
     def _committed(self, batch: Batch, elapsed_s: float) -> None:
