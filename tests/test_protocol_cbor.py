@@ -261,3 +261,28 @@ def test_error_shape() -> None:
     assert err.reason in REASONS and len(err.detail) <= 200
     assert ProtocolError("nonsense", "y").reason in REASONS
     assert libipld  # the fast path's dependency is importable
+
+
+def test_plain_bytes_take_the_fast_path_and_match_the_strict_decoder() -> None:
+    # A byte string that is not a CID: libipld's encoder spells it as bytes, so the fast
+    # path can emit {"$bytes": ...} itself; the reference decoder must agree.
+    data = dag_cbor({"blob": b"\x00\x01\x02", "empty": b"", "n": [b"\xff" * 40]})
+    calls: list[bytes] = []
+    real = cbor_mod._strict_decode
+
+    def spy(raw: bytes, depth: int, flags: list[bool]) -> object:
+        calls.append(raw)
+        return real(raw, depth, flags)
+
+    cbor_mod._strict_decode = spy  # type: ignore[assignment]
+    try:
+        record, sanitized = decode_record(data)
+    finally:
+        cbor_mod._strict_decode = real  # type: ignore[assignment]
+    assert not calls and not sanitized
+    assert record == {
+        "blob": {"$bytes": "AAEC"},
+        "empty": {"$bytes": ""},
+        "n": [{"$bytes": base64.b64encode(b"\xff" * 40).decode().rstrip("=")}],
+    }
+    assert strict(data) == record

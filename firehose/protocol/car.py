@@ -16,7 +16,6 @@ can verify a multi-GB repo download without holding it in memory.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
 from firehose.protocol.cbor import decode_block
 from firehose.protocol.cid import CID_BYTES, SUPPORTED_PREFIXES, cid_str_from_bytes, explain_bad_cid
@@ -35,13 +34,45 @@ _sha256 = hashlib.sha256
 _PREFIX_TUPLE = tuple(SUPPORTED_PREFIXES)
 
 
-@dataclass(frozen=True, slots=True)
 class Car:
-    """A verified CAR: its single root and its blocks keyed by binary CID (36 bytes)."""
+    """A verified CAR: its single root and its blocks keyed by binary CID (36 bytes).
 
-    root: str
-    root_cid: bytes
-    blocks: dict[bytes, bytes]
+    A plain slotted class rather than a frozen dataclass: `read_car` builds one per
+    firehose commit, and the root's string form (only `#sync` and the backfill need it) is
+    computed on first use. Treat it as immutable.
+    """
+
+    __slots__ = ("_root", "blocks", "root_cid")
+
+    def __init__(self, root: str | None, root_cid: bytes, blocks: dict[bytes, bytes]) -> None:
+        self._root = root
+        self.root_cid = root_cid
+        self.blocks = blocks
+
+    @property
+    def root(self) -> str:
+        if self._root is None:
+            self._root = cid_str_from_bytes(self.root_cid)
+        return self._root
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Car):
+            return NotImplemented
+        return self.root_cid == other.root_cid and self.blocks == other.blocks
+
+    __hash__ = None  # type: ignore[assignment]  # mutable container semantics, like before
+
+    def __repr__(self) -> str:
+        return f"Car(root={self.root!r}, blocks={len(self.blocks)})"
+
+
+# The canonical DAG-CBOR header with one root, `{"roots": [cid], "version": 1}`, as every
+# atproto CAR spells it: 13 bytes, the 36-byte CID, 9 bytes. `read_car` takes the root
+# straight out of such a header; anything else goes through `parse_header`.
+_HEADER_HEAD = bytes.fromhex("a265726f6f747381d82a582500")
+_HEADER_TAIL = bytes.fromhex("6776657273696f6e01")
+_HEADER_BYTES = len(_HEADER_HEAD) + CID_BYTES + len(_HEADER_TAIL)
+_HEADER_CID_AT = 1 + len(_HEADER_HEAD)  # after the one-byte length varint
 
 
 def read_varint(data: bytes | bytearray, pos: int) -> tuple[int, int]:
@@ -90,13 +121,25 @@ def read_car(
     n = len(data)
     if not n:
         raise CarError("empty CAR")
-    hlen, pos = read_varint(data, 0)
-    if hlen > MAX_HEADER_BYTES:
-        raise CarError(f"header of {hlen} bytes", "too_large")
-    if pos + hlen > n or hlen == 0:
-        raise CarError("truncated header")
-    root = parse_header(data[pos : pos + hlen])
-    pos += hlen
+    if (
+        data[0] == _HEADER_BYTES
+        and n >= 1 + _HEADER_BYTES
+        and data.startswith(_HEADER_HEAD, 1)
+        and data.startswith(_HEADER_TAIL, _HEADER_CID_AT + CID_BYTES)
+        and data.startswith(_PREFIX_TUPLE, _HEADER_CID_AT)
+    ):
+        # Fast path: byte-for-byte the canonical one-root header (what parse_header accepts
+        # for this spelling, without decoding it).
+        root = data[_HEADER_CID_AT : _HEADER_CID_AT + CID_BYTES]
+        pos = 1 + _HEADER_BYTES
+    else:
+        hlen, pos = read_varint(data, 0)
+        if hlen > MAX_HEADER_BYTES:
+            raise CarError(f"header of {hlen} bytes", "too_large")
+        if pos + hlen > n or hlen == 0:
+            raise CarError("truncated header")
+        root = parse_header(data[pos : pos + hlen])
+        pos += hlen
     blocks: dict[bytes, bytes] = {}
     max_section = CID_BYTES + max_block_bytes
     count = 0
@@ -112,18 +155,14 @@ def read_car(
             pos += 2
         else:
             length, pos = read_varint(data, pos)
-        if length > max_section:
-            raise CarError(f"block of {length - CID_BYTES} bytes", "too_large")
         end = pos + length
-        if end > n:
-            raise CarError("truncated section")
-        if length < CID_BYTES:
-            raise CarError(f"section of {length} bytes is too short for a CID")
+        if length > max_section or end > n or length < CID_BYTES:
+            _bad_section(length, max_section, end > n)
         if not data.startswith(prefixes, pos):
             raise explain_bad_cid(data[pos:end])
         cid_end = pos + CID_BYTES
-        cid = data[pos:cid_end]
         block = data[cid_end:end]
+        cid = data[pos:cid_end]
         if sha256(block).digest() != cid[4:]:
             raise CarError(f"block {cid_str_from_bytes(cid)} does not match its CID", "block_hash")
         blocks[cid] = block
@@ -131,7 +170,16 @@ def read_car(
         if count > max_blocks:
             raise CarError(f"more than {max_blocks} blocks", "too_large")
         pos = end
-    return Car(cid_str_from_bytes(root), root, blocks)
+    return Car(None, root, blocks)
+
+
+def _bad_section(length: int, max_section: int, truncated: bool) -> None:
+    """Raise the error of a section whose length is out of bounds (slow path)."""
+    if length > max_section:
+        raise CarError(f"block of {length - CID_BYTES} bytes", "too_large")
+    if truncated:
+        raise CarError("truncated section")
+    raise CarError(f"section of {length} bytes is too short for a CID")
 
 
 class CarStreamReader:

@@ -49,6 +49,8 @@ _REPLACEMENT = "\ufffd"
 # Minimal value for each "additional info" length form (RFC 8949 s4.2.1 / DAG-CBOR strictness).
 _MIN_FOR_INFO = {24: 24, 25: 0x100, 26: 0x10000, 27: 0x100000000}
 _TAG_CID = 42
+_MAJOR_BYTES = 2  # CBOR major type of a byte string
+_encode_dag_cbor = libipld.encode_dag_cbor
 _CID_TAG_BYTES = CID_BYTES + 1  # tag 42 payload: 0x00 multibase prefix + binary CID
 
 
@@ -83,10 +85,11 @@ def decode_json_form(data: bytes, max_depth: int = MAX_RECORD_DEPTH) -> tuple[An
     the input back byte for byte. libipld checks key order, duplicates, tags, floats,
     simple values, UTF-8 and trailing bytes itself; the byte-exact round trip adds the
     minimal-encoding rule, and proves that exactly the byte strings libipld's encoder
-    takes for CIDs were links in the input, so a 36-byte value with a supported CID
-    prefix is a link and anything else would need `_strict_decode` to tell. Every input
-    the fast path does not settle (invalid data, byte strings, odd CIDs) goes to the
-    pure-Python strict decoder, which is the reference: both must agree (tested).
+    takes for CIDs were links in the input: a 36-byte value with a supported CID prefix
+    is a link, a value the encoder writes as a byte string was a byte string, and any
+    other (a link to a CID we do not accept) is left to `_strict_decode`. Every input the
+    fast path does not settle (invalid data, odd CIDs) goes to the pure-Python strict
+    decoder, which is the reference: both must agree (tested).
     """
     flags = [False]
     try:
@@ -143,6 +146,13 @@ def _walk(value: Any, depth: int, flags: list[bool]) -> Any:
     if t is bytes:
         if len(value) == CID_BYTES and value[:4] in SUPPORTED_PREFIXES:
             return {"$link": _encode_cid(value)}
+        # Not a CID we accept. The input re-encoded byte for byte, so this value was spelled
+        # the way libipld's encoder spells it: if the encoder writes it as a byte string
+        # (major type 2), the input had a byte string here, never a link; if it writes a
+        # tag 42, the input held a link to a CID we do not accept, which the strict decoder
+        # rejects with its precise reason.
+        if _encode_dag_cbor(value)[0] >> 5 == _MAJOR_BYTES:
+            return {"$bytes": _b64encode(value).decode("ascii").rstrip("=")}
         raise _Fallback
     if t is str and _NUL in value:
         flags[0] = True
