@@ -7,20 +7,18 @@ BACKFILL_DAYS 0, BACKFILL_BATCH_SIZE 5, BACKFILL_BATCH_DELAY_MS 2000, BACKFILL_M
 explicitly overrides its profile value. A bad value raises firehose.settings.ConfigError
 naming the variable (design invariant 6).
 
-This module does not import firehose.settings at import time: firehose.settings imports it
-to build `Settings.backfill`, and the cycle would break whichever is imported first.
+Parsing helpers come from firehose.envparse, which firehose.settings shares: this module must
+not import firehose.settings (which imports it to build `Settings.backfill`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TypeVar
 from urllib.parse import urlsplit
 
+from firehose.envparse import Env, boolean, choice, int_range
 from firehose.protocol.syntax import is_did
-
-T = TypeVar("T")
 
 DEFAULT_PLC_URL = "https://plc.directory"
 
@@ -72,63 +70,30 @@ class BackfillSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> BackfillSettings:
-        e = _Env(env)
-        profile_name = e.get("BACKFILL_PROFILE", DEFAULT_PROFILE, _choice(tuple(PROFILES)))
+        e = Env(env)
+        profile_name = e.get("BACKFILL_PROFILE", DEFAULT_PROFILE, choice(tuple(PROFILES)))
         p = PROFILES[profile_name]
         return cls(
             days=e.get("BACKFILL_DAYS", 0, _days),
             profile=profile_name,
-            batch_size=e.get("BACKFILL_BATCH_SIZE", p.batch_size, _int_range(1, 100_000)),
+            batch_size=e.get("BACKFILL_BATCH_SIZE", p.batch_size, int_range(1, 100_000)),
             batch_delay_ms=e.get(
-                "BACKFILL_BATCH_DELAY_MS", p.batch_delay_ms, _int_range(0, 3_600_000)
+                "BACKFILL_BATCH_DELAY_MS", p.batch_delay_ms, int_range(0, 3_600_000)
             ),
-            max_concurrent=e.get("BACKFILL_MAX_CONCURRENT", p.max_concurrent, _int_range(1, 1024)),
+            max_concurrent=e.get("BACKFILL_MAX_CONCURRENT", p.max_concurrent, int_range(1, 1024)),
             max_memory_mb=e.get(
-                "BACKFILL_MAX_MEMORY_MB", p.max_memory_mb, _int_range(64, 1_048_576)
+                "BACKFILL_MAX_MEMORY_MB", p.max_memory_mb, int_range(64, 1_048_576)
             ),
-            use_idle=e.get("BACKFILL_USE_IDLE", p.use_idle, _bool),
-            max_repo_mb=e.get("BACKFILL_MAX_REPO_MB", 512, _int_range(1, 65_536)),
-            max_attempts=e.get("BACKFILL_MAX_ATTEMPTS", 5, _int_range(1, 100)),
+            use_idle=e.get("BACKFILL_USE_IDLE", p.use_idle, boolean),
+            max_repo_mb=e.get("BACKFILL_MAX_REPO_MB", 512, int_range(1, 65_536)),
+            max_attempts=e.get("BACKFILL_MAX_ATTEMPTS", 5, int_range(1, 100)),
             dids=e.get("BACKFILL_DIDS", (), _dids),
-            on_all_workers=e.get("BACKFILL_ON_ALL_WORKERS", False, _bool),
-            vacuum=e.get("BACKFILL_VACUUM", False, _bool),
-            dry_run=e.get("BACKFILL_DRY_RUN", False, _bool),
+            on_all_workers=e.get("BACKFILL_ON_ALL_WORKERS", False, boolean),
+            vacuum=e.get("BACKFILL_VACUUM", False, boolean),
+            dry_run=e.get("BACKFILL_DRY_RUN", False, boolean),
             plc_url=e.get("PLC_URL", DEFAULT_PLC_URL, _http_url),
-            allow_private_network=e.get("ALLOW_PRIVATE_NETWORK", False, _bool),
+            allow_private_network=e.get("ALLOW_PRIVATE_NETWORK", False, boolean),
         )
-
-
-def config_error(message: str) -> Exception:
-    from firehose.settings import ConfigError  # see the module docstring
-
-    return ConfigError(message)
-
-
-class _Env:
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self._env = env
-
-    def get(self, name: str, default: T, parse: Callable[[str], T]) -> T:
-        raw = self._env.get(name)
-        if raw is None or raw.strip() == "":
-            return default
-        try:
-            return parse(raw.strip())
-        except (ValueError, TypeError) as exc:
-            raise config_error(f"{name}={raw!r} is invalid: {exc}") from None
-
-
-def _int_range(lo: int, hi: int) -> Callable[[str], int]:
-    def parse(raw: str) -> int:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ValueError("expected an integer") from None
-        if not lo <= value <= hi:
-            raise ValueError(f"expected an integer between {lo} and {hi}")
-        return value
-
-    return parse
 
 
 def _days(raw: str) -> int:
@@ -139,29 +104,6 @@ def _days(raw: str) -> int:
     if value < -1 or value > 36_500:
         raise ValueError("expected 0 (off), 1..36500 days, or -1 (whole history)")
     return value
-
-
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
-
-
-def _bool(raw: str) -> bool:
-    value = raw.lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError("expected true or false")
-
-
-def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
-    def parse(raw: str) -> str:
-        value = raw.lower()
-        if value not in options:
-            raise ValueError(f"expected one of {', '.join(options)}")
-        return value
-
-    return parse
 
 
 def _dids(raw: str) -> tuple[str, ...]:

@@ -7,24 +7,20 @@ silently becomes a default. Each component receives only its own sub-config.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 from urllib.parse import urlsplit
 
 from backfill.settings import BackfillSettings
+from firehose.envparse import ConfigError, Env, choice, int_range
 
-T = TypeVar("T")
+__all__ = ["ConfigError", "Settings", "collection_wanted"]
 
 DEFAULT_RELAY_URL = "wss://bsky.network"
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
-
-
-class ConfigError(ValueError):
-    """A bad environment value. The message names the variable."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,78 +80,41 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        e = _Env(os.environ if env is None else env)
-        worker_count = e.get("WORKER_COUNT", 1, _int_range(1, 1024))
-        worker_id = e.get("WORKER_ID", 0, _int_range(0, 1023))
+        e = Env(os.environ if env is None else env)
+        worker_count = e.get("WORKER_COUNT", 1, int_range(1, 1024))
+        worker_id = e.get("WORKER_ID", 0, int_range(0, 1023))
         if worker_id >= worker_count:
             raise ConfigError(
                 f"WORKER_ID={worker_id} must be smaller than WORKER_COUNT={worker_count}"
             )
-        cursor_save_every = e.get("CURSOR_SAVE_EVERY", 1000, _int_range(1, 1_000_000))
+        cursor_save_every = e.get("CURSOR_SAVE_EVERY", 1000, int_range(1, 1_000_000))
         return cls(
             database=DatabaseSettings(
                 url=e.get("DATABASE_URL", None, _database_url),
                 data_dir=e.get("DATA_DIR", Path("./data"), Path),
-                pool_size=e.get("DB_POOL_SIZE", 4, _int_range(2, 100)),
+                pool_size=e.get("DB_POOL_SIZE", 4, int_range(2, 100)),
             ),
             relay=RelaySettings(
                 url=e.get("RELAY_URL", DEFAULT_RELAY_URL, _relay_url),
-                start_cursor=e.get("START_CURSOR", None, _int_range(0, 2**63 - 1)),
+                start_cursor=e.get("START_CURSOR", None, int_range(0, 2**63 - 1)),
             ),
             pipeline=PipelineSettings(
                 cursor_save_every=cursor_save_every,
                 # A batch never covers more events than the cursor may lag behind.
                 batch_max_events=min(
                     cursor_save_every,
-                    e.get("BATCH_MAX_EVENTS", 1000, _int_range(1, 100_000)),
+                    e.get("BATCH_MAX_EVENTS", 1000, int_range(1, 100_000)),
                 ),
-                batch_max_wait_ms=e.get("BATCH_MAX_WAIT_MS", 200, _int_range(1, 60_000)),
-                queue_max_frames=e.get("QUEUE_MAX_FRAMES", 5000, _int_range(10, 1_000_000)),
+                batch_max_wait_ms=e.get("BATCH_MAX_WAIT_MS", 200, int_range(1, 60_000)),
+                queue_max_frames=e.get("QUEUE_MAX_FRAMES", 5000, int_range(10, 1_000_000)),
                 wanted_collections=e.get("WANTED_COLLECTIONS", (), _collections),
             ),
             worker=WorkerSettings(worker_id=worker_id, worker_count=worker_count),
-            log_level=e.get("LOG_LEVEL", "INFO", _choice(LOG_LEVELS, upper=True)),
-            log_format=e.get("LOG_FORMAT", "text", _choice(LOG_FORMATS)),
-            metrics_port=e.get("METRICS_PORT", 8000, _int_range(0, 65535)),
+            log_level=e.get("LOG_LEVEL", "INFO", choice(LOG_LEVELS, upper=True)),
+            log_format=e.get("LOG_FORMAT", "text", choice(LOG_FORMATS)),
+            metrics_port=e.get("METRICS_PORT", 8000, int_range(0, 65535)),
             backfill=BackfillSettings.from_env(os.environ if env is None else env),
         )
-
-
-class _Env:
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self._env = env
-
-    def get(self, name: str, default: T, parse: Callable[[str], T]) -> T:
-        raw = self._env.get(name)
-        if raw is None or raw.strip() == "":
-            return default
-        try:
-            return parse(raw.strip())
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{name}={raw!r} is invalid: {exc}") from None
-
-
-def _int_range(lo: int, hi: int) -> Callable[[str], int]:
-    def parse(raw: str) -> int:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ValueError("expected an integer") from None
-        if not lo <= value <= hi:
-            raise ValueError(f"expected an integer between {lo} and {hi}")
-        return value
-
-    return parse
-
-
-def _choice(options: tuple[str, ...], *, upper: bool = False) -> Callable[[str], str]:
-    def parse(raw: str) -> str:
-        value = raw.upper() if upper else raw.lower()
-        if value not in options:
-            raise ValueError(f"expected one of {', '.join(options)}")
-        return value
-
-    return parse
 
 
 def _relay_url(raw: str) -> str:
