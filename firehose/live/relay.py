@@ -18,8 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from urllib.parse import urlencode
 
-import websockets
-from websockets.asyncio.client import ClientConnection, connect
+import aiohttp
 
 from firehose.metrics import LiveMetrics
 from firehose.model import ErrorFrame, Event, IgnoredEvent, InfoEvent
@@ -28,7 +27,14 @@ from firehose.settings import RelaySettings
 log = logging.getLogger("firehose.relay")
 
 SUBSCRIBE_PATH = "/xrpc/com.atproto.sync.subscribeRepos"
-# websockets' own frame limit is a hard memory bound; the decoder applies the protocol's
+OPEN_TIMEOUT_S = 15.0
+CLOSE_TIMEOUT_S = 2.0
+# aiohttp rather than websockets for receiving: its C-accelerated frame reader costs ~5 us
+# of CPU per frame against ~18 us (measured on 30k devnet frames over loopback), on a path
+# that must handle every event of the network.
+_BINARY = aiohttp.WSMsgType.BINARY
+_ERROR = aiohttp.WSMsgType.ERROR
+# The websocket client's own frame limit is a hard memory bound; the decoder applies the protocol's
 # smaller limit and counts the frame, so an oversized frame is skipped, not a reconnect loop.
 WS_MAX_SIZE_FACTOR = 4
 IDLE_CHECK_INTERVAL_S = 1.0
@@ -50,7 +56,7 @@ class RelayClient:
         self._metrics = metrics
         # The seq of the last event read; the resume point of the next connection.
         self.cursor: int | None = start_cursor
-        self._ws: ClientConnection | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._reconnect_reason: str | None = None
         self._attempt = 0
         self._frames_this_connection = 0
@@ -59,44 +65,54 @@ class RelayClient:
 
     async def frames(self, stop: asyncio.Event) -> AsyncIterator[bytes]:
         """Yield raw frames until `stop` is set, reconnecting as needed."""
-        while not stop.is_set():
-            url = subscribe_url(self._settings.url, self.cursor)
-            reason = "closed"
-            try:
-                async with connect(
-                    url,
-                    compression=None,
-                    max_size=self._settings.max_frame_bytes * WS_MAX_SIZE_FACTOR,
-                    open_timeout=15,
-                    close_timeout=2,
-                    proxy=None,
-                    max_queue=64,
-                ) as ws:
-                    self._on_open(ws, url)
-                    # A plain task, not a TaskGroup: this is an async generator, and a task
-                    # group must not stay open across a yield.
-                    watchdog = asyncio.create_task(self._watch(ws, stop))
-                    try:
-                        async for message in ws:
-                            self.last_frame_at = time.monotonic()
-                            self._frames_this_connection += 1
-                            if isinstance(message, bytes):
-                                yield message
-                            if stop.is_set() or self._reconnect_reason:
-                                break
-                    finally:
-                        watchdog.cancel()
-                    reason = self._reconnect_reason or reason
-            except (OSError, websockets.exceptions.WebSocketException, TimeoutError) as exc:
-                reason = self._reconnect_reason or _classify(exc)
-                if not stop.is_set():
-                    log.warning("relay connection failed (%s): %s", reason, _short(exc))
-            finally:
-                self._on_close()
-            if stop.is_set():
-                return
-            self._metrics.reconnects.labels(reason).inc()
-            await self._backoff(stop)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=OPEN_TIMEOUT_S)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while not stop.is_set():
+                url = subscribe_url(self._settings.url, self.cursor)
+                reason = "closed"
+                try:
+                    async with session.ws_connect(
+                        url,
+                        compress=0,
+                        max_msg_size=self._settings.max_frame_bytes * WS_MAX_SIZE_FACTOR,
+                        timeout=aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT_S),
+                        autoping=True,
+                    ) as ws:
+                        self._on_open(ws, url)
+                        # A plain task, not a TaskGroup: this is an async generator, and a
+                        # task group must not stay open across a yield.
+                        watchdog = asyncio.create_task(self._watch(ws, stop))
+                        try:
+                            # Iteration ends at a close (clean or not) of the connection.
+                            async for message in ws:
+                                self.last_frame_at = time.monotonic()
+                                self._frames_this_connection += 1
+                                if message.type is _BINARY:
+                                    yield message.data
+                                elif message.type is _ERROR:
+                                    reason = _classify(message.data)
+                                    if not stop.is_set():
+                                        log.warning(
+                                            "relay connection failed (%s): %s",
+                                            reason,
+                                            _short(message.data),
+                                        )
+                                    break
+                                if stop.is_set() or self._reconnect_reason:
+                                    break
+                        finally:
+                            watchdog.cancel()
+                        reason = self._reconnect_reason or reason
+                except (OSError, aiohttp.ClientError, TimeoutError) as exc:
+                    reason = self._reconnect_reason or _classify(exc)
+                    if not stop.is_set():
+                        log.warning("relay connection failed (%s): %s", reason, _short(exc))
+                finally:
+                    self._on_close()
+                if stop.is_set():
+                    return
+                self._metrics.reconnects.labels(reason).inc()
+                await self._backoff(stop)
 
     def observe(self, event: Event) -> None:
         """Track seq and react to relay notices; called for every decoded event in order."""
@@ -147,7 +163,7 @@ class RelayClient:
     def connected(self) -> bool:
         return self._ws is not None
 
-    def _on_open(self, ws: ClientConnection, url: str) -> None:
+    def _on_open(self, ws: aiohttp.ClientWebSocketResponse, url: str) -> None:
         self._ws = ws
         self._reconnect_reason = None
         self._frames_this_connection = 0
@@ -169,7 +185,7 @@ class RelayClient:
         self.connected_since = None
         self._metrics.connected.set(0)
 
-    async def _watch(self, ws: ClientConnection, stop: asyncio.Event) -> None:
+    async def _watch(self, ws: aiohttp.ClientWebSocketResponse, stop: asyncio.Event) -> None:
         """Close a silent socket (no frames for idle_timeout_s) and honour stop()."""
         while True:
             await asyncio.sleep(IDLE_CHECK_INTERVAL_S)
@@ -198,9 +214,12 @@ class RelayClient:
 
 
 def _classify(exc: BaseException) -> str:
-    if isinstance(exc, ConnectionRefusedError):
+    if isinstance(exc, ConnectionRefusedError) or (
+        isinstance(exc, aiohttp.ClientConnectorError)
+        and isinstance(exc.os_error, ConnectionRefusedError)
+    ):
         return "refused"
-    if isinstance(exc, websockets.exceptions.ConnectionClosed):
+    if isinstance(exc, ConnectionError | aiohttp.ServerDisconnectedError | aiohttp.EofStream):
         return "closed"
     return "error"
 
