@@ -51,7 +51,9 @@ class Network(Protocol):
     async def list_repos(self, cursor: str | None, limit: int) -> RepoPage: ...
     async def fetch(self, did: str) -> Snapshot: ...
     def paused_hosts(self) -> dict[str, float]: ...
-    def known_hosts(self) -> set[str]: ...
+    def known_hosts(self) -> set[str]:
+        """Hosts repos are downloaded from: when all are paused, the job is rate limited."""
+        ...
 
 
 class HttpNetwork:
@@ -63,6 +65,10 @@ class HttpNetwork:
         self._relay_base = relay_base
         self._max_bytes = max_bytes
         self._spool = spool
+        # PDS hosts asked for a repo. The relay and the PLC directory are not among them:
+        # they are never paused by a PDS 429, so counting them would keep the job from
+        # ever showing paused_rate_limited while every PDS is paused.
+        self._repo_hosts: set[str] = set()
 
     @property
     def rate_limit_pauses(self) -> int:
@@ -77,8 +83,10 @@ class HttpNetwork:
     async def fetch(self, did: str) -> Snapshot:
         from backfill.download import fetch_repo
         from backfill.hosts import FetchError
+        from backfill.http_rules import host_key
 
         identity = await self._resolver.resolve(did)
+        self._repo_hosts.add(host_key(identity.pds))
         try:
             snap: Snapshot = await fetch_repo(
                 self._http, identity.pds, did, max_bytes=self._max_bytes, spool_dir=self._spool
@@ -94,7 +102,7 @@ class HttpNetwork:
         return dict(self._http.paused_hosts())
 
     def known_hosts(self) -> set[str]:
-        return set(self._http.known_hosts())
+        return set(self._repo_hosts)
 
 
 @contextlib.asynccontextmanager

@@ -1,0 +1,318 @@
+"""End-to-end backfill helpers: the devnet's HTTP side and backfill processes as subprocesses.
+
+* `HistoryDevnet.start(tmp, *flags)` runs `python -m firehose.devnet` and parses every URL
+  line it prints (relay, PLC directory, PDS hosts); `stats()` reads `/devnet/stats`.
+* `BackfillProcess.start(tmp, dsn, devnet, ...)` runs `python -m firehose backfill run` or
+  the unified worker (`python -m firehose run`) with the devnet's RELAY_URL / PLC_URL.
+* `expected_in_window`, `job_row`, `repo_rows`, `records_map`, `sample_rss`: what the tests
+  compare.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+# The real repository CARs of tests/fixtures/README.md, with their record counts.
+REAL_CARS = {
+    FIXTURES / "indigo/atproto/repo/testdata/bnewbold.robocracy.org.20250310005405.car": 38,
+    FIXTURES / "rsky/rsky-repo/resources/test/valid_repo.car": 6,
+    FIXTURES / "arroba/arroba/tests/snarfed2.car": 5,
+}
+_RELAY = re.compile(r"devnet relay listening on (ws://\S+)")
+_PLC = re.compile(r"devnet PLC directory on (http://\S+)")
+_PDS = re.compile(r"devnet PDS (\d+) on (http://\S+)")
+_GENERATED = re.compile(r"devnet generated (\d+) events")
+
+
+@dataclass
+class HistoryDevnet:
+    proc: subprocess.Popen[str]
+    relay_url: str
+    plc_url: str
+    pds_urls: list[str]
+    truth_path: Path
+    log_path: Path
+
+    @classmethod
+    def start(
+        cls, tmp: Path, *flags: str, wait_generated: bool = True, timeout_s: float = 180
+    ) -> HistoryDevnet:
+        """Start the devnet; return once its URL lines are printed and (with
+        `wait_generated`) every event exists and the truth file is written."""
+        tmp.mkdir(parents=True, exist_ok=True)
+        truth = tmp / "truth.json"
+        log_path = tmp / "devnet.log"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "firehose.devnet", "--port", "0", "--truth", str(truth), *flags],
+            cwd=ROOT,
+            stdout=log_path.open("w"),
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"devnet exited: {log_path.read_text()[-2000:]}")
+            text = log_path.read_text()
+            relay, plc = _RELAY.search(text), _PLC.search(text)
+            pds = sorted((int(i), url) for i, url in _PDS.findall(text))
+            ready = relay and plc and pds and (not wait_generated or _GENERATED.search(text))
+            if ready and relay and plc:
+                return cls(proc, relay.group(1), plc.group(1), [u for _, u in pds], truth, log_path)
+            time.sleep(0.05)
+        proc.kill()
+        raise TimeoutError("devnet did not start")
+
+    @property
+    def http_base(self) -> str:
+        return "http://" + self.relay_url.removeprefix("ws://")
+
+    def wait_generated(self, timeout_s: float = 120) -> dict[str, Any]:
+        """Wait for the last event (paced devnets) and return the truth."""
+        deadline = time.monotonic() + timeout_s
+        while not _GENERATED.search(self.log_path.read_text()):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise TimeoutError(f"devnet did not finish: {self.log_path.read_text()[-1000:]}")
+            time.sleep(0.1)
+        return self.truth()
+
+    def truth(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.truth_path.read_text())
+        return data
+
+    def stats(self) -> dict[str, Any]:
+        """`/devnet/stats` of the relay (every host's counters)."""
+        with urllib.request.urlopen(self.http_base + "/devnet/stats", timeout=10) as resp:
+            data: dict[str, Any] = json.loads(resp.read())
+            return data
+
+    def env(self) -> dict[str, str]:
+        return {
+            "RELAY_URL": self.relay_url,
+            "PLC_URL": self.plc_url,
+            "ALLOW_PRIVATE_NETWORK": "true",
+        }
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def get_repo_counts(stats: dict[str, Any], key: str = "get_repo") -> dict[str, int]:
+    """did -> getRepo requests (`get_repo`) or complete CARs sent (`get_repo_ok`), all hosts."""
+    counts: dict[str, int] = {}
+    for host in stats["hosts"]:
+        for did, n in host[key].items():
+            counts[did] = counts.get(did, 0) + int(n)
+    return counts
+
+
+@dataclass
+class BackfillProcess:
+    """`python -m firehose backfill run` (default) or the unified worker (`worker=True`)."""
+
+    proc: subprocess.Popen[str]
+    log_path: Path
+    argv: list[str] = field(default_factory=list)
+
+    @classmethod
+    def start(
+        cls,
+        tmp: Path,
+        dsn: str,
+        devnet: HistoryDevnet,
+        *,
+        worker: bool = False,
+        env: dict[str, str] | None = None,
+        **more_env: str,
+    ) -> BackfillProcess:
+        log_path = tmp / f"{'worker' if worker else 'backfill'}-{time.monotonic_ns()}.log"
+        full_env = {
+            **os.environ,
+            "DATABASE_URL": dsn,
+            "METRICS_PORT": "0",
+            "LOG_LEVEL": "INFO",
+            **devnet.env(),
+            **(env or {}),
+            **more_env,
+        }
+        argv = [sys.executable, "-m", "firehose"] + (["run"] if worker else ["backfill", "run"])
+        proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=full_env,
+            stdout=log_path.open("w"),
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        return cls(proc, log_path, argv)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self, timeout_s: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill9()
+            return -9
+
+    def wait(self, timeout_s: float) -> int:
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"{' '.join(self.argv[2:])} still running after {timeout_s} s:\n"
+                + self.log()[-3000:]
+            ) from None
+
+
+def expected_in_window(truth: dict[str, Any], cutoff: datetime | None) -> dict[str, str]:
+    """Records of active accounts (listRepos marks the inactive ones, which are skipped)
+    whose time is inside the window or unknown (kept); all of them for cutoff None."""
+    cutoff_us = None if cutoff is None else int(cutoff.timestamp() * 1_000_000)
+    times = truth["record_times"]
+    statuses = truth["statuses"]
+    return {
+        uri: cid
+        for uri, cid in truth["records"].items()
+        if statuses.get(uri.split("/")[2], "active") == "active"
+        and (cutoff_us is None or times.get(uri) is None or times[uri] >= cutoff_us)
+    }
+
+
+async def job_row(dsn: str) -> dict[str, Any] | None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        row = await conn.fetchrow("SELECT * FROM backfill_jobs ORDER BY id DESC LIMIT 1")
+        return dict(row) if row is not None else None
+    finally:
+        await conn.close()
+
+
+async def repo_rows(dsn: str) -> dict[str, dict[str, Any]]:
+    """did -> its backfill_repos row (the latest job)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT r.* FROM backfill_repos r WHERE r.job_id = (SELECT max(id) FROM backfill_jobs)"
+        )
+        return {r["did"]: dict(r) for r in rows}
+    finally:
+        await conn.close()
+
+
+async def records_map(dsn: str) -> dict[str, str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return {r["uri"]: r["cid"] for r in await conn.fetch("SELECT uri, cid FROM records")}
+    finally:
+        await conn.close()
+
+
+async def wait_job(
+    dsn: str,
+    status: str = "completed",
+    *,
+    timeout_s: float = 60,
+    procs: tuple[BackfillProcess, ...] = (),
+) -> dict[str, Any]:
+    """Poll the job row until it has `status`; fail early if every process died."""
+    deadline = time.monotonic() + timeout_s
+    job = None
+    while time.monotonic() < deadline:
+        job = await job_row(dsn)
+        if job is not None and job["status"] == status:
+            return job
+        if procs and not any(p.alive() for p in procs):
+            logs = "\n".join(p.log()[-2000:] for p in procs)
+            raise AssertionError(f"backfill processes exited, job {job}:\n{logs}")
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"job not {status} after {timeout_s} s: {job}")
+
+
+def assert_records_equal(got: dict[str, str], want: dict[str, str]) -> None:
+    missing = want.keys() - got.keys()
+    extra = got.keys() - want.keys()
+    wrong = [u for u in want.keys() & got.keys() if got[u] != want[u]]
+    assert not missing, f"{len(missing)} of {len(want)} records missing, e.g. {sorted(missing)[:3]}"
+    assert not extra, f"{len(extra)} records not expected, e.g. {sorted(extra)[:3]}"
+    assert not wrong, f"{len(wrong)} records with another cid, e.g. {wrong[:3]}"
+
+
+def backfill_cli(dsn: str, *args: str, timeout_s: float = 30) -> subprocess.CompletedProcess[str]:
+    """`python -m firehose backfill ARGS` against `dsn`."""
+    return subprocess.run(
+        [sys.executable, "-m", "firehose", "backfill", *args],
+        cwd=ROOT,
+        env={**os.environ, "DATABASE_URL": dsn},
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+
+
+class RssSampler:
+    """Samples a process's RSS (psutil) in a thread every `every_s` seconds."""
+
+    def __init__(self, pid: int, every_s: float = 0.05) -> None:
+        import threading
+
+        import psutil
+
+        self._proc = psutil.Process(pid)
+        self._every_s = every_s
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                self.samples.append(int(self._proc.memory_info().rss))
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                return
+            self._stop.wait(self._every_s)
+
+    def stop(self) -> int:
+        """Stop sampling; the peak RSS in bytes."""
+        self._stop.set()
+        self._thread.join(5)
+        return max(self.samples, default=0)
