@@ -83,6 +83,12 @@ class Worker:
         self._limits = FrameLimits(max_frame_bytes=settings.relay.max_frame_bytes)
         self._service = settings.worker.cursor_service
         self.metrics.queue_depth.set_function(self._queue.qsize)
+        # Labelled children built once: labels() per event costs a lock and a dict lookup.
+        self._event_counters = {
+            cls: self.metrics.events.labels(label) for cls, label in _EVENT_TYPE.items()
+        }
+        self._other_events = self.metrics.events.labels("other")
+        self._invalid_counters: dict[str, Any] = {}
         self.metrics.lag_seconds.set_function(self._lag_seconds)
 
     def stop(self) -> None:
@@ -168,15 +174,21 @@ class Worker:
         try:
             event = decode_frame(frame, self._limits)
         except ProtocolError as err:
-            self.metrics.invalid.labels(err.reason).inc()
+            self._invalid(err.reason).inc()
             log.warning("skipping malformed frame (%s): %s", err.reason, err.detail)
             return None
-        self.metrics.events.labels(_EVENT_TYPE.get(type(event).__name__, "other")).inc()
+        self._event_counters.get(type(event).__name__, self._other_events).inc()
         if isinstance(event, CommitEvent) and event.invalid_ops:
             for reason, detail in event.invalid_ops:
-                self.metrics.invalid.labels(reason).inc()
+                self._invalid(reason).inc()
                 log.warning("skipping invalid op in %s seq %d: %s", event.did, event.seq, detail)
         return event
+
+    def _invalid(self, reason: str) -> Any:
+        counter = self._invalid_counters.get(reason)
+        if counter is None:  # reasons come from a fixed set: the dict stays small
+            counter = self._invalid_counters[reason] = self.metrics.invalid.labels(reason)
+        return counter
 
     # -- batch + commit --------------------------------------------------------------
 
