@@ -144,12 +144,15 @@ TYPED_TABLES: dict[str, TypedTable] = {
 REPO_TABLES: tuple[str, ...] = ("records", *(t.name for t in TYPED_TABLES.values()))
 
 # --- upserts ---------------------------------------------------------------------------------
-# Rows arrive as one array per column ($1 = uris, $2 = dids, ...) and are expanded with
-# unnest(): one round trip per table. (A COPY into ON COMMIT DELETE ROWS temp tables cost
-# two round trips per table plus a DDL round trip, and truncating those eleven tables at
-# every COMMIT alone took ~35 ms per batch on the target machines.) Array columns of the
-# typed tables (posts.langs, ...) travel as one JSON array per row (jsonb), since a SQL
-# array of ragged arrays does not exist; NULL stays NULL.
+# A table's rows arrive as ONE jsonb parameter: a JSON array of rows, each row a JSON array of
+# the column values in column order (positional, so no key is repeated per row). The server
+# expands it with jsonb_array_elements(): one round trip and one parameter per table. (One
+# array parameter per column, expanded with unnest(), cost the worker ~10 us per event in
+# asyncpg's per-element array encoding; a COPY into ON COMMIT DELETE ROWS temp tables cost two
+# round trips per table plus a DDL round trip, and truncating those eleven tables at every
+# COMMIT alone took ~35 ms per batch.) The `record` column travels as the record's JSON itself
+# (not a string), array columns of the typed tables (posts.langs, ...) as JSON arrays, and a
+# JSON null is SQL NULL.
 
 _GUARD = """
  WHERE coalesce((SELECT d.rev FROM record_tombstones d WHERE d.uri = s.uri) < s.rev, true)
@@ -166,37 +169,31 @@ _MIRROR_GUARD = """
 """
 
 
-def _param_type(pgtype: str) -> str:
-    """Array type of the bind parameter carrying a column of `pgtype`."""
+def _column_value(i: int, pgtype: str) -> str:
+    """Expression turning element `i` of a row (a jsonb array `u`) into the column's value."""
     if pgtype == _ID:
-        return "text[]"
-    if pgtype.endswith("[]"):
-        return "jsonb[]"  # one JSON array (or NULL) per row
-    return pgtype + "[]"
-
-
-def _column_value(column: str, pgtype: str) -> str:
-    """Expression turning an unnest() output column back into the table column's value."""
-    if pgtype == _ID:
-        return f'u.{column} COLLATE "C"'  # same collation as the table: byte-wise compares
+        return f'(u->>{i}) COLLATE "C"'  # same collation as the table: byte-wise compares
+    if pgtype == "text":
+        return f"u->>{i}"
+    if pgtype == "jsonb":
+        return f"u->{i}"
     if pgtype.endswith("[]"):
         element = pgtype[:-2]
         return (
-            f"CASE WHEN u.{column} IS NULL THEN NULL ELSE "
-            f"ARRAY(SELECT jsonb_array_elements_text(u.{column}))::{element}[] END"
+            f"CASE WHEN jsonb_typeof(u->{i}) = 'array' THEN "
+            f"ARRAY(SELECT jsonb_array_elements_text(u->{i}))::{element}[] END"
         )
-    return f"u.{column}"
+    return f"(u->>{i})::{pgtype}"
 
 
 def _upsert_sql(table: str, columns: tuple[tuple[str, str], ...], guard: str) -> str:
     names = [c for c, _ in columns]
     cols = ", ".join(names)
-    params = ", ".join(f"${i}::{_param_type(t)}" for i, (_, t) in enumerate(columns, 1))
-    values = ", ".join(f"{_column_value(c, t)} AS {c}" for c, t in columns)
+    values = ", ".join(f"{_column_value(i, t)} AS {c}" for i, (c, t) in enumerate(columns))
     sets = ", ".join(f"{c} = EXCLUDED.{c}" for c in names if c != "uri")
     return (
         f"INSERT INTO {table} AS t ({cols}) SELECT {cols} FROM "
-        f"(SELECT {values} FROM unnest({params}) AS u({cols})) s{guard}"
+        f"(SELECT {values} FROM jsonb_array_elements($1::jsonb) AS u) s{guard}"
         f"ON CONFLICT (uri) DO UPDATE SET {sets}, indexed_at = now() "
         "WHERE t.rev < EXCLUDED.rev OR (t.rev = EXCLUDED.rev AND t.cid <> EXCLUDED.cid)"
     )
@@ -206,13 +203,6 @@ def _upsert_sql(table: str, columns: tuple[tuple[str, str], ...], guard: str) ->
 RECORDS_UPSERT = _upsert_sql("records", RECORDS_COLUMNS, _GUARD)
 TYPED_UPSERT: dict[str, str] = {
     t.name: _upsert_sql(t.name, COMMON_TYPED_COLUMNS + t.columns, _MIRROR_GUARD)
-    for t in TYPED_TABLES.values()
-}
-# Which typed-table columns travel as JSON arrays (see above), by table.
-JSON_ARRAY_COLUMNS: dict[str, tuple[int, ...]] = {
-    t.name: tuple(
-        i for i, (_, pgtype) in enumerate(COMMON_TYPED_COLUMNS + t.columns) if pgtype.endswith("[]")
-    )
     for t in TYPED_TABLES.values()
 }
 

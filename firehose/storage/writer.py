@@ -6,7 +6,7 @@ Steps, all inside one transaction so that the cursor never runs ahead of the dat
 1. account (`#account`) and identity (`#identity`) events, last one per did in seq order;
    accounts whose status became `deleted` lose their rows in records and every typed table;
 2. record writes, deduplicated per uri keeping the highest rev (ties: the later write);
-   creates/updates are sent as one array per column and upserted set-wise (unnest) with
+   creates/updates are sent as one JSON parameter per table and upserted set-wise with
    the rev guards of invariant 2 (see queries.py); deletes leave a tombstone (uri, rev)
    and remove rows whose rev is not newer than the delete;
 3. per repo, the latest commit rev (and data cid when known) in `actors`, never backwards;
@@ -171,15 +171,21 @@ def _last_per_did(events: Iterable[Any]) -> list[Any]:
 # the rev guards make idempotent. A later synchronous commit (of any session) flushes the
 # earlier WAL too, so what a caller saw durably committed stays so.
 _ASYNC_COMMIT = "SET LOCAL synchronous_commit = off"
-_dumps = orjson.dumps  # list of (already cleaned) strings -> JSON array, for jsonb[]
+_dumps = orjson.dumps
+_Fragment = orjson.Fragment  # already-serialized JSON, embedded as is
+_RECORD = queries.RECORDS_COLUMN_NAMES.index("record")
 
 
-def _columns(rows: list[tuple[Any, ...]], json_columns: tuple[int, ...] = ()) -> list[Any]:
-    """Rows -> one list per column (the unnest() parameters of queries.*_UPSERT)."""
-    columns: list[Any] = [list(c) for c in zip(*rows, strict=True)]
-    for i in json_columns:
-        columns[i] = [None if v is None else _dumps(v).decode() for v in columns[i]]
-    return columns
+def _rows_json(rows: list[tuple[Any, ...]]) -> str:
+    """Rows -> the one jsonb parameter of queries.*_UPSERT: a JSON array of row arrays.
+    Datetimes become RFC 3339 strings (aware, so with their offset), lists JSON arrays."""
+    return _dumps(rows).decode()
+
+
+def _records_json(rows: list[tuple[Any, ...]]) -> str:
+    """Like `_rows_json`, the record column (already JSON text) embedded as JSON itself."""
+    i = _RECORD
+    return _dumps([(*r[:i], _Fragment(r[i]), *r[i + 1 :]) for r in rows]).decode()
 
 
 @dataclass(slots=True)
@@ -193,9 +199,9 @@ class PreparedBatch:
     rows: _Prepared
     identities: list[Any]
     accounts: list[Any]
-    # unnest() arguments: records columns, and (table, columns) per typed table
-    records: list[Any]
-    typed: list[tuple[str, list[Any]]]
+    # the jsonb parameters: records rows, and (table, rows) per typed table
+    records: str | None
+    typed: list[tuple[str, str]]
 
 
 def prepare_batch(batch: Batch, heads: Sequence[RepoHead] | None = None) -> PreparedBatch:
@@ -208,11 +214,8 @@ def prepare_batch(batch: Batch, heads: Sequence[RepoHead] | None = None) -> Prep
         rows=prep,
         identities=_last_per_did(batch.identities),
         accounts=_last_per_did(batch.accounts),
-        records=_columns(prep.records) if prep.records else [],
-        typed=[
-            (name, _columns(rows, queries.JSON_ARRAY_COLUMNS[name]))
-            for name, rows in prep.typed.items()
-        ],
+        records=_records_json(prep.records) if prep.records else None,
+        typed=[(name, _rows_json(rows)) for name, rows in prep.typed.items()],
     )
 
 
@@ -267,12 +270,12 @@ async def apply_prepared(
                 stats.purged += await conn.fetchval(queries.ACTOR_PURGE, dead)
 
         # 2. Creates/updates: one guarded upsert per target, records first.
-        if prep.records:
-            upserted = _count(await conn.execute(queries.RECORDS_UPSERT, *prepared.records))
+        if prepared.records is not None:
+            upserted = _count(await conn.execute(queries.RECORDS_UPSERT, prepared.records))
             stats.upserted += upserted
             stats.skipped += len(prep.records) - upserted
-        for name, columns in prepared.typed:
-            stats.typed += _count(await conn.execute(queries.TYPED_UPSERT[name], *columns))
+        for name, rows_json in prepared.typed:
+            stats.typed += _count(await conn.execute(queries.TYPED_UPSERT[name], rows_json))
 
         # 3. Deletes: tombstones + guarded deletes, one statement.
         if prep.deletes[0]:
