@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections import Counter
@@ -40,6 +41,11 @@ DB_RETRY_MIN_S = 0.5
 DB_RETRY_MAX_S = 10.0
 # Frames decoded between two yields to the event loop (~60 us each: ~1 ms of decoding).
 READ_YIELD_EVERY = 16
+# Allocations between two young-generation collections of the cyclic GC (CPython's default
+# is 700). Decoding allocates ~60 objects per event (record dicts, lists, CIDs) that
+# reference counting frees anyway; at the default the collector ran every ~12 events and
+# cost ~15% of decode + row preparation. Memory stays bounded: only cyclic garbage waits.
+GC_GEN0_THRESHOLD = 50_000
 _EVENT_TYPE = {
     "CommitEvent": "commit",
     "SyncEvent": "sync",
@@ -97,6 +103,7 @@ class Worker:
     async def run(self) -> None:
         db = await Database.open(self.settings.database)
         http = await start_http(self.registry, self.settings.metrics_port)
+        _tune_gc()
         try:
             start_cursor = await self._start_cursor(db)
             relay = RelayClient(self.settings.relay, self.metrics, start_cursor)
@@ -334,6 +341,16 @@ class Worker:
         if t is None:
             return 0.0
         return max(0.0, (datetime.now(UTC) - t).total_seconds())
+
+
+def _tune_gc() -> None:
+    """Fewer cyclic-GC passes on the hot path (see GC_GEN0_THRESHOLD); the long-lived start-up
+    objects (modules, settings, pool) go to the permanent generation, out of every full
+    collection. Process-wide: a worker owns its process."""
+    gen0, gen1, gen2 = gc.get_threshold()
+    if gen0 < GC_GEN0_THRESHOLD:
+        gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+    gc.freeze()
 
 
 async def run_until_signalled(worker: Worker) -> None:
