@@ -9,6 +9,11 @@ holds only an index, digest prefix -> (offset, length), 16 bytes per block whate
 block size (see `BlockSpool`). The MST walk then reads nodes and records back with
 ``os.pread``.
 
+A repo whose CAR stays under MEMORY_SPOOL_MAX_BYTES (1 MiB: most accounts) skips the
+spool: its blocks stay in a dict (`MemoryBlocks`) and the completeness walk's MST entries
+are kept, so `writes` does not walk the tree again; it spills to the spool the moment it
+grows past that, so memory per repo in flight stays bounded.
+
 Before `fetch_repo` returns, the MST is walked once checking that every node and record
 block is present: an export cut at a block boundary (which the CAR reader cannot notice)
 becomes a transient `FetchError` instead of a silently partial snapshot.
@@ -38,6 +43,11 @@ from firehose.protocol.syntax import is_nsid, is_record_key
 
 GET_REPO_PATH = "/xrpc/com.atproto.sync.getRepo"
 SPOOL_WRITE_BUFFER_BYTES = 1024 * 1024
+# A repo whose CAR stays under this is kept in memory (a dict of blocks, its MST entries
+# remembered from the completeness walk): no spool file, no pread, one MST walk instead of
+# two. Bigger ones spill to the disk spool as soon as they pass it, so memory stays bounded
+# at about this much per repo in flight (x BACKFILL_MAX_CONCURRENT).
+MEMORY_SPOOL_MAX_BYTES = 1024 * 1024
 _LENGTH_BITS = 21  # a section is at most CID_BYTES + MAX_BLOCK_BYTES (1 MiB) < 2**21
 _LENGTH_MASK = (1 << _LENGTH_BITS) - 1
 _KEY_SLICE = slice(4, 12)  # 8 bytes of the sha256 digest: the index key
@@ -143,6 +153,40 @@ class BlockSpool:
         self._file.close()
 
 
+class MemoryBlocks:
+    """The blocks of a small repo in memory, with `BlockSpool`'s interface. Keys are whole
+    binary CIDs, so `get` is exact; a repeated section replaces the earlier copy (the last
+    copy wins, as in the spool)."""
+
+    def __init__(self) -> None:
+        self._blocks: dict[bytes, bytes] = {}
+        self.blocks = 0
+        self.size = 0
+
+    def add(self, cid: bytes, block: bytes) -> None:
+        self._blocks[cid] = block
+        self.blocks += 1
+        self.size += CID_BYTES + len(block)
+
+    def seal(self) -> None:
+        pass
+
+    def get(self, cid: bytes) -> bytes | None:
+        return self._blocks.get(cid)
+
+    def has_key_for(self, cid: bytes) -> bool:
+        return cid in self._blocks
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        return iter(self._blocks.items())
+
+    def close(self) -> None:
+        self._blocks = {}
+
+
+Blocks = BlockSpool | MemoryBlocks
+
+
 @dataclass
 class RepoSnapshot:
     """A verified getRepo download, spooled to disk. Call `close` (or use ``with``)."""
@@ -154,7 +198,13 @@ class RepoSnapshot:
     bytes_downloaded: int
     blocks: int = 0
     records: int = 0  # MST entries (found by the completeness walk)
-    _spool: BlockSpool | None = field(default=None, repr=False)
+    _spool: Blocks | None = field(default=None, repr=False)
+    # (key, record cid) in MST order, from the completeness walk of an in-memory repo.
+    _entries: list[tuple[str, bytes]] | None = field(default=None, repr=False)
+
+    @property
+    def in_memory(self) -> bool:
+        return isinstance(self._spool, MemoryBlocks)
 
     def writes(self, window: Window) -> Iterator[RecordWrite | SkippedRecord]:
         """Records in MST key order as RecordWrite(CREATE, rev=snapshot rev), or Skipped.
@@ -166,9 +216,14 @@ class RepoSnapshot:
         if spool is None:
             raise ValueError("snapshot is closed")
         did, rev = self.did, self.rev
-        for key, cid in walk_mst(self.data_cid, spool.get):
+        entries = self._entries if self._entries is not None else walk_mst(self.data_cid, spool.get)
+        nsids: dict[str, bool] = {}  # a repo has a handful of collections: check each once
+        for key, cid in entries:
             collection, _, rkey = key.partition("/")
-            if not is_nsid(collection) or not is_record_key(rkey):
+            valid = nsids.get(collection)
+            if valid is None:
+                valid = nsids[collection] = is_nsid(collection)
+            if not valid or not is_record_key(rkey):
                 yield SkippedRecord(SKIP_INVALID, collection[:100], rkey[:100], "bad MST key")
                 continue
             verdict = window.rkey_verdict(rkey)
@@ -203,6 +258,7 @@ class RepoSnapshot:
         if self._spool is not None:
             self._spool.close()
             self._spool = None
+        self._entries = None
 
     def __enter__(self) -> RepoSnapshot:
         return self
@@ -211,8 +267,11 @@ class RepoSnapshot:
         self.close()
 
 
-def _check_snapshot(spool: BlockSpool, root_cid: bytes, did: str) -> tuple[str, str, str, int]:
-    """Seal the spool; commit checks and the completeness walk -> (rev, commit, data, records)."""
+def _check_snapshot(
+    spool: Blocks, root_cid: bytes, did: str, entries: list[tuple[str, bytes]] | None = None
+) -> tuple[str, str, str, int]:
+    """Seal the spool; commit checks and the completeness walk -> (rev, commit, data,
+    records). The walk's (key, cid) pairs are appended to `entries` when given."""
     spool.seal()
     commit_block = spool.get(root_cid)
     if commit_block is None:
@@ -229,10 +288,12 @@ def _check_snapshot(spool: BlockSpool, root_cid: bytes, did: str) -> tuple[str, 
         raise FetchError("bad_response", "commit has no rev (repo v2)", transient=False)
     records = 0
     try:
-        for _key, cid in walk_mst(cid_bytes_from_str(info.data_cid), spool.get):
+        for key, cid in walk_mst(cid_bytes_from_str(info.data_cid), spool.get):
             if not spool.has_key_for(cid):
                 raise ProtocolError("missing_block", "record block missing")
             records += 1
+            if entries is not None:
+                entries.append((key, cid))
     except ProtocolError as exc:
         if exc.reason == "missing_block":
             raise FetchError("truncated", f"incomplete repo: {exc}", transient=True) from None
@@ -241,16 +302,24 @@ def _check_snapshot(spool: BlockSpool, root_cid: bytes, did: str) -> tuple[str, 
 
 
 async def fetch_repo(
-    http: HostClient, pds: str, did: str, *, max_bytes: int, spool_dir: Path
+    http: HostClient,
+    pds: str,
+    did: str,
+    *,
+    max_bytes: int,
+    spool_dir: Path,
+    memory_max_bytes: int | None = None,
 ) -> RepoSnapshot:
     """Download, verify and spool `did`'s repo from `pds`.
 
     Raises FetchError for anything the network or the PDS did wrong; OSError only for
     local spool failures (disk full).
     """
+    if memory_max_bytes is None:
+        memory_max_bytes = MEMORY_SPOOL_MAX_BYTES
     url = pds.rstrip("/") + GET_REPO_PATH
     reader = CarStreamReader()
-    spool = BlockSpool(spool_dir)
+    spool: Blocks = MemoryBlocks()
     try:
         async with http.stream(url, {"did": did}, max_bytes=max_bytes) as chunks:
             async for chunk in chunks:
@@ -262,6 +331,8 @@ async def fetch_repo(
                 except ProtocolError as exc:
                     reason = "too_large" if exc.reason == "too_large" else "bad_response"
                     raise FetchError(reason, f"CAR: {exc}", transient=False) from None
+                if isinstance(spool, MemoryBlocks) and spool.size > memory_max_bytes:
+                    spool = _spill(spool, spool_dir)
         try:
             reader.close()
         except ProtocolError as exc:
@@ -270,8 +341,11 @@ async def fetch_repo(
         assert reader.root_cid is not None
         # The walk decodes every MST node: off the event loop, which also serves the live
         # stream.
+        entries: list[tuple[str, bytes]] | None = None
+        if isinstance(spool, MemoryBlocks):
+            entries = []
         rev, commit_cid, data_cid, records = await asyncio.to_thread(
-            _check_snapshot, spool, reader.root_cid, did
+            _check_snapshot, spool, reader.root_cid, did, entries
         )
     except BaseException:
         spool.close()
@@ -285,4 +359,19 @@ async def fetch_repo(
         blocks=spool.blocks,
         records=records,
         _spool=spool,
+        _entries=entries,
     )
+
+
+def _spill(memory: MemoryBlocks, spool_dir: Path) -> BlockSpool:
+    """A repo grew past MEMORY_SPOOL_MAX_BYTES: move its blocks to the disk spool."""
+    spool = BlockSpool(spool_dir)
+    try:
+        for cid, block in memory.items():
+            spool.add(cid, block)
+    except BaseException:
+        spool.close()
+        raise
+    finally:
+        memory.close()
+    return spool

@@ -266,3 +266,30 @@ async def test_large_repo_memory_stays_below_car_size(
     assert snap.rev == info["rev"] and snap.data_cid == info["data"] and snap.records == records
     assert (kept, skipped) == (records // 2, records // 2)
     assert growth < car_bytes / 4, f"RSS grew {growth} B for a {car_bytes} B CAR"
+
+
+@pytest.mark.parametrize("name", sorted(CARS))
+async def test_in_memory_and_spilled_snapshots_agree(name: str, tmp_path: Path) -> None:
+    """A small repo stays in memory (no spool file, one MST walk); the same CAR forced to
+    spill to the disk spool after its first block yields exactly the same writes."""
+    path, count = CARS[name]
+    body = path.read_bytes()
+    did = truth(body)[0]
+    async with pds(body, "chunked") as base, host_client() as http:
+        small = await fetch_repo(http, base, did, max_bytes=len(body), spool_dir=tmp_path)
+        assert os.listdir(tmp_path) == []  # nothing on disk for a small repo
+        spilled = await fetch_repo(
+            http, base, did, max_bytes=len(body), spool_dir=tmp_path, memory_max_bytes=1
+        )
+    with small, spilled:
+        assert small.in_memory and not spilled.in_memory
+        assert (small.rev, small.records, small.blocks) == (
+            spilled.rev,
+            spilled.records,
+            spilled.blocks,
+        )
+        a, b = list(small.writes(EVERYTHING)), list(spilled.writes(EVERYTHING))
+        assert a == b and len(a) == count
+        assert list(small.writes(EVERYTHING)) == a  # iterable again
+    with pytest.raises(ValueError):
+        list(small.writes(EVERYTHING))

@@ -1,0 +1,371 @@
+"""Backfill benchmark: devnet repos downloaded, walked and written as fast as it goes.
+
+A devnet subprocess serves REPOS pre-populated repos of RECORDS records each (built before
+the clock starts: ~45 s for 1,000 x 500 on 2 cores; nothing is cached). The backfill runs
+against a fresh embedded PostgreSQL, BACKFILL_DAYS=-1 (every record is written), profile
+`unthrottled` unless told otherwise, either in this process (default: `BackfillService`
+exactly as `firehose backfill run` builds it, so cProfile can look inside) or as a real
+`python -m firehose backfill run` subprocess (`--subprocess`). The clock runs from the start
+of the service to the job's completion.
+
+Printed: records/s and repos/s committed, peak RSS of the backfill process (psutil, every
+0.1 s), CPU seconds of the backfill process, PostgreSQL and the devnet, the machine's load
+average; then one JSON line {"bench": "backfill", ...}.
+
+    python bench/backfill.py [--repos 1000] [--records 500] [--seed 5] [--profile-name P]
+                             [--subprocess] [--cprofile FILE] [--statements]
+
+`--cprofile FILE` runs the in-process backfill under cProfile (slower; stats saved to FILE,
+top printed); `--statements` times every SQL call of the backfill by its first words (wall
+time, which on this loopback is mostly PostgreSQL's own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import json
+import os
+import pstats
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from firehose.storage.embedded import start_embedded  # noqa: E402
+
+RSS_SAMPLE_S = 0.1
+_URLS = {
+    "relay": re.compile(r"devnet relay listening on (ws://\S+)"),
+    "plc": re.compile(r"devnet PLC directory on (http://\S+)"),
+}
+
+
+def start_devnet(tmp: Path, repos: int, records: int, seed: int) -> tuple[subprocess.Popen, dict]:
+    log = tmp / "devnet.log"
+    args = [
+        sys.executable, "-m", "firehose.devnet", "--port", "0", "--seed", str(seed),
+        "--accounts", "1", "--events", "1", "--repo-accounts", str(repos),
+        "--repo-records", str(records),
+    ]  # fmt: skip
+    started = time.monotonic()
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"devnet exited: {log.read_text()[-2000:]}")
+        text = log.read_text()
+        if "devnet generated" in text:
+            urls = {k: m.group(1) for k, rx in _URLS.items() if (m := rx.search(text))}
+            break
+        if time.monotonic() - started > 600:
+            proc.kill()
+            raise SystemExit("devnet did not start in 600 s")
+        time.sleep(0.2)
+    print(
+        f"devnet: {repos:,} repos x {records:,} records built in {time.monotonic() - started:.0f} s"
+    )
+    return proc, urls
+
+
+def _postgres_processes(pg_dir: Path) -> list[psutil.Process]:
+    pid = int((pg_dir / "postmaster.pid").read_text().split()[0])
+    main = psutil.Process(pid)
+    return [main, *main.children(recursive=True)]
+
+
+def _cpu_s(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
+
+
+class CpuTracker:
+    """CPU seconds of a changing set of processes (PostgreSQL backends come and go with
+    the pool): each pid's latest reading, sampled in a thread, summed over every pid seen."""
+
+    def __init__(self, procs: Callable[[], list[psutil.Process]]) -> None:
+        self._procs = procs
+        self._first: dict[int, float] = {}
+        self._last: dict[int, float] = {}
+        self._sample()  # the baseline of the processes already there
+        self._first = dict(self._last)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        with contextlib.suppress(psutil.Error, OSError, ValueError):
+            for p in self._procs():
+                with contextlib.suppress(psutil.Error):
+                    t = p.cpu_times()
+                    self._last[p.pid] = t.user + t.system
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self._sample()
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        return sum(v - self._first.get(pid, 0.0) for pid, v in self._last.items())
+
+
+class PeakRss:
+    """Peak RSS of one process, sampled in a thread."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+            except psutil.Error:
+                return
+            self._stop.wait(RSS_SAMPLE_S)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+class StatementTimes:
+    """Wall time of every SQL call, keyed by the statement's first words."""
+
+    METHODS = ("execute", "fetchrow", "fetchval", "fetch", "executemany")
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def install(self) -> None:
+        import asyncpg.connection
+
+        cls = asyncpg.connection.Connection
+        for name in self.METHODS:
+            setattr(cls, name, self._wrap(name, getattr(cls, name)))
+
+    def _wrap(self, name: str, fn: Any) -> Any:
+        times = self
+
+        async def timed(conn: Any, *args: Any, **kwargs: Any) -> Any:
+            first = str(args[0]) if args else ""
+            key = f"{name}: " + " ".join(first.split()[:5])[:70]
+            t0 = time.perf_counter()
+            try:
+                return await fn(conn, *args, **kwargs)
+            finally:
+                times.seconds[key] += time.perf_counter() - t0
+                times.calls[key] += 1
+
+        return timed
+
+    def report(self, elapsed_s: float) -> None:
+        print(f"SQL wall time (of {elapsed_s:.1f} s; calls overlap across connections):")
+        for key, s in sorted(self.seconds.items(), key=lambda kv: -kv[1])[:12]:
+            print(f"  {s:7.2f} s  {self.calls[key]:7d} calls  {key}")
+
+
+def backfill_env(dsn: str, urls: dict[str, str], profile: str) -> dict[str, str]:
+    return {
+        "DATABASE_URL": dsn,
+        "RELAY_URL": urls["relay"],
+        "PLC_URL": urls["plc"],
+        "ALLOW_PRIVATE_NETWORK": "true",
+        "BACKFILL_DAYS": "-1",
+        "BACKFILL_PROFILE": profile,
+        "METRICS_PORT": "0",
+        "LOG_LEVEL": "INFO",
+    }
+
+
+async def job_numbers(dsn: str) -> dict[str, Any]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        row = await conn.fetchrow("SELECT * FROM backfill_jobs ORDER BY id DESC LIMIT 1")
+        count = await conn.fetchval("SELECT count(*) FROM records")
+        return {**dict(row), "records_in_table": count} if row else {}
+    finally:
+        await conn.close()
+
+
+async def run_in_process(env: dict[str, str]) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from backfill.service import BackfillService
+    from firehose.settings import Settings
+    from firehose.storage.database import Database
+
+    settings = Settings.from_env({**os.environ, **env})
+    db = await Database.open(settings.database)
+    try:
+        service = BackfillService(
+            settings.backfill,
+            db.pool,
+            CollectorRegistry(),
+            relay_url=settings.relay.url,
+            worker_id=0,
+            live_pressure=None,
+        )
+        await service.run(asyncio.Event())
+    finally:
+        await db.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repos", type=int, default=1000)
+    parser.add_argument("--records", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--profile-name", default="unthrottled", help="BACKFILL_PROFILE")
+    parser.add_argument("--subprocess", action="store_true", help="firehose backfill run")
+    parser.add_argument("--cprofile", metavar="FILE", help="cProfile the backfill into FILE")
+    parser.add_argument("--statements", action="store_true", help="time each SQL statement")
+    parser.add_argument(
+        "--disk-spool",
+        action="store_true",
+        help="spool every repo to disk (no in-memory small repos: the earlier behaviour)",
+    )
+    args = parser.parse_args()
+    if args.disk_spool:
+        import backfill.download
+
+        backfill.download.MEMORY_SPOOL_MAX_BYTES = 0
+    if args.subprocess and (args.cprofile or args.statements or args.disk_spool):
+        parser.error("--cprofile, --statements and --disk-spool need the in-process backfill")
+
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    statements = StatementTimes() if args.statements else None
+    if statements is not None:
+        statements.install()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        devnet, urls = start_devnet(tmp, args.repos, args.records, args.seed)
+        pg = start_embedded(tmp / "pg")
+        try:
+            env = backfill_env(pg.dsn, urls, args.profile_name)
+            pg_procs: Callable[[], list[psutil.Process]] = lambda: _postgres_processes(tmp / "pg")  # noqa: E731
+            devnet_proc = psutil.Process(devnet.pid)
+            pg_cpu = CpuTracker(pg_procs)
+            devnet_cpu0 = _cpu_s([devnet_proc])
+            started = time.monotonic()
+            if args.subprocess:
+                log = tmp / "backfill.log"
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "firehose", "backfill", "run"],
+                    cwd=ROOT, env={**os.environ, **env}, stdout=log.open("w"),
+                    stderr=subprocess.STDOUT,
+                )  # fmt: skip
+                sampler = PeakRss(proc.pid)
+                bf = psutil.Process(proc.pid)
+                bf_cpu = 0.0
+                while proc.poll() is None:
+                    with contextlib.suppress(psutil.Error):
+                        bf_cpu = _cpu_s([bf])
+                    time.sleep(0.2)
+                if proc.returncode != 0:
+                    raise SystemExit(
+                        f"backfill exited {proc.returncode}: {log.read_text()[-3000:]}"
+                    )
+                cpu_backfill = bf_cpu
+            else:
+                sampler = PeakRss(os.getpid())
+                me = psutil.Process()
+                cpu_self0 = _cpu_s([me])
+                profiler = cProfile.Profile() if args.cprofile else None
+                if profiler is not None:
+                    profiler.enable()
+                _run_loop(run_in_process(env))
+                if profiler is not None:
+                    profiler.disable()
+                    profiler.dump_stats(args.cprofile)
+                cpu_backfill = _cpu_s([me]) - cpu_self0
+            elapsed = time.monotonic() - started
+            peak = sampler.stop()
+            cpu = {
+                "backfill": cpu_backfill,
+                "postgres": pg_cpu.stop(),
+                "devnet": _cpu_s([devnet_proc]) - devnet_cpu0,
+            }
+            job = _run_loop(job_numbers(pg.dsn))
+        finally:
+            pg.stop()
+            devnet.terminate()
+            devnet.wait(10)
+    load = os.getloadavg()
+    records = int(job["records_processed"])
+    result = {
+        "repos": args.repos,
+        "records_per_repo": args.records,
+        "profile": args.profile_name,
+        "mode": "subprocess" if args.subprocess else "in-process",
+        "status": job["status"],
+        "repos_done": int(job["repos_done"]),
+        "repos_failed": int(job["repos_failed"]),
+        "records": records,
+        "records_in_table": int(job["records_in_table"]),
+        "elapsed_s": round(elapsed, 2),
+        "records_per_s": round(records / elapsed),
+        "repos_per_s": round(int(job["repos_done"]) / elapsed, 1),
+        "peak_rss_mb": round(peak / 2**20),
+        "cpu_s_backfill": round(cpu["backfill"], 1),
+        "cpu_s_postgres": round(cpu["postgres"], 1),
+        "cpu_s_devnet": round(cpu["devnet"], 1),
+        "loadavg_1m": round(load[0], 2),
+        "cores": os.cpu_count(),
+    }
+    done = result["repos_done"]
+    print(f"job {job['status']}: {done:,} repos, {records:,} records in {elapsed:.1f} s")
+    print(f"records/s committed: {result['records_per_s']:,}")
+    print(f"repos/s: {result['repos_per_s']}")
+    print(f"peak RSS (backfill process): {result['peak_rss_mb']} MB")
+    print(
+        f"CPU s: backfill {cpu['backfill']:.1f}, postgres {cpu['postgres']:.1f}, "
+        f"devnet {cpu['devnet']:.1f} (wall {elapsed:.1f} s, {os.cpu_count()} cores); "
+        f"load average {load[0]:.2f}"
+    )
+    if statements is not None:
+        statements.report(elapsed)
+    if args.cprofile:
+        pstats.Stats(args.cprofile).sort_stats("tottime").print_stats(25)
+    print(json.dumps({"bench": "backfill", **result}))
+
+
+def _run_loop(coro: Any) -> Any:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:  # pragma: no cover
+        return asyncio.run(coro)
+
+
+if __name__ == "__main__":
+    main()
