@@ -206,6 +206,37 @@ TYPED_UPSERT: dict[str, str] = {
     for t in TYPED_TABLES.values()
 }
 
+# The same upserts as ONE statement (one round trip per batch instead of one per table):
+# $1 is the records rows, $2.. the rows of each typed table in TYPED_TABLES order ('[]' when
+# none). Data-modifying CTEs all see the snapshot from before the statement, so a typed row's
+# mirror guard is "its uri was upserted into records just now (the CTE's RETURNING) or
+# records already held exactly this (rev, cid)": the same condition as _MIRROR_GUARD checked
+# after the records upsert. (A write yields its records and typed rows with the same
+# rev/cid; an upsert only touches a row whose (rev, cid) differs.) Returns
+# (upserted, typed): rows written to records, and to the typed tables.
+_FRESH_MIRROR_GUARD = """
+ WHERE s.uri IN (SELECT r.uri FROM r)
+    OR coalesce((SELECT x.rev = s.rev AND x.cid = s.cid FROM records x WHERE x.uri = s.uri),
+                false)
+"""
+
+
+def _upserts_sql() -> str:
+    ctes = ["r AS (" + RECORDS_UPSERT + " RETURNING t.uri)"]
+    for i, t in enumerate(TYPED_TABLES.values()):
+        sql = _upsert_sql(t.name, COMMON_TYPED_COLUMNS + t.columns, _FRESH_MIRROR_GUARD)
+        ctes.append(f"t{i} AS (" + sql.replace("$1::jsonb", f"${i + 2}::jsonb") + " RETURNING 1)")
+    typed = " + ".join(f"(SELECT count(*) FROM t{i})" for i in range(len(TYPED_TABLES)))
+    return (
+        "WITH "
+        + ",\n".join(ctes)
+        + f"\nSELECT (SELECT count(*) FROM r) AS upserted, {typed} AS typed"
+    )
+
+
+UPSERTS_APPLY = _upserts_sql()
+TYPED_ORDER: tuple[str, ...] = tuple(t.name for t in TYPED_TABLES.values())
+
 # --- deletes ----------------------------------------------------------------------------------
 # One statement for all deletes of a batch: $1..$4 are parallel arrays (uri, did, collection,
 # rev), deduplicated by uri. Upsert the tombstone keeping the greatest rev, then delete the row
@@ -252,6 +283,31 @@ SELECT h.did, h.rev, h.data_cid, now()
 ON CONFLICT (did) DO UPDATE
    SET rev = EXCLUDED.rev, data_cid = EXCLUDED.data_cid, updated_at = now()
  WHERE a.rev IS NULL OR a.rev < EXCLUDED.rev
+"""
+
+# The end of a batch in one statement: ACTOR_HEADS ($1..$3, may be empty arrays), the cursor
+# row ($4 service, $5 cursor, $6 last_event_time; nothing when $5 is NULL) and, when $7, this
+# transaction's synchronous_commit = off (it only matters at COMMIT, which follows). Returns
+# the number of heads advanced.
+BATCH_FINISH = """
+WITH h AS (
+INSERT INTO actors AS a (did, rev, data_cid, updated_at)
+SELECT h.did, h.rev, h.data_cid, now()
+  FROM unnest($1::text[], $2::text[], $3::text[]) AS h(did, rev, data_cid)
+ON CONFLICT (did) DO UPDATE
+   SET rev = EXCLUDED.rev, data_cid = EXCLUDED.data_cid, updated_at = now()
+ WHERE a.rev IS NULL OR a.rev < EXCLUDED.rev
+RETURNING 1),
+c AS (
+INSERT INTO firehose_cursor AS c (service, cursor, last_event_time, updated_at)
+SELECT $4::text, $5::bigint, $6::timestamptz, now() WHERE $5::bigint IS NOT NULL
+ON CONFLICT (service) DO UPDATE
+   SET cursor = EXCLUDED.cursor,
+       last_event_time = coalesce(EXCLUDED.last_event_time, c.last_event_time),
+       updated_at = now()
+RETURNING 1)
+SELECT (SELECT count(*) FROM h) AS heads, (SELECT count(*) FROM c) AS cursors,
+       CASE WHEN $7::bool THEN set_config('synchronous_commit', 'off', true) END AS sync
 """
 
 # #identity: $1 did[], $2 handle[] (NULL keeps the stored handle), $3 seq[].

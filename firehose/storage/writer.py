@@ -12,8 +12,9 @@ Steps, all inside one transaction so that the cursor never runs ahead of the dat
 3. per repo, the latest commit rev (and data cid when known) in `actors`, never backwards;
 4. the cursor row of `service`, when the batch carries a cursor.
 
-Round trips per batch: BEGIN, SET LOCAL, one statement per target table, one for all
-deletes, one per actor step, the cursor, COMMIT. The pure half (`prepare_batch`) is apart
+Round trips per batch: BEGIN, one per actor step present (identities, accounts, purge),
+one for every create/update (records and all typed tables), one for all deletes, one for
+the repo heads + cursor, COMMIT. The pure half (`prepare_batch`) is apart
 from the transaction (`apply_prepared`) so that the worker can overlap them.
 """
 
@@ -170,7 +171,8 @@ def _last_per_did(events: Iterable[Any]) -> list[Any]:
 # worker reads the older cursor that survived and the relay replays the lost events, which
 # the rev guards make idempotent. A later synchronous commit (of any session) flushes the
 # earlier WAL too, so what a caller saw durably committed stays so.
-_ASYNC_COMMIT = "SET LOCAL synchronous_commit = off"
+# Set by queries.BATCH_FINISH, the last statement before COMMIT (no round trip of its own).
+_ASYNC_COMMIT = "synchronous_commit = off"
 _dumps = orjson.dumps
 _Fragment = orjson.Fragment  # already-serialized JSON, embedded as is
 _RECORD = queries.RECORDS_COLUMN_NAMES.index("record")
@@ -244,10 +246,8 @@ async def apply_prepared(
     identities, accounts = prepared.identities, prepared.accounts
     nested = conn.is_in_transaction()
 
+    # Inside a caller's transaction (nested), durability is the caller's.
     async with conn.transaction():
-        if not nested:  # inside a caller's transaction, its durability is the caller's
-            await conn.execute(_ASYNC_COMMIT)
-
         # 1. Accounts first, so that writes of a deleted account in this very batch are refused
         #    by the actor guard, and writes after a reactivation are accepted.
         if identities:
@@ -269,13 +269,18 @@ async def apply_prepared(
             if dead:
                 stats.purged += await conn.fetchval(queries.ACTOR_PURGE, dead)
 
-        # 2. Creates/updates: one guarded upsert per target, records first.
-        if prepared.records is not None:
-            upserted = _count(await conn.execute(queries.RECORDS_UPSERT, prepared.records))
-            stats.upserted += upserted
-            stats.skipped += len(prep.records) - upserted
-        for name, rows_json in prepared.typed:
-            stats.typed += _count(await conn.execute(queries.TYPED_UPSERT[name], rows_json))
+        # 2. Creates/updates: the guarded upserts of records and every typed table, records
+        #    first, in one statement.
+        if prepared.records is not None or prepared.typed:
+            typed = dict(prepared.typed)
+            row = await conn.fetchrow(
+                queries.UPSERTS_APPLY,
+                prepared.records or "[]",
+                *[typed.get(name, "[]") for name in queries.TYPED_ORDER],
+            )
+            stats.upserted += row["upserted"]
+            stats.skipped += len(prep.records) - row["upserted"]
+            stats.typed += row["typed"]
 
         # 3. Deletes: tombstones + guarded deletes, one statement.
         if prep.deletes[0]:
@@ -283,20 +288,21 @@ async def apply_prepared(
             stats.tombstones += row["tombstones"]
             stats.deleted += row["deleted"]
 
-        # 4. Repo heads, never backwards.
-        if prep.heads:
-            stats.heads += _count(
-                await conn.execute(
-                    queries.ACTOR_HEADS,
-                    [h[0] for h in prep.heads],
-                    [h[1] for h in prep.heads],
-                    [h[2] for h in prep.heads],
-                )
+        # 4. Repo heads, never backwards, and 5. the cursor, in the same transaction as the
+        #    rows it covers (invariant 1): one statement, which also makes the COMMIT
+        #    asynchronous (see _ASYNC_COMMIT) unless a caller's transaction is around us.
+        if prep.heads or batch.cursor is not None or not nested:
+            heads = prep.heads
+            stats.heads += await conn.fetchval(
+                queries.BATCH_FINISH,
+                [h[0] for h in heads],
+                [h[1] for h in heads],
+                [h[2] for h in heads],
+                service,
+                batch.cursor,
+                batch.last_event_time,
+                not nested,
             )
-
-        # 5. The cursor, in the same transaction as the rows it covers (invariant 1).
-        if batch.cursor is not None:
-            await save_cursor(conn, service, batch.cursor, batch.last_event_time)
     return stats
 
 
