@@ -213,26 +213,9 @@ class Worker:
         in_flight: asyncio.Task[None] | None = None
         try:
             while not reader_done:
-                item = await self._queue.get()
-                deadline = time.monotonic() + max_wait_s
-                read_times: list[float] = []
-                while item is not _DONE:
-                    read_at, event = item
-                    read_times.append(read_at)
-                    builder.add(event)
-                    if len(builder) >= pipeline.batch_max_events:
-                        break
-                    try:
-                        item = self._queue.get_nowait()
-                    except asyncio.QueueEmpty:
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            break
-                        try:
-                            item = await asyncio.wait_for(self._queue.get(), remaining)
-                        except TimeoutError:
-                            break
-                reader_done = item is _DONE
+                read_times, reader_done = await self._collect(
+                    builder, pipeline.batch_max_events, max_wait_s
+                )
                 if self._stop.is_set() and drain_deadline is None:
                     drain_deadline = time.monotonic() + STOP_DRAIN_S
                 prepared = None
@@ -260,6 +243,32 @@ class Worker:
                 in_flight.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await in_flight
+
+    async def _collect(
+        self, builder: BatchBuilder, max_events: int, max_wait_s: float
+    ) -> tuple[list[float], bool]:
+        """Move queued events into `builder` until it holds `max_events` or `max_wait_s`
+        passed since the first one. Returns their read times and whether the reader is done."""
+        item = await self._queue.get()
+        deadline = time.monotonic() + max_wait_s
+        read_times: list[float] = []
+        while item is not _DONE:
+            read_at, event = item
+            read_times.append(read_at)
+            builder.add(event)
+            if len(builder) >= max_events:
+                break
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                except TimeoutError:
+                    break
+        return read_times, item is _DONE
 
     async def _apply(
         self,
