@@ -18,6 +18,7 @@ from backfill_support import (
     REAL_CARS,
     BackfillProcess,
     HistoryDevnet,
+    RssSampler,
     assert_records_equal,
     backfill_cli,
     expected_in_window,
@@ -256,3 +257,39 @@ async def test_429_storm_pause_visible_in_status_then_completes(
     job = await job_row(db_dsn)
     assert job is not None and job["repos_failed"] == 0
     assert "is paused_rate_limited" in proc.log()
+
+
+# RSS may pass BACKFILL_MAX_MEMORY_MB by this much: the throttle pauses claiming and
+# writing above 90 % of the limit, but work in hand (a batch being built and written, the
+# decoded records of in-flight repos, allocator slack) finishes first.
+MEMORY_MARGIN_MB = 50
+
+
+async def test_rss_stays_under_the_memory_limit(tmp_path: Path, db_dsn: str) -> None:
+    """BACKFILL_MAX_MEMORY_MB=200 with unthrottled batches (5000 records) and big repos
+    (6 x 20,000 records): the worker's RSS, sampled every 50 ms with psutil, stays under
+    200 MB + MEMORY_MARGIN_MB (50 MB) for the whole run, and the backfill completes."""
+    net = HistoryDevnet.start(
+        tmp_path / "devnet",
+        "--seed", "26", "--accounts", "3", "--events", "30", "--repo-accounts", "6",
+        "--repo-records", "20000",
+    )  # fmt: skip
+    try:
+        worker = BackfillProcess.start(
+            tmp_path, db_dsn, net, worker=True, BACKFILL_DAYS="-1",
+            BACKFILL_PROFILE="unthrottled", BACKFILL_MAX_MEMORY_MB="200",
+        )  # fmt: skip
+        sampler = RssSampler(worker.pid)
+        try:
+            await wait_job(db_dsn, timeout_s=90, procs=(worker,))
+        finally:
+            peak = sampler.stop()
+            worker.terminate()
+        truth = net.truth()
+    finally:
+        net.stop()
+    peak_mb = peak / 2**20
+    print(f"peak RSS {peak_mb:.0f} MB over {len(sampler.samples)} samples")
+    assert len(sampler.samples) > 20
+    assert peak_mb < 200 + MEMORY_MARGIN_MB, f"peak RSS {peak_mb:.0f} MB"
+    assert len(await records_map(db_dsn)) == len(expected_in_window(truth, None)) > 120_000
