@@ -138,11 +138,11 @@ class RepoTask:
 
     async def _write_batch(self, batch: list[RecordWrite], head: Any, counts: Counts) -> int:
         ctx = self.ctx
-        await ctx.throttle.wait_clear(ctx.halt)
-        if ctx.halt.is_set():
-            raise Halted
-        async with ctx.conn() as conn:
-            stats = await write_snapshot(conn, batch, heads=head)
+        async with ctx.throttle.write_turn(ctx.halt):
+            if ctx.halt.is_set():
+                raise Halted
+            async with ctx.conn() as conn:
+                stats = await write_snapshot(conn, batch, heads=head)
         processed = len(batch) - stats.invalid
         counts.processed += processed
         counts.skipped += stats.invalid

@@ -234,8 +234,10 @@ class BackfillService:
         try:
             while not ctx.halt.is_set():
                 tasks = {t for t in tasks if not t.done()}
-                await self.throttle.wait_clear(ctx.halt)
+                await self.throttle.wait_claimable(ctx.halt, busy=_any_running(tasks))
                 free = limit - len(tasks)
+                if self.throttle.memory.closed:
+                    free = min(free, 1)  # under memory pressure: one repo at a time
                 claimed: list[queue.Claimed] = []
                 if free > 0 and not ctx.halt.is_set():
                     async with ctx.conn() as conn:
@@ -356,3 +358,7 @@ class BackfillService:
         if self._status.get("state") != "completed":
             self.progress.log(self.throttle.rss_bytes, self.settings.max_memory_mb)
             log.info("[BACKFILL] Stopped; progress saved (job %d)", ctx.job.id)
+
+
+def _any_running(tasks: set[asyncio.Task[None]]) -> Callable[[], bool]:
+    return lambda: any(not t.done() for t in tasks)

@@ -5,8 +5,13 @@ gathers the inputs (measured RSS, live pressure, the job's pause flags) and `wai
 parks callers until no reason holds.
 
 * memory: RSS measured with psutil (design invariant 4). Above 90 % of BACKFILL_MAX_MEMORY_MB
-  the backfill stops claiming repos and pauses writing; it resumes only below 80 %, so it
-  does not flap around one threshold (hysteresis).
+  the backfill stops claiming repos and narrows writing to one repo at a time; it resumes
+  only below 80 %, so it does not flap around one threshold (hysteresis). Writing is
+  narrowed, not stopped: an in-flight repo holds its snapshot and batch in memory until it
+  is written, so stopping every writer would hold RSS up for ever (a stall seen in the
+  e2e memory test). For the same reason a process with nothing in flight may still claim
+  one repo, and on entering the pressure state freed memory is handed back to the OS
+  (gc + malloc_trim) so RSS can actually fall.
 * idle (BACKFILL_USE_IDLE): the backfill yields while the live pipeline is behind, i.e. its
   queue is at least half full or its lag exceeds 30 s.
 * rate_limit: every known host is paused by a 429.
@@ -17,7 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import ctypes
+import ctypes.util
+import gc
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 MIB = 1024 * 1024
@@ -89,6 +97,7 @@ class Throttle:
         self.rate_limited = False
         self.on_change: Callable[[dict[str, bool]], None] | None = None
         self._last: dict[str, bool] = dict.fromkeys(REASONS, False)
+        self._memory_writer = asyncio.Lock()  # one writing repo at a time under pressure
 
     def state(self) -> dict[str, bool]:
         """Each reason -> whether it holds now (reads RSS and live pressure)."""
@@ -102,6 +111,8 @@ class Throttle:
             "rate_limit": self.rate_limited,
             "paused": self.paused,
         }
+        if state["memory"] and not self._last["memory"]:
+            release_memory()
         if state != self._last:
             self._last = state
             if self.on_change is not None:
@@ -118,5 +129,46 @@ class Throttle:
     async def wait_clear(self, stop: asyncio.Event) -> None:
         """Return once no reason holds, or when `stop` is set."""
         while not stop.is_set() and self.reason() is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), THROTTLE_POLL_S)
+            await _poll(stop)
+
+    async def wait_claimable(self, stop: asyncio.Event, busy: Callable[[], bool]) -> None:
+        """Claiming waits for every reason, except that under memory pressure alone a
+        process with nothing in flight (`busy()` false) may claim (one repo; the caller
+        limits it), so a baseline RSS above the low mark never stalls the backfill."""
+        while not stop.is_set():
+            state = self.state()
+            others = any(holds for name, holds in state.items() if name != "memory")
+            if not others and (not state["memory"] or not busy()):
+                return
+            await _poll(stop)
+
+    @contextlib.asynccontextmanager
+    async def write_turn(self, stop: asyncio.Event) -> AsyncIterator[None]:
+        """Hold a write until no reason but memory holds; under memory pressure, writers
+        take turns one at a time (see the module docstring)."""
+        while not stop.is_set():
+            state = self.state()
+            if not any(holds for name, holds in state.items() if name != "memory"):
+                break
+            await _poll(stop)
+        if self.memory.closed:
+            async with self._memory_writer:
+                yield
+        else:
+            yield
+
+
+async def _poll(stop: asyncio.Event) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), THROTTLE_POLL_S)
+
+
+def release_memory() -> None:
+    """Collect cycles and ask glibc to return free heap pages to the OS, so that RSS, which
+    the memory throttle reads, can fall once in-flight repos are written."""
+    gc.collect()
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(libc_name).malloc_trim(0)
