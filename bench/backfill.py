@@ -35,7 +35,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.sqltiming import StatementTimes  # noqa: E402
 from firehose.storage.embedded import start_embedded  # noqa: E402
 
 RSS_SAMPLE_S = 0.1
@@ -154,41 +154,10 @@ class PeakRss:
         return self.peak
 
 
-class StatementTimes:
-    """Wall time of every SQL call, keyed by the statement's first words."""
-
-    METHODS = ("execute", "fetchrow", "fetchval", "fetch", "executemany")
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.calls: dict[str, int] = defaultdict(int)
-
-    def install(self) -> None:
-        import asyncpg.connection
-
-        cls = asyncpg.connection.Connection
-        for name in self.METHODS:
-            setattr(cls, name, self._wrap(name, getattr(cls, name)))
-
-    def _wrap(self, name: str, fn: Any) -> Any:
-        times = self
-
-        async def timed(conn: Any, *args: Any, **kwargs: Any) -> Any:
-            first = str(args[0]) if args else ""
-            key = f"{name}: " + " ".join(first.split()[:5])[:70]
-            t0 = time.perf_counter()
-            try:
-                return await fn(conn, *args, **kwargs)
-            finally:
-                times.seconds[key] += time.perf_counter() - t0
-                times.calls[key] += 1
-
-        return timed
-
-    def report(self, elapsed_s: float) -> None:
-        print(f"SQL wall time (of {elapsed_s:.1f} s; calls overlap across connections):")
-        for key, s in sorted(self.seconds.items(), key=lambda kv: -kv[1])[:12]:
-            print(f"  {s:7.2f} s  {self.calls[key]:7d} calls  {key}")
+def report_statements(times: StatementTimes, elapsed_s: float) -> None:
+    print(f"SQL wall time (of {elapsed_s:.1f} s; calls overlap across connections):")
+    for key, s, calls in times.top(12):
+        print(f"  {s:7.2f} s  {calls:7d} calls  {key}")
 
 
 def backfill_env(dsn: str, urls: dict[str, str], profile: str) -> dict[str, str]:
@@ -352,7 +321,7 @@ def main() -> None:
         f"load average {load[0]:.2f}"
     )
     if statements is not None:
-        statements.report(elapsed)
+        report_statements(statements, elapsed)
     if args.cprofile:
         pstats.Stats(args.cprofile).sort_stats("tottime").print_stats(25)
     print(json.dumps({"bench": "backfill", **result}))

@@ -29,10 +29,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import psutil
 import uvloop
@@ -43,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.replay import cache_path, read_frames  # noqa: E402
+from bench.sqltiming import StatementTimes  # noqa: E402
 from firehose.protocol.frames import decode_frame  # noqa: E402
 from firehose.settings import Settings  # noqa: E402
 from firehose.storage.embedded import start_embedded  # noqa: E402
@@ -107,42 +106,10 @@ def _cpu_s(procs: list[psutil.Process]) -> float:
     return total
 
 
-class StatementTimes:
-    """Wall time of every SQL call of the worker, keyed by the statement's first words."""
-
-    METHODS = ("execute", "fetchrow", "fetchval", "fetch", "copy_records_to_table")
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.calls: dict[str, int] = defaultdict(int)
-
-    def install(self) -> None:
-        import asyncpg.connection
-
-        cls = asyncpg.connection.Connection
-        for name in self.METHODS:
-            setattr(cls, name, self._wrap(name, getattr(cls, name)))
-
-    def _wrap(self, name: str, fn: Any) -> Any:
-        times = self
-
-        async def timed(conn: Any, *args: Any, **kwargs: Any) -> Any:
-            first = str(args[0]) if args else ""
-            key = " ".join(first.split()[:4])[:60] if name != "copy_records_to_table" else first
-            key = f"{name}: {key}"
-            t0 = time.perf_counter()
-            try:
-                return await fn(conn, *args, **kwargs)
-            finally:
-                times.seconds[key] += time.perf_counter() - t0
-                times.calls[key] += 1
-
-        return timed
-
-    def report(self, events: int) -> None:
-        print(f"SQL wall time per 1000 events (of {events:,}):")
-        for key, s in sorted(self.seconds.items(), key=lambda kv: -kv[1]):
-            print(f"  {s * 1000 / events * 1000:8.1f} ms  {self.calls[key]:6d} calls  {key}")
+def report_statements(times: StatementTimes, events: int) -> None:
+    print(f"SQL wall time per 1000 events (of {events:,}):")
+    for key, s, calls in times.top(len(times.seconds)):
+        print(f"  {s * 1000 / events * 1000:8.1f} ms  {calls:6d} calls  {key}")
 
 
 async def run_worker(
@@ -269,7 +236,7 @@ def main() -> None:
     )
     print(f"decode-only events/s: {result['decode_only_events_per_s']:,.0f}")
     if statements is not None:
-        statements.report(int(result["events"]))
+        report_statements(statements, int(result["events"]))
     if args.profile:
         pstats.Stats(args.profile).sort_stats("tottime").print_stats(25)
     print(json.dumps({"bench": "live", **{k: round(v, 2) for k, v in result.items()}}))
