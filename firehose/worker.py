@@ -129,6 +129,18 @@ class Worker:
         if saved is not None:
             log.info("resuming %r from saved cursor %d", self._service, saved)
             return saved
+        # No row for this shard but rows of others: WORKER_COUNT changed (or a shard is new).
+        # The live tip would skip this shard's events after the oldest other cursor; the
+        # minimum replays some events twice instead, which the rev guards make harmless.
+        others = await db.run(writer.load_min_cursor_of_other_shards, self._service)
+        if others is not None:
+            log.warning(
+                "no saved cursor for %r but other shards have one: starting from their "
+                "minimum %d (WORKER_COUNT changed?)",
+                self._service,
+                others,
+            )
+            return others
         if self._default_cursor is None:
             log.info("no saved cursor for %r: starting from the live tip", self._service)
         else:

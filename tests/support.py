@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,17 +129,25 @@ async def cursor_of(dsn: str, service: str = "firehose") -> int | None:
 
 
 async def wait_for_cursor(
-    dsn: str, target: int, *, timeout_s: float = 120, worker: WorkerProcess | None = None
+    dsn: str,
+    target: int,
+    *,
+    timeout_s: float = 120,
+    worker: WorkerProcess | None = None,
+    service: str = "firehose",
 ) -> None:
+    """Until the cursor row `service` (`firehose:<i>` for a shard) reaches `target`."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if worker is not None and worker.proc.poll() is not None:
             raise AssertionError(f"worker exited {worker.proc.returncode}:\n{worker.log()[-3000:]}")
-        cursor = await cursor_of(dsn)
+        cursor = await cursor_of(dsn, service)
         if cursor is not None and cursor >= target:
             return
         await asyncio.sleep(0.2)
-    raise TimeoutError(f"cursor did not reach {target} (at {await cursor_of(dsn)})")
+    raise TimeoutError(
+        f"cursor {service!r} did not reach {target} (at {await cursor_of(dsn, service)})"
+    )
 
 
 COLLECTION_TABLES = {
@@ -153,6 +162,22 @@ COLLECTION_TABLES = {
     "app.bsky.feed.generator": "feed_generators",
     "app.bsky.graph.starterpack": "starter_packs",
 }
+
+
+def did_of_uri(uri: str) -> str:
+    """at://<did>/<collection>/<rkey> -> <did>."""
+    return uri.split("/")[2]
+
+
+def shard_truth(truth: dict[str, Any], owns: Callable[[str], bool]) -> dict[str, Any]:
+    """The part of the truth about the DIDs `owns` accepts (one shard's expected rows)."""
+    return {
+        **truth,
+        "records": {u: c for u, c in truth["records"].items() if owns(did_of_uri(u))},
+        "deleted": [u for u in truth["deleted"] if owns(did_of_uri(u))],
+        "handles": {d: h for d, h in truth["handles"].items() if owns(d)},
+        "statuses": {d: s for d, s in truth["statuses"].items() if owns(d)},
+    }
 
 
 async def assert_matches_truth(dsn: str, truth: dict[str, Any]) -> None:

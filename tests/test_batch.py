@@ -62,3 +62,32 @@ def test_shards_partition_dids() -> None:
     for d in dids:
         assert sum(1 for f in filters if f is not None and f(d)) == 1
     assert shard_filter(WorkerSettings(0, 1)) is None
+
+
+def test_shard_filter_covers_every_event_kind_and_cursor_moves() -> None:
+    """A worker keeps commits (records + head), #identity and #account of its shard only,
+    and its cursor still covers the other shards' events."""
+    dids = [f"did:plc:{i:024d}" for i in range(12)]
+    mine = [d for d in dids if shard_of(d, 3) == 1]
+    assert mine
+    builders = [BatchBuilder((), shard_filter(WorkerSettings(i, 3))) for i in range(3)]
+    seq = 0
+    for did in dids:
+        for event in (
+            commit(seq + 1, did, "app.bsky.feed.post"),
+            IdentityEvent(seq + 2, did, T0, "h.test"),
+            AccountEvent(seq + 3, did, T0, active=False, status="deleted"),
+        ):
+            for b in builders:
+                b.add(event)
+        seq += 3
+    batches = [b.take() for b in builders]
+    assert all(batch.cursor == seq and batch.events == seq for batch in batches)
+    one = batches[1]
+    assert sorted({w.did for w in one.writes}) == mine
+    assert sorted(h[0] for h in one.heads) == mine
+    assert sorted(e.did for e in one.identities) == mine
+    assert sorted(e.did for e in one.accounts) == mine
+    # Together the shards hold every event exactly once.
+    assert sorted(e.did for b in batches for e in b.accounts) == sorted(dids)
+    assert sum(len(b.heads) for b in batches) == len(dids)

@@ -33,6 +33,13 @@ ADVISORY_UNLOCK = "SELECT pg_advisory_unlock($1)"
 # --- cursor -----------------------------------------------------------------------------------
 
 CURSOR_LOAD = "SELECT cursor FROM firehose_cursor WHERE service = $1"
+# The lowest live-stream cursor of the OTHER shards (`firehose`, `firehose:<i>`): where a
+# worker whose shard has no row yet starts after WORKER_COUNT changed ('_' and '%' are LIKE
+# wildcards, hence the explicit prefix test).
+CURSOR_MIN_OF_OTHER_SHARDS = """
+SELECT min(cursor) FROM firehose_cursor
+ WHERE (service = 'firehose' OR left(service, 9) = 'firehose:') AND service <> $1
+"""
 CURSOR_SAVE = """
 INSERT INTO firehose_cursor AS c (service, cursor, last_event_time, updated_at)
 VALUES ($1, $2, $3, now())

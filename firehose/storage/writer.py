@@ -322,6 +322,12 @@ async def load_cursor(conn: Any, service: str) -> int | None:
     return int(value) if value is not None else None
 
 
+async def load_min_cursor_of_other_shards(conn: Any, service: str) -> int | None:
+    """The lowest saved live cursor among the shards other than `service`, or None."""
+    value = await conn.fetchval(queries.CURSOR_MIN_OF_OTHER_SHARDS, service)
+    return int(value) if value is not None else None
+
+
 async def save_cursor(
     conn: Any, service: str, cursor: int | None, last_event_time: datetime | None = None
 ) -> None:
