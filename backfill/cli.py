@@ -83,23 +83,39 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-async def _set(settings: Settings, to: str, from_: tuple[str, ...], verb: str) -> int:
+# verb -> (new status, statuses it may come from). Shared with the worker's HTTP admin
+# endpoints (firehose.ops), so both act on the job row in exactly the same way.
+TRANSITIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "pause": ("paused", ("running", "paused_rate_limited")),
+    "resume": ("running", ("paused",)),
+}
+
+
+async def control(conn: Any, verb: str) -> tuple[jobs.Job | None, bool]:
+    """Pause or resume the current job through its row; (job as it was, whether it moved)."""
+    to, from_ = TRANSITIONS[verb]
+    job = await jobs.current_job(conn)
+    moved = job is not None and await jobs.set_status(conn, job.id, to, from_)
+    return job, moved
+
+
+async def _set(settings: Settings, verb: str) -> int:
     async with _connection(settings) as conn:
-        job = await jobs.current_job(conn)
-        if job is None or not await jobs.set_status(conn, job.id, to, from_):
-            state = "no job" if job is None else f"job {job.id} is {job.status}"
-            print(f"Nothing to {verb}: {state}.")
-            return EXIT_NO_ACTION
+        job, moved = await control(conn, verb)
+    if job is None or not moved:
+        state = "no job" if job is None else f"job {job.id} is {job.status}"
+        print(f"Nothing to {verb}: {state}.")
+        return EXIT_NO_ACTION
     print(f"Job {job.id} {verb}d (was {job.status}).")
     return EXIT_OK
 
 
 async def _pause(args: argparse.Namespace, settings: Settings) -> int:
-    return await _set(settings, "paused", ("running", "paused_rate_limited"), "pause")
+    return await _set(settings, "pause")
 
 
 async def _resume(args: argparse.Namespace, settings: Settings) -> int:
-    return await _set(settings, "running", ("paused",), "resume")
+    return await _set(settings, "resume")
 
 
 async def _retry_failed(args: argparse.Namespace, settings: Settings) -> int:

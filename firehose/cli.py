@@ -1,4 +1,4 @@
-"""Command line: `firehose run | devnet | migrate | backfill ...`.
+"""Command line: `firehose run | devnet | migrate | status | backfill ...`.
 
 `python -m firehose` is `firehose run`.
 
@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("migrate", help="apply database migrations and exit")
 
+    from firehose import status_cli
+
+    status_cli.add_subcommand(sub)
+
     from backfill import cli as backfill_cli
 
     backfill_cli.add_subcommands(sub)
@@ -83,6 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from backfill import cli as backfill_cli
 
         return backfill_cli.handle(args, settings)
+    if command == "status":
+        from firehose import status_cli
+
+        return status_cli.handle(args, settings)
     return _run_async(
         _run(
             settings,

@@ -25,7 +25,8 @@ LOG_FORMATS = ("text", "json")
 
 @dataclass(frozen=True, slots=True)
 class DatabaseSettings:
-    url: str | None  # None: start the embedded PostgreSQL in data_dir
+    # None: start the embedded PostgreSQL in data_dir. Kept out of repr: it holds the password.
+    url: str | None = field(repr=False)
     data_dir: Path
     pool_size: int
 
@@ -77,6 +78,8 @@ class Settings:
     metrics_port: int
     extra: Mapping[str, str] = field(default_factory=dict)
     backfill: BackfillSettings = field(default_factory=BackfillSettings)
+    # Bearer token of the HTTP admin endpoints; None turns them off. Never in repr/logs.
+    admin_token: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -114,6 +117,7 @@ class Settings:
             log_format=e.get("LOG_FORMAT", "text", choice(LOG_FORMATS)),
             metrics_port=e.get("METRICS_PORT", 8000, int_range(0, 65535)),
             backfill=BackfillSettings.from_env(os.environ if env is None else env),
+            admin_token=e.get("ADMIN_TOKEN", None, str),
         )
 
 

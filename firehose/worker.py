@@ -27,6 +27,7 @@ from firehose.live.batch import BatchBuilder, shard_filter
 from firehose.live.relay import RelayClient
 from firehose.metrics import LiveMetrics
 from firehose.model import Batch, CommitEvent, Event
+from firehose.ops import WorkerOps
 from firehose.protocol.errors import ProtocolError
 from firehose.protocol.frames import FrameLimits, decode_frame
 from firehose.settings import Settings
@@ -96,17 +97,20 @@ class Worker:
         self._other_events = self.metrics.events.labels("other")
         self._invalid_counters: dict[str, Any] = {}
         self.metrics.lag_seconds.set_function(self._lag_seconds)
+        self.ops: WorkerOps | None = None  # /status, /readyz, admin: built once db is open
 
     def stop(self) -> None:
         self._stop.set()
 
     async def run(self) -> None:
         db = await Database.open(self.settings.database)
-        http = await start_http(self.registry, self.settings.metrics_port)
+        s = self.settings
+        ops = self.ops = WorkerOps(s, self.state, db.dsn, self._queue.qsize, self._lag_seconds)
+        http = await start_http(self.registry, s.metrics_port, ops=ops, admin_token=s.admin_token)
         _tune_gc()
         try:
             start_cursor = await self._start_cursor(db)
-            relay = RelayClient(self.settings.relay, self.metrics, start_cursor)
+            relay = ops.relay = RelayClient(self.settings.relay, self.metrics, start_cursor)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._report_progress())
                 tg.create_task(self._read(relay))
@@ -116,6 +120,7 @@ class Worker:
         finally:
             if http is not None:
                 await http.cleanup()
+            await ops.close()
             await db.close()
             log.info("worker stopped at cursor %s", self.state.cursor)
 
@@ -352,6 +357,8 @@ class Worker:
             ),
             wanted_collections=self.settings.pipeline.wanted_collections,
         )
+        if self.ops is not None:
+            self.ops.backfill = service
         try:
             await service.run(self._stop)
         except Exception:

@@ -61,6 +61,9 @@ class RelayClient:
         self._attempt = 0
         self._frames_this_connection = 0
         self.connected_since: float | None = None
+        # Monotonic time since when there is no connection (None while connected): readiness
+        # tolerates reconnecting for a bounded time.
+        self.disconnected_since: float | None = time.monotonic()
         self.last_frame_at: float | None = None
 
     async def frames(self, stop: asyncio.Event) -> AsyncIterator[bytes]:
@@ -168,6 +171,7 @@ class RelayClient:
         self._reconnect_reason = None
         self._frames_this_connection = 0
         self.connected_since = self.last_frame_at = time.monotonic()
+        self.disconnected_since = None
         self._metrics.connected.set(1)
         log.info("connected to relay %s", url)
 
@@ -183,6 +187,8 @@ class RelayClient:
             self._attempt = 0
         self._ws = None
         self.connected_since = None
+        if self.disconnected_since is None:
+            self.disconnected_since = now
         self._metrics.connected.set(0)
 
     async def _watch(self, ws: aiohttp.ClientWebSocketResponse, stop: asyncio.Event) -> None:

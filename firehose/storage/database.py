@@ -23,9 +23,11 @@ R = TypeVar("R")
 
 
 class Database:
-    def __init__(self, pool: asyncpg.Pool, embedded: Any | None) -> None:
+    def __init__(self, pool: asyncpg.Pool, embedded: Any | None, dsn: str = "") -> None:
         self.pool = pool
         self._embedded = embedded
+        # For a connection of its own (the readiness probe); holds the password: never log it.
+        self.dsn = dsn
 
     @classmethod
     async def open(cls, settings: DatabaseSettings) -> Database:
@@ -53,7 +55,7 @@ class Database:
             if embedded is not None:
                 embedded.stop()
             raise
-        return cls(pool, embedded)
+        return cls(pool, embedded, dsn)
 
     async def run(
         self,
