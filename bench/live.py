@@ -106,6 +106,16 @@ def _cpu_s(procs: list[psutil.Process]) -> float:
     return total
 
 
+def _ops_committed(worker: Worker) -> float:
+    """Every firehose_ops_total sample (all actions and collections) summed."""
+    return sum(
+        sample.value
+        for metric in worker.metrics.ops.collect()
+        for sample in metric.samples
+        if sample.name == "firehose_ops_total"
+    )
+
+
 def report_statements(times: StatementTimes, events: int) -> None:
     print(f"SQL wall time per 1000 events (of {events:,}):")
     for key, s, calls in times.top(len(times.seconds)):
@@ -132,9 +142,7 @@ async def run_worker(
     # Process lists are taken once the pool's backends exist; they live as long as the pool.
     procs = {name: list_procs() for name, list_procs in cpu_procs.items()}
     cpu0 = {name: _cpu_s(ps) for name, ps in procs.items()}
-    records0 = sum(
-        worker.metrics.ops.labels(a)._value.get() for a in ("create", "update", "delete")
-    )
+    records0 = _ops_committed(worker)
     latency0 = len(worker.latency_samples)
     while (worker.state.cursor or 0) < events:
         await asyncio.sleep(RSS_SAMPLE_S)
@@ -144,10 +152,7 @@ async def run_worker(
     elapsed = time.perf_counter() - t0
     cpu = {name: _cpu_s(ps) - cpu0[name] for name, ps in procs.items()}
     committed = worker.state.events_committed - base
-    ops = (
-        sum(worker.metrics.ops.labels(a)._value.get() for a in ("create", "update", "delete"))
-        - records0
-    )
+    ops = _ops_committed(worker) - records0
     worker.stop()
     await task
     lat = sorted(worker.latency_samples[latency0:])  # steady state: the first batch excluded

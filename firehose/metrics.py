@@ -10,7 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 # Event types named by com.atproto.sync.subscribeRepos, plus legacy ones and "other".
 EVENT_TYPES = (
@@ -25,6 +34,28 @@ EVENT_TYPES = (
     "tombstone",
     "other",
 )
+# The `collection` label of firehose_ops_total: the Bluesky app's collections by name, every
+# other NSID (custom lexicons are unbounded) as `other`, so the label set stays bounded.
+OPS_COLLECTIONS = frozenset(
+    {
+        "app.bsky.feed.post",
+        "app.bsky.feed.like",
+        "app.bsky.feed.repost",
+        "app.bsky.graph.follow",
+        "app.bsky.graph.block",
+        "app.bsky.actor.profile",
+        "app.bsky.graph.list",
+        "app.bsky.graph.listitem",
+        "app.bsky.feed.generator",
+        "app.bsky.graph.starterpack",
+    }
+)
+
+
+def ops_collection_label(collection: str) -> str:
+    return collection if collection in OPS_COLLECTIONS else "other"
+
+
 RECONNECT_REASONS = ("closed", "idle", "error", "consumer_too_slow", "future_cursor", "refused")
 
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -50,6 +81,7 @@ class LiveMetrics:
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> LiveMetrics:
+        _register_process_metrics(registry)
         return cls(
             events=Counter(
                 "firehose_events_total",
@@ -59,8 +91,9 @@ class LiveMetrics:
             ),
             ops=Counter(
                 "firehose_ops_total",
-                "Record operations committed to PostgreSQL, by action (create/update/delete).",
-                ["action"],
+                "Record operations committed to PostgreSQL, by action (create/update/delete) "
+                "and collection (the Bluesky app's; any other NSID counts as `other`).",
+                ["action", "collection"],
                 registry=registry,
             ),
             invalid=Counter(
@@ -137,3 +170,13 @@ class LiveMetrics:
                 registry=registry,
             ),
         )
+
+
+def _register_process_metrics(registry: CollectorRegistry) -> None:
+    """process_* (CPU seconds, resident memory, open fds, start time), python_info and
+    python_gc_* on the worker's own registry: prometheus_client puts them only on its global
+    default registry, which the worker does not serve."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    if GC_COLLECTOR is not None:
+        GCCollector(registry=registry)

@@ -25,7 +25,7 @@ from backfill.service import should_run as should_run_backfill
 from firehose.http import start_http
 from firehose.live.batch import BatchBuilder, shard_filter
 from firehose.live.relay import RelayClient
-from firehose.metrics import LiveMetrics
+from firehose.metrics import LiveMetrics, ops_collection_label
 from firehose.model import Batch, CommitEvent, Event
 from firehose.ops import WorkerOps
 from firehose.protocol.errors import ProtocolError
@@ -318,9 +318,9 @@ class Worker:
         m = self.metrics
         m.batch_seconds.observe(elapsed_s)
         m.batch_events.observe(batch.events)
-        actions = Counter(w.action.value for w in batch.writes)
-        for action, count in actions.items():
-            m.ops.labels(action).inc(count)
+        ops = Counter((w.action.value, ops_collection_label(w.collection)) for w in batch.writes)
+        for (action, collection), count in ops.items():
+            m.ops.labels(action, collection).inc(count)
         sanitized = sum(1 for w in batch.writes if w.sanitized)
         if sanitized:
             m.sanitized.inc(sanitized)

@@ -47,7 +47,11 @@ async def test_50k_events_equal_truth_and_metrics(
         await assert_matches_truth(db_dsn, truth)
         text = await scrape_metrics(port)
         assert re.search(r'firehose_events_total\{type="commit"\} [1-9]', text)
-        assert re.search(r'firehose_ops_total\{action="create"\} [1-9]', text)
+        assert re.search(
+            r'firehose_ops_total\{action="create",collection="app.bsky.feed.post"\} [1-9]', text
+        )
+        assert re.search(r'firehose_ops_total\{action="create",collection="other"\} [1-9]', text)
+        assert "process_resident_memory_bytes" in text
         assert f"firehose_cursor {float(truth['last_seq'])}" in text
         assert "firehose_lag_seconds" in text and "firehose_batch_commit_seconds_bucket" in text
         # SIGTERM: finish the batch in hand, save the cursor, exit 0 within 10 s.

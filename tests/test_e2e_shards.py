@@ -44,10 +44,11 @@ CATCH_UP_TIMEOUT_S = 60.0
 
 
 def _ops(metrics: str) -> dict[str, float]:
-    return {
-        action: float(n)
-        for action, n in re.findall(r'firehose_ops_total\{action="(\w+)"\} (\S+)', metrics)
-    }
+    ops: dict[str, float] = {}
+    pattern = r'firehose_ops_total\{action="(\w+)",collection="[\w.]+"\} (\S+)'
+    for action, n in re.findall(pattern, metrics):
+        ops[action] = ops.get(action, 0.0) + float(n)
+    return ops
 
 
 def _events(metrics: str) -> float:
