@@ -116,6 +116,19 @@ WITH touched AS (
 )
 SELECT count(*) FILTER (WHERE inserted) AS inserted, count(*) AS touched FROM touched
 """
+# Enumerated repos have the lowest priority, so a known repo never changes: DO NOTHING, which
+# (unlike DO UPDATE ... WHERE, that row-locks every conflicting row) leaves known rows
+# unlocked. A locked priority row would be skipped by a concurrent SKIP LOCKED claim, and an
+# enumerated repo would jump ahead of it (seen as a flaky priority-order test).
+REPOS_ENQUEUE_NEW = """
+WITH inserted AS (
+    INSERT INTO backfill_repos (job_id, did, priority)
+    SELECT $1, d, $3 FROM unnest($2::text[]) AS d
+    ON CONFLICT (job_id, did) DO NOTHING
+    RETURNING 1
+)
+SELECT count(*) AS inserted FROM inserted
+"""
 JOB_ADD_TOTAL = """
 UPDATE backfill_jobs SET repos_total = repos_total + $2, updated_at = now() WHERE id = $1
 """

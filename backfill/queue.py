@@ -77,8 +77,10 @@ async def enqueue(conn: Any, job_id: int, dids: Sequence[str], priority: int) ->
     """Add repos to the job (new ones count into repos_total); the number inserted."""
     if not dids:
         return 0
+    # The lowest priority never raises a known repo's: insert-only (see REPOS_ENQUEUE_NEW).
+    query = queries.REPOS_ENQUEUE_NEW if priority <= PRIORITY_ENUMERATED else queries.REPOS_ENQUEUE
     async with conn.transaction():
-        row = await conn.fetchrow(queries.REPOS_ENQUEUE, job_id, list(dids), priority)
+        row = await conn.fetchrow(query, job_id, list(dids), priority)
         inserted = int(row["inserted"])
         if inserted:
             await conn.execute(queries.JOB_ADD_TOTAL, job_id, inserted)
