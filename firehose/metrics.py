@@ -21,6 +21,8 @@ from prometheus_client import (
     ProcessCollector,
 )
 
+from firehose.storage.queries import TYPED_TABLES
+
 # Event types named by com.atproto.sync.subscribeRepos, plus legacy ones and "other".
 EVENT_TYPES = (
     "commit",
@@ -34,22 +36,9 @@ EVENT_TYPES = (
     "tombstone",
     "other",
 )
-# The `collection` label of firehose_ops_total: the Bluesky app's collections by name, every
+# The `collection` label of firehose_ops_total: the typed tables' collections by name, every
 # other NSID (custom lexicons are unbounded) as `other`, so the label set stays bounded.
-OPS_COLLECTIONS = frozenset(
-    {
-        "app.bsky.feed.post",
-        "app.bsky.feed.like",
-        "app.bsky.feed.repost",
-        "app.bsky.graph.follow",
-        "app.bsky.graph.block",
-        "app.bsky.actor.profile",
-        "app.bsky.graph.list",
-        "app.bsky.graph.listitem",
-        "app.bsky.feed.generator",
-        "app.bsky.graph.starterpack",
-    }
-)
+OPS_COLLECTIONS = frozenset(TYPED_TABLES)
 
 
 def ops_collection_label(collection: str) -> str:
