@@ -158,6 +158,9 @@ class Batch:
     # Per commit, the repo head it leaves: (did, rev, data_cid), kept in `actors` so the next
     # commit's `since`/`prevData` can be checked against it (sync 1.1).
     heads: list[tuple[str, str, str | None]] = field(default_factory=list)
+    # Repos the gate (firehose.live.gate) found desynchronized or forged: (did, reason),
+    # queued for a resync in the same transaction as the cursor.
+    resyncs: list[tuple[str, str]] = field(default_factory=list)
     cursor: int | None = None
     last_event_time: datetime | None = None
     events: int = 0

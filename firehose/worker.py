@@ -24,6 +24,7 @@ from backfill.service import BackfillService, LivePressure
 from backfill.service import should_run as should_run_backfill
 from firehose.http import start_http
 from firehose.live.batch import BatchBuilder, shard_filter
+from firehose.live.gate import Gate, GateMetrics, Screen
 from firehose.live.relay import RelayClient
 from firehose.metrics import LiveMetrics, ops_collection_label
 from firehose.model import Batch, CommitEvent, Event
@@ -98,6 +99,8 @@ class Worker:
         self._invalid_counters: dict[str, Any] = {}
         self.metrics.lag_seconds.set_function(self._lag_seconds)
         self.ops: WorkerOps | None = None  # /status, /readyz, admin: built once db is open
+        self._gate_metrics = GateMetrics.create(self.registry)
+        self._gate = Gate((), self._gate_metrics)  # its screens need the database: run()
 
     def stop(self) -> None:
         self._stop.set()
@@ -109,6 +112,7 @@ class Worker:
         http = await start_http(self.registry, s.metrics_port, ops=ops, admin_token=s.admin_token)
         _tune_gc()
         try:
+            self._gate = Gate(self._screens(db), self._gate_metrics)
             start_cursor = await self._start_cursor(db)
             relay = ops.relay = RelayClient(self.settings.relay, self.metrics, start_cursor)
             async with asyncio.TaskGroup() as tg:
@@ -123,6 +127,11 @@ class Worker:
             await ops.close()
             await db.close()
             log.info("worker stopped at cursor %s", self.state.cursor)
+
+    def _screens(self, db: Database) -> list[Screen]:
+        """The gate's steps, in order: signatures before chain checks (see gate.py)."""
+        screens: list[Screen] = []
+        return screens
 
     async def _start_cursor(self, db: Database) -> int | None:
         saved = await db.run(writer.load_cursor, self._service)
@@ -230,9 +239,8 @@ class Worker:
         in_flight: asyncio.Task[None] | None = None
         try:
             while not reader_done:
-                read_times, reader_done = await self._collect(
-                    builder, pipeline.batch_max_events, max_wait_s
-                )
+                items, reader_done = await self._collect(pipeline.batch_max_events, max_wait_s)
+                read_times = await self._admit(builder, items)
                 if self._stop.is_set() and drain_deadline is None:
                     drain_deadline = time.monotonic() + STOP_DRAIN_S
                 prepared = None
@@ -261,19 +269,15 @@ class Worker:
                 with contextlib.suppress(asyncio.CancelledError):
                     await in_flight
 
-    async def _collect(
-        self, builder: BatchBuilder, max_events: int, max_wait_s: float
-    ) -> tuple[list[float], bool]:
-        """Move queued events into `builder` until it holds `max_events` or `max_wait_s`
-        passed since the first one. Returns their read times and whether the reader is done."""
+    async def _collect(self, max_events: int, max_wait_s: float) -> tuple[list[Any], bool]:
+        """Queued (read time, event) items until `max_events` or `max_wait_s` passed since
+        the first one. Returns them and whether the reader is done."""
         item = await self._queue.get()
         deadline = time.monotonic() + max_wait_s
-        read_times: list[float] = []
+        items: list[Any] = []
         while item is not _DONE:
-            read_at, event = item
-            read_times.append(read_at)
-            builder.add(event)
-            if len(builder) >= max_events:
+            items.append(item)
+            if len(items) >= max_events:
                 break
             try:
                 item = self._queue.get_nowait()
@@ -285,7 +289,27 @@ class Worker:
                     item = await asyncio.wait_for(self._queue.get(), remaining)
                 except TimeoutError:
                     break
-        return read_times, item is _DONE
+        return items, item is _DONE
+
+    async def _admit(self, builder: BatchBuilder, items: list[Any]) -> list[float]:
+        """Screen the items through the gate (firehose.live.gate) and add them to the batch:
+        kept events with their rows, dropped ones as a cursor move only, resync requests
+        alongside. Returns the items' read times."""
+        events = [event for _, event in items]
+        if self._gate:
+            verdict = await self._gate.screen(events)
+            dropped = verdict.dropped
+            for i, event in enumerate(events):
+                if i in dropped:
+                    builder.skip(event)
+                else:
+                    builder.add(event)
+            for did, reason in verdict.resyncs.items():
+                builder.request_resync(did, reason)
+        else:
+            for event in events:
+                builder.add(event)
+        return [read_at for read_at, _ in items]
 
     async def _apply(
         self,

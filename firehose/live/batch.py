@@ -48,15 +48,9 @@ class BatchBuilder:
         return self._batch.events
 
     def add(self, event: Event) -> None:
-        batch = self._batch
-        seq = getattr(event, "seq", None)
-        if seq is None:
+        if not self._advance(event):
             return  # #info and error frames carry no seq and change no rows
-        batch.events += 1
-        batch.cursor = seq
-        event_time = getattr(event, "time", None)
-        if event_time is not None:
-            batch.last_event_time = event_time
+        batch = self._batch
         if not isinstance(event, CommitEvent | IdentityEvent | AccountEvent):
             # #sync resynchronisation is the backfill path's job (a later issue); legacy
             # #migrate and unknown types change nothing.
@@ -75,6 +69,26 @@ class BatchBuilder:
             batch.identities.append(event)
         elif isinstance(event, AccountEvent):
             batch.accounts.append(event)
+
+    def skip(self, event: Event) -> None:
+        """An event the gate dropped: it moves the cursor and changes no rows."""
+        self._advance(event)
+
+    def request_resync(self, did: str, reason: str) -> None:
+        if self._owns_did is None or self._owns_did(did):
+            self._batch.resyncs.append((did, reason))
+
+    def _advance(self, event: Event) -> bool:
+        seq = getattr(event, "seq", None)
+        if seq is None:
+            return False
+        batch = self._batch
+        batch.events += 1
+        batch.cursor = seq
+        event_time = getattr(event, "time", None)
+        if event_time is not None:
+            batch.last_event_time = event_time
+        return True
 
     def take(self) -> Batch:
         batch, self._batch = self._batch, Batch()
