@@ -45,6 +45,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import CpuTracker, cpu_s, postgres_processes  # noqa: E402
 from bench.sqltiming import StatementTimes  # noqa: E402
 from firehose.storage.embedded import start_embedded  # noqa: E402
 
@@ -79,55 +80,6 @@ def start_devnet(tmp: Path, repos: int, records: int, seed: int) -> tuple[subpro
         f"devnet: {repos:,} repos x {records:,} records built in {time.monotonic() - started:.0f} s"
     )
     return proc, urls
-
-
-def _postgres_processes(pg_dir: Path) -> list[psutil.Process]:
-    pid = int((pg_dir / "postmaster.pid").read_text().split()[0])
-    main = psutil.Process(pid)
-    return [main, *main.children(recursive=True)]
-
-
-def _cpu_s(procs: list[psutil.Process]) -> float:
-    total = 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-        except psutil.Error:
-            continue
-        total += t.user + t.system
-    return total
-
-
-class CpuTracker:
-    """CPU seconds of a changing set of processes (PostgreSQL backends come and go with
-    the pool): each pid's latest reading, sampled in a thread, summed over every pid seen."""
-
-    def __init__(self, procs: Callable[[], list[psutil.Process]]) -> None:
-        self._procs = procs
-        self._first: dict[int, float] = {}
-        self._last: dict[int, float] = {}
-        self._sample()  # the baseline of the processes already there
-        self._first = dict(self._last)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        with contextlib.suppress(psutil.Error, OSError, ValueError):
-            for p in self._procs():
-                with contextlib.suppress(psutil.Error):
-                    t = p.cpu_times()
-                    self._last[p.pid] = t.user + t.system
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            self._sample()
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-        return sum(v - self._first.get(pid, 0.0) for pid, v in self._last.items())
 
 
 class PeakRss:
@@ -240,10 +192,10 @@ def main() -> None:
         pg = start_embedded(tmp / "pg")
         try:
             env = backfill_env(pg.dsn, urls, args.profile_name)
-            pg_procs: Callable[[], list[psutil.Process]] = lambda: _postgres_processes(tmp / "pg")  # noqa: E731
+            pg_procs: Callable[[], list[psutil.Process]] = lambda: postgres_processes(tmp / "pg")  # noqa: E731
             devnet_proc = psutil.Process(devnet.pid)
             pg_cpu = CpuTracker(pg_procs)
-            devnet_cpu0 = _cpu_s([devnet_proc])
+            devnet_cpu0 = cpu_s([devnet_proc])
             started = time.monotonic()
             if args.subprocess:
                 log = tmp / "backfill.log"
@@ -257,7 +209,7 @@ def main() -> None:
                 bf_cpu = 0.0
                 while proc.poll() is None:
                     with contextlib.suppress(psutil.Error):
-                        bf_cpu = _cpu_s([bf])
+                        bf_cpu = cpu_s([bf])
                     time.sleep(0.2)
                 if proc.returncode != 0:
                     raise SystemExit(
@@ -267,7 +219,7 @@ def main() -> None:
             else:
                 sampler = PeakRss(os.getpid())
                 me = psutil.Process()
-                cpu_self0 = _cpu_s([me])
+                cpu_self0 = cpu_s([me])
                 profiler = cProfile.Profile() if args.cprofile else None
                 if profiler is not None:
                     profiler.enable()
@@ -275,13 +227,13 @@ def main() -> None:
                 if profiler is not None:
                     profiler.disable()
                     profiler.dump_stats(args.cprofile)
-                cpu_backfill = _cpu_s([me]) - cpu_self0
+                cpu_backfill = cpu_s([me]) - cpu_self0
             elapsed = time.monotonic() - started
             peak = sampler.stop()
             cpu = {
                 "backfill": cpu_backfill,
                 "postgres": pg_cpu.stop(),
-                "devnet": _cpu_s([devnet_proc]) - devnet_cpu0,
+                "devnet": cpu_s([devnet_proc]) - devnet_cpu0,
             }
             job = _run_loop(job_numbers(pg.dsn))
         finally:

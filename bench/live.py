@@ -40,6 +40,7 @@ from websockets.asyncio.client import connect
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import cpu_s, postgres_processes  # noqa: E402
 from bench.replay import cache_path, read_frames  # noqa: E402
 from bench.sqltiming import StatementTimes  # noqa: E402
 from firehose.protocol.frames import decode_frame  # noqa: E402
@@ -88,24 +89,6 @@ def start_replay(tmp: Path, events: int, accounts: int, seed: int) -> tuple[subp
     return proc, url.group(1)
 
 
-def _postgres_processes(pg_dir: Path) -> list[psutil.Process]:
-    """The postmaster of the embedded server and its children (backends, WAL writer...)."""
-    pid = int((pg_dir / "postmaster.pid").read_text().split()[0])
-    main = psutil.Process(pid)
-    return [main, *main.children(recursive=True)]
-
-
-def _cpu_s(procs: list[psutil.Process]) -> float:
-    total = 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-        except psutil.Error:  # a backend that exited
-            continue
-        total += t.user + t.system
-    return total
-
-
 def _ops_committed(worker: Worker) -> float:
     """Every firehose_ops_total sample (all actions and collections) summed."""
     return sum(
@@ -141,7 +124,7 @@ async def run_worker(
     t0, base = time.perf_counter(), worker.state.events_committed
     # Process lists are taken once the pool's backends exist; they live as long as the pool.
     procs = {name: list_procs() for name, list_procs in cpu_procs.items()}
-    cpu0 = {name: _cpu_s(ps) for name, ps in procs.items()}
+    cpu0 = {name: cpu_s(ps) for name, ps in procs.items()}
     records0 = _ops_committed(worker)
     latency0 = len(worker.latency_samples)
     while (worker.state.cursor or 0) < events:
@@ -150,7 +133,7 @@ async def run_worker(
         if task.done():
             task.result()
     elapsed = time.perf_counter() - t0
-    cpu = {name: _cpu_s(ps) - cpu0[name] for name, ps in procs.items()}
+    cpu = {name: cpu_s(ps) - cpu0[name] for name, ps in procs.items()}
     committed = worker.state.events_committed - base
     ops = _ops_committed(worker) - records0
     worker.stop()
@@ -208,7 +191,7 @@ def main() -> None:
         try:
             cpu_procs = {
                 "worker": lambda: [psutil.Process()],
-                "postgres": lambda: _postgres_processes(tmp / "pg"),
+                "postgres": lambda: postgres_processes(tmp / "pg"),
                 "relay": lambda: [psutil.Process(relay.pid)],
             }
             profiler = cProfile.Profile() if args.profile else None
