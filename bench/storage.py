@@ -26,19 +26,10 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from firehose.devnet.tid import tid_of_value as tid
 from firehose.model import Action, Batch, RecordWrite
 from firehose.storage.migrate import migrate
 from firehose.storage.writer import ApplyStats, apply_batch
-
-B32 = "234567abcdefghijklmnopqrstuvwxyz"
-
-
-def tid(n: int) -> str:
-    out = []
-    for _ in range(13):
-        out.append(B32[n & 31])
-        n >>= 5
-    return "".join(reversed(out))
 
 
 def synthetic(n: int, seed: int = 1) -> list[RecordWrite]:

@@ -10,10 +10,10 @@ import asyncpg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from firehose.devnet.tid import tid_of_value as tid
 from firehose.model import Action, Batch, RecordWrite
 from firehose.storage.writer import apply_batch
 
-B32 = "234567abcdefghijklmnopqrstuvwxyz"
 DID = "did:plc:conv"
 # (collection, rkey, typed table): a few uris over two typed tables.
 URIS = [
@@ -23,14 +23,6 @@ URIS = [
     ("app.bsky.feed.like", "3kddd", "likes"),
 ]
 TABLES = "records, posts, likes, record_tombstones, actors"
-
-
-def tid(n: int) -> str:
-    out = []
-    for _ in range(13):
-        out.append(B32[n & 31])
-        n >>= 5
-    return "".join(reversed(out))
 
 
 def make_write(uri_index: int, action: Action, rev: int) -> RecordWrite:

@@ -8,6 +8,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from firehose.devnet.tid import tid_of_value as tid
 from firehose.model import AccountEvent, Action, Batch, IdentityEvent, RecordWrite
 from firehose.storage import queries
 from firehose.storage.writer import (
@@ -20,20 +21,10 @@ from firehose.storage.writer import (
     write_snapshot,
 )
 
-B32 = "234567abcdefghijklmnopqrstuvwxyz"
 ALICE = "did:plc:alice"
 BOB = "did:plc:bob"
 POST = "app.bsky.feed.post"
 LIKE = "app.bsky.feed.like"
-
-
-def tid(n: int) -> str:
-    """A sortable TID-like rev: 13 base32-sortable characters of n."""
-    out = []
-    for _ in range(13):
-        out.append(B32[n & 31])
-        n >>= 5
-    return "".join(reversed(out))
 
 
 def post(did: str, rkey: str, rev: int, text: str = "hi", **extra: Any) -> RecordWrite:

@@ -19,7 +19,13 @@ def tid(micros: int, clock_id: int) -> str:
     """The TID for `micros` (since the epoch) and `clock_id` (0..1023)."""
     if not 0 <= micros <= MAX_MICROS:
         raise ValueError(f"timestamp out of TID range: {micros} µs")
-    value = (micros << CLOCK_ID_BITS) | (clock_id & CLOCK_ID_MASK)
+    return tid_of_value((micros << CLOCK_ID_BITS) | (clock_id & CLOCK_ID_MASK))
+
+
+def tid_of_value(value: int) -> str:
+    """The 13 characters of a 64-bit TID value (string order = numeric order)."""
+    if not 0 <= value < 1 << 63:
+        raise ValueError(f"not a TID value: {value}")
     # 1 character for the top 5 of 65 bits, then six 10-bit pairs from a lookup table.
     pairs = _PAIRS
     return (
