@@ -293,11 +293,27 @@ ON CONFLICT (did) DO UPDATE
 """
 
 # The end of a batch in one statement: ACTOR_HEADS ($1..$3, may be empty arrays), the cursor
-# row ($4 service, $5 cursor, $6 last_event_time; nothing when $5 is NULL) and, when $7, this
-# transaction's synchronous_commit = off (it only matters at COMMIT, which follows). Returns
-# the number of heads advanced.
+# row ($4 service, $5 cursor, $6 last_event_time; nothing when $5 is NULL), the resync
+# requests of the gate ($8 did[], $9 reason[], one per did; the rules are in
+# sql/004_resync.sql) and, when $7, this transaction's synchronous_commit = off (it only
+# matters at COMMIT, which follows). Returns the number of heads advanced and of resync
+# requests queued or re-armed.
 BATCH_FINISH = """
-WITH h AS (
+WITH q AS (
+INSERT INTO repo_resyncs AS q (did, reason)
+SELECT r.did, r.reason FROM unnest($8::text[], $9::text[]) AS r(did, reason)
+ON CONFLICT (did) DO UPDATE
+   SET state = CASE WHEN q.state = 'in_progress' THEN q.state ELSE 'pending' END,
+       again = q.state = 'in_progress',
+       reason = CASE WHEN q.state = 'in_progress' THEN q.reason ELSE EXCLUDED.reason END,
+       requested_at = CASE WHEN q.state = 'in_progress' THEN q.requested_at ELSE now() END,
+       attempts = CASE WHEN q.state = 'in_progress' THEN q.attempts ELSE 0 END,
+       next_attempt_at = CASE WHEN q.state = 'in_progress' THEN q.next_attempt_at ELSE now() END,
+       error = CASE WHEN q.state = 'in_progress' THEN q.error END,
+       updated_at = now()
+ WHERE q.state <> 'pending'
+RETURNING 1),
+h AS (
 INSERT INTO actors AS a (did, rev, data_cid, updated_at)
 SELECT h.did, h.rev, h.data_cid, now()
   FROM unnest($1::text[], $2::text[], $3::text[]) AS h(did, rev, data_cid)
@@ -314,7 +330,16 @@ ON CONFLICT (service) DO UPDATE
        updated_at = now()
 RETURNING 1)
 SELECT (SELECT count(*) FROM h) AS heads, (SELECT count(*) FROM c) AS cursors,
+       (SELECT count(*) FROM q) AS resyncs,
        CASE WHEN $7::bool THEN set_config('synchronous_commit', 'off', true) END AS sync
+"""
+
+# --- sync 1.1 chain checks (firehose/live/chain.py) --------------------------------------------
+
+# The stored heads of a slice's repos: $1 did[]. One primary-key probe per did.
+CHAIN_HEADS_LOAD = """
+SELECT did, rev, data_cid, active AND status <> 'deleted' AS active
+  FROM actors WHERE did = ANY($1::text[])
 """
 
 # #identity: $1 did[], $2 handle[] (NULL keeps the stored handle), $3 seq[].

@@ -10,11 +10,13 @@ Steps, all inside one transaction so that the cursor never runs ahead of the dat
    the rev guards of invariant 2 (see queries.py); deletes leave a tombstone (uri, rev)
    and remove rows whose rev is not newer than the delete;
 3. per repo, the latest commit rev (and data cid when known) in `actors`, never backwards;
-4. the cursor row of `service`, when the batch carries a cursor.
+4. the cursor row of `service`, when the batch carries a cursor, and the resync requests of
+   the gate (`batch.resyncs`), so that a request is saved exactly with the cursor that passes
+   the event which caused it.
 
 Round trips per batch: BEGIN, one per actor step present (identities, accounts, purge),
 one for every create/update (records and all typed tables), one for all deletes, one for
-the repo heads + cursor, COMMIT. The pure half (`prepare_batch`) is apart
+the repo heads + cursor + resync requests, COMMIT. The pure half (`prepare_batch`) is apart
 from the transaction (`apply_prepared`) so that the worker can overlap them.
 """
 
@@ -50,6 +52,7 @@ class ApplyStats:
     purged: int = 0  # records rows removed because their account was deleted
     heads: int = 0  # actors whose latest commit rev advanced
     sanitized: int = 0  # creates/updates staged whose record had NUL replaced (decoder flag)
+    resyncs: int = 0  # repos queued (or re-armed) for a resync
 
     def add(self, other: ApplyStats) -> None:
         for f in fields(self):
@@ -204,6 +207,7 @@ class PreparedBatch:
     # the jsonb parameters: records rows, and (table, rows) per typed table
     records: str | None
     typed: list[tuple[str, str]]
+    resyncs: list[tuple[str, str]]  # (did, reason), one per did (the first), in did order
 
 
 def prepare_batch(batch: Batch, heads: Sequence[RepoHead] | None = None) -> PreparedBatch:
@@ -218,7 +222,17 @@ def prepare_batch(batch: Batch, heads: Sequence[RepoHead] | None = None) -> Prep
         accounts=_last_per_did(batch.accounts),
         records=_records_json(prep.records) if prep.records else None,
         typed=[(name, _rows_json(rows)) for name, rows in prep.typed.items()],
+        resyncs=_first_per_did(batch.resyncs),
     )
+
+
+def _first_per_did(requests: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """One request per did (ON CONFLICT cannot touch a row twice in one statement), the first
+    reason kept, in did order (the lock order of every statement here)."""
+    first: dict[str, str] = {}
+    for did, reason in requests:
+        first.setdefault(did, reason)
+    return sorted(first.items())
 
 
 async def apply_batch(
@@ -289,11 +303,13 @@ async def apply_prepared(
             stats.deleted += row["deleted"]
 
         # 4. Repo heads, never backwards, and 5. the cursor, in the same transaction as the
-        #    rows it covers (invariant 1): one statement, which also makes the COMMIT
-        #    asynchronous (see _ASYNC_COMMIT) unless a caller's transaction is around us.
-        if prep.heads or batch.cursor is not None or not nested:
+        #    rows it covers (invariant 1), with the resync requests it passes: one statement,
+        #    which also makes the COMMIT asynchronous (see _ASYNC_COMMIT) unless a caller's
+        #    transaction is around us.
+        resyncs = prepared.resyncs
+        if prep.heads or batch.cursor is not None or resyncs or not nested:
             heads = prep.heads
-            stats.heads += await conn.fetchval(
+            row = await conn.fetchrow(
                 queries.BATCH_FINISH,
                 [h[0] for h in heads],
                 [h[1] for h in heads],
@@ -302,7 +318,11 @@ async def apply_prepared(
                 batch.cursor,
                 batch.last_event_time,
                 not nested,
+                [r[0] for r in resyncs],
+                [r[1] for r in resyncs],
             )
+            stats.heads += row["heads"]
+            stats.resyncs += row["resyncs"]
     return stats
 
 
