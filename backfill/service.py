@@ -33,6 +33,7 @@ from backfill.repo_task import RepoTask, save_progress
 from backfill.settings import BackfillSettings
 from backfill.status import job_status
 from backfill.throttle import LivePressure, Throttle, process_rss_bytes
+from firehose.storage.database import TRANSIENT_DB_ERRORS
 
 __all__ = ["BackfillService", "LivePressure", "should_run"]
 
@@ -41,6 +42,8 @@ log = logging.getLogger("backfill")
 CONTROL_POLL_S = 1.0  # pause/resume from the CLI are noticed within this
 DISPATCH_POLL_S = 0.2  # empty queue: look again this often
 RECLAIM_EVERY_S = 15.0  # stuck-work recovery while running
+DB_RETRY_MIN_S = 1.0  # a database outage: first wait before starting again
+DB_RETRY_MAX_S = 30.0
 
 
 def should_run(settings: BackfillSettings, worker_id: int) -> bool:
@@ -96,6 +99,35 @@ class BackfillService:
     # -- the table of contents -------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Until the job completes or `stop` is set. A database outage pauses the backfill
+        instead of ending it: the run unwinds, waits (capped backoff, one log line per try)
+        and starts again; the job and queue rows say where it was, and `dead_owners_on_host`
+        counts this process's own leases as dead at a start, so the repos that were in
+        flight are taken back at once. Any other error ends it (the caller logs it)."""
+        delay_s = DB_RETRY_MIN_S
+        while True:
+            started = time.monotonic()
+            try:
+                await self._run_once(stop)
+                return
+            except Exception as exc:
+                if stop.is_set() or not is_db_outage(exc):
+                    raise
+                if time.monotonic() - started > DB_RETRY_MAX_S:
+                    delay_s = DB_RETRY_MIN_S  # it ran fine for a while: a new outage
+                self._status = {"state": "waiting_for_database"}
+                log.warning(
+                    "[BACKFILL] database unavailable (%s); paused, trying again in %.0f s",
+                    _first_leaf(exc),
+                    delay_s,
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay_s)
+                if stop.is_set():
+                    return
+                delay_s = min(delay_s * 2, DB_RETRY_MAX_S)
+
+    async def _run_once(self, stop: asyncio.Event) -> None:
         if self.settings.dry_run:
             from backfill.dryrun import dry_run
 
@@ -358,6 +390,21 @@ class BackfillService:
         if self._status.get("state") != "completed":
             self.progress.log(self.throttle.rss_bytes, self.settings.max_memory_mb)
             log.info("[BACKFILL] Stopped; progress saved (job %d)", ctx.job.id)
+
+
+def is_db_outage(exc: BaseException) -> bool:
+    """Whether `exc` (or, for a task group's ExceptionGroup, any exception in it) says the
+    database is unreachable rather than that something is wrong with the data or the code."""
+    if isinstance(exc, BaseExceptionGroup):
+        return any(is_db_outage(e) for e in exc.exceptions)
+    return isinstance(exc, (*TRANSIENT_DB_ERRORS, asyncpg.InterfaceError))
+
+
+def _first_leaf(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _any_running(tasks: set[asyncio.Task[None]]) -> Callable[[], bool]:

@@ -7,7 +7,7 @@ silently becomes a default. Each component receives only its own sub-config.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -100,6 +100,7 @@ class Settings:
             relay=RelaySettings(
                 url=e.get("RELAY_URL", DEFAULT_RELAY_URL, _relay_url),
                 start_cursor=e.get("START_CURSOR", None, int_range(0, 2**63 - 1)),
+                idle_timeout_s=e.get("RELAY_IDLE_TIMEOUT_S", 60.0, _seconds(1.0, 3600.0)),
             ),
             pipeline=PipelineSettings(
                 cursor_save_every=cursor_save_every,
@@ -129,6 +130,19 @@ def _relay_url(raw: str) -> str:
     if parts.scheme == "ws" and parts.hostname not in LOOPBACK_HOSTS:
         raise ValueError("ws:// is only accepted for loopback hosts; use wss://")
     return raw.rstrip("/")
+
+
+def _seconds(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError("expected a number of seconds") from None
+        if not lo <= value <= hi:  # also refuses nan and inf
+            raise ValueError(f"expected seconds between {lo:g} and {hi:g}")
+        return value
+
+    return parse
 
 
 def _database_url(raw: str) -> str:

@@ -33,7 +33,7 @@ from firehose.protocol.errors import ProtocolError
 from firehose.protocol.frames import FrameLimits, decode_frame
 from firehose.settings import Settings
 from firehose.storage import writer
-from firehose.storage.database import Database
+from firehose.storage.database import Database, DatabaseWaitStopped
 
 log = logging.getLogger("firehose.worker")
 
@@ -106,7 +106,13 @@ class Worker:
         self._stop.set()
 
     async def run(self) -> None:
-        db = await Database.open(self.settings.database)
+        try:
+            # Waits for an unreachable database (capped backoff) rather than exiting into a
+            # crash loop; stop() during the wait ends run() cleanly.
+            db = await Database.open(self.settings.database, stop=self._stop)
+        except DatabaseWaitStopped:
+            log.info("worker stopped while waiting for the database")
+            return
         s = self.settings
         ops = self.ops = WorkerOps(s, self.state, db.dsn, self._queue.qsize, self._lag_seconds)
         http = await start_http(self.registry, s.metrics_port, ops=ops, admin_token=s.admin_token)
@@ -191,7 +197,8 @@ class Worker:
                 event = self._decode(frame)
                 if event is None:
                     continue
-                relay.observe(event)
+                if not relay.observe(event):
+                    continue  # seq not increasing on this connection: dropped, counted
                 # bounded: a slow database slows the socket (back-pressure, invariant 4)
                 await queue.put((time.monotonic(), event))
                 decoded += 1

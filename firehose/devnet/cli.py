@@ -47,6 +47,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--malformed-every", type=int, default=0, help="inject a malformed frame every N frames"
     )
     group.add_argument(
+        "--cut-every",
+        type=int,
+        default=0,
+        help="send half of every Nth frame, then close the TCP socket (no close frame)",
+    )
+    group.add_argument(
+        "--garbage-every",
+        type=int,
+        default=0,
+        help="send a garbage message (noise, empty, text, non-frame CBOR) every N frames",
+    )
+    group.add_argument(
+        "--silence-every",
+        type=int,
+        default=0,
+        help="go silent for --silence-s seconds (socket open) every N frames",
+    )
+    group.add_argument(
+        "--silence-s", type=float, default=5.0, help="length of each --silence-every pause"
+    )
+    group.add_argument(
+        "--reset-seq-after",
+        type=int,
+        default=0,
+        help="restart the relay after N events: connections dropped, seq starts again at 1",
+    )
+    group.add_argument(
         "--start-time",
         type=_start_time_us,
         default=DEFAULT_START_TIME_US,
@@ -144,6 +171,11 @@ def config_from_args(args: argparse.Namespace) -> DevnetConfig:
         window=args.window,
         drop_every=args.drop_every,
         malformed_every=args.malformed_every,
+        cut_every=args.cut_every,
+        garbage_every=args.garbage_every,
+        silence_every=args.silence_every,
+        silence_s=args.silence_s,
+        reset_seq_after=args.reset_seq_after,
         start_time_us=args.start_time,
         truth_path=args.truth,
         now_us=args.now,

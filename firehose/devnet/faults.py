@@ -16,6 +16,9 @@ Kinds, in rotation order:
 
 Fake commits reuse the seq of the last real frame sent on the connection, so even a consumer
 that accepted one would not move its cursor past any real event.
+
+`GarbageFrames` (`garbage_every`) sends messages that are no frame at all, and `cut_frame`
+builds the bytes of a frame cut in the middle (`cut_every`); see relay.py.
 """
 
 from __future__ import annotations
@@ -70,3 +73,49 @@ class MalformedFrames:
             return kind, dagcbor.encode({"op": 7, "t": "#commit"}) + dagcbor.encode(body)
         body["blocks"] = self.bad_hash_car if kind == "bad_block_hash" else self.missing_block_car
         return kind, frames.header("#commit") + dagcbor.encode(body)
+
+
+# ---- connection-level faults (relay.py): garbage frames and mid-frame cuts ---------------------
+
+GARBAGE_KINDS = ("noise", "empty", "text", "cbor_not_frame", "header_only")
+GARBAGE_MAX_BYTES = 2048
+
+
+class GarbageFrames:
+    """Websocket messages that are no subscribeRepos frame at all (`garbage_every`), in
+    rotation: binary noise of random length, an empty binary message, a text message (the
+    protocol only sends binary), a valid DAG-CBOR value that is not a frame header, and a
+    frame header with no body. Like MalformedFrames they carry no seq and change no truth."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(f"garbage|{seed}")
+        self.count = 0
+
+    def next_frame(self) -> tuple[str, bytes | str]:
+        kind = GARBAGE_KINDS[self.count % len(GARBAGE_KINDS)]
+        self.count += 1
+        if kind == "noise":
+            size = self.rng.randint(1, GARBAGE_MAX_BYTES)
+            return kind, self.rng.getrandbits(size * 8).to_bytes(size, "big")
+        if kind == "empty":
+            return kind, b""
+        if kind == "text":
+            return kind, '{"op": 1, "t": "#commit", "seq": "not cbor"}'
+        if kind == "cbor_not_frame":
+            return kind, dagcbor.encode([1, "two", {"three": 3}])
+        return kind, frames.header("#commit")
+
+
+def websocket_frame_head(payload_bytes: int) -> bytes:
+    """RFC 6455 section 5.2 header of one unmasked (server to client), final, binary frame."""
+    if payload_bytes < 126:
+        return bytes((0x82, payload_bytes))
+    if payload_bytes < 1 << 16:
+        return bytes((0x82, 126)) + payload_bytes.to_bytes(2, "big")
+    return bytes((0x82, 127)) + payload_bytes.to_bytes(8, "big")
+
+
+def cut_frame(frame: bytes) -> bytes:
+    """The wire bytes of `frame` as one websocket message, cut in the middle of its payload:
+    what a relay dying mid-send leaves on the socket."""
+    return websocket_frame_head(len(frame)) + frame[: max(1, len(frame) // 2)]

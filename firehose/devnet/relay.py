@@ -10,6 +10,15 @@ spec (https://atproto.com/specs/event-stream#sequence-numbers):
   oldest retained event;
 * cursor > current head: error frame ``FutureCursor``, then close.
 
+Connection faults (each per connection, counted in `RelayStats`): `drop_every` aborts the
+socket between frames; `cut_every` sends half of a frame's websocket bytes and closes the TCP
+socket (no close frame); `malformed_every` / `garbage_every` add frames that are no valid
+event; `silence_every` holds the socket open and sends nothing for `silence_s`. And one
+relay-wide fault, `reset_seq_after`: after that many events the relay "restarts with a fresh
+database": every connection is aborted, its log forgotten, and seq numbers start again at 1,
+so a consumer resuming with its old cursor is answered ``FutureCursor``. The truth file stays
+the final state of every repo; its `last_seq` is the head of the new seq space.
+
 Events are produced by a background task, either as fast as possible in small chunks
 (`rate` 0) or paced at `rate` events/s, until `events` exist; then connections stay open,
 idle. Frames are stored encoded, so replay costs only the send. `websockets`' ``send``
@@ -34,7 +43,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from firehose.devnet import frames
-from firehose.devnet.faults import MalformedFrames
+from firehose.devnet.faults import GarbageFrames, MalformedFrames, cut_frame
 from firehose.devnet.generator import DEFAULT_START_TIME_US, Generator
 from firehose.devnet.httpfaults import HttpFaults
 from firehose.devnet.network import DevnetNetwork, NetworkConfig, json_bytes
@@ -57,6 +66,11 @@ class DevnetConfig:
     window: int = 0  # events retained for replay; 0 = all
     drop_every: int = 0  # abort each connection after this many frames; 0 = never
     malformed_every: int = 0  # inject a malformed frame after this many real frames; 0 = never
+    cut_every: int = 0  # cut the connection in the middle of every Nth frame; 0 = never
+    garbage_every: int = 0  # send a garbage message after every N real frames; 0 = never
+    silence_every: int = 0  # go silent (socket open) after every N frames; 0 = never
+    silence_s: float = 5.0  # how long each silence lasts
+    reset_seq_after: int = 0  # restart with seq reset after this many events; 0 = never
     start_time_us: int = DEFAULT_START_TIME_US
     truth_path: str | None = None  # written (atomically) once all events exist
     # History (see clock.VirtualClock): the first history_events events fall in the
@@ -96,6 +110,10 @@ class RelayStats:
     drops: int = 0  # connections aborted by drop_every
     info_sent: int = 0
     errors_sent: int = 0
+    cuts: int = 0  # connections cut mid-frame by cut_every
+    garbage_sent: int = 0
+    silences: int = 0
+    seq_resets: int = 0
 
 
 class DevnetRelay:
@@ -121,6 +139,9 @@ class DevnetRelay:
         self._server: Server | None = None
         self._producer: asyncio.Task[None] | None = None
         self._malformed = MalformedFrames(self.config.seed)
+        self._garbage = GarbageFrames(self.config.seed)
+        self._connections: set[ServerConnection] = set()
+        self._epoch = 0  # bumped by each seq reset: a connection of an old epoch ends
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -239,14 +260,28 @@ class DevnetRelay:
             else:
                 batch = min(GENERATION_CHUNK_EVENTS, total - produced)
             for _ in range(batch):
+                if self.config.reset_seq_after and produced == self.config.reset_seq_after:
+                    self._reset_seq()
                 self._append(self.generator.next_frame())
-            produced += batch
+                produced += 1
             self._notify()
             await asyncio.sleep(0)
         if self.config.truth_path:
             self.write_truth(self.config.truth_path)
         self.generated.set()
         self._notify()
+
+    def _reset_seq(self) -> None:
+        """A relay restarted with a fresh database: it forgets every event it sequenced and
+        numbers the next ones from 1 again. Connections die with the old process."""
+        self.stats.seq_resets += 1
+        self._epoch += 1
+        log.warning("devnet relay restart: seq reset after %d events", self.head_seq)
+        for ws in list(self._connections):
+            ws.transport.abort()
+        self._log.clear()
+        self._dropped = 0
+        self.generator.seq = 0
 
     # ---- serving ------------------------------------------------------------------------------
 
@@ -270,8 +305,12 @@ class DevnetRelay:
         self.stats.connections += 1
         assert ws.request is not None
         query = parse_qs(urlsplit(ws.request.path).query)
-        with contextlib.suppress(ConnectionClosed):  # the client went away: nothing to do
-            await self._serve(ws, query.get("cursor", [None])[0])
+        self._connections.add(ws)
+        try:
+            with contextlib.suppress(ConnectionClosed):  # the client went away: nothing to do
+                await self._serve(ws, query.get("cursor", [None])[0])
+        finally:
+            self._connections.discard(ws)
 
     async def _serve(self, ws: ServerConnection, cursor_text: str | None) -> None:
         if cursor_text is None:
@@ -292,7 +331,11 @@ class DevnetRelay:
             position = cursor + 1
         sent = 0
         last_seq = 0
+        epoch = self._epoch
         while True:
+            if self._epoch != epoch:  # the relay "restarted": this connection is gone
+                ws.transport.abort()
+                return
             oldest = self._retained_oldest()
             if position < oldest:  # fell out of (or asked before) the retention window
                 self.stats.info_sent += 1
@@ -310,16 +353,35 @@ class DevnetRelay:
                 if ws.state.name == "CLOSED":
                     return
                 continue
+            config = self.config
+            if config.cut_every and (sent + 1) % config.cut_every == 0:
+                # Half of the frame's websocket bytes, then the TCP socket closes without a
+                # close frame: the consumer's reader hits EOF inside a frame.
+                self.stats.cuts += 1
+                ws.transport.write(cut_frame(self.frame(position)))
+                ws.transport.close()
+                return
             await ws.send(self.frame(position))
             last_seq = position
             position += 1
             sent += 1
             self.stats.frames_sent += 1
-            if self.config.malformed_every and sent % self.config.malformed_every == 0:
+            if config.malformed_every and sent % config.malformed_every == 0:
                 _, bad = self._malformed.next_frame(last_seq)
                 self.stats.malformed_sent += 1
                 await ws.send(bad)
-            if self.config.drop_every and sent % self.config.drop_every == 0:
+            if config.garbage_every and sent % config.garbage_every == 0:
+                _, garbage = self._garbage.next_frame()
+                self.stats.garbage_sent += 1
+                await ws.send(garbage)
+            if config.drop_every and sent % config.drop_every == 0:
                 self.stats.drops += 1
                 ws.transport.abort()  # abrupt: no close frame, like a dying relay
                 return
+            if config.silence_every and sent % config.silence_every == 0:
+                # Alive but mute (a wedged relay): the socket stays open, nothing is sent.
+                self.stats.silences += 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ws.wait_closed(), config.silence_s)
+                if ws.state.name == "CLOSED":
+                    return

@@ -60,6 +60,8 @@ class RelayClient:
         self._reconnect_reason: str | None = None
         self._attempt = 0
         self._frames_this_connection = 0
+        # Seq of the last event accepted on the current connection (None: none yet).
+        self._connection_seq: int | None = None
         self.connected_since: float | None = None
         # Monotonic time since when there is no connection (None while connected): readiness
         # tolerates reconnecting for a bounded time.
@@ -117,20 +119,43 @@ class RelayClient:
                 self._metrics.reconnects.labels(reason).inc()
                 await self._backoff(stop)
 
-    def observe(self, event: Event) -> None:
-        """Track seq and react to relay notices; called for every decoded event in order."""
+    def observe(self, event: Event) -> bool:
+        """Track seq and react to relay notices; called for every decoded event in order.
+        Returns False for an event to drop: its seq does not increase within the connection.
+
+        Seq rules (event stream spec, https://atproto.com/specs/event-stream: seq only grows;
+        the relay test scenario seq_ordering.json drops an event whose seq repeats or goes
+        back). Within one connection such an event is dropped and counted, and the cursor
+        stays where it was: a replayed or reordered frame must neither be applied twice nor
+        move the saved cursor backwards. A new seq space is accepted only at the start of a
+        connection: after ``FutureCursor`` (a relay restarted with its seq reset; we resume
+        from its live tip with no cursor), or when a relay answers our cursor with lower
+        seqs anyway; the saved cursor then goes down with it (the cursor statements have no
+        never-backwards guard, on purpose: the old numbers mean nothing to the new relay).
+        """
         seq = getattr(event, "seq", None)
         if isinstance(seq, int):
-            if self.cursor is not None:
-                if seq <= self.cursor:
-                    # Per the lexicon seq only grows; a relay that restarted with a fresh
-                    # database resets it. Rev guards make re-applied events harmless.
-                    self._metrics.seq_anomalies.labels("backwards").inc()
-                    log.warning("relay seq went backwards: %d after %d", seq, self.cursor)
-                elif seq > self.cursor + 1 and not isinstance(event, IgnoredEvent):
-                    self._metrics.seq_anomalies.labels("gap").inc()
-                    log.debug("relay seq jumped: %d after %d", seq, self.cursor)
-            self.cursor = seq
+            last = self._connection_seq
+            if last is not None and seq <= last:
+                self._metrics.seq_anomalies.labels("backwards").inc()
+                log.warning("dropping event seq %d: not above seq %d on this connection", seq, last)
+                return False
+            if last is None and self.cursor is not None and seq <= self.cursor:
+                self._metrics.seq_anomalies.labels("reset").inc()
+                log.warning(
+                    "relay answered cursor %d with seq %d: its seq was reset; following the "
+                    "new numbering (events in between were missed)",
+                    self.cursor,
+                    seq,
+                )
+            elif (
+                self.cursor is not None
+                and seq > self.cursor + 1
+                and not isinstance(event, IgnoredEvent)
+            ):
+                self._metrics.seq_anomalies.labels("gap").inc()
+                log.debug("relay seq jumped: %d after %d", seq, self.cursor)
+            self.cursor = self._connection_seq = seq
         elif isinstance(event, InfoEvent):
             if event.name == "OutdatedCursor":
                 self._metrics.seq_anomalies.labels("outdated_cursor").inc()
@@ -150,6 +175,7 @@ class RelayClient:
                     self.cursor,
                     event.message,
                 )
+                self._metrics.seq_anomalies.labels("future_cursor").inc()
                 self.cursor = None
                 self.request_reconnect("future_cursor")
             elif event.error == "ConsumerTooSlow":
@@ -158,6 +184,7 @@ class RelayClient:
             else:
                 log.warning("relay error frame %s: %s", event.error, event.message)
                 self.request_reconnect("error")
+        return True
 
     def request_reconnect(self, reason: str) -> None:
         self._reconnect_reason = reason
@@ -170,6 +197,7 @@ class RelayClient:
         self._ws = ws
         self._reconnect_reason = None
         self._frames_this_connection = 0
+        self._connection_seq = None
         self.connected_since = self.last_frame_at = time.monotonic()
         self.disconnected_since = None
         self._metrics.connected.set(1)

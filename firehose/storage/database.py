@@ -3,13 +3,22 @@
 Without `DATABASE_URL` the worker starts the embedded PostgreSQL (pgserver) in `DATA_DIR`
 and says so in the log; the same data survives a restart. Migrations are applied at
 start-up under an advisory lock, so several workers may start at once.
+
+The worker opens it with `stop=`: a server that is not reachable yet (compose starting `db`
+and the worker together, a restart of PostgreSQL) is waited for with capped backoff, one
+log line per attempt, instead of exiting into a crash loop. What retrying cannot fix (a
+wrong password, a missing database, a failed migration) still stops start-up at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import random
 from collections.abc import Awaitable, Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -21,6 +30,22 @@ log = logging.getLogger("firehose.db")
 P = ParamSpec("P")
 R = TypeVar("R")
 
+OPEN_RETRY_MIN_S = 0.5
+OPEN_RETRY_MAX_S = 15.0
+CONNECT_TIMEOUT_S = 10.0
+# The server is down, starting, shutting down or full: waiting helps. Authentication and
+# "database does not exist" are PostgresErrors outside these classes: they fail at once.
+TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # refused, no socket file, timeouts (TimeoutError is an OSError)
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,  # admin shutdown, crash shutdown, cannot connect now
+    asyncpg.InsufficientResourcesError,  # too many connections
+)
+
+
+class DatabaseWaitStopped(Exception):
+    """stop() was called while start-up was still waiting for the database."""
+
 
 class Database:
     def __init__(self, pool: asyncpg.Pool, embedded: Any | None, dsn: str = "") -> None:
@@ -30,7 +55,12 @@ class Database:
         self.dsn = dsn
 
     @classmethod
-    async def open(cls, settings: DatabaseSettings) -> Database:
+    async def open(
+        cls, settings: DatabaseSettings, *, stop: asyncio.Event | None = None
+    ) -> Database:
+        """Start (embedded) or reach the server, migrate, pool. Without `stop` one attempt
+        (the CLI commands); with it, transient errors are retried until `stop` is set
+        (then DatabaseWaitStopped)."""
         embedded = None
         dsn = settings.url
         if dsn is None:
@@ -43,14 +73,30 @@ class Database:
             embedded = start_embedded(pg_dir)
             dsn = embedded.dsn
         try:
-            conn = await asyncpg.connect(dsn)
-            try:
-                applied = await migrate.migrate(conn)
-            finally:
-                await conn.close()
-            if applied:
-                log.info("applied migrations: %s", ", ".join(applied))
-            pool = await asyncpg.create_pool(dsn, min_size=1, max_size=settings.pool_size)
+            delay_s = OPEN_RETRY_MIN_S
+            attempt = 1
+            while True:
+                try:
+                    pool = await _connect(dsn, settings.pool_size)
+                    break
+                except TRANSIENT_DB_ERRORS as exc:
+                    if stop is None:
+                        raise
+                    wait_s = random.uniform(delay_s / 2, delay_s)
+                    log.warning(
+                        "database not reachable (attempt %d, %s); retrying in %.1f s",
+                        attempt,
+                        redact(f"{type(exc).__name__}: {exc}", dsn),
+                        wait_s,
+                    )
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), wait_s)
+                    if stop.is_set():
+                        raise DatabaseWaitStopped from None
+                    delay_s = min(delay_s * 2, OPEN_RETRY_MAX_S)
+                    attempt += 1
+            if attempt > 1:
+                log.info("database reachable after %d attempts", attempt)
         except BaseException:
             if embedded is not None:
                 embedded.stop()
@@ -73,3 +119,25 @@ class Database:
         finally:
             if self._embedded is not None:
                 self._embedded.stop()
+
+
+async def _connect(dsn: str, pool_size: int) -> asyncpg.Pool:
+    conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT_S)
+    try:
+        applied = await migrate.migrate(conn)
+    finally:
+        await conn.close()
+    if applied:
+        log.info("applied migrations: %s", ", ".join(applied))
+    pool: asyncpg.Pool = await asyncpg.create_pool(
+        dsn, min_size=1, max_size=pool_size, timeout=CONNECT_TIMEOUT_S
+    )
+    return pool
+
+
+def redact(text: str, dsn: str) -> str:
+    """`text` without the DSN's password (an error message may quote connection details)."""
+    password = urlsplit(dsn).password
+    if password:
+        text = text.replace(password, "***")
+    return text if len(text) <= 300 else text[:297] + "..."
