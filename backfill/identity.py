@@ -72,6 +72,9 @@ class Identity:
     handle: str | None
     pds: str  # service endpoint without a trailing slash, e.g. https://pds.example.com
     signing_key: str | None  # publicKeyMultibase
+    # The verification method's `type`: "Multikey", or a legacy suite whose key carries no
+    # multicodec prefix, so the type names the curve (firehose.protocol.signature).
+    signing_key_type: str | None = None
 
 
 def did_web_url(did: str, allow_private: bool) -> str:
@@ -120,7 +123,8 @@ def parse_did_document(did: str, doc: Any) -> Identity:
             candidate = aka[len("at://") :]
             handle = candidate.lower() if is_handle(candidate) else None
             break
-    signing_key = None
+    signing_key: str | None = None
+    signing_key_type: str | None = None
     for method in _entries(doc, "verificationMethod"):
         if type(method) is not dict or type(method.get("id")) is not str:
             continue
@@ -128,6 +132,8 @@ def parse_did_document(did: str, doc: Any) -> Identity:
             key = method.get("publicKeyMultibase")
             if type(key) is str and 0 < len(key) <= MAX_KEY_CHARS:
                 signing_key = key
+                kind = method.get("type")
+                signing_key_type = kind[:64] if type(kind) is str else None
             break
     for service in _entries(doc, "service"):
         if type(service) is not dict or type(service.get("id")) is not str:
@@ -139,7 +145,7 @@ def parse_did_document(did: str, doc: Any) -> Identity:
             pds = _endpoint(service.get("serviceEndpoint"))
             if pds is None:
                 raise IdentityError("no_pds", "bad #atproto_pds serviceEndpoint")
-            return Identity(did=did, handle=handle, pds=pds, signing_key=signing_key)
+            return Identity(did, handle, pds, signing_key, signing_key_type)
     raise IdentityError("no_pds", f"{did[:100]} has no #atproto_pds service")
 
 

@@ -70,6 +70,9 @@ class CommitEvent:
     invalid_ops: tuple[tuple[str, str], ...] = ()
     # The signed commit's `data`: the repo's MST root after this commit.
     data_cid: str | None = None
+    # The commit block's raw DAG-CBOR (hash-checked against commit_cid), kept so the gate can
+    # verify its signature (firehose.live.verify); a reference into the CAR, no copy.
+    commit_block: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -81,6 +84,7 @@ class SyncEvent:
     rev: str
     commit_cid: str
     time: datetime | None
+    commit_block: bytes | None = None  # the signed commit's raw DAG-CBOR, as in CommitEvent
 
 
 @dataclass(slots=True)

@@ -247,6 +247,7 @@ def _commit(body: dict[str, Any], limits: FrameLimits) -> CommitEvent:
         too_big=too_big,
         invalid_ops=tuple(invalid),
         data_cid=_data_cid(commit),
+        commit_block=car.blocks[commit_cid],
     )
 
 
@@ -292,7 +293,14 @@ def _sync(body: dict[str, Any], limits: FrameLimits) -> SyncEvent:
     commit = _commit_object(car, car.root_cid, did)
     if commit.get("rev", rev) != rev:
         raise FrameError("commit object rev differs from the frame rev")
-    return SyncEvent(seq=seq, did=did, rev=rev, commit_cid=car.root, time=_time(body))
+    return SyncEvent(
+        seq=seq,
+        did=did,
+        rev=rev,
+        commit_cid=car.root,
+        time=_time(body),
+        commit_block=car.blocks[car.root_cid],
+    )
 
 
 def _identity(body: dict[str, Any], limits: FrameLimits) -> IdentityEvent:
