@@ -13,7 +13,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from backfill.settings import BackfillSettings
-from firehose.envparse import ConfigError, Env, choice, int_range
+from firehose.envparse import ConfigError, Env, boolean, choice, int_range
 
 __all__ = ["ConfigError", "Settings", "collection_wanted"]
 
@@ -80,6 +80,9 @@ class Settings:
     backfill: BackfillSettings = field(default_factory=BackfillSettings)
     # Bearer token of the HTTP admin endpoints; None turns them off. Never in repr/logs.
     admin_token: str | None = field(default=None, repr=False)
+    # Check every commit's signature against its repo's DID document (firehose.live.verify).
+    # Off by default: the relay already verifies under sync 1.1 (README, Verified commits).
+    verify_signatures: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -119,6 +122,7 @@ class Settings:
             metrics_port=e.get("METRICS_PORT", 8000, int_range(0, 65535)),
             backfill=BackfillSettings.from_env(os.environ if env is None else env),
             admin_token=e.get("ADMIN_TOKEN", None, str),
+            verify_signatures=e.get("VERIFY_SIGNATURES", False, boolean),
         )
 
 

@@ -26,6 +26,7 @@ from firehose.http import start_http
 from firehose.live.batch import BatchBuilder, shard_filter
 from firehose.live.gate import Gate, GateMetrics, Screen
 from firehose.live.relay import RelayClient
+from firehose.live.verify import SignatureScreen
 from firehose.metrics import LiveMetrics, ops_collection_label
 from firehose.model import Batch, CommitEvent, Event
 from firehose.ops import WorkerOps
@@ -101,6 +102,7 @@ class Worker:
         self.ops: WorkerOps | None = None  # /status, /readyz, admin: built once db is open
         self._gate_metrics = GateMetrics.create(self.registry)
         self._gate = Gate((), self._gate_metrics)  # its screens need the database: run()
+        self._signatures: SignatureScreen | None = None  # VERIFY_SIGNATURES; closed by run()
 
     def stop(self) -> None:
         self._stop.set()
@@ -131,12 +133,20 @@ class Worker:
             if http is not None:
                 await http.cleanup()
             await ops.close()
+            if self._signatures is not None:
+                await self._signatures.aclose()
             await db.close()
             log.info("worker stopped at cursor %s", self.state.cursor)
 
     def _screens(self, db: Database) -> list[Screen]:
         """The gate's steps, in order: signatures before chain checks (see gate.py)."""
         screens: list[Screen] = []
+        if self.settings.verify_signatures:
+            backfill = self.settings.backfill  # PLC_URL and ALLOW_PRIVATE_NETWORK are shared
+            self._signatures = SignatureScreen.open(
+                backfill.plc_url, backfill.allow_private_network, self.registry
+            )
+            screens.append(self._signatures)
         return screens
 
     async def _start_cursor(self, db: Database) -> int | None:
