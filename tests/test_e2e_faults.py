@@ -10,15 +10,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import re
+import urllib.request
+from pathlib import Path
 from typing import Any
 
 import libipld
 import pytest
+from backfill_support import HistoryDevnet, records_map
+from support import (
+    DevnetProcess,
+    WorkerProcess,
+    assert_matches_truth,
+    cursor_of,
+    free_port,
+    scrape_metrics,
+    wait_for_cursor,
+)
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from firehose.devnet import DevnetConfig, DevnetRelay
 from firehose.devnet.faults import GARBAGE_KINDS
+from firehose.model import Action, CommitEvent
+from firehose.protocol.frames import decode_frame
 
 RECV_TIMEOUT_S = 10
 
@@ -112,3 +128,166 @@ async def test_devnet_seq_reset_answers_future_cursor() -> None:
         assert truth["last_seq"] == 40 == relay.head_seq  # the new seq space
         replay = await read_until_closed(relay.subscribe_url + "?cursor=0", 0.5)
         assert [seq_of(m) for m in replay] == list(range(1, 41))
+
+
+# ---- the worker against relay faults --------------------------------------------------------
+
+
+def http_base(relay_url: str) -> str:
+    return "http://" + relay_url.removeprefix("ws://")
+
+
+def relay_stats(relay_url: str) -> dict[str, int]:
+    with urllib.request.urlopen(http_base(relay_url) + "/devnet/stats", timeout=10) as resp:
+        stats: dict[str, int] = json.loads(resp.read())["relay"]
+        return stats
+
+
+def metric_sum(text: str, name: str, label: str | None = None) -> float:
+    """Sum of a counter's samples, optionally only those whose label value is `label`."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if label is not None and f'="{label}"' not in line:
+            continue
+        total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def report(fault: str, injected: int, survived: int, rows_lost: int = 0, **more: object) -> None:
+    extra = "".join(f", {k} {v}" for k, v in more.items())
+    print(f"FAULTS {fault}: injected {injected}, survived {survived}, rows lost {rows_lost}{extra}")
+
+
+RELAY_FAULTS = {
+    # name: (devnet flags, worker env, relay stat that counts the injections)
+    "cut_mid_frame": (("--events", "8000", "--cut-every", "900"), {}, "cuts"),
+    "garbage": (("--events", "8000", "--garbage-every", "40"), {}, "garbage_sent"),
+    "silence": (
+        ("--events", "4000", "--silence-every", "1500", "--silence-s", "5"),
+        {"RELAY_IDLE_TIMEOUT_S": "1.5"},
+        "silences",
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", sorted(RELAY_FAULTS))
+async def test_worker_survives_relay_fault(fault: str, tmp_path: Path, db_dsn: str) -> None:
+    flags, env, stat = RELAY_FAULTS[fault]
+    relay = DevnetProcess.start(tmp_path, "--seed", "41", "--accounts", "100", *flags)
+    port = free_port()
+    worker = WorkerProcess.start(
+        tmp_path, db_dsn, relay.url, START_CURSOR="0", METRICS_PORT=str(port), **env
+    )
+    try:
+        truth = relay.truth()
+        await wait_for_cursor(db_dsn, truth["last_seq"], worker=worker, timeout_s=60)
+        await assert_matches_truth(db_dsn, truth)
+        assert worker.proc.poll() is None, "the worker exited"
+        text = await scrape_metrics(port)
+        injected = relay_stats(relay.url)[stat]
+        assert injected >= 2, f"{stat}: {injected}"
+        reconnects = metric_sum(text, "firehose_reconnects_total")
+        invalid = metric_sum(text, "firehose_invalid_total")
+        if fault == "garbage":
+            # Every garbage message is counted as invalid (decoder reasons, or `text`).
+            assert invalid == injected, (invalid, injected)
+            assert metric_sum(text, "firehose_invalid_total", "text") == injected // 5
+        elif fault == "silence":
+            assert metric_sum(text, "firehose_reconnects_total", "idle") >= injected
+        else:
+            assert reconnects >= injected
+        report(fault, injected, injected, reconnects=int(reconnects), invalid=int(invalid))
+    finally:
+        if worker.proc.poll() is None:
+            worker.kill9()
+        relay.stop()
+
+
+class StreamOps:
+    """What each uri's last op in a stream of frames was: (seq, cid or None for a delete)."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, tuple[int, str | None]] = {}
+        self.head = 0
+
+    def add(self, event: Any) -> None:
+        self.head = max(self.head, getattr(event, "seq", 0) or 0)
+        if isinstance(event, CommitEvent):
+            for w in event.writes:
+                uri = f"at://{w.did}/{w.collection}/{w.rkey}"
+                self.last[uri] = (event.seq, None if w.action == Action.DELETE else w.cid)
+
+    async def read(self, relay_url: str, until_seq: int) -> None:
+        url = relay_url + "/xrpc/com.atproto.sync.subscribeRepos?cursor=0"
+        async with connect(url, max_size=None) as ws:
+            while self.head < until_seq:
+                message = await asyncio.wait_for(ws.recv(), RECV_TIMEOUT_S)
+                assert isinstance(message, bytes)
+                self.add(decode_frame(message))
+
+
+FIRST_SEQ = re.compile(r"relay connection: first seq (\d+) \(cursor was None\)")
+
+
+@pytest.mark.slow
+async def test_worker_follows_a_relay_restarted_with_seq_reset(tmp_path: Path, db_dsn: str) -> None:
+    """The relay restarts after 2,500 events with its seq reset: our cursor (~2,500) is in
+    its future, it answers FutureCursor, the worker resumes from its live tip, and the saved
+    cursor goes down to the new numbers. Events emitted while the worker was away are
+    missed by design (a resync of their repos is the sync 1.1 chain checks' job); every
+    event from the first one after the reconnect is applied."""
+    net = HistoryDevnet.start(
+        tmp_path / "devnet",
+        "--seed", "43", "--accounts", "80", "--events", "3500", "--rate", "400",
+        "--reset-seq-after", "2500",
+        wait_generated=False,
+    )  # fmt: skip
+    worker = WorkerProcess.start(tmp_path, db_dsn, net.relay_url, START_CURSOR="0")
+    cursors: list[int] = []
+    try:
+        while relay_stats(net.relay_url)["seq_resets"] == 0:
+            assert worker.proc.poll() is None, worker.log()[-3000:]
+            cursor = await cursor_of(db_dsn)
+            if cursor is not None:
+                cursors.append(cursor)
+            await asyncio.sleep(0.1)
+        truth = await asyncio.to_thread(net.wait_generated, 60)
+        assert truth["last_seq"] == 1000  # the new seq space
+        await wait_for_cursor(db_dsn, truth["last_seq"], worker=worker, timeout_s=30)
+        log = worker.log()
+        assert "relay says FutureCursor" in log
+        found = FIRST_SEQ.findall(log[log.index("relay says FutureCursor") :])
+        assert found, log[-3000:]
+        first = int(found[0])
+        assert first < truth["last_seq"], "the worker came back after the last event"
+        new_epoch = StreamOps()
+        await new_epoch.read(net.relay_url, truth["last_seq"])
+        assert worker.proc.poll() is None, "the worker exited"
+    finally:
+        if worker.proc.poll() is None:
+            worker.kill9()
+        net.stop()
+    # The cursor went up to the old relay's numbers and came down to the new ones.
+    assert max(cursors) > truth["last_seq"] == await cursor_of(db_dsn)
+    assert cursors == sorted(cursors)  # never backwards before the reset
+    got = await records_map(db_dsn)
+    applied = {u: op for u, op in new_epoch.last.items() if op[0] >= first}
+    assert len(applied) > 100
+    for uri, (_, cid) in applied.items():
+        assert got.get(uri) == truth["records"].get(uri), uri
+        if cid is None:
+            assert uri not in got, uri
+    missed = sum(1 for op in new_epoch.last.values() if op[0] < first)
+    report(
+        "relay_seq_reset",
+        1,
+        1,
+        cursor_before=max(cursors),
+        cursor_after=truth["last_seq"],
+        first_seq_after_reconnect=first,
+        uris_checked=len(applied),
+        uris_missed_by_design=missed,
+    )

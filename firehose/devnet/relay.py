@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -46,7 +47,7 @@ from firehose.devnet import frames
 from firehose.devnet.faults import GarbageFrames, MalformedFrames, cut_frame
 from firehose.devnet.generator import DEFAULT_START_TIME_US, Generator
 from firehose.devnet.httpfaults import HttpFaults
-from firehose.devnet.network import DevnetNetwork, NetworkConfig, json_bytes
+from firehose.devnet.network import STATS_PATH, DevnetNetwork, NetworkConfig, json_bytes
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +295,8 @@ class DevnetRelay:
         # Plain HTTP on the websocket port (listRepos, stats): the backfill derives its
         # HTTP base from RELAY_URL, as with a real relay.
         status, body = answer
+        if urlsplit(request.path).path == STATS_PATH:
+            body = {**body, "relay": dataclasses.asdict(self.stats)}  # faults injected here
         response = connection.respond(status, "")
         response.body = json_bytes(body)
         del response.headers["Content-Length"], response.headers["Content-Type"]

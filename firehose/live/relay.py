@@ -34,6 +34,7 @@ CLOSE_TIMEOUT_S = 2.0
 # that must handle every event of the network.
 _BINARY = aiohttp.WSMsgType.BINARY
 _ERROR = aiohttp.WSMsgType.ERROR
+_TEXT = aiohttp.WSMsgType.TEXT
 # The websocket client's own frame limit is a hard memory bound; the decoder applies the protocol's
 # smaller limit and counts the frame, so an oversized frame is skipped, not a reconnect loop.
 WS_MAX_SIZE_FACTOR = 4
@@ -94,6 +95,10 @@ class RelayClient:
                                 self._frames_this_connection += 1
                                 if message.type is _BINARY:
                                     yield message.data
+                                elif message.type is _TEXT:
+                                    # The event stream is binary only: noise, counted, skipped.
+                                    self._metrics.invalid.labels("text").inc()
+                                    log.warning("skipping a text message from the relay")
                                 elif message.type is _ERROR:
                                     reason = _classify(message.data)
                                     if not stop.is_set():
@@ -148,13 +153,18 @@ class RelayClient:
                     self.cursor,
                     seq,
                 )
-            elif (
-                self.cursor is not None
-                and seq > self.cursor + 1
-                and not isinstance(event, IgnoredEvent)
-            ):
-                self._metrics.seq_anomalies.labels("gap").inc()
-                log.debug("relay seq jumped: %d after %d", seq, self.cursor)
+            else:
+                if last is None:
+                    # One line per connection: where the relay really resumed us (tests and
+                    # operators compare it with the cursor we asked for).
+                    log.info("relay connection: first seq %d (cursor was %s)", seq, self.cursor)
+                if (
+                    self.cursor is not None
+                    and seq > self.cursor + 1
+                    and not isinstance(event, IgnoredEvent)
+                ):
+                    self._metrics.seq_anomalies.labels("gap").inc()
+                    log.debug("relay seq jumped: %d after %d", seq, self.cursor)
             self.cursor = self._connection_seq = seq
         elif isinstance(event, InfoEvent):
             if event.name == "OutdatedCursor":
