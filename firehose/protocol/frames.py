@@ -36,7 +36,15 @@ from firehose.protocol.cbor import decode_block, decode_multi, decode_record
 from firehose.protocol.cid import CID_BYTES, SUPPORTED_PREFIXES, cid_str_from_bytes
 from firehose.protocol.cid import _encode_cid as _encode_cid
 from firehose.protocol.errors import FrameError, ProtocolError
-from firehose.protocol.syntax import is_did, is_nsid, is_record_key, is_tid, parse_datetime
+from firehose.protocol.syntax import (
+    is_did,
+    is_handle,
+    is_nsid,
+    is_record_key,
+    is_tid,
+    is_token,
+    parse_datetime,
+)
 
 MIB = 1024 * 1024
 
@@ -308,8 +316,20 @@ def _identity(body: dict[str, Any], limits: FrameLimits) -> IdentityEvent:
         seq=_req_int(body, "seq"),
         did=_req_did(body, "did"),
         time=_time(body),
-        handle=_opt_str(body, "handle"),
+        handle=_handle_or_none(_opt_str(body, "handle")),
     )
+
+
+# #identity handles and #account statuses go to PostgreSQL text columns: one NUL in them
+# failed the whole batch, retried for ever (the stream stalled, issue 5). A handle that is not
+# handle syntax is unknown (None), as the lexicon allows; a status that is not a short token
+# is unknown too (an inactive account then reads as `deactivated`).
+def _handle_or_none(handle: str | None) -> str | None:
+    return handle if handle is not None and is_handle(handle) else None
+
+
+def _status_or_none(status: str | None) -> str | None:
+    return status if status is not None and is_token(status) else None
 
 
 def _handle(body: dict[str, Any], limits: FrameLimits) -> IdentityEvent:
@@ -318,7 +338,7 @@ def _handle(body: dict[str, Any], limits: FrameLimits) -> IdentityEvent:
         seq=_req_int(body, "seq"),
         did=_req_did(body, "did"),
         time=_time(body),
-        handle=_req_str(body, "handle"),
+        handle=_handle_or_none(_req_str(body, "handle")),
     )
 
 
@@ -331,7 +351,7 @@ def _account(body: dict[str, Any], limits: FrameLimits) -> AccountEvent:
         did=_req_did(body, "did"),
         time=_time(body),
         active=active,
-        status=_opt_str(body, "status"),
+        status=_status_or_none(_opt_str(body, "status")),
     )
 
 

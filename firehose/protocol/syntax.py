@@ -42,6 +42,13 @@ _HANDLE_RE = re.compile(
     r"[a-zA-Z]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
 )
 
+# An open enum value of a lexicon (`knownValues`, e.g. #account `status`: takendown,
+# suspended, deleted, deactivated, desynchronized, throttled): kept when unknown (forward
+# compatibility) but only as a short token. A free string would reach PostgreSQL as is, and
+# one NUL in it fails the whole batch transaction, which then retries for ever (issue 5).
+TOKEN_MAX_CHARS = 64
+_TOKEN_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+
 # https://atproto.com/specs/at-uri-scheme : restricted form at://authority[/nsid[/rkey]].
 AT_URI_MAX_CHARS = 8 * 1024
 
@@ -50,7 +57,8 @@ AT_URI_MAX_CHARS = 8 * 1024
 DATETIME_MAX_CHARS = 64
 _DATETIME_RE = re.compile(
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(\.[0-9]+)?"
-    r"(Z|[+-][0-9]{2}:[0-9]{2})"
+    # Offset minutes 00..59: timedelta would read "+00:60" as one hour (issue 5, hygiene).
+    r"(Z|[+-][0-9]{2}:[0-5][0-9])"
 )
 
 _DATETIME_MS_Z = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
@@ -106,6 +114,10 @@ def is_did(text: str) -> bool:
 
 def is_handle(text: str) -> bool:
     return len(text) <= HANDLE_MAX_CHARS and _HANDLE_RE.fullmatch(text) is not None
+
+
+def is_token(text: str) -> bool:
+    return len(text) <= TOKEN_MAX_CHARS and _TOKEN_RE.fullmatch(text) is not None
 
 
 def is_at_uri(text: str) -> bool:

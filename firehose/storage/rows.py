@@ -130,8 +130,13 @@ def _blob_cid(value: Any) -> str | None:
 
 # The atproto datetime: RFC 3339, `T` and `Z` upper case, a timezone always present. The shape
 # is checked here; datetime.fromisoformat (C, any number of fractional digits since 3.11) then
-# does the parsing and rejects impossible dates, hours, leap seconds and offsets.
-_DATETIME_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,20})?(?:Z|[+-]\d\d:\d\d)")
+# does the parsing and rejects impossible dates, hours and leap seconds. ASCII digits only
+# (`\d` would let Arabic-Indic digits through to fromisoformat) and offset minutes 00..59:
+# fromisoformat reads "+00:60" as one hour, which is no RFC 3339 offset (issue 5, hygiene).
+_DATETIME_RE = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,20})?"
+    r"(?:Z|[+-][0-9]{2}:[0-5][0-9])"
+)
 
 
 def created_at_of(record: Any) -> datetime | None:
