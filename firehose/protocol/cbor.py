@@ -21,6 +21,13 @@ Two decoders, chosen by what the caller needs:
   UTF-8, exactly one top-level object. Nesting is bounded (`MAX_RECORD_DEPTH`) so hostile
   input cannot exhaust the stack. Any ``\\u0000`` in a string or key becomes U+FFFD and the
   caller is told (``sanitized``): PostgreSQL text/jsonb cannot hold NUL.
+
+  Invalid UTF-8 (a lone surrogate such as ED A0 80, a stray FF) is NOT repaired: the record
+  is invalid (reason ``cbor``; the live path counts and skips that op, the backfill skips
+  that record). DAG-CBOR and the atproto data model require valid UTF-8; the record's CID
+  hashes the bad bytes, so a repaired copy would be content nobody signed; and the strict
+  decoders (libipld, serde_ipld_dagcbor) refuse it too, so a conforming PDS does not
+  produce it. NUL is valid UTF-8, hence kept (replaced) instead.
 """
 
 from __future__ import annotations
