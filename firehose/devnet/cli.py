@@ -68,6 +68,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--silence-s", type=float, default=5.0, help="length of each --silence-every pause"
     )
     group.add_argument(
+        "--forge-every",
+        type=int,
+        default=0,
+        help="make every Nth event a commit signed with the wrong key (not in the truth)",
+    )
+    group.add_argument(
         "--reset-seq-after",
         type=int,
         default=0,
@@ -206,6 +212,7 @@ def config_from_args(args: argparse.Namespace) -> DevnetConfig:
 async def run(args: argparse.Namespace) -> None:
     """Serve until cancelled; the truth file appears once every event has been produced."""
     relay = DevnetRelay(config_from_args(args))
+    relay.generator.forge_every = args.forge_every  # before start(): the producer runs then
     await relay.start()
     # The relay line comes first: existing consumers read only the first line.
     print(f"devnet relay listening on {relay.url}", flush=True)

@@ -18,6 +18,7 @@ format of docs/ARCHITECTURE.md.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import deque
 from collections.abc import Callable
@@ -40,6 +41,7 @@ DEFAULT_PDS_ENDPOINT = "http://127.0.0.1:2583"
 BIRTH_PROBABILITY = 0.08  # chance per event that a not-yet-seen account signs up
 MIN_ACTIVE_ACCOUNTS = 3  # status changes never leave fewer active accounts than this
 RECENT_POSTS = 2000  # posts remembered as reply/quote/like targets
+FORGER_KEY_BASE = 2_000_000  # forger keys: even offset, so each has its victim's curve
 INACTIVE_STATUSES = ("deactivated",) * 3 + ("takendown", "suspended") * 2 + ("deleted",)
 
 # Relative weights of what an active account does next.
@@ -74,6 +76,7 @@ class Generator:
         now_us: int | None = None,
         history_days: float = 0.0,
         history_events: int = 0,
+        forge_every: int = 0,
     ) -> None:
         if accounts < 1:
             raise ValueError("need at least one account")
@@ -100,6 +103,11 @@ class Generator:
         self.feeds: deque[str] = deque(maxlen=100)
         self._queue: deque[Callable[[], bytes]] = deque()
         self._new_rkeys = 0
+        # Fault injection (--forge-every N): every Nth event is a commit signed with the
+        # wrong key (`_forge`); `forged` lists its record uris, which are never in the truth.
+        self.forge_every = forge_every
+        self.forged: list[str] = []
+        self._forgers: dict[str, SigningKey] = {}
         names = [name for name, _ in _ACTIONS]
         weights = [weight for _, weight in _ACTIONS]
         self._action_names = names
@@ -112,6 +120,8 @@ class Generator:
         self.seq += 1
         self.now_us = self.clock.tick(self.rng)
         self._new_rkeys = 0
+        if self.forge_every and self.seq % self.forge_every == 0 and len(self.active):
+            return self._forge()
         if self._queue:
             return self._queue.popleft()()
         unborn = len(self.accounts) < self.account_count
@@ -148,7 +158,10 @@ class Generator:
 
     def truth(self) -> dict[str, Any]:
         """Final state after the frames produced so far (docs/ARCHITECTURE.md, truth file)."""
-        return accounts_truth(self.all_accounts(), self.seq, self.clock.now_us)
+        truth = accounts_truth(self.all_accounts(), self.seq, self.clock.now_us)
+        if self.forged:
+            truth["forged"] = sorted(self.forged)
+        return truth
 
     # ---- helpers ------------------------------------------------------------------------------
 
@@ -230,6 +243,27 @@ class Generator:
         record = self._record_for(account, collection)
         path = f"{record['$type']}/{self._rkey()}"
         return self._commit(account, [Write(ACTION_CREATE, path, record)])
+
+    def _forge(self) -> bytes:
+        """A commit signed with the wrong key (same curve, another secret), chained onto the
+        account's real head (since, prevData), so only its signature gives it away. It is
+        built in a throwaway repo: the account's repo is untouched, so the next genuine
+        commit continues from the last genuine one and the forged record is in no truth."""
+        did = self.active.choice(self.rng)
+        assert did is not None
+        account = self.by_did[did]
+        forger = self._forgers.get(did)
+        if forger is None:
+            forger = SigningKey.from_seed(self.seed, FORGER_KEY_BASE + account.index)
+            self._forgers[did] = forger
+        path = f"{rec.POST}/{self._rkey()}"
+        record = {"$type": rec.POST, "text": "forged", "createdAt": self.time_str}
+        shadow = Repo(did, forger).commit(
+            [Write(ACTION_CREATE, path, record)], tid(self.now_us, self.clock_id)
+        )
+        forged = dataclasses.replace(shadow, since=account.repo.rev, prev_data=account.repo.data)
+        self.forged.append(f"at://{did}/{path}")
+        return frames.commit(self.seq, forged, self.time_str)
 
     # ---- lifecycle events ---------------------------------------------------------------------
 
