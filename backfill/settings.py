@@ -60,6 +60,9 @@ class BackfillSettings:
     dry_run: bool = False  # fetch and count, write nothing
     plc_url: str = DEFAULT_PLC_URL
     allow_private_network: bool = False  # let PDS/PLC URLs resolve to private addresses
+    # Resyncs of desynchronized repos (backfill/resync.py), on every worker.
+    resync_max_concurrent: int = 2  # repos downloaded at once per worker
+    resync_max_attempts: int = 5  # transient failures before a resync is failed
 
     @property
     def enabled(self) -> bool:
@@ -93,6 +96,8 @@ class BackfillSettings:
             dry_run=e.get("BACKFILL_DRY_RUN", False, boolean),
             plc_url=e.get("PLC_URL", DEFAULT_PLC_URL, _http_url),
             allow_private_network=e.get("ALLOW_PRIVATE_NETWORK", False, boolean),
+            resync_max_concurrent=e.get("RESYNC_MAX_CONCURRENT", 2, int_range(1, 64)),
+            resync_max_attempts=e.get("RESYNC_MAX_ATTEMPTS", 5, int_range(1, 100)),
         )
 
 

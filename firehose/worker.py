@@ -20,10 +20,12 @@ from typing import Any
 import asyncpg
 from prometheus_client import CollectorRegistry
 
+from backfill.resync import ResyncService
 from backfill.service import BackfillService, LivePressure
 from backfill.service import should_run as should_run_backfill
 from firehose.http import start_http
 from firehose.live.batch import BatchBuilder, shard_filter
+from firehose.live.chain import ChainScreen, load_repo_states
 from firehose.live.gate import Gate, GateMetrics, Screen
 from firehose.live.relay import RelayClient
 from firehose.live.verify import SignatureScreen
@@ -129,6 +131,7 @@ class Worker:
                 tg.create_task(self._commit(db))
                 if should_run_backfill(self.settings.backfill, self.settings.worker.worker_id):
                     tg.create_task(self._backfill(db))
+                tg.create_task(self._resync(db))
         finally:
             if http is not None:
                 await http.cleanup()
@@ -147,6 +150,10 @@ class Worker:
                 backfill.plc_url, backfill.allow_private_network, self.registry
             )
             screens.append(self._signatures)
+        # Sync 1.1 repo chain checks (firehose/live/chain.py), after the signatures so that a
+        # forged commit never moves the chain state. Other shards' repos are not judged.
+        owns = shard_filter(self.settings.worker)
+        screens.append(ChainScreen(lambda dids: db.run(load_repo_states, dids), owns_did=owns))
         return screens
 
     async def _start_cursor(self, db: Database) -> int | None:
@@ -404,6 +411,22 @@ class Worker:
             await service.run(self._stop)
         except Exception:
             log.exception("[BACKFILL] stopped by an error; the live stream goes on")
+
+    async def _resync(self, db: Database) -> None:
+        """Repos the gate found desynchronized, fetched whole from their PDS (every worker
+        helps: the queue hands each repo to one). Its errors never stop the live stream."""
+        service = ResyncService(
+            self.settings.backfill,
+            db.pool,
+            self.registry,
+            relay_url=self.settings.relay.url,
+            worker_id=self.settings.worker.worker_id,
+            wanted_collections=self.settings.pipeline.wanted_collections,
+        )
+        try:
+            await service.run(self._stop)
+        except Exception:
+            log.exception("[RESYNC] stopped by an error; the live stream goes on")
 
     def _lag_seconds(self) -> float:
         t = self.state.last_event_time

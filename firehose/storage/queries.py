@@ -378,3 +378,37 @@ def _purge_sql() -> str:
 
 
 ACTOR_PURGE = _purge_sql()
+
+
+def _prune_sql() -> str:
+    # A resync (backfill/resync.py) first writes every record of the repo's snapshot at the
+    # snapshot's rev $2, which leaves each of them at rev >= $2 (the upsert moves an older
+    # row to $2 even when its cid is unchanged; a newer live row keeps its newer rev). So the
+    # rows of the repo ($1) still below $2 are exactly those the snapshot no longer has: they
+    # are removed from records and every typed table, and tombstoned at $2 so that an older
+    # create (a replay, a late event) cannot bring them back (invariant 2). Rows are found
+    # through the uri range 'at://<did>/' .. 'at://<did>0' of the primary key (sql/002).
+    ctes = [
+        "k AS MATERIALIZED (SELECT 'at://' || $1::text || '/' AS lo,"
+        " 'at://' || $1::text || '0' AS hi)",
+        "g AS MATERIALIZED (SELECT r.uri FROM records r, k"
+        " WHERE r.uri >= k.lo AND r.uri < k.hi AND r.did = $1 AND r.rev < $2)",
+        "ts AS (INSERT INTO record_tombstones AS t (uri, did, rev, deleted_at)"
+        " SELECT g.uri, $1, $2, now() FROM g"
+        " ON CONFLICT (uri) DO UPDATE SET rev = EXCLUDED.rev, did = EXCLUDED.did,"
+        " deleted_at = now() WHERE t.rev < EXCLUDED.rev RETURNING 1)",
+    ]
+    for i, name in enumerate(REPO_TABLES):
+        ctes.append(
+            f"p{i} AS (DELETE FROM {name} t USING k"
+            " WHERE t.uri >= k.lo AND t.uri < k.hi AND t.did = $1 AND t.rev < $2 RETURNING 1)"
+        )
+    return (
+        "WITH "
+        + ",\n".join(ctes)
+        + "\nSELECT (SELECT count(*) FROM p0) AS removed, (SELECT count(*) FROM ts) AS tombstones"
+    )
+
+
+# $1 did, $2 the snapshot's rev. Returns (removed: records rows, tombstones written).
+REPO_PRUNE = _prune_sql()

@@ -336,6 +336,14 @@ async def write_snapshot(
     return await apply_batch(conn, Batch(writes=writes), heads=heads)
 
 
+async def prune_repo(conn: Any, did: str, rev: str) -> int:
+    """After every record of `did`'s snapshot at `rev` was written (`write_snapshot`): remove
+    the repo's rows the snapshot no longer has, tombstoned at `rev` (see queries.REPO_PRUNE).
+    The number of records rows removed."""
+    row = await conn.fetchrow(queries.REPO_PRUNE, did, rev)
+    return int(row["removed"])
+
+
 async def load_cursor(conn: Any, service: str) -> int | None:
     """The saved cursor of `service`, or None if there is none."""
     value = await conn.fetchval(queries.CURSOR_LOAD, service)
