@@ -237,33 +237,32 @@ def _skip(data: bytes, pos: int) -> int:
 
 
 def split_signed_commit(block: bytes) -> tuple[bytes, bytes]:
-    """A signed commit block -> (DAG-CBOR of the commit without ``sig``, the ``sig`` bytes)."""
+    """A signed commit block -> (DAG-CBOR of the commit without ``sig``, the ``sig`` bytes).
+
+    Only the entries before ``sig`` are parsed (did and rev, in DAG-CBOR key order); the
+    ones after it are kept byte for byte. The worker's decoder has already refused blocks
+    with trailing bytes or duplicate keys, and anything odd left after ``sig`` is part of
+    the signed bytes, so it cannot verify unless the key's owner signed exactly that."""
     major, count, pos = _head(block, 0)
     if major != 5 or not 0 < count <= MAX_COMMIT_FIELDS:
         raise CommitFormatError("commit is not a map of at most 16 fields")
-    parts: list[bytes] = []
-    signature: bytes | None = None
+    first = pos
     for _ in range(count):
         start = pos
         key_major, key_len, key_pos = _head(block, pos)
         if key_major != 3:
             raise CommitFormatError("commit map key is not text")
         value_pos = key_pos + key_len
-        end = _skip(block, value_pos)
         if block[key_pos:value_pos] == b"sig":
             value_major, sig_len, sig_pos = _head(block, value_pos)
-            if value_major != 2 or signature is not None:
-                raise CommitFormatError("sig is not one byte string")
-            signature = block[sig_pos : sig_pos + sig_len]
-        else:
-            parts.append(block[start:end])
-        pos = end
-    if pos != len(block):
-        raise CommitFormatError("trailing bytes after the commit")
-    if signature is None:
-        raise CommitFormatError("commit has no sig")
-    # count - 1 <= 15 fits the one-byte map head (0xa0 | n)
-    return bytes([0xA0 | (count - 1)]) + b"".join(parts), signature
+            end = sig_pos + sig_len
+            if value_major != 2 or end > len(block):
+                raise CommitFormatError("sig is not a byte string")
+            # count - 1 <= 15 fits the one-byte map head (0xa0 | n)
+            unsigned = bytes([0xA0 | (count - 1)]) + block[first:start] + block[end:]
+            return unsigned, block[sig_pos:end]
+        pos = _skip(block, value_pos)
+    raise CommitFormatError("commit has no sig")
 
 
 def verify_commit(key: PublicKey, block: bytes) -> bool:
