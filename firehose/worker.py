@@ -147,7 +147,10 @@ class Worker:
         if self.settings.verify_signatures:
             backfill = self.settings.backfill  # PLC_URL and ALLOW_PRIVATE_NETWORK are shared
             self._signatures = SignatureScreen.open(
-                backfill.plc_url, backfill.allow_private_network, self.registry
+                backfill.plc_url,
+                backfill.allow_private_network,
+                self.registry,
+                owns_did=shard_filter(self.settings.worker),
             )
             screens.append(self._signatures)
         # Sync 1.1 repo chain checks (firehose/live/chain.py), after the signatures so that a

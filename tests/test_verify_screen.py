@@ -313,3 +313,18 @@ async def test_worker_puts_the_signature_screen_first_only_when_asked() -> None:
     assert isinstance(screens[0], SignatureScreen) and screens[0] is on._signatures
     assert screens[0].resolver.plc_url == "http://127.0.0.1:9"
     await screens[0].aclose()
+
+
+async def test_other_shards_repos_are_neither_fetched_nor_judged(plc: Plc) -> None:
+    registry = CollectorRegistry()
+    async with aiohttp.ClientSession() as session:
+        resolver = IdentityResolver(HostClient(session, allow_private=True), plc.url)
+        alice, bob = Account(plc, 0), Account(plc, 1)
+        step = SignatureScreen(
+            resolver, VerifyMetrics.create(registry), owns_did=lambda did: did == alice.did
+        )
+        forger = SigningKey.from_seed(97, 1)
+        verdict = Verdict()
+        await step.screen([bob.commit(1, forger), alice.commit(2, forger)], verdict)
+    assert verdict.dropped == {1: "bad_signature"}  # bob's repo belongs to another shard
+    assert bob.did not in plc.requests

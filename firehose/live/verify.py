@@ -33,7 +33,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -131,8 +131,12 @@ class SignatureScreen:
         concurrency: int = RESOLVE_CONCURRENCY,
         refresh_min_interval_s: float = REFRESH_MIN_INTERVAL_S,
         session: aiohttp.ClientSession | None = None,
+        owns_did: Callable[[str], bool] | None = None,
     ) -> None:
         self.resolver = resolver
+        # Sharded workers (WORKER_COUNT > 1): other shards' repos are not indexed here
+        # (BatchBuilder skips them), so their keys are neither fetched nor checked.
+        self._owns_did = owns_did
         self.metrics = metrics
         self.refresh_min_interval_s = refresh_min_interval_s
         self._semaphore = asyncio.Semaphore(concurrency)
@@ -145,7 +149,11 @@ class SignatureScreen:
 
     @classmethod
     def open(
-        cls, plc_url: str, allow_private: bool, registry: CollectorRegistry
+        cls,
+        plc_url: str,
+        allow_private: bool,
+        registry: CollectorRegistry,
+        owns_did: Callable[[str], bool] | None = None,
     ) -> SignatureScreen:
         """The worker's screen: its own HTTP session (closed by `aclose`), on `registry`."""
         session = aiohttp.ClientSession()
@@ -153,7 +161,7 @@ class SignatureScreen:
             session, per_host_concurrency=RESOLVE_CONCURRENCY, allow_private=allow_private
         )
         resolver = IdentityResolver(http, plc_url)
-        return cls(resolver, VerifyMetrics.create(registry), session=session)
+        return cls(resolver, VerifyMetrics.create(registry), session=session, owns_did=owns_did)
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -165,11 +173,13 @@ class SignatureScreen:
         # slice, the known one; after it, a fresh document (stream order, module doc 2).
         identity_seen: set[str] = set()
         work: list[tuple[int, CommitEvent | SyncEvent, bool]] = []
+        owns = self._owns_did
         for index, event in enumerate(events):
             if index in verdict.dropped:
                 continue
             if isinstance(event, CommitEvent | SyncEvent):
-                work.append((index, event, event.did in identity_seen))
+                if owns is None or owns(event.did):
+                    work.append((index, event, event.did in identity_seen))
             elif isinstance(event, IdentityEvent):
                 identity_seen.add(event.did)
         before = await self._resolve_all(e.did for _, e, after in work if not after)
