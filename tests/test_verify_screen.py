@@ -217,9 +217,31 @@ async def test_unresolvable_did_is_identity_unavailable(
     # A document without a usable key is no better.
     plc.docs[ghost.did] = {**did_document(ghost.did, "g.test", ghost.key, PDS)}
     plc.docs[ghost.did]["verificationMethod"][0]["publicKeyMultibase"] = "zNotAKey0"
-    step.resolver.invalidate(ghost.did)
+    # Within FAILURE_TTL_S the failure is remembered: no new request for the same DID.
     await step.screen([ghost.commit(3)], verdict := Verdict())
     assert verdict.dropped == {0: "identity_unavailable"}
+    assert plc.requests[ghost.did] == 1
+    # An #identity event forgets it: the (now present but unusable) document is fetched.
+    identity = IdentityEvent(4, ghost.did, None, None)
+    await step.screen([identity, ghost.commit(5)], verdict := Verdict())
+    assert verdict.dropped == {1: "identity_unavailable"}
+    assert plc.requests[ghost.did] == 2
+
+
+async def test_a_slow_plc_directory_cannot_stall_the_stream(
+    plc: Plc, screen: tuple[SignatureScreen, CollectorRegistry]
+) -> None:
+    step, _ = screen
+    alice = Account(plc, 0)
+    plc.delay_s = 1.5
+    step.lookup_deadline_s = 0.2
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    verdict = Verdict()
+    await step.screen([alice.commit(1)], verdict)
+    assert loop.time() - started < 1.0
+    assert verdict.dropped == {0: "identity_unavailable"}
+    assert verdict.resyncs == {alice.did: "identity_unavailable"}
 
 
 async def test_cold_cache_is_resolved_concurrently(

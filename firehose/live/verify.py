@@ -8,7 +8,9 @@ ALLOW_PRIVATE_NETWORK). For one slice of the stream:
 
 1. Keys are resolved before any check, the cache misses of the slice CONCURRENTLY
    (`RESOLVE_CONCURRENCY` at once): a cold cache costs one round trip per slice, not one
-   per repo, so the stream is not serialised behind the PLC directory.
+   per repo, so the stream is not serialised behind the PLC directory. The lookups of a
+   slice get `LOOKUP_DEADLINE_S`, and a failed lookup is remembered `FAILURE_TTL_S`, so a
+   slow or unreachable directory costs the stream seconds, not a stall.
 2. ``#identity`` takes effect in stream order: commits of a repo before its ``#identity``
    in the slice are checked with the key known before it, later ones with a freshly
    fetched document, and the cache entry is dropped so later slices fetch it too.
@@ -51,6 +53,13 @@ RESOLVE_CONCURRENCY = 32  # DID documents fetched at once (also the per-host lim
 REFRESH_MIN_INTERVAL_S = 60.0  # a repo's document is re-fetched after a failure at most this often
 VERIFY_YIELD_EVERY = 32  # checks between two yields to the event loop (~2-10 ms of CPU)
 KEY_CACHE_MAX = 100_000  # parsed keys kept (~200 B each); cleared when full
+# A slow or unreachable PLC directory must not stall the live stream: the lookups of one
+# slice get this long (a healthy directory answers in ~0.1 s), the rest count as failed.
+LOOKUP_DEADLINE_S = 5.0
+# A failed lookup is remembered this long: the repo's commits are dropped (and resynced
+# later) without asking again, so an outage or a flood of unknown DIDs costs one lookup
+# per repo per FAILURE_TTL_S, not one per slice.
+FAILURE_TTL_S = 10.0
 LOG_BUDGET_LINES = 20  # warnings per LOG_BUDGET_WINDOW_S, then one summary line
 LOG_BUDGET_WINDOW_S = 60.0
 SIGNATURE_RESULTS = ("valid", "valid_after_refresh", "invalid", "no_identity")
@@ -130,6 +139,7 @@ class SignatureScreen:
         *,
         concurrency: int = RESOLVE_CONCURRENCY,
         refresh_min_interval_s: float = REFRESH_MIN_INTERVAL_S,
+        lookup_deadline_s: float = LOOKUP_DEADLINE_S,
         session: aiohttp.ClientSession | None = None,
         owns_did: Callable[[str], bool] | None = None,
     ) -> None:
@@ -139,6 +149,8 @@ class SignatureScreen:
         self._owns_did = owns_did
         self.metrics = metrics
         self.refresh_min_interval_s = refresh_min_interval_s
+        self.lookup_deadline_s = lookup_deadline_s
+        self._failures: OrderedDict[str, tuple[float, str]] = OrderedDict()  # did -> (until, why)
         self._semaphore = asyncio.Semaphore(concurrency)
         self._session = session  # owned: closed by aclose()
         self._keys: dict[tuple[str, str | None], PublicKey] = {}
@@ -185,6 +197,7 @@ class SignatureScreen:
         before = await self._resolve_all(e.did for _, e, after in work if not after)
         for did in identity_seen:
             self.resolver.invalidate(did)
+            self._failures.pop(did, None)  # the new document may resolve
         after = await self._resolve_all(e.did for _, e, late in work if late)
         refreshed: dict[str, _Lookup] = {}  # did -> key re-resolved after a failed check
         for done, (index, event, late) in enumerate(work, 1):
@@ -253,15 +266,38 @@ class SignatureScreen:
         unique = list(dict.fromkeys(dids))
         if not unique:
             return {}
-        lookups = await asyncio.gather(*(self._lookup(did) for did in unique))
-        return dict(zip(unique, lookups, strict=True))
+        tasks = [asyncio.ensure_future(self._lookup(did)) for did in unique]
+        done, pending = await asyncio.wait(tasks, timeout=self.lookup_deadline_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)  # cancelled: their connections are released
+        out: dict[str, _Lookup] = {}
+        for did, task in zip(unique, tasks, strict=True):
+            if task in done:
+                out[did] = task.result()
+            else:
+                out[did] = self._failed(did, f"no answer within {self.lookup_deadline_s:g} s")
+        return out
+
+    def _failed(self, did: str, why: str) -> _Lookup:
+        self._failures[did] = (time.monotonic() + FAILURE_TTL_S, why)
+        self._failures.move_to_end(did)
+        while len(self._failures) > KEY_CACHE_MAX:
+            self._failures.popitem(last=False)
+        return _Lookup(None, why)
 
     async def _lookup(self, did: str) -> _Lookup:
+        failure = self._failures.get(did)
+        if failure is not None:
+            if failure[0] > time.monotonic():
+                return _Lookup(None, f"failed less than {FAILURE_TTL_S:g} s ago: {failure[1]}")
+            del self._failures[did]
         async with self._semaphore:
             try:
                 identity = await self.resolver.resolve(did)
             except IdentityError as err:
-                return _Lookup(None, str(err))
+                return self._failed(did, str(err))
         if identity.signing_key is None:
             return _Lookup(None, "DID document has no #atproto signing key")
         cache_key = (identity.signing_key, identity.signing_key_type)
