@@ -12,13 +12,26 @@ import asyncio
 import contextlib
 import json
 import re
+import shutil
+import tempfile
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import asyncpg
 import libipld
 import pytest
-from backfill_support import HistoryDevnet, records_map
+from backfill_support import (
+    BackfillProcess,
+    HistoryDevnet,
+    job_row,
+    records_map,
+    repo_rows,
+    wait_job,
+)
+from pgserver._commands import pg_ctl
 from support import (
     DevnetProcess,
     WorkerProcess,
@@ -35,6 +48,7 @@ from firehose.devnet import DevnetConfig, DevnetRelay
 from firehose.devnet.faults import GARBAGE_KINDS
 from firehose.model import Action, CommitEvent
 from firehose.protocol.frames import decode_frame
+from firehose.storage.embedded import start_embedded
 
 RECV_TIMEOUT_S = 10
 
@@ -290,4 +304,187 @@ async def test_worker_follows_a_relay_restarted_with_seq_reset(tmp_path: Path, d
         first_seq_after_reconnect=first,
         uris_checked=len(applied),
         uris_missed_by_design=missed,
+    )
+
+
+# ---- PostgreSQL outage and kill -9, with the backfill running next to the live stream --------
+
+SLOW_BACKFILL = {
+    "BACKFILL_DAYS": "30",
+    "BACKFILL_PROFILE": "aggressive",
+    "BACKFILL_BATCH_SIZE": "25",
+    "BACKFILL_BATCH_DELAY_MS": "100",
+    "BACKFILL_MAX_CONCURRENT": "3",
+}
+
+
+def expected_live_and_window(truth: dict[str, Any], cutoff: datetime) -> dict[str, Any]:
+    """The truth a worker holds after a live replay from seq 0 plus a backfill: every record
+    of the firehose's accounts (the live stream has no window), and the in-window records of
+    the pre-populated repos (`bulk-*` handles), which only the backfill reaches."""
+    cutoff_us = int(cutoff.timestamp() * 1_000_000)
+    times = truth["record_times"]
+    bulk = {did for did, handle in truth["handles"].items() if handle.startswith("bulk-")}
+    assert bulk, "no pre-populated repos: the backfill would have nothing of its own to do"
+
+    def wanted(uri: str) -> bool:
+        t = times.get(uri)
+        return uri.split("/")[2] not in bulk or t is None or t >= cutoff_us
+
+    records = {uri: cid for uri, cid in truth["records"].items() if wanted(uri)}
+    assert len(records) < len(truth["records"]), "the window cut nothing: not a window test"
+    return {**truth, "records": records}
+
+
+class DedicatedPostgres:
+    """An embedded PostgreSQL of this test alone (never the session server other tests
+    share), stopped and started with pg_ctl on the same socket: the same DSN throughout."""
+
+    def __init__(self) -> None:
+        # Not under pytest's basetemp: a concurrent pytest run resets its root to mode 0700,
+        # and PostgreSQL runs as the `pgserver` user when we are root (see conftest.py).
+        self._dir = Path(tempfile.mkdtemp(prefix="firehose-faults-pg-"))
+        self.embedded = start_embedded(self._dir / "pg", database="faults")
+        self.dsn = self.embedded.dsn
+        server = self.embedded._server
+        self._pgdata = server.pgdata
+        self._user = server.system_user
+        self._log = server.log
+        self._socket_dir = server.get_postmaster_info().socket_dir
+
+    def stop(self) -> None:
+        # fast: connections are terminated at once (AdminShutdown), like a server restart.
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self._pgdata, user=self._user)
+
+    def start(self) -> None:
+        args = ["-w", "-o", '-h ""', "-o", f"-k {self._socket_dir}", "-l", str(self._log)]
+        pg_ctl([*args, "start"], pgdata=self._pgdata, user=self._user)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stop()  # pgserver only stops a server it started itself
+        self.embedded.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+async def get_json(url: str) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        return resp.status, await resp.json()
+
+
+async def cursor_or_none(dsn: str) -> int | None:
+    try:
+        return await asyncio.wait_for(cursor_of(dsn), 2)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        return None  # the server is down
+
+
+async def wait_log(proc: BackfillProcess, text: str, count: int = 1, timeout_s: float = 30) -> None:
+    for _ in range(int(timeout_s / 0.1)):
+        if proc.log().count(text) >= count:
+            return
+        assert proc.alive(), proc.log()[-3000:]
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{text!r} x{count} not in the log:\n{proc.log()[-3000:]}")
+
+
+async def assert_failures_are_deleted_accounts(dsn: str, truth: dict[str, Any]) -> None:
+    """A repo may fail only as RepoNotFound of an account deleted after listRepos listed it
+    (live traffic goes on during the backfill); a fault must never fail a repo."""
+    rows = await repo_rows(dsn)
+    assert rows
+    for did, row in rows.items():
+        assert row["state"] in ("done", "failed"), row
+        if row["state"] == "failed":
+            assert "RepoNotFound" in (row["error"] or ""), row
+            assert truth["statuses"].get(did) == "deleted", (did, row)
+
+
+@pytest.mark.slow
+async def test_postgres_stopped_and_restarted_mid_run(tmp_path: Path) -> None:
+    """PostgreSQL is down when the worker starts (it waits, logging each attempt), then is
+    stopped again for 4 s in the middle of live + backfill: the same process survives, the
+    cursor never goes backwards, /readyz says not ready while the database is away, the
+    backfill pauses and starts again, and the tables equal the truth."""
+    pg = await asyncio.to_thread(DedicatedPostgres)
+    net = HistoryDevnet.start(
+        tmp_path / "devnet",
+        "--seed", "45", "--accounts", "40", "--events", "4500", "--rate", "300",
+        "--history-days", "60", "--history-events", "1000",
+        "--repo-accounts", "20", "--repo-records", "300", "--slow-host", "50",
+        wait_generated=False,
+    )  # fmt: skip
+    port = free_port()
+    worker: BackfillProcess | None = None
+    cursors: list[int] = []
+    sampling = True
+
+    async def sample_cursor() -> None:
+        while sampling:
+            cursor = await cursor_or_none(pg.dsn)
+            if cursor is not None:
+                cursors.append(cursor)
+            await asyncio.sleep(0.1)
+
+    sampler = asyncio.create_task(sample_cursor())
+    try:
+        await asyncio.to_thread(pg.stop)
+        worker = BackfillProcess.start(
+            tmp_path, pg.dsn, net, worker=True, env=SLOW_BACKFILL,
+            START_CURSOR="0", METRICS_PORT=str(port),
+        )  # fmt: skip
+        await wait_log(worker, "database not reachable (attempt", count=2)
+        await asyncio.to_thread(pg.start)
+        await wait_log(worker, "connected to relay")
+        pid = worker.pid
+        # Mid-run: the live stream has committed and the backfill is under way.
+        for _ in range(300):
+            job = await job_row(pg.dsn)
+            if job is not None and job["repos_done"] > 0 and (await cursor_of(pg.dsn) or 0) > 500:
+                break
+            assert worker.alive(), worker.log()[-3000:]
+            await asyncio.sleep(0.1)
+        assert job is not None and job["status"] == "running", job
+        await asyncio.to_thread(pg.stop)
+        outage_started = asyncio.get_running_loop().time()
+        await asyncio.sleep(1.5)
+        status, ready = await get_json(f"http://127.0.0.1:{port}/readyz")
+        assert status == 503 and "database" in ready["failed"], ready
+        await asyncio.sleep(2.5)
+        assert worker.alive(), worker.log()[-3000:]
+        await asyncio.to_thread(pg.start)
+        outage_s = asyncio.get_running_loop().time() - outage_started
+        job = await wait_job(pg.dsn, timeout_s=60, procs=(worker,))
+        truth = await asyncio.to_thread(net.wait_generated, 60)
+        await wait_for_cursor(pg.dsn, truth["last_seq"], timeout_s=30)
+        status, ready = await get_json(f"http://127.0.0.1:{port}/readyz")
+        assert status == 200, ready
+        metrics = await scrape_metrics(port)
+        assert worker.pid == pid and worker.alive()
+        assert worker.terminate() == 0
+        log = worker.log()
+        sampling = False
+        await sampler
+        await assert_failures_are_deleted_accounts(pg.dsn, truth)
+        await assert_matches_truth(pg.dsn, expected_live_and_window(truth, job["cutoff"]))
+    finally:
+        sampling = False
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
+        if worker is not None:
+            worker.terminate()
+        net.stop()
+        await asyncio.to_thread(pg.close)
+    assert cursors == sorted(cursors), "the saved cursor went backwards"
+    assert "batch commit failed, retrying" in log or "[BACKFILL] database unavailable" in log
+    db_errors = metric_sum(metrics, "firehose_db_errors_total")
+    report(
+        "postgres_outage",
+        2,
+        2,
+        startup_attempts=log.count("database not reachable (attempt"),
+        outage_s=round(outage_s, 1),
+        batch_retries=int(db_errors),
+        backfill_pauses=log.count("[BACKFILL] database unavailable"),
     )
