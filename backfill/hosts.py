@@ -11,9 +11,13 @@ A 429 (with ``Retry-After``, ``RateLimit-Reset`` or neither) pauses that host on
 
 Anything a remote sends is hostile input (design invariant 5): bodies are size-capped, JSON
 shape errors and HTTP failures become `FetchError` with a bounded `reason`, never another
-exception. TLS is verified (aiohttp's default SSL context). Unless `allow_private`, URLs
-whose host is, or resolves to, a non-global address (loopback, RFC 1918, link-local, ...)
-are refused, so a hostile DID document cannot point the worker at internal services.
+exception. TLS is verified (aiohttp's default SSL context; a failed handshake is reason
+``tls``). Unless `allow_private`, URLs whose host is, or resolves to, a non-global address
+(loopback, RFC 1918, CGNAT, link-local, ...) are refused, so a hostile DID document cannot
+point the worker at internal services: checked before the request (a clear error, and IP
+literals, which aiohttp never resolves) AND at connect time by `GuardedResolver` on the very
+addresses aiohttp connects to, so a DNS answer that changes in between (DNS rebinding)
+cannot slip through.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 
 from backfill.http_rules import (
     FETCH_REASONS,
@@ -49,9 +55,12 @@ __all__ = [
     "FETCH_REASONS",
     "RATE_LIMIT_DEFAULT_PAUSE_S",
     "FetchError",
+    "ForbiddenAddressError",
+    "GuardedResolver",
     "HostClient",
     "host_key",
     "is_forbidden_ip",
+    "open_session",
     "parse_reset",
     "parse_retry_after",
 ]
@@ -64,6 +73,63 @@ JSON_TOTAL_TIMEOUT_S = 60.0
 STREAM_CHUNK_BYTES = 64 * 1024
 DEFAULT_PER_HOST_CONCURRENCY = 4
 ADDRESS_CHECK_TTL_S = 300.0  # re-resolve a host name for the private-address check
+
+
+class ForbiddenAddressError(OSError):
+    """A name resolved to an address the worker must not connect to."""
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolves with `base`, then refuses the whole answer if any address is not global.
+
+    aiohttp connects to the addresses its resolver returns, so the check happens on what is
+    actually dialled, at connect time, for every new connection (the connector's DNS cache
+    only holds answers that passed). The error is an OSError, which aiohttp wraps in
+    ClientConnectorDNSError; `HostClient` turns it into ``forbidden_address``.
+    """
+
+    def __init__(self, base: AbstractResolver) -> None:
+        self.base = base
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self.base.resolve(host, port, family)
+        for result in results:
+            if is_forbidden_ip(result["host"]):
+                raise ForbiddenAddressError(f"{host[:60]} -> {result['host']}")
+        return results
+
+    async def close(self) -> None:
+        await self.base.close()
+
+
+def _guard_connector(session: aiohttp.ClientSession) -> AbstractResolver:
+    """Install `GuardedResolver` in the session's connector; returns the resolver it wraps.
+
+    aiohttp takes a resolver only when the connector is built, and callers build their own
+    sessions; wrapping the connector's resolver here means no session handed to a
+    `HostClient` can skip the connect-time check. A connector without one is refused loudly
+    rather than left unguarded."""
+    connector = session.connector
+    resolver = getattr(connector, "_resolver", None)
+    if not isinstance(connector, aiohttp.TCPConnector) or not isinstance(
+        resolver, AbstractResolver
+    ):
+        raise TypeError("HostClient needs a session with an aiohttp TCPConnector")
+    if isinstance(resolver, GuardedResolver):
+        return resolver.base
+    connector._resolver = GuardedResolver(resolver)
+    connector.clear_dns_cache()  # answers cached before the guard was in place
+    return resolver
+
+
+def open_session(*, allow_private: bool, **kwargs: Any) -> aiohttp.ClientSession:
+    """A session whose connector refuses non-global addresses unless `allow_private`."""
+    if allow_private:
+        return aiohttp.ClientSession(**kwargs)
+    resolver = GuardedResolver(DefaultResolver())
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=resolver), **kwargs)
 
 
 @dataclass
@@ -93,6 +159,8 @@ class HostClient:
         self.per_host_concurrency = per_host_concurrency
         self.allow_private = allow_private
         self.max_response_bytes = max_response_bytes
+        # The resolver behind the connect-time guard: the pre-request check asks the same one.
+        self._resolver = None if allow_private else _guard_connector(session)
         self._hosts: dict[str, _Host] = {}
         # Counters for metrics (engineer O exports them).
         self.rate_limit_pauses = 0  # 429s received
@@ -162,24 +230,22 @@ class HostClient:
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
             raise FetchError("bad_url", url[:100], transient=False) from None
-        if self.allow_private or host.address_checked_until > time.monotonic():
+        if self._resolver is None or host.address_checked_until > time.monotonic():
             return
         name = parts.hostname
         try:
             ipaddress.ip_address(name.split("%", 1)[0])
             addresses = [name]
         except ValueError:
-            loop = asyncio.get_running_loop()
             try:
-                infos = await loop.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+                infos = await self._resolver.resolve(name, port, socket.AF_UNSPEC)
             except (OSError, UnicodeError) as exc:
                 raise FetchError(
                     "connection", f"resolve {name[:60]}: {exc}", transient=True
                 ) from None
-            addresses = [str(info[4][0]) for info in infos]
-        # Every address must be global: aiohttp may connect to any of them. (A DNS answer
-        # that changes between this check and the connect is not covered; a resolver hook
-        # in the session's connector would close that gap.)
+            addresses = [info["host"] for info in infos]
+        # Every address must be global: aiohttp may connect to any of them. A DNS answer
+        # that changes after this check meets `GuardedResolver` at connect time.
         for address in addresses:
             if is_forbidden_ip(address):
                 raise FetchError("forbidden_address", f"{name[:60]} -> {address}", transient=False)
@@ -257,7 +323,17 @@ class HostClient:
                 )
             except TimeoutError:
                 raise FetchError("timeout", key, transient=True) from None
+            except aiohttp.ClientSSLError as exc:
+                # An untrusted or wrong-host certificate: retried later like a connection
+                # failure, and always verified (there is no switch to turn verification off).
+                raise FetchError("tls", f"{key}: {exc}", transient=True) from None
             except (aiohttp.ClientError, OSError) as exc:
+                if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(
+                    exc.os_error, ForbiddenAddressError
+                ):
+                    raise FetchError(
+                        "forbidden_address", str(exc.os_error), transient=False
+                    ) from None
                 detail = f"{type(exc).__name__}: {exc}"
                 raise FetchError("connection", detail, transient=True) from None
             # Exceptions raised by the caller's body arrive at `yield`: they pass through

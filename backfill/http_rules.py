@@ -26,6 +26,7 @@ FETCH_REASONS = frozenset(
         "bad_url",  # not http(s), no host
         "forbidden_address",  # private/loopback/link-local and allow_private is off
         "connection",  # connect/reset/DNS failure
+        "tls",  # the TLS handshake failed: certificate not valid for the host, untrusted
         "timeout",
         "truncated",  # the body ended early
         "too_large",  # body over the cap
@@ -86,14 +87,40 @@ def host_key(url: str) -> str:
     return f"{host}:{port}"
 
 
+# IPv6 forms that carry an IPv4 address and reach it: judged by that IPv4 address, or
+# "64:ff9b::10.0.0.1" (NAT64) and "::127.0.0.1" (IPv4-compatible), which Python calls
+# global, would let a DID document aim at a private IPv4 service through them.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052 well-known prefix
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # RFC 4291 s2.5.5.1 (deprecated)
+# Never global, though Python 3.11 says so: site-local (RFC 3879, deprecated) and the NAT64
+# local-use prefix (RFC 8215).
+_NOT_GLOBAL_V6 = (ipaddress.ip_network("fec0::/10"), ipaddress.ip_network("64:ff9b:1::/48"))
+
+
+def _embedded_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    if addr.sixtofour is not None:
+        return addr.sixtofour
+    if addr in _NAT64 or (addr in _IPV4_COMPATIBLE and int(addr) > 1):  # not :: or ::1
+        return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    return None
+
+
 def is_forbidden_ip(text: str) -> bool:
-    """True for any address that is not globally routable (or is multicast)."""
+    """True for any address that is not globally routable (or is multicast): loopback,
+    RFC 1918, CGNAT 100.64/10, link-local 169.254/16 and fe80::/10, fc00::/7, 0.0.0.0, ::,
+    reserved and documentation ranges, and IPv6 forms embedding one of those."""
     try:
         addr = ipaddress.ip_address(text.split("%", 1)[0])  # drop an IPv6 zone id
     except ValueError:
         return True
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
+    if isinstance(addr, ipaddress.IPv6Address):
+        if any(addr in net for net in _NOT_GLOBAL_V6):
+            return True
+        embedded = _embedded_ipv4(addr)
+        if embedded is not None:
+            return not embedded.is_global or embedded.is_multicast
     return not addr.is_global or addr.is_multicast
 
 

@@ -1,14 +1,17 @@
 """Parsing of environment variables, shared by every component's settings.
 
 Design invariant 6: a bad value raises `ConfigError` with a message naming the variable;
-it never silently becomes a default. This module imports nothing of the project, so both
-`firehose.settings` and `backfill.settings` can build on it without an import cycle.
+it never silently becomes a default. This module imports nothing of the project but the
+pure `firehose.redact`, so both `firehose.settings` and `backfill.settings` can build on it
+without an import cycle.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from typing import TypeVar
+
+from firehose.redact import redact_secrets
 
 T = TypeVar("T")
 
@@ -33,7 +36,9 @@ class Env:
         try:
             return parse(raw.strip())
         except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{name}={raw!r} is invalid: {exc}") from None
+            # The message is printed and logged: a bad DATABASE_URL must not show its
+            # password there (issue 5, boundaries).
+            raise ConfigError(f"{name}={redact_secrets(raw)!r} is invalid: {exc}") from None
 
 
 def int_range(lo: int, hi: int) -> Callable[[str], int]:
