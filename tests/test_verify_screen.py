@@ -17,6 +17,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from test_protocol_support import FIXTURES, frame
 
@@ -350,3 +352,67 @@ async def test_other_shards_repos_are_neither_fetched_nor_judged(plc: Plc) -> No
         await step.screen([bob.commit(1, forger), alice.commit(2, forger)], verdict)
     assert verdict.dropped == {1: "bad_signature"}  # bob's repo belongs to another shard
     assert bob.did not in plc.requests
+
+
+Step = tuple[str, int]  # ("commit" | "forged" | "identity" | "rotate" | "cut", account)
+STEPS = st.lists(
+    st.tuples(
+        st.sampled_from(["commit", "commit", "forged", "identity", "rotate", "cut"]),
+        st.integers(0, 2),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(steps=STEPS)
+def test_property_forged_dropped_genuine_kept(steps: list[Step]) -> None:
+    """Any interleaving of genuine and forged commits, #identity events, key rotations (the
+    directory changes, the cache does not know) and slice boundaries: exactly the forged
+    commits are dropped."""
+    asyncio.run(_run_steps(steps))
+
+
+async def _run_steps(steps: list[Step]) -> None:
+    server = Plc()
+    app = web.Application()
+    app.router.add_get("/{did}", server.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    server.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            resolver = IdentityResolver(HostClient(session, allow_private=True), server.url)
+            step = SignatureScreen(
+                resolver, VerifyMetrics.create(CollectorRegistry()), refresh_min_interval_s=0
+            )
+            accounts = [Account(server, i) for i in range(3)]
+            chunk: list[tuple[Event, bool]] = []
+
+            async def screen_chunk() -> None:
+                verdict = Verdict()
+                await step.screen([event for event, _ in chunk], verdict)
+                forged = {i for i, (_, bad) in enumerate(chunk) if bad}
+                assert set(verdict.dropped) == forged
+                assert set(verdict.dropped.values()) <= {"bad_signature"}
+                chunk.clear()
+
+            for seq, (kind, which) in enumerate(steps, 1):
+                account = accounts[which]
+                if kind == "cut":
+                    await screen_chunk()
+                elif kind == "rotate":
+                    # Commits already signed are judged under the key of their time; the
+                    # cache learns nothing of the rotation.
+                    await screen_chunk()
+                    account.key = SigningKey.from_seed(500 + seq, which)
+                    account.publish()
+                elif kind == "identity":
+                    chunk.append((IdentityEvent(seq, account.did, None, None), False))
+                else:
+                    forger = SigningKey.from_seed(900 + seq, which) if kind == "forged" else None
+                    chunk.append((account.commit(seq, forger), kind == "forged"))
+            await screen_chunk()
+    finally:
+        await runner.cleanup()
