@@ -200,6 +200,13 @@ class ResyncService:
         self._poll_s = poll_s
         self._in_hand: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
+        self._pending = 0  # queue-wide, as last read
+        self._finished = {"done": 0, "failed": 0}  # by this process since start
+
+    def status(self) -> dict[str, int]:
+        """For /status: the queue's pending requests (as last read), this worker's resyncs in
+        hand, and those it finished since it started."""
+        return {"pending": self._pending, "in_progress": len(self._in_hand), **self._finished}
 
     async def run(self, stop: asyncio.Event) -> None:
         async with self._open_network() as net:
@@ -229,7 +236,8 @@ class ResyncService:
         try:
             async with self.pool.acquire() as conn:
                 claimed = await claim(conn, self.owner, free, self._lease_s)
-                self.metrics.pending.set(await conn.fetchval(q.RESYNC_PENDING))
+                self._pending = int(await conn.fetchval(q.RESYNC_PENDING))
+                self.metrics.pending.set(self._pending)
         except _DB_ERRORS as exc:
             log.warning("[RESYNC] queue unavailable, trying again: %s", exc)
             return
@@ -267,6 +275,7 @@ class ResyncService:
             return
         self.metrics.seconds.observe(time.monotonic() - started)
         self.metrics.outcomes.labels("done").inc()
+        self._finished["done"] += 1
         log.info(
             "[RESYNC] %s resynced at rev %s: %d records, %d removed (%s)",
             c.did, result.rev, result.records, result.removed, c.reason,
@@ -303,6 +312,7 @@ class ResyncService:
             log.warning("[RESYNC] %s failed after %d attempt(s): %s", c.did, attempt, error)
             await conn.fetchval(q.RESYNC_FAIL, c.did, self.owner, error)
             self.metrics.outcomes.labels("failed").inc()
+            self._finished["failed"] += 1
 
     async def _renew(self) -> None:
         if self._in_hand:

@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     from backfill import cli as backfill_cli
 
     backfill_cli.add_subcommands(sub)
+    resync = sub.add_parser("resync", help="queue repos for a resync from their PDS (getRepo)")
+    resync.add_argument("dids", nargs="+", metavar="DID")
     return parser
 
 
@@ -91,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from firehose import status_cli
 
         return status_cli.handle(args, settings)
+    if command == "resync":
+        return _resync(settings, args.dids)
     return _run_async(
         _run(
             settings,
@@ -136,6 +140,30 @@ async def _run(settings: Settings, *, devnet: bool, devnet_seed: int, devnet_rat
         worker_settings = dataclasses.replace(settings, relay=relay_settings)
         # The devnet's history starts at seq 1: with no saved cursor, index it from there.
         await run_until_signalled(Worker(worker_settings, default_cursor=0))
+
+
+def _resync(settings: Settings, dids: list[str]) -> int:
+    """`firehose resync DID...`: queue the repos; a running worker picks them up."""
+    from firehose.protocol.syntax import is_did
+
+    bad = [d for d in dids if not is_did(d)]
+    if bad:
+        print(f"firehose resync: not a DID: {', '.join(bad)}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    async def go() -> None:
+        from backfill import resync
+        from firehose.storage.database import Database
+
+        db = await Database.open(settings.database)
+        try:
+            async with db.pool.acquire() as conn:
+                queued = await resync.request(conn, list(dids))
+        finally:
+            await db.close()
+        print(f"{queued} of {len(set(dids))} repos queued for a resync (others already pending)")
+
+    return _run_async(go())
 
 
 async def _migrate(settings: Settings) -> None:

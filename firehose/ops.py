@@ -21,6 +21,7 @@ from firehose.settings import Settings
 from firehose.storage import migrate
 
 if TYPE_CHECKING:
+    from backfill.resync import ResyncService
     from backfill.service import BackfillService
     from firehose.live.relay import RelayClient
     from firehose.worker import WorkerState
@@ -49,6 +50,7 @@ class WorkerOps:
         # Set by the worker once they exist.
         self.relay: RelayClient | None = None
         self.backfill: BackfillService | None = None
+        self.resync: ResyncService | None = None
         # One connection of its own for probes: a pool busy with batches and backfill
         # writes must not make the worker look unready.
         self._probe: asyncpg.Connection | None = None
@@ -76,6 +78,7 @@ class WorkerOps:
             "queue_depth": self._queue_depth(),
             "queue_max": self._settings.pipeline.queue_max_frames,
             "backfill": backfill,
+            "resyncs": self.resync.status() if self.resync is not None else None,
         }
 
     # -- /readyz ---------------------------------------------------------------------------

@@ -67,6 +67,7 @@ async def from_url(url: str) -> dict[str, Any]:
 
 async def from_database(settings: Settings) -> dict[str, Any]:
     from backfill import jobs
+    from backfill.resync import counts as resync_counts
     from backfill.status import job_status
     from firehose.storage.database import Database
 
@@ -79,6 +80,7 @@ async def from_database(settings: Settings) -> dict[str, Any]:
             backfill: dict[str, Any] = {"enabled": False}
             if job is not None:
                 backfill = {"enabled": job.active, **await job_status(conn, job)}
+            resyncs = await resync_counts(conn)
     finally:
         await db.close()
     cursors = {r["service"]: dict(r) for r in rows}
@@ -105,6 +107,7 @@ async def from_database(settings: Settings) -> dict[str, Any]:
             for name, r in cursors.items()
         },
         "backfill": backfill,
+        "resyncs": resyncs,
     }
 
 
@@ -134,6 +137,12 @@ def render(status: dict[str, Any]) -> str:
         if name != status["cursor_service"]:
             lines.append(f"  Also:       {name} at {row['cursor']}")
     lines.append(_render_backfill(status.get("backfill") or {"enabled": False}))
+    rs = status.get("resyncs")
+    if rs:  # repo_resyncs: queue totals (database), or this worker's share (--url)
+        lines.append(
+            f"  Resyncs:    {rs['pending']} pending, {rs['in_progress']} in progress, "
+            f"{rs['done']} done, {rs['failed']} failed"
+        )
     return "\n".join(lines)
 
 

@@ -426,6 +426,8 @@ class Worker:
             worker_id=self.settings.worker.worker_id,
             wanted_collections=self.settings.pipeline.wanted_collections,
         )
+        if self.ops is not None:
+            self.ops.resync = service
         try:
             await service.run(self._stop)
         except Exception:

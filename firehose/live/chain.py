@@ -42,10 +42,11 @@ from firehose.storage import queries
 
 log = logging.getLogger("firehose.chain")
 
-# Repos whose head is kept in memory: ~250 bytes each, so ~50 MB at the default. A miss costs
-# one batched primary-key probe, so the size trades memory for database reads. It is at least
-# the repos of the two batches in flight (2 x BATCH_MAX_EVENTS, at most 100,000 each): a repo
-# evicted while its batch is uncommitted would be reloaded stale and flagged for nothing.
+# Repos whose head is kept in memory: ~400 bytes each, 80 MB at the default (tracemalloc). A
+# miss costs one batched primary-key probe, so the size trades memory for database reads. It
+# is at least the repos of the two batches in flight (2 x BATCH_MAX_EVENTS, at most 100,000
+# each): a repo evicted while its batch is uncommitted would be reloaded stale and flagged for
+# nothing.
 CHAIN_CACHE_MAX_REPOS = 200_000
 
 
