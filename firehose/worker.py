@@ -362,6 +362,10 @@ class Worker:
                 delay_s = min(delay_s * 2, DB_RETRY_MAX_S)
                 continue
             self._committed(batch, time.perf_counter() - started)
+            if prepared.stats.invalid:
+                # Writes the tables cannot index (an AT-URI over MAX_INDEXED_TEXT_CHARS, i.e. a
+                # DID of ~1000 chars): the writer skips them so the batch commits; count them.
+                self._invalid("too_large").inc(prepared.stats.invalid)
             self._observe_latency(read_times)
             return
 
