@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 import warnings
 from datetime import UTC, datetime
+from types import TracebackType
 
 from firehose.redact import redact_secrets
 
@@ -56,3 +58,11 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
     warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
     for noisy in ("websockets", "asyncio", "aiohttp.access", "pgserver"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # An exception nobody catches is printed by sys.excepthook, not by logging: mask it too.
+    sys.excepthook = _redacting_excepthook
+
+
+def _redacting_excepthook(
+    kind: type[BaseException], value: BaseException, tb: TracebackType | None
+) -> None:
+    sys.stderr.write(redact_secrets("".join(traceback.format_exception(kind, value, tb))))

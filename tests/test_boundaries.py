@@ -630,3 +630,28 @@ def _firehose(args: list[str], env: dict[str, str]) -> subprocess.CompletedProce
 def test_query_password_redacted() -> None:
     text = "postgresql://u@/atproto?host=/tmp/x&password=s3cr3t"
     assert parse_qs(urlsplit(redact_secrets(text)).query)["password"] == ["***"]
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_logged_and_uncaught_exceptions_masked(log_format: str) -> None:
+    """A library exception quoting the URL, logged at DEBUG with its traceback, and one that
+    nobody catches (printed by sys.excepthook): both masked."""
+    secret = f"Pw-{uuid.uuid4().hex}"
+    code = f"""
+import logging
+from firehose import logs
+logs.configure("DEBUG", "{log_format}")
+url = "postgresql://indexer:{secret}@db:5432/atproto"
+try:
+    raise ConnectionError("could not connect to " + url)
+except ConnectionError:
+    logging.getLogger("firehose.db").debug("retrying %s", url, exc_info=True)
+raise RuntimeError("giving up on " + url)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 1
+    # the log message, its traceback, the uncaught exception
+    assert out.stderr.count("indexer:***@db") == 3, out.stderr
+    assert secret not in out.stdout + out.stderr
