@@ -35,7 +35,6 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
 
 from backfill.http_rules import (
     FETCH_REASONS,
@@ -60,7 +59,6 @@ __all__ = [
     "HostClient",
     "host_key",
     "is_forbidden_ip",
-    "open_session",
     "parse_reset",
     "parse_retry_after",
 ]
@@ -122,14 +120,6 @@ def _guard_connector(session: aiohttp.ClientSession) -> AbstractResolver:
     connector._resolver = GuardedResolver(resolver)
     connector.clear_dns_cache()  # answers cached before the guard was in place
     return resolver
-
-
-def open_session(*, allow_private: bool, **kwargs: Any) -> aiohttp.ClientSession:
-    """A session whose connector refuses non-global addresses unless `allow_private`."""
-    if allow_private:
-        return aiohttp.ClientSession(**kwargs)
-    resolver = GuardedResolver(DefaultResolver())
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=resolver), **kwargs)
 
 
 @dataclass

@@ -23,6 +23,7 @@ import ssl
 import subprocess
 import sys
 import time
+import tracemalloc
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -160,6 +161,8 @@ LOOPBACK_SPELLINGS = [
     "127.0.0.1",
     "[::ffff:127.0.0.1]",
     "0.0.0.0",
+    "[::]",
+    "[::1]",
 ]
 
 
@@ -286,12 +289,19 @@ async def test_oversized_bodies_refused_with_bounded_reading(tmp_path: Path) -> 
         assert err.value.reason == "too_large" and "Content-Length" in str(err.value)
         assert http.bytes_received == 0
 
-        # No Content-Length: refused once the count passes the cap, the socket dropped.
+        # No Content-Length: refused once the count passes the cap, the socket dropped,
+        # and memory stays around the cap (the body is never held whole).
         started = time.monotonic()
-        with pytest.raises(FetchError) as err:
-            await http.get_json(base + "/endless.json")
+        tracemalloc.start()
+        try:
+            with pytest.raises(FetchError) as err:
+                await http.get_json(base + "/endless.json")
+            _, peak_bytes = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
         assert err.value.reason == "too_large"
         assert http.bytes_received <= MAX_JSON_BYTES + 2 * STREAM_CHUNK_BYTES
+        assert peak_bytes < 8 * MAX_JSON_BYTES, peak_bytes
 
         # getRepo: BACKFILL_MAX_REPO_MB's byte cap, same way.
         cap = 4 * 1024 * 1024
