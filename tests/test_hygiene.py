@@ -44,6 +44,10 @@ from firehose.storage.rows import MAX_ARRAY_ITEMS, created_at_of
 POST = "app.bsky.feed.post"
 LIKE = "app.bsky.feed.like"
 FOLLOW = "app.bsky.graph.follow"
+REPOST = "app.bsky.feed.repost"
+BLOCK = "app.bsky.graph.block"
+GENERATOR = "app.bsky.feed.generator"
+PROFILE = "app.bsky.actor.profile"
 LISTITEM = "app.bsky.graph.listitem"
 CREATED = "2024-05-01T12:00:00.000Z"
 LONG = "at://did:plc:" + "x" * 3000  # an "identifier" no btree entry can hold
@@ -206,6 +210,24 @@ def hostile_frames() -> tuple[list[bytes], dict[str, Any]]:
             (
                 f"{FOLLOW}/3kaaaaaaaaaa2",
                 block({"$type": FOLLOW, "subject": LONG, "createdAt": CREATED}),
+            ),
+            (
+                f"{REPOST}/3kaaaaaaaaaa2",
+                block(
+                    {"$type": REPOST, "subject": {"uri": LONG, "cid": "x"}, "createdAt": CREATED}
+                ),
+            ),
+            (
+                f"{BLOCK}/3kaaaaaaaaaa2",
+                block({"$type": BLOCK, "subject": "d" * 2500, "createdAt": CREATED}),
+            ),
+            (
+                f"{GENERATOR}/3kaaaaaaaaaa2",
+                block({"$type": GENERATOR, "did": LONG, "createdAt": CREATED}),
+            ),
+            (
+                f"{PROFILE}/self",
+                block({"$type": PROFILE, "avatar": {"$type": "blob", "ref": {"$link": LONG}}}),
             ),
             (
                 f"{LISTITEM}/3kaaaaaaaaaa2",
@@ -446,7 +468,14 @@ async def check_stored(conn: asyncpg.Connection, expected: dict[str, Any]) -> No
         reply is not None and reply["reply_root_uri"] is None and reply["reply_parent_uri"] is None
     )
     assert reply["tags"] == ["ok"]
-    assert await conn.fetchval("SELECT count(*) FROM records WHERE did = $1", did) == 5
+    repost = await conn.fetchrow("SELECT subject_uri, subject_cid FROM reposts WHERE did = $1", did)
+    assert repost is not None and repost["subject_uri"] is None and repost["subject_cid"] == "x"
+    assert await conn.fetchval("SELECT subject_did FROM blocks WHERE did = $1", did) is None
+    assert (
+        await conn.fetchval("SELECT service_did FROM feed_generators WHERE did = $1", did) is None
+    )
+    assert await conn.fetchval("SELECT avatar_cid FROM profiles WHERE did = $1", did) is None
+    assert await conn.fetchval("SELECT count(*) FROM records WHERE did = $1", did) == 9
     longest = await record(conn, did, f"{expected['long_nsid']}/{'k' * 512}")
     assert longest is not None
 
