@@ -147,9 +147,14 @@ async def dead_owners_on_host(conn: Any) -> list[str]:
 
 
 async def resync_repo(
-    pool: asyncpg.Pool, snap: Snapshot, wanted_collections: tuple[str, ...] = ()
+    pool: asyncpg.Pool,
+    snap: Snapshot,
+    wanted_collections: tuple[str, ...] = (),
+    *,
+    activate: bool = False,
 ) -> ResyncResult:
-    """Write `snap` (the whole repo, at its rev) and remove what it no longer has."""
+    """Write `snap` (the whole repo, at its rev) and remove what it no longer has; with
+    `activate`, mark the account active (see resync_queries.RESYNC_ACTIVATE)."""
     did, rev = snap.did, snap.rev
     written = 0
     batch: list[RecordWrite] = []
@@ -169,6 +174,8 @@ async def resync_repo(
         stats = await write_snapshot(conn, batch, heads=[(did, rev, snap.data_cid)])
         written += len(batch) - stats.invalid
         removed = await prune_repo(conn, did, rev)
+        if activate:
+            await conn.execute(q.RESYNC_ACTIVATE, did)
     return ResyncResult(rev, written, removed)
 
 
@@ -265,7 +272,9 @@ class ResyncService:
         try:
             snap = await net.fetch(c.did)
             try:
-                result = await resync_repo(self.pool, snap, self._wanted)
+                result = await resync_repo(
+                    self.pool, snap, self._wanted, activate=c.reason == "account_inactive"
+                )
             finally:
                 snap.close()
         except asyncio.CancelledError:

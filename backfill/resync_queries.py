@@ -106,6 +106,14 @@ UPDATE repo_resyncs
  WHERE lease_owner = $1 AND state = 'in_progress'
 """
 
+# A resync requested because the live stream saw a commit from an account held inactive
+# (firehose/live/chain.py): the relay passed the commit and the PDS served the repo, so the
+# #account that reactivated it was missed. $1 did. A deleted account stays deleted.
+RESYNC_ACTIVATE = """
+UPDATE actors SET status = 'active', active = true, updated_at = now()
+ WHERE did = $1 AND NOT active AND status <> 'deleted'
+"""
+
 # Counts by state (status page, CLI, metrics).
 RESYNC_COUNTS = "SELECT state, count(*) AS n FROM repo_resyncs GROUP BY state"
 # Pending requests only: an index-only count on the claim index, cheap enough for a gauge.

@@ -147,7 +147,8 @@ def test_account_status_in_stream_order() -> None:
     verdict = Verdict()
     states = judge(events, {}, verdict)
     assert verdict.dropped == {2: "account_inactive"}
-    assert verdict.resyncs == {did: "since_mismatch"}
+    # Queued by the dropped commit (a missed reactivation?), before the since mismatch.
+    assert verdict.resyncs == {did: "account_inactive"}
     assert states[did] == RepoState(rev(3), None, True)
     # A stored inactive status is honoured too, and a status update is never dropped.
     verdict = Verdict()
@@ -268,7 +269,10 @@ async def test_stored_heads_and_requests_in_the_batch_transaction(
         ],
     )
     assert verdict.dropped == {0: "rev_not_newer", 3: "account_inactive"}
-    assert await _resyncs(conn) == {a: ("since_mismatch", "pending", False)}
+    assert await _resyncs(conn) == {
+        a: ("since_mismatch", "pending", False),
+        b: ("account_inactive", "pending", False),
+    }
     assert await conn.fetchval("SELECT cursor FROM firehose_cursor") == 5
     assert await conn.fetchval("SELECT count(*) FROM records") == 1  # the replay wrote nothing
     assert await conn.fetchrow("SELECT rev, data_cid FROM actors WHERE did = $1", a) == (
@@ -283,6 +287,11 @@ async def test_stored_heads_and_requests_in_the_batch_transaction(
         a: RepoState(rev(3), "d3", True),
         b: RepoState(None, None, False),
     }
+    # A resync found b served by its PDS and marked it active: the same screen (whose cache
+    # holds b inactive) reads it again and takes b's next commit.
+    await conn.execute("UPDATE actors SET active = true, status = 'active' WHERE did = $1", b)
+    verdict = await _admit(conn, screen, [commit(7, b, rev(3), None)])
+    assert verdict.dropped == {}
 
 
 @pytest.mark.asyncio

@@ -30,8 +30,9 @@ SCENARIOS = FIXTURES / "indigo/cmd/relay/testing/testdata"
 BNEWBOLD = "did:plc:44ybard66vv44zksje25o7dz"
 EXPECTED_RESYNCS = {
     "account_lifecycle": {"did:plc:vvpy7d6y2li5yo73cgbszibl": "sync_event"},
-    # The commit after the reactivation names (since) the one dropped while deactivated.
-    "deactivation": {BNEWBOLD: "since_mismatch"},
+    # The commit dropped while deactivated queues one (the first reason is kept); the commit
+    # after the reactivation names it in `since`, a mismatch too.
+    "deactivation": {BNEWBOLD: "account_inactive"},
     "legacy": {},
     "post_lifecycle": {},  # prevData and since chain all the way
     # A capture with gaps in seq: the second commit's since is not the first one's rev.

@@ -247,3 +247,37 @@ async def test_a_request_during_a_resync_runs_it_again(conn: asyncpg.Connection)
     assert await conn.fetchval(RESYNC_DONE, did, "h:w0:1", "3abc", 0, 0) == "pending"
     await resync.claim(conn, "h:w0:1", 5, 30)
     assert await conn.fetchval(RESYNC_DONE, did, "h:w0:1", "3abd", 0, 0) == "done"
+
+
+@pytest.mark.asyncio
+async def test_account_held_inactive_is_marked_active_once_its_pds_serves_it(
+    devnet: DevnetRelay, conn: asyncpg.Connection, db_dsn: str
+) -> None:
+    """The live stream dropped a commit of an account it held deactivated (a reactivation
+    missed in a gap): the repo is served by its PDS, so the resync marks it active again."""
+    truth = devnet.truth()
+    did = sorted(d for d, s in truth["statuses"].items() if s == "active")[0]
+    other = sorted(d for d, s in truth["statuses"].items() if s == "active")[1]
+    await conn.execute(
+        "INSERT INTO actors (did, status, active) VALUES ($1, 'deactivated', false),"
+        " ($2, 'deactivated', false)",
+        did,
+        other,
+    )
+    await resync.request(conn, [did], "account_inactive")
+    await resync.request(conn, [other], "since_mismatch")  # no evidence of a reactivation
+    pool = await asyncpg.create_pool(db_dsn, min_size=1, max_size=3)
+    try:
+        service = resync.ResyncService(
+            _settings(devnet), pool, CollectorRegistry(), relay_url=devnet.url, worker_id=0
+        )
+        await _run_all(service, conn, [did, other], {"done"})
+    finally:
+        await pool.close()
+    rows = await conn.fetch(
+        "SELECT did, status, active FROM actors WHERE did = ANY($1)", [did, other]
+    )
+    assert {r["did"]: (r["status"], r["active"]) for r in rows} == {
+        did: ("active", True),
+        other: ("deactivated", False),
+    }

@@ -6,7 +6,11 @@ can tell, commit by commit, whether it saw the whole chain:
 
   * a commit from an account that is not active is dropped (`account_inactive`): a relay
     must not pass it on, and the host may not serve it later (indigo's relay scenario
-    "deactivation");
+    "deactivation"). The repo is also queued for a resync: a compliant relay passing such a
+    commit means we missed the `#account` that reactivated it (a gap in the stream); the
+    resync then finds the repo served by its PDS and marks the account active again, or is
+    refused (RepoDeactivated) and changes nothing. Without it, a missed reactivation would
+    drop every later commit of the account;
   * a commit whose rev is not above the repo's rev is dropped (`rev_not_newer`): revs only
     grow, so it is a replay or a forgery, and applying it could only write stale rows
     (relay scenario "rev_ordering");
@@ -87,6 +91,7 @@ def judge(
         if isinstance(event, CommitEvent):
             if not state.active:
                 verdict.drop(i, "account_inactive")
+                verdict.resync(did, "account_inactive")
                 continue
             if state.rev is not None and event.rev <= state.rev:
                 verdict.drop(i, "rev_not_newer")
@@ -154,7 +159,9 @@ class ChainScreen:
         if not dids:
             return
         cache = self._cache
-        missing = [d for d in dids if d not in cache]
+        # An inactive state is read again every time: a resync (maybe by another worker)
+        # marks a wrongly inactive account active in `actors` (see the module docstring).
+        missing = [d for d in dids if d not in cache or not cache[d].active]
         states = {d: cache[d] for d in dids if d in cache}
         unchecked: set[str] = set()
         if missing:
@@ -167,11 +174,12 @@ class ChainScreen:
                 self.load_failures += 1
                 unchecked = set(missing) - states.keys()
                 log.warning("chain checks skipped for %d repos: %s", len(unchecked), exc)
-        for did, state in judge(events, states, verdict, self._owns_did).items():
+        changed = judge(events, states, verdict, self._owns_did)
+        for did, state in changed.items():
             if did not in unchecked:
                 self._remember(did, state)
         for did in missing:
-            if did not in unchecked and did in states and did not in cache:
+            if did not in unchecked and did in states and did not in changed:
                 self._remember(did, states[did])
 
     def forget(self, dids: Iterable[str]) -> None:

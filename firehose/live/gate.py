@@ -40,6 +40,7 @@ RESYNC_REASONS = (
     "prev_data_mismatch",  # sync 1.1: prevData is not the stored MST root of the repo
     "since_mismatch",  # sync 1.1: since is not the stored rev of the repo
     "sync_event",  # a #sync event: the repo's state was reset by its host
+    "account_inactive",  # a commit from an account we hold inactive: a missed reactivation?
 )
 
 
