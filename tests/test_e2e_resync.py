@@ -98,11 +98,28 @@ async def test_missed_events_are_detected_and_resynced(db_dsn: str, tmp_path: Pa
     gap_commits = {e.did for e in gap if isinstance(e, CommitEvent)}
     commits_after = {e.did for e in after if isinstance(e, CommitEvent)}
     touched = {e.did for e in gap if isinstance(e, CommitEvent | AccountEvent | IdentityEvent)}
-    detectable = gap_commits & had_head & commits_after
+    # A repo held inactive at the stop whose reactivation was missed: its next commit is
+    # dropped (account_inactive) and the repo queued, to be repaired and marked active.
+    held_inactive = {e.did for e in before if isinstance(e, AccountEvent)}
+    for e in before:
+        if isinstance(e, AccountEvent) and e.active:
+            held_inactive.discard(e.did)
+        elif isinstance(e, AccountEvent):
+            held_inactive.add(e.did)
+    first_after: dict[str, Event] = {}
+    for e in after:
+        if isinstance(e, CommitEvent | AccountEvent):
+            first_after.setdefault(e.did, e)
+    missed_reactivation = {d for d in held_inactive if isinstance(first_after.get(d), CommitEvent)}
+    detectable = (gap_commits & had_head & commits_after) | missed_reactivation
 
     # Exactly the repos whose chain broke are queued: no false alarm from the restart itself.
     assert {r["did"] for r in rows} == detectable
-    assert {r["reason"] for r in rows} <= {"since_mismatch", "prev_data_mismatch"}
+    assert {r["reason"] for r in rows} <= {
+        "since_mismatch",
+        "prev_data_mismatch",
+        "account_inactive",
+    }
     done = {r["did"] for r in rows if r["state"] == "done"}
     for r in rows:
         if r["state"] == "failed":
@@ -114,7 +131,7 @@ async def test_missed_events_are_detected_and_resynced(db_dsn: str, tmp_path: Pa
 
     # The tables equal the truth for every repo but those no chain check can repair.
     status_changed = {e.did for e in gap if isinstance(e, AccountEvent)}
-    unrepaired = (gap_commits | status_changed) - done
+    unrepaired = (gap_commits | status_changed | missed_reactivation) - done
     records_truth = {
         **truth,
         "records": {u: c for u, c in truth["records"].items() if did_of_uri(u) not in unrepaired},
@@ -135,7 +152,8 @@ async def test_missed_events_are_detected_and_resynced(db_dsn: str, tmp_path: Pa
     resynced_records = sum(1 for u in truth["records"] if did_of_uri(u) in done)
     print(
         f"\nresync e2e: {GAP} events missed after seq {stopped_at}; {len(gap_commits)} repos "
-        f"committed in the gap, {len(detectable)} detected and queued ({len(done)} resynced, "
+        f"committed in the gap, {len(detectable)} detected and queued (of which "
+        f"{len(missed_reactivation)} missed reactivations; {len(done)} resynced, "
         f"{len(rows) - len(done)} failed: inactive at their PDS), {len(unrepaired)} "
         f"undetectable or unrepairable; {resynced_records} records of resynced repos "
         "equal to the truth, 0 rows lost"
