@@ -208,6 +208,7 @@ class ResyncService:
         self._in_hand: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._pending = 0  # queue-wide, as last read
+        self._queue_down = False
         self._finished = {"done": 0, "failed": 0}  # by this process since start
 
     def status(self) -> dict[str, int]:
@@ -246,8 +247,13 @@ class ResyncService:
                 self._pending = int(await conn.fetchval(q.RESYNC_PENDING))
                 self.metrics.pending.set(self._pending)
         except _DB_ERRORS as exc:
-            log.warning("[RESYNC] queue unavailable, trying again: %s", exc)
+            # One line per outage, not one per poll.
+            (log.debug if self._queue_down else log.warning)(
+                "[RESYNC] queue unavailable, trying again every %.0f s: %s", self._poll_s, exc
+            )
+            self._queue_down = True
             return
+        self._queue_down = False
         for c in claimed:
             task = asyncio.create_task(self._one(net, c))
             self._in_hand[c.did] = task
