@@ -171,7 +171,8 @@ async def resync_repo(
     # The last records, the removals and the head in one transaction: the head (what the
     # chain checks compare with) never says "in sync" while stale rows are still there.
     async with pool.acquire() as conn, conn.transaction():
-        stats = await write_snapshot(conn, batch, heads=[(did, rev, snap.data_cid)])
+        head = [(did, rev, snap.data_cid)]
+        stats = await write_snapshot(conn, batch, heads=head, chain_heads=True)
         written += len(batch) - stats.invalid
         removed = await prune_repo(conn, did, rev)
         if activate:

@@ -23,7 +23,7 @@ from firehose.model import (
     RecordWrite,
     SyncEvent,
 )
-from firehose.storage.writer import apply_batch
+from firehose.storage.writer import apply_batch, write_snapshot
 
 DIDS = ("did:plc:aaa", "did:plc:bbb", "did:plc:ccc")
 
@@ -317,3 +317,22 @@ async def test_request_dedupe_and_rearm(conn: asyncpg.Connection) -> None:
         0,
         None,
     )
+
+
+@pytest.mark.asyncio
+async def test_a_backfill_snapshot_head_is_not_a_chain_head(conn: asyncpg.Connection) -> None:
+    """A backfill snapshot writes its in-window records at its rev but removes nothing, so its
+    head is no point of the chain: live commits older than it must still be applied (here a
+    delete of a record the live stream created before the snapshot was written)."""
+    a = DIDS[0]
+    screen = ChainScreen(lambda dids: load_repo_states(conn, dids))
+    await _admit(conn, screen, [commit(1, a, rev(1), None, None, "d1", (_like(a, "k1", rev(1)),))])
+    await write_snapshot(conn, [_like(a, "k2", rev(5))], heads=[(a, rev(5), "d5")])
+    screen = ChainScreen(lambda dids: load_repo_states(conn, dids))  # a restart
+    delete = RecordWrite(a, "app.bsky.feed.like", "k1", rev(3), Action.DELETE)
+    verdict = await _admit(conn, screen, [commit(2, a, rev(3), rev(1), "d1", "d3", (delete,))])
+    assert verdict == Verdict()
+    uri = f"at://{a}/app.bsky.feed.like/k1"
+    assert await conn.fetchval("SELECT count(*) FROM records WHERE uri = $1", uri) == 0
+    assert await conn.fetchval("SELECT rev FROM actors WHERE did = $1", a) == rev(5)  # kept
+    assert await load_repo_states(conn, [a]) == {a: RepoState(rev(3), "d3", True)}

@@ -292,10 +292,11 @@ ON CONFLICT (did) DO UPDATE
  WHERE a.rev IS NULL OR a.rev < EXCLUDED.rev
 """
 
-# The end of a batch in one statement: ACTOR_HEADS ($1..$3, may be empty arrays), the cursor
-# row ($4 service, $5 cursor, $6 last_event_time; nothing when $5 is NULL), the resync
-# requests of the gate ($8 did[], $9 reason[], one per did; the rules are in
-# sql/004_resync.sql) and, when $7, this transaction's synchronous_commit = off (it only
+# The end of a batch in one statement: the repo heads ($1..$3, may be empty arrays: ACTOR_HEADS,
+# and with $10 also the chain heads `chain_rev`/`chain_data_cid` of sql/005, each never
+# backwards), the cursor row ($4 service, $5 cursor, $6 last_event_time; nothing when $5 is
+# NULL), the resync requests of the gate ($8 did[], $9 reason[], one per did; the rules are
+# in sql/004_resync.sql) and, when $7, this transaction's synchronous_commit = off (it only
 # matters at COMMIT, which follows). Returns the number of heads advanced and of resync
 # requests queued or re-armed.
 BATCH_FINISH = """
@@ -314,12 +315,21 @@ ON CONFLICT (did) DO UPDATE
  WHERE q.state <> 'pending'
 RETURNING 1),
 h AS (
-INSERT INTO actors AS a (did, rev, data_cid, updated_at)
-SELECT h.did, h.rev, h.data_cid, now()
+INSERT INTO actors AS a (did, rev, data_cid, chain_rev, chain_data_cid, updated_at)
+SELECT h.did, h.rev, h.data_cid, CASE WHEN $10::bool THEN h.rev END,
+       CASE WHEN $10::bool THEN h.data_cid END, now()
   FROM unnest($1::text[], $2::text[], $3::text[]) AS h(did, rev, data_cid)
 ON CONFLICT (did) DO UPDATE
-   SET rev = EXCLUDED.rev, data_cid = EXCLUDED.data_cid, updated_at = now()
+   SET rev = CASE WHEN a.rev IS NULL OR a.rev < EXCLUDED.rev THEN EXCLUDED.rev ELSE a.rev END,
+       data_cid = CASE WHEN a.rev IS NULL OR a.rev < EXCLUDED.rev
+                       THEN EXCLUDED.data_cid ELSE a.data_cid END,
+       chain_rev = CASE WHEN $10::bool AND (a.chain_rev IS NULL OR a.chain_rev < EXCLUDED.rev)
+                        THEN EXCLUDED.rev ELSE a.chain_rev END,
+       chain_data_cid = CASE WHEN $10::bool AND (a.chain_rev IS NULL OR a.chain_rev < EXCLUDED.rev)
+                             THEN EXCLUDED.data_cid ELSE a.chain_data_cid END,
+       updated_at = now()
  WHERE a.rev IS NULL OR a.rev < EXCLUDED.rev
+    OR ($10::bool AND (a.chain_rev IS NULL OR a.chain_rev < EXCLUDED.rev))
 RETURNING 1),
 c AS (
 INSERT INTO firehose_cursor AS c (service, cursor, last_event_time, updated_at)
@@ -336,9 +346,10 @@ SELECT (SELECT count(*) FROM h) AS heads, (SELECT count(*) FROM c) AS cursors,
 
 # --- sync 1.1 chain checks (firehose/live/chain.py) --------------------------------------------
 
-# The stored heads of a slice's repos: $1 did[]. One primary-key probe per did.
+# The chain heads of a slice's repos (sql/005_chain_heads.sql): $1 did[]. One primary-key
+# probe per did.
 CHAIN_HEADS_LOAD = """
-SELECT did, rev, data_cid, active AND status <> 'deleted' AS active
+SELECT did, chain_rev AS rev, chain_data_cid AS data_cid, active AND status <> 'deleted' AS active
   FROM actors WHERE did = ANY($1::text[])
 """
 

@@ -241,18 +241,22 @@ async def apply_batch(
     *,
     service: str = "firehose",
     heads: Sequence[RepoHead] | None = None,
+    chain_heads: bool = True,
 ) -> ApplyStats:
     """Apply `batch` in one transaction; save `batch.cursor` under `service` if not None.
 
     `heads` gives each repo's latest commit (did, rev, data_cid); by default the highest
     write rev per did, without data cid. Backfill snapshots use this with `cursor=None`
-    (see `write_snapshot`).
+    (see `write_snapshot`). `chain_heads`: the heads are also points of the repos' chains,
+    which the sync 1.1 checks compare with (sql/005_chain_heads.sql): true for the live
+    stream and resyncs, false for backfill snapshots.
     """
-    return await apply_prepared(conn, prepare_batch(batch, heads), service=service)
+    prepared = prepare_batch(batch, heads)
+    return await apply_prepared(conn, prepared, service=service, chain_heads=chain_heads)
 
 
 async def apply_prepared(
-    conn: Any, prepared: PreparedBatch, *, service: str = "firehose"
+    conn: Any, prepared: PreparedBatch, *, service: str = "firehose", chain_heads: bool = True
 ) -> ApplyStats:
     """The database half of `apply_batch`: one transaction (see the module docstring)."""
     batch, prep = prepared.batch, prepared.rows
@@ -320,6 +324,7 @@ async def apply_prepared(
                 not nested,
                 [r[0] for r in resyncs],
                 [r[1] for r in resyncs],
+                chain_heads,
             )
             stats.heads += row["heads"]
             stats.resyncs += row["resyncs"]
@@ -327,13 +332,19 @@ async def apply_prepared(
 
 
 async def write_snapshot(
-    conn: Any, writes: list[RecordWrite], *, heads: Sequence[RepoHead] | None = None
+    conn: Any,
+    writes: list[RecordWrite],
+    *,
+    heads: Sequence[RepoHead] | None = None,
+    chain_heads: bool = False,
 ) -> ApplyStats:
     """Backfill: write snapshot records (rev = the snapshot's rev) without touching a cursor.
 
-    The rev guards make this safe against live events in any order (invariant 2).
+    The rev guards make this safe against live events in any order (invariant 2). The heads
+    are chain heads only when the caller also removes what the snapshot no longer has (a
+    resync: `prune_repo`); a backfill's are not (see sql/005_chain_heads.sql).
     """
-    return await apply_batch(conn, Batch(writes=writes), heads=heads)
+    return await apply_batch(conn, Batch(writes=writes), heads=heads, chain_heads=chain_heads)
 
 
 async def prune_repo(conn: Any, did: str, rev: str) -> int:
