@@ -392,12 +392,17 @@ class BackfillService:
             log.info("[BACKFILL] Stopped; progress saved (job %d)", ctx.job.id)
 
 
+# Connection-level failures only: a PostgresError about the data or a query is a bug that
+# retrying would repeat for ever.
+OUTAGE_ERRORS = (*TRANSIENT_DB_ERRORS, asyncpg.InterfaceError, asyncpg.InternalClientError)
+
+
 def is_db_outage(exc: BaseException) -> bool:
     """Whether `exc` (or, for a task group's ExceptionGroup, any exception in it) says the
     database is unreachable rather than that something is wrong with the data or the code."""
     if isinstance(exc, BaseExceptionGroup):
         return any(is_db_outage(e) for e in exc.exceptions)
-    return isinstance(exc, (*TRANSIENT_DB_ERRORS, asyncpg.InterfaceError))
+    return isinstance(exc, OUTAGE_ERRORS)
 
 
 def _first_leaf(exc: BaseException) -> str:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import asyncpg
 from prometheus_client import CollectorRegistry
 
 from backfill.resync import ResyncService
@@ -36,7 +35,7 @@ from firehose.protocol.errors import ProtocolError
 from firehose.protocol.frames import FrameLimits, decode_frame
 from firehose.settings import Settings
 from firehose.storage import writer
-from firehose.storage.database import Database, DatabaseWaitStopped
+from firehose.storage.database import QUERY_RETRY_ERRORS, Database, DatabaseWaitStopped
 
 log = logging.getLogger("firehose.worker")
 
@@ -351,7 +350,7 @@ class Worker:
             started = time.perf_counter()
             try:
                 await db.run(writer.apply_prepared, prepared, service=self._service)
-            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+            except QUERY_RETRY_ERRORS as exc:
                 # Nothing was committed (one transaction): retrying the same batch is safe,
                 # and the rev guards make it idempotent anyway.
                 self.metrics.db_errors.inc()

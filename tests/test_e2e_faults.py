@@ -50,6 +50,7 @@ from firehose.devnet import DevnetConfig, DevnetRelay
 from firehose.devnet.faults import GARBAGE_KINDS
 from firehose.model import Action, CommitEvent
 from firehose.protocol.frames import decode_frame
+from firehose.storage.database import QUERY_RETRY_ERRORS
 from firehose.storage.embedded import start_embedded
 
 RECV_TIMEOUT_S = 10
@@ -419,8 +420,8 @@ async def get_json(url: str) -> tuple[int, dict[str, Any]]:
 async def cursor_or_none(dsn: str) -> int | None:
     try:
         return await asyncio.wait_for(cursor_of(dsn), 2)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-        return None  # the server is down
+    except QUERY_RETRY_ERRORS:
+        return None  # the server is down, going down or coming back
 
 
 async def wait_log(proc: BackfillProcess, text: str, count: int = 1, timeout_s: float = 30) -> None:
@@ -549,7 +550,7 @@ async def test_kill9_twenty_times_during_live_and_backfill(tmp_path: Path, db_ds
         tmp_path / "devnet",
         "--seed", "47", "--accounts", "40", "--events", "9000", "--rate", "150",
         "--history-days", "60", "--history-events", "600",
-        "--repo-accounts", "50", "--repo-records", "300", "--slow-host", "50",
+        "--repo-accounts", "60", "--repo-records", "120", "--slow-host", "50",
         wait_generated=False,
     )  # fmt: skip
     rng = random.Random(20)

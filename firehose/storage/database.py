@@ -43,6 +43,18 @@ TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# What a query on a pooled connection raises while the server goes away or comes back:
+# the above, a connection closed under it (InterfaceError), and asyncpg's "cannot switch to
+# state N; another operation is in progress" (InternalClientError) on a connection that
+# broke in the middle of an operation. Nothing was committed: the work is retried.
+QUERY_RETRY_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    *TRANSIENT_DB_ERRORS,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+
+
 class DatabaseWaitStopped(Exception):
     """stop() was called while start-up was still waiting for the database."""
 
