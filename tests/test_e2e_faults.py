@@ -448,6 +448,27 @@ async def assert_failures_are_account_states(dsn: str) -> None:
             assert any(e in (row["error"] or "") for e in ACCOUNT_STATE_ERRORS), row
 
 
+async def test_worker_waits_for_the_database_and_sigterm_ends_the_wait(tmp_path: Path) -> None:
+    """Nothing listens at DATABASE_URL: the worker neither exits nor crash-loops, it logs
+    each attempt (never the password) until SIGTERM, then exits 0."""
+    dsn = f"postgresql://firehose:s3cret-pw@127.0.0.1:{free_port()}/atproto"
+    worker = WorkerProcess.start(tmp_path, dsn, "ws://127.0.0.1:9")
+    try:
+        for _ in range(300):
+            if worker.log().count("database not reachable (attempt") >= 3:
+                break
+            assert worker.proc.poll() is None, worker.log()[-3000:]
+            await asyncio.sleep(0.1)
+        assert worker.terminate(timeout_s=10) == 0
+    finally:
+        if worker.proc.poll() is None:
+            worker.kill9()
+    log = worker.log()
+    assert "database not reachable (attempt 3, ConnectionRefusedError" in log, log[-2000:]
+    assert "worker stopped while waiting for the database" in log
+    assert "s3cret-pw" not in log
+
+
 @pytest.mark.slow
 async def test_postgres_stopped_and_restarted_mid_run(tmp_path: Path) -> None:
     """PostgreSQL is down when the worker starts (it waits, logging each attempt), then is
@@ -525,7 +546,7 @@ async def test_postgres_stopped_and_restarted_mid_run(tmp_path: Path) -> None:
         net.stop()
         await asyncio.to_thread(pg.close)
     assert cursors == sorted(cursors), "the saved cursor went backwards"
-    assert "batch commit failed, retrying" in log or "[BACKFILL] database unavailable" in log
+    assert "batch commit failed, retrying" in log and "[BACKFILL] database unavailable" in log
     db_errors = metric_sum(metrics, "firehose_db_errors_total")
     report(
         "postgres_outage",
