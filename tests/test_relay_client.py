@@ -11,6 +11,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from test_protocol_support import FIXTURES, frame
 from websockets.asyncio.server import ServerConnection, serve
@@ -298,3 +300,24 @@ async def test_saved_cursor_may_go_down_after_a_seq_reset(conn: asyncpg.Connecti
     assert await load_cursor(conn, "firehose") == 12
     await save_cursor(conn, "firehose", 3, None)
     assert await load_cursor(conn, "firehose") == 3
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    start=st.one_of(st.none(), st.integers(0, 1000)),
+    seqs=st.lists(st.integers(0, 1200), max_size=60),
+)
+def test_seq_rule_property(start: int | None, seqs: list[int]) -> None:
+    """On one connection, whatever the relay sends: the kept seqs strictly increase, an event
+    is dropped exactly when its seq is not above the last kept one, and the resume cursor
+    is the last kept seq (the resume point never moves back within a connection)."""
+    relay, metrics = client("ws://127.0.0.1:9", start=start)
+    kept: list[int] = []
+    for seq in seqs:
+        expected = not kept or seq > kept[-1]
+        assert relay.observe(IgnoredEvent(seq, "#x")) is expected
+        if expected:
+            kept.append(seq)
+        assert relay.cursor == (kept[-1] if kept else start)
+    assert kept == sorted(set(kept))
+    assert metrics.seq_anomalies.labels("backwards")._value.get() == len(seqs) - len(kept)
