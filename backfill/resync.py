@@ -171,8 +171,7 @@ async def resync_repo(
     # The last records, the removals and the head in one transaction: the head (what the
     # chain checks compare with) never says "in sync" while stale rows are still there.
     async with pool.acquire() as conn, conn.transaction():
-        head = [(did, rev, snap.data_cid)]
-        stats = await write_snapshot(conn, batch, heads=head, chain_heads=True)
+        stats = await write_snapshot(conn, batch, heads=[(did, rev, snap.data_cid)])
         written += len(batch) - stats.invalid
         removed = await prune_repo(conn, did, rev)
         if activate:

@@ -280,7 +280,7 @@ async def test_stored_heads_and_requests_in_the_batch_transaction(
         "d3",
     )
     # The status loaded from the database: a fresh screen drops b's commits as well.
-    screen = ChainScreen(lambda dids: load_repo_states(conn, dids))
+    screen = ChainScreen(lambda dids: load_repo_states(conn, dids), inactive_recheck_s=0)
     verdict = await _admit(conn, screen, [commit(6, b, rev(2), None)])
     assert verdict.dropped == {0: "account_inactive"}
     assert await load_repo_states(conn, [a, b, DIDS[2]]) == {
@@ -336,3 +336,34 @@ async def test_a_backfill_snapshot_head_is_not_a_chain_head(conn: asyncpg.Connec
     assert await conn.fetchval("SELECT count(*) FROM records WHERE uri = $1", uri) == 0
     assert await conn.fetchval("SELECT rev FROM actors WHERE did = $1", a) == rev(5)  # kept
     assert await load_repo_states(conn, [a]) == {a: RepoState(rev(3), "d3", True)}
+
+
+@pytest.mark.asyncio
+async def test_an_uncommitted_deactivation_does_not_lose_the_chain() -> None:
+    """The worker screens slice N+1 while slice N's batch is still being committed. A repo
+    deactivated in slice N and reactivated in N+1 must keep the rev slice N gave it, not the
+    older one the database still holds (else its next commit is a false since_mismatch)."""
+    a = DIDS[0]
+    loader = CountingLoader({a: RepoState(rev(1), "d1", True)})  # the committed state
+    screen = ChainScreen(loader)
+    slice_n: list[Event] = [commit(2, a, rev(2), rev(1), "d1", "d2")]
+    slice_n.append(AccountEvent(3, a, None, False, "deactivated"))
+    await screen.screen(slice_n, Verdict())
+    verdict = Verdict()
+    await screen.screen([AccountEvent(4, a, None, True)], verdict)
+    await screen.screen([commit(5, a, rev(3), rev(2), "d2", "d3")], verdict)
+    assert verdict == Verdict()
+    # Once the database says the account is active again (a resync found it served by its
+    # PDS), a repo held inactive is let through, with the rev the stream gave it.
+    loader.stored[a] = RepoState(rev(1), "d1", True)
+    await screen.screen([AccountEvent(6, a, None, False, "deactivated")], Verdict())
+    verdict = Verdict()
+    await screen.screen([commit(7, a, rev(4), rev(3), "d3", "d4")], verdict)
+    assert verdict.dropped == {0: "account_inactive"}  # held inactive: not re-read at once
+    rechecking = ChainScreen(loader, inactive_recheck_s=0)
+    await rechecking.screen([commit(8, a, rev(4), None)], Verdict())
+    await rechecking.screen([AccountEvent(9, a, None, False, "deactivated")], Verdict())
+    verdict = Verdict()
+    await rechecking.screen([commit(10, a, rev(5), rev(4))], verdict)
+    assert verdict == Verdict()  # the database says active: let through, rev(4) kept
+    assert rechecking.state(a) == RepoState(rev(5), None, True)

@@ -33,6 +33,7 @@ batch N's transaction runs), which is why it must hold more repos than two batch
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -52,6 +53,11 @@ log = logging.getLogger("firehose.chain")
 # each): a repo evicted while its batch is uncommitted would be reloaded stale and flagged for
 # nothing.
 CHAIN_CACHE_MAX_REPOS = 200_000
+# A repo held inactive is looked up again (its `active` flag only) at most this often: a resync
+# may have found it served by its PDS and marked it active (a reactivation missed in a gap).
+# Not at once: the database lags the stream by the batches in flight, and reading it then
+# would undo a deactivation (or a rev) the stream gave the repo a moment ago.
+CHAIN_INACTIVE_RECHECK_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,11 +147,14 @@ class ChainScreen:
         *,
         max_repos: int = CHAIN_CACHE_MAX_REPOS,
         owns_did: OwnsDid | None = None,
+        inactive_recheck_s: float = CHAIN_INACTIVE_RECHECK_S,
     ) -> None:
         self._load = load
         self._max_repos = max_repos
         self._owns_did = owns_did
+        self._recheck_s = inactive_recheck_s
         self._cache: OrderedDict[str, RepoState] = OrderedDict()
+        self._inactive_seen: dict[str, float] = {}  # did held inactive -> last looked up
         self.load_failures = 0
 
     def __len__(self) -> int:
@@ -159,20 +168,28 @@ class ChainScreen:
         if not dids:
             return
         cache = self._cache
-        # An inactive state is read again every time: a resync (maybe by another worker)
-        # marks a wrongly inactive account active in `actors` (see the module docstring).
-        missing = [d for d in dids if d not in cache or not cache[d].active]
+        now = time.monotonic()
+        # A repo held inactive is looked up again now and then (CHAIN_INACTIVE_RECHECK_S).
+        recheck = [d for d in dids if d in cache and self._recheck_due(d, now)]
+        missing = [d for d in dids if d not in cache] + recheck
         states = {d: cache[d] for d in dids if d in cache}
         unchecked: set[str] = set()
         if missing:
             try:
-                states.update(await self._load(missing))
+                loaded = await self._load(missing)
+                for did in recheck:
+                    self._inactive_seen[did] = now
+                    held, stored = cache[did], loaded.pop(did, None)
+                    if stored is not None and stored.active:
+                        # Only the flag: the stream's rev is newer than the stored one.
+                        states[did] = RepoState(held.rev, held.data_cid, True)
+                states.update(loaded)
             except _DB_ERRORS as exc:
                 # The database is down: the batch's own commit will wait and retry. These
                 # repos are judged as unknown (nothing dropped or flagged; the rev guards
                 # still protect the rows) and not cached, so the next slice loads them.
                 self.load_failures += 1
-                unchecked = set(missing) - states.keys()
+                unchecked = {d for d in missing if d not in cache}
                 log.warning("chain checks skipped for %d repos: %s", len(unchecked), exc)
         changed = judge(events, states, verdict, self._owns_did)
         for did, state in changed.items():
@@ -182,9 +199,15 @@ class ChainScreen:
             if did not in unchecked and did in states and did not in changed:
                 self._remember(did, states[did])
 
+    def _recheck_due(self, did: str, now: float) -> bool:
+        if self._cache[did].active:
+            return False
+        return now - self._inactive_seen.setdefault(did, now) >= self._recheck_s
+
     def forget(self, dids: Iterable[str]) -> None:
         for did in dids:
             self._cache.pop(did, None)
+            self._inactive_seen.pop(did, None)
 
     def _dids(self, events: Sequence[Event], verdict: Verdict) -> list[str]:
         seen: dict[str, None] = {}
@@ -200,5 +223,10 @@ class ChainScreen:
         cache = self._cache
         cache[did] = state
         cache.move_to_end(did)
+        if state.active:
+            self._inactive_seen.pop(did, None)
+        else:
+            self._inactive_seen.setdefault(did, time.monotonic())
         while len(cache) > self._max_repos:
-            cache.popitem(last=False)
+            evicted, _ = cache.popitem(last=False)
+            self._inactive_seen.pop(evicted, None)

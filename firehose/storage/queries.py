@@ -347,7 +347,8 @@ SELECT (SELECT count(*) FROM h) AS heads, (SELECT count(*) FROM c) AS cursors,
 # --- sync 1.1 chain checks (firehose/live/chain.py) --------------------------------------------
 
 # The chain heads of a slice's repos (sql/005_chain_heads.sql): $1 did[]. One primary-key
-# probe per did.
+# probe per did. Only the live stream writes them (005's comment names resyncs too; they do not,
+# see writer.write_snapshot).
 CHAIN_HEADS_LOAD = """
 SELECT did, chain_rev AS rev, chain_data_cid AS data_cid, active AND status <> 'deleted' AS active
   FROM actors WHERE did = ANY($1::text[])

@@ -249,7 +249,7 @@ async def apply_batch(
     write rev per did, without data cid. Backfill snapshots use this with `cursor=None`
     (see `write_snapshot`). `chain_heads`: the heads are also points of the repos' chains,
     which the sync 1.1 checks compare with (sql/005_chain_heads.sql): true for the live
-    stream and resyncs, false for backfill snapshots.
+    stream only, false for snapshots.
     """
     prepared = prepare_batch(batch, heads)
     return await apply_prepared(conn, prepared, service=service, chain_heads=chain_heads)
@@ -332,19 +332,19 @@ async def apply_prepared(
 
 
 async def write_snapshot(
-    conn: Any,
-    writes: list[RecordWrite],
-    *,
-    heads: Sequence[RepoHead] | None = None,
-    chain_heads: bool = False,
+    conn: Any, writes: list[RecordWrite], *, heads: Sequence[RepoHead] | None = None
 ) -> ApplyStats:
-    """Backfill: write snapshot records (rev = the snapshot's rev) without touching a cursor.
+    """Backfill and resync: write snapshot records (rev = the snapshot's rev) without touching
+    a cursor.
 
-    The rev guards make this safe against live events in any order (invariant 2). The heads
-    are chain heads only when the caller also removes what the snapshot no longer has (a
-    resync: `prune_repo`); a backfill's are not (see sql/005_chain_heads.sql).
+    The rev guards make this safe against live events in any order (invariant 2). Its heads
+    advance `actors.rev` but are never chain heads (sql/005_chain_heads.sql): live commits
+    older than the snapshot may still arrive and must be applied, which a chain head at the
+    snapshot's rev would drop as rev_not_newer after a restart. Even a resync, which removes
+    what its snapshot no longer has, cannot tombstone a record created afterwards by such an
+    older commit; that record goes only when the stream's own delete is applied.
     """
-    return await apply_batch(conn, Batch(writes=writes), heads=heads, chain_heads=chain_heads)
+    return await apply_batch(conn, Batch(writes=writes), heads=heads, chain_heads=False)
 
 
 async def prune_repo(conn: Any, did: str, rev: str) -> int:
