@@ -265,7 +265,7 @@ class BackfillService:
         tasks: set[asyncio.Task[None]] = set()
         try:
             while not ctx.halt.is_set():
-                tasks = {t for t in tasks if not t.done()}
+                tasks = _reap(tasks)
                 await self.throttle.wait_claimable(ctx.halt, busy=_any_running(tasks))
                 free = limit - len(tasks)
                 if self.throttle.memory.closed:
@@ -414,3 +414,22 @@ def _first_leaf(exc: BaseException) -> str:
 
 def _any_running(tasks: set[asyncio.Task[None]]) -> Callable[[], bool]:
     return lambda: any(not t.done() for t in tasks)
+
+
+def _reap(tasks: set[asyncio.Task[None]]) -> set[asyncio.Task[None]]:
+    """The repo tasks still running. A finished one's exception is retrieved and logged here
+    (a database outage ends a repo task mid-write): asyncio would otherwise print "Task
+    exception was never retrieved" with a traceback for each. Nothing is lost: the repo's
+    lease expires and it is claimed again."""
+    running: set[asyncio.Task[None]] = set()
+    for t in tasks:
+        if not t.done():
+            running.add(t)
+        elif not t.cancelled() and (exc := t.exception()) is not None:
+            log.warning(
+                "[BACKFILL] a repo task stopped (%s: %s); the repo is claimed again when its "
+                "lease expires",
+                type(exc).__name__,
+                exc,
+            )
+    return running
