@@ -148,8 +148,10 @@ class LiveMetrics:
             ),
             seq_anomalies=Counter(
                 "firehose_seq_anomalies_total",
-                "Relay seq numbers that went backwards or jumped forward, and OutdatedCursor "
-                "notices (events the relay no longer had).",
+                "Relay seq anomalies by kind: backwards (event dropped: seq must grow on a "
+                "connection), gap (seq jumped forward), outdated_cursor (the relay no longer had "
+                "our events), future_cursor (the relay's seq was reset: resumed from its tip), "
+                "reset (a new, lower seq space at a connection's start).",
                 ["kind"],
                 registry=registry,
             ),
