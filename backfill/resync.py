@@ -238,12 +238,11 @@ class ResyncService:
 
     async def _dispatch(self, net: Network) -> None:
         free = self.settings.resync_max_concurrent - len(self._in_hand)
-        if free <= 0:
-            return
         claimed: list[ResyncClaim] = []
         try:
             async with self.pool.acquire() as conn:
-                claimed = await claim(conn, self.owner, free, self._lease_s)
+                if free > 0:
+                    claimed = await claim(conn, self.owner, free, self._lease_s)
                 self._pending = int(await conn.fetchval(q.RESYNC_PENDING))
                 self.metrics.pending.set(self._pending)
         except _DB_ERRORS as exc:
