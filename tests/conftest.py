@@ -143,3 +143,18 @@ async def conn(db_dsn: str) -> AsyncIterator[asyncpg.Connection]:
         yield connection
     finally:
         await connection.close()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fuzz budget actually spent: inputs tried per target (tests/fuzz/targets.py)."""
+    import sys
+
+    targets = sys.modules.get("fuzz.targets")
+    if targets is None or not targets.TRIED:
+        return  # no fuzz test ran in this session
+    tried = targets.TRIED
+    failed = [r for r in terminalreporter.stats.get("failed", []) if "test_fuzz_" in r.nodeid]
+    parts = ", ".join(f"{name} {tried[name]}" for name in targets.TARGETS)
+    terminalreporter.write_line(
+        f"fuzz: {sum(tried.values())} inputs tried ({parts}), {len(failed)} failures"
+    )

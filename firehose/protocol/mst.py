@@ -5,8 +5,9 @@ subtree left of every entry, each entry's key is the previous entry's key trunca
 ``p`` bytes plus the suffix ``k``, ``v`` is the record CID, and ``t`` the subtree between
 this entry and the next. An in-order walk therefore yields keys ("collection/rkey") in
 sorted order. The walk uses an explicit stack (no recursion on hostile depth) and checks
-that keys strictly increase, which also stops a hostile DAG that reuses a subtree from
-making the walk exponential.
+that keys strictly increase and that no node below the root is empty, which together stop
+a hostile DAG that reuses a subtree from making the walk quadratic or exponential: the
+work is linear in the number of blocks.
 """
 
 from __future__ import annotations
@@ -91,6 +92,13 @@ def walk_mst(
         left = _link(node.get("l"), "l", True)
         if left is not None:
             pending.append(left)
+        elif not node["e"] and nodes > 1:
+            # The spec allows a node with no entries and no left subtree only as the root
+            # of an empty repo. Elsewhere such keyless subtrees are what a hostile DAG
+            # reuses behind every entry to make the walk quadratic (a 200 KB CAR took 9 s)
+            # without ever repeating a key; refused, every subtree yields a key, and a
+            # reused one repeats a key and fails the order check at once.
+            raise ProtocolError("body", "empty MST node below the root")
         prev = b""
         for entry in node["e"]:
             if type(entry) is not dict:

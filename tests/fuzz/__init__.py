@@ -1,0 +1,1 @@
+"""Fuzzing support: seed corpus, mutations, targets, the atheris harness."""

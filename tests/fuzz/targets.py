@@ -1,0 +1,257 @@
+"""Fuzz targets: one function per decoder of untrusted bytes, shared by the hypothesis
+tests (tests/test_fuzz_*.py) and the atheris harness (tests/fuzz/atheris_targets.py).
+
+Each target takes the hostile input and returns normally when the outcome is allowed: a
+value, or a typed error (`ProtocolError` with a bounded reason and detail; the backfill's
+`FetchError`; for the row mapper, a row or None). Any other exception escapes and is the
+finding. Where two implementations must agree, the target checks that too (an oracle
+beyond "did not crash"):
+
+* the whole-CAR reader and the streaming reader accept the same inputs, same blocks;
+* the record decoder's libipld fast path and the pure-Python strict decoder give the same
+  value, the same NUL-sanitised flag, or both refuse;
+* the MST walk yields strictly increasing keys;
+* every row the mapper makes is storable: JSON text PostgreSQL's jsonb accepts (no
+  ``\\u0000``, valid UTF-8), text without NUL or lone surrogates, bounded arrays.
+
+`TRIED` counts the inputs run per target (the pytest summary prints it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+from backfill.download import MemoryBlocks, RepoSnapshot, SkippedRecord, _check_snapshot
+from backfill.hosts import FetchError
+from backfill.window import Window
+from firehose.model import Action, CommitEvent, RecordWrite
+from firehose.protocol.car import Car, CarStreamReader, read_car
+from firehose.protocol.cbor import MAX_RECORD_DEPTH, _strict_decode, decode_json_form, decode_record
+from firehose.protocol.errors import MAX_DETAIL_CHARS, REASONS, ProtocolError
+from firehose.protocol.frames import decode_frame
+from firehose.protocol.mst import iter_repo_records, read_commit, walk_mst
+from firehose.storage.queries import TYPED_TABLES
+from firehose.storage.rows import MAX_ARRAY_ITEMS, rows_of
+
+TRIED: Counter[str] = Counter()
+TARGETS = ("frames", "car", "mst", "records", "rows")
+COLLECTIONS = (*TYPED_TABLES, "com.example.other")
+T = TypeVar("T")
+
+
+def check_error(err: ProtocolError) -> None:
+    """A typed error must carry a metric-safe reason and a log-safe detail."""
+    assert err.reason in REASONS, err.reason
+    assert len(err.detail) <= MAX_DETAIL_CHARS
+    assert "\n" not in err.detail
+
+
+def attempt(fn: Callable[[bytes], T], data: bytes) -> T | ProtocolError:
+    """`fn(data)`, or the ProtocolError it raised (checked); anything else propagates."""
+    try:
+        return fn(data)
+    except ProtocolError as err:
+        check_error(err)
+        return err
+
+
+# --- frames ------------------------------------------------------------------------------
+
+
+def fuzz_frame(data: bytes) -> None:
+    """subscribeRepos frame -> event; a commit's records -> storable rows."""
+    TRIED["frames"] += 1
+    event = attempt(decode_frame, data)
+    if isinstance(event, CommitEvent):
+        for write in event.writes:
+            check_rows(write)
+        for reason, detail in event.invalid_ops:
+            assert reason in REASONS and len(detail) <= MAX_DETAIL_CHARS
+
+
+# --- CAR ---------------------------------------------------------------------------------
+
+
+def read_car_streaming(data: bytes, chunk: int) -> tuple[bytes, dict[bytes, bytes]]:
+    reader = CarStreamReader()
+    blocks: dict[bytes, bytes] = {}
+    for i in range(0, len(data), chunk):
+        blocks.update(reader.feed(data[i : i + chunk]))
+    reader.close()
+    assert reader.root_cid is not None
+    return reader.root_cid, blocks
+
+
+def fuzz_car(data: bytes) -> None:
+    """Whole and streaming CAR readers: same verdict, same root and blocks."""
+    TRIED["car"] += 1
+    whole = attempt(read_car, data)
+    chunk = 1 + (data[-1] if data else 0) * 7  # 1..1786-byte chunks, varied by the input
+    streamed = attempt(lambda d: read_car_streaming(d, chunk), data)
+    if isinstance(whole, Car):
+        assert not isinstance(streamed, ProtocolError), f"stream refused a valid CAR: {streamed}"
+        assert streamed == (whole.root_cid, whole.blocks)
+    else:
+        assert isinstance(streamed, ProtocolError), (
+            f"stream accepted a CAR read_car refused: {whole}"
+        )
+
+
+# --- MST and the backfill snapshot --------------------------------------------------------
+
+
+def fuzz_mst(data: bytes) -> None:
+    """CAR -> MST walk (from the commit, and from the root for MST-only CARs) -> records,
+    and the backfill's snapshot checks and writes over the same bytes."""
+    TRIED["mst"] += 1
+    car = attempt(read_car, data)
+    if isinstance(car, ProtocolError):
+        return
+    attempt(_walk_repo, car)  # type: ignore[arg-type]
+    attempt(_walk_from_root, car)  # type: ignore[arg-type]
+    snapshot(data)
+
+
+def _walk_repo(car: Car) -> None:
+    _info, records = iter_repo_records(car)
+    for _collection, _rkey, _cid, record in records:
+        assert type(record) is dict
+
+
+def _walk_from_root(car: Car) -> None:
+    last = b""
+    for key, cid in walk_mst(car.root_cid, car.blocks.get):
+        raw = key.encode("utf-8")
+        assert raw > last, "MST walk yielded keys out of order"
+        assert len(cid) == 36
+        last = raw
+
+
+def snapshot(data: bytes) -> None:
+    """What `backfill.download.fetch_repo` does with a downloaded CAR, minus the HTTP."""
+    reader = CarStreamReader()
+    spool = MemoryBlocks()
+    try:
+        for cid, block in reader.feed(data):
+            spool.add(cid, block)
+        reader.close()
+    except ProtocolError as err:
+        check_error(err)
+        return
+    assert reader.root_cid is not None
+    did = _commit_did(reader.root_cid, spool)
+    entries: list[tuple[str, bytes]] = []
+    try:
+        rev, commit_cid, data_cid, records = _check_snapshot(spool, reader.root_cid, did, entries)
+    except FetchError as err:
+        assert len(str(err)) < 1000
+        return
+    snap = RepoSnapshot(
+        did, rev, commit_cid, data_cid, len(data), spool.blocks, records, spool, entries
+    )
+    with snap:
+        for item in snap.writes(Window(None)):
+            if isinstance(item, RecordWrite):
+                check_rows(item)
+            else:
+                assert isinstance(item, SkippedRecord)
+
+
+def _commit_did(root: bytes, spool: MemoryBlocks) -> str:
+    block = spool.get(root)
+    if block is None:
+        return "did:plc:unknown"
+    info = attempt(read_commit, Car(None, root, {root: block}))  # type: ignore[arg-type]
+    return "did:plc:unknown" if isinstance(info, ProtocolError) else info.did
+
+
+# --- records -----------------------------------------------------------------------------
+
+
+def fuzz_record(data: bytes) -> None:
+    """DAG-CBOR record: fast path == strict decoder; a decoded record maps to rows."""
+    TRIED["records"] += 1
+    fast = attempt(lambda d: decode_json_form(d, MAX_RECORD_DEPTH), data)
+    flags = [False]
+    strict = attempt(lambda d: _strict_decode(d, MAX_RECORD_DEPTH, flags), data)
+    if isinstance(fast, ProtocolError):
+        assert isinstance(strict, ProtocolError), f"fast path refused, strict took: {fast}"
+    else:
+        assert not isinstance(strict, ProtocolError), f"strict refused, fast path took: {strict}"
+        assert fast == (strict, flags[0])
+    record = attempt(decode_record, data)
+    if isinstance(record, tuple):
+        value, sanitized = record
+        collection = COLLECTIONS[len(data) % len(COLLECTIONS)]
+        check_rows(_write(collection, value, sanitized))
+
+
+def _write(collection: str, record: dict[str, Any], sanitized: bool = False) -> RecordWrite:
+    return RecordWrite(
+        "did:plc:ewvi7nxzyoun6zhxrhs64oiz",
+        collection,
+        "3jzfcijpj2z2a",
+        "3jzfcijpj2z2b",
+        Action.CREATE,
+        "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm",
+        record,
+        sanitized,
+    )
+
+
+# --- rows --------------------------------------------------------------------------------
+
+
+def check_rows(write: RecordWrite) -> None:
+    """The mapper gives storable rows (or None) for any record, never an exception."""
+    TRIED["rows"] += 1
+    rows = rows_of(write, write.uri)
+    if not isinstance(write.record, dict) or write.cid is None:
+        assert rows is None
+        return
+    assert rows is not None
+    record_row, typed = rows
+    text = record_row[6]
+    assert "\\u0000" not in text and "\x00" not in text
+    text.encode("utf-8")  # strict: no lone surrogate reaches PostgreSQL
+    json.loads(text)
+    created_at = record_row[7]
+    assert created_at is None or (
+        isinstance(created_at, datetime) and created_at.utcoffset() is not None
+    )
+    if typed is not None:
+        table, row = typed
+        assert table == TYPED_TABLES[write.collection].name
+        assert len(row) == len(TYPED_TABLES[write.collection].all_columns)
+        for value in row:
+            _check_cell(value)
+
+
+def _check_cell(value: Any) -> None:
+    if isinstance(value, str):
+        assert "\x00" not in value
+        value.encode("utf-8")
+    elif isinstance(value, list):
+        assert len(value) <= MAX_ARRAY_ITEMS
+        for item in value:
+            assert isinstance(item, str)
+            _check_cell(item)
+    else:
+        assert value is None or isinstance(value, datetime | bool | int | float)
+
+
+def fuzz_rows(write: RecordWrite) -> None:
+    """Target for values that did not come through the decoder (JSON-like, hostile)."""
+    check_rows(write)
+
+
+DISPATCH: dict[str, Callable[[bytes], None]] = {
+    "frames": fuzz_frame,
+    "car": fuzz_car,
+    "mst": fuzz_mst,
+    "records": fuzz_record,
+}
