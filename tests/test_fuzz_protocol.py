@@ -17,6 +17,7 @@ The count of inputs tried is printed at the end of the pytest run.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from datetime import timedelta
@@ -45,6 +46,7 @@ from firehose.protocol.cid import CID_BYTES, cid_bytes_from_str
 from firehose.protocol.errors import ProtocolError
 from firehose.protocol.frames import decode_frame
 from firehose.protocol.mst import iter_repo_records, walk_mst
+from firehose.storage.rows import MAX_SANITIZE_DEPTH, rows_of
 
 CI_EXAMPLES = 800  # per target: ~25 s for all the fuzz tests on a 2-core CI runner
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES") or CI_EXAMPLES)
@@ -230,3 +232,21 @@ def test_inputs_are_counted() -> None:
     fuzz_record(record_seeds()[0])
     assert TRIED["frames"] and TRIED["rows"]
     assert sum(TRIED.values()) > before + 4  # the frame's writes were mapped to rows too
+
+
+def test_row_mapper_survives_nesting_deeper_than_the_recursion_limit() -> None:
+    """Found by fuzzing the mapper: a value nested past Python's recursion limit (the
+    decoder never produces one, other callers could) with a NUL in it made the JSON
+    fallback raise RecursionError. Past MAX_SANITIZE_DEPTH levels values become null."""
+    for leaf in ("nul \x00", "plain"):
+        deep: Any = leaf
+        for _ in range(5000):
+            deep = [deep]
+        write = _write("app.bsky.feed.post", {"text": "a", "deep": deep})
+        fuzz_rows(write)
+        record_row = rows_of(write, write.uri)
+        assert record_row is not None
+        value = json.loads(record_row[0][6])["deep"]
+        for _ in range(MAX_SANITIZE_DEPTH - 1):  # the record itself is the first level
+            value = value[0]
+        assert value is None

@@ -298,14 +298,23 @@ def _typed(
 # --- records ----------------------------------------------------------------------------------
 
 
-def _sanitize(value: Any) -> Any:
-    """A JSON-safe copy: text cleaned (keys too), non-finite floats and unknown types nulled."""
+# Decoded records are at most cbor.MAX_RECORD_DEPTH (64) deep; a value handed to the mapper
+# by other code could be deeper, and recursing through it would raise RecursionError near
+# Python's limit of 1000 frames (found by fuzzing): below this depth values become null.
+MAX_SANITIZE_DEPTH = 256
+
+
+def _sanitize(value: Any, depth: int = MAX_SANITIZE_DEPTH) -> Any:
+    """A JSON-safe copy: text cleaned (keys too), non-finite floats, unknown types and
+    anything nested deeper than MAX_SANITIZE_DEPTH nulled."""
     if isinstance(value, str):
         return clean_text(value)
+    if depth <= 0:
+        return None
     if isinstance(value, dict):
-        return {clean_text(str(k)): _sanitize(v) for k, v in value.items()}
+        return {clean_text(str(k)): _sanitize(v, depth - 1) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_sanitize(v) for v in value]
+        return [_sanitize(v, depth - 1) for v in value]
     if isinstance(value, bool) or value is None or isinstance(value, int):
         return value
     if isinstance(value, float):
