@@ -163,7 +163,18 @@ SHAPED = st.recursive(
 # One array over the mapper's bound (repeating one value: nesting several would make the
 # structure exponentially large, which no decoded record can be).
 LONG_ARRAY = st.builds(lambda item, n: [item] * n, SCALARS, st.integers(101, 300))
-HOSTILE_RECORDS = st.dictionaries(st.sampled_from(FIELDS), SHAPED | LONG_ARRAY, max_size=8)
+
+
+def _nest(leaf: Any, levels: int, in_map: bool) -> Any:
+    for _ in range(levels):
+        leaf = {"a": leaf} if in_map else [leaf]
+    return leaf
+
+
+# Nesting past Python's recursion limit (the decoder stops at 64 levels; other callers of
+# the mapper might not).
+DEEP = st.builds(_nest, SCALARS, st.integers(60, 3000), st.booleans())
+HOSTILE_RECORDS = st.dictionaries(st.sampled_from(FIELDS), SHAPED | LONG_ARRAY | DEEP, max_size=8)
 
 
 @fuzz_values
