@@ -173,7 +173,7 @@ def _nest(leaf: Any, levels: int, in_map: bool) -> Any:
 
 # Nesting past Python's recursion limit (the decoder stops at 64 levels; other callers of
 # the mapper might not).
-DEEP = st.builds(_nest, SCALARS, st.integers(60, 3000), st.booleans())
+DEEP = st.builds(_nest, SCALARS, st.integers(60, 1500), st.booleans())
 HOSTILE_RECORDS = st.dictionaries(st.sampled_from(FIELDS), SHAPED | LONG_ARRAY | DEEP, max_size=8)
 
 
