@@ -1,16 +1,18 @@
 """Hypothesis strategies that mutate real seeds into hostile inputs.
 
 Byte-level mutations (bit flips, interesting bytes, insert/delete/duplicate, truncation,
-splicing two seeds) find framing bugs. Two format-aware ones reach deeper:
+splicing two seeds) find framing bugs. Format-aware ones reach deeper:
 
 * ``length``: a CBOR head or a CAR section varint replaced by a hostile length (huge,
   zero, off by one, non-minimal, indefinite, over-long varint);
 * ``cid``: a CID's version/codec/hash/length byte or digest corrupted, or swapped for
   another CID of the same input (hash-valid but pointing at the wrong block);
-* ``rehash``: a block inside a CAR is mutated and the CAR rebuilt with the block's new
-  CID, every reference to the old CID (in other blocks, the header, the frame body)
-  rewritten in turn, up the DAG. The result passes every hash check, so the mutation
-  reaches the commit, MST and record decoders instead of stopping at ``block_hash``.
+* re-hashing (half of the frame and CAR inputs): a block inside the CAR is mutated, as
+  bytes or as a decoded value (deleted, retyped, an edge-case number, another block's
+  CID), and the CAR rebuilt with the block's new CID, every reference to the old CID (in
+  other blocks, the header, the frame body) rewritten in turn, up the DAG. The result
+  passes every hash check, so it reaches the commit, MST and record decoders instead of
+  stopping at ``block_hash``.
 """
 
 from __future__ import annotations
@@ -42,12 +44,10 @@ HOSTILE_VARINTS = (
     b"\xff\xff\xff\xff\xff\xff\xff\xff\x7f", b"\xff" * 10, b"\x80\x80\x80\x80\x01",
 )  # fmt: skip
 CID_PREFIXES = (PREFIX_DAG_CBOR, PREFIX_RAW)
-MAX_REHASH_ROUNDS = 12
-MUTATIONS = (
+MAX_REHASH_ROUNDS = 12  # rewrites of one block while re-hashing (bounds a cycle)
+BLOCK_MUTATIONS = (
     "flip", "byte", "truncate", "insert", "delete", "duplicate", "splice", "length", "cid",
-    "rehash", "random",
 )  # fmt: skip
-BLOCK_MUTATIONS = tuple(k for k in MUTATIONS if k not in ("rehash", "random"))
 
 
 def cid_positions(data: bytes | bytearray) -> list[int]:
