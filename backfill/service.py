@@ -39,6 +39,13 @@ __all__ = ["BackfillService", "LivePressure", "should_run"]
 
 log = logging.getLogger("backfill")
 
+# A repo whose worker died or stalled under it (kill -9, a deploy, an OOM kill caused by other
+# work) is usually not at fault, and a slow repo is in flight through many such deaths: it
+# fails only after this many times BACKFILL_MAX_ATTEMPTS interrupted attempts, which still
+# stops a repo that takes its worker down every time from looping for ever. (With the plain
+# limit, 20 random kills of a slow backfill failed a healthy repo: tests/test_e2e_faults.py.)
+INTERRUPTED_ATTEMPTS_FACTOR = 4
+
 CONTROL_POLL_S = 1.0  # pause/resume from the CLI are noticed within this
 DISPATCH_POLL_S = 0.2  # empty queue: look again this often
 RECLAIM_EVERY_S = 15.0  # stuck-work recovery while running
@@ -236,7 +243,10 @@ class BackfillService:
             if at_start:
                 ctx.dead_owners = await queue.dead_owners_on_host(conn, ctx.job.id)
             n = await queue.reclaim(
-                conn, ctx.job.id, self.settings.max_attempts, ctx.dead_owners if at_start else ()
+                conn,
+                ctx.job.id,
+                self.settings.max_attempts * INTERRUPTED_ATTEMPTS_FACTOR,
+                ctx.dead_owners if at_start else (),
             )
         if n:
             log.info("[BACKFILL] Recovered %d stuck repo(s) from stopped or stalled workers", n)

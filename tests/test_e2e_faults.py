@@ -615,7 +615,10 @@ async def test_kill9_twenty_times_during_live_and_backfill(tmp_path: Path, db_ds
         worker.terminate()
         net.stop()
     log = worker.log()
-    assert "resuming 'firehose' from saved cursor" in log and "[BACKFILL] Resuming job" in log
+    assert "resuming 'firehose' from saved cursor" in log
+    # The last process resumed the job, or found it completed (the backfill may finish before
+    # the last kill); that kills struck a running job is checked below (mid_backfill).
+    assert "[BACKFILL] Resuming job" in log or "already completed" in log, log[-3000:]
     await assert_matches_truth(db_dsn, expected_live_and_window(truth, job["cutoff"]))
     await assert_failures_are_account_states(db_dsn)
     cursors = [k["cursor"] for k in kills]
