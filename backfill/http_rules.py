@@ -51,8 +51,38 @@ XRPC_ERRORS = {
 }
 
 
-class FetchError(Exception):
-    """An HTTP fetch failed. `transient` says whether retrying later may succeed."""
+class ReasonedError(Exception):
+    """A failure with a `reason` from the bounded set `REASONS` (a metric label; any other
+    becomes `FALLBACK`, the unknown name kept in the detail), a one-line detail of at most 200
+    characters (it ends up in logs and error columns), and whether retrying later may
+    succeed (`transient`, `retry_after_s`)."""
+
+    REASONS: frozenset[str] = frozenset()
+    FALLBACK = ""
+
+    def __init__(
+        self,
+        reason: str,
+        detail: str = "",
+        *,
+        transient: bool,
+        retry_after_s: float | None = None,
+    ) -> None:
+        if reason not in self.REASONS:
+            detail, reason = f"({reason[:20]}) {detail}", self.FALLBACK
+        detail = detail.replace("\n", " ")[:200]
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+        self.transient = transient
+        self.retry_after_s = retry_after_s
+
+
+class FetchError(ReasonedError):
+    """An HTTP fetch failed; `status` is the HTTP status when there was an answer."""
+
+    REASONS = FETCH_REASONS
+    FALLBACK = "bad_response"
 
     def __init__(
         self,
@@ -63,14 +93,7 @@ class FetchError(Exception):
         retry_after_s: float | None = None,
         status: int | None = None,
     ) -> None:
-        if reason not in FETCH_REASONS:
-            detail, reason = f"({reason[:20]}) {detail}", "bad_response"
-        detail = detail.replace("\n", " ")[:200]
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-        self.transient = transient
-        self.retry_after_s = retry_after_s
+        super().__init__(reason, detail, transient=transient, retry_after_s=retry_after_s)
         self.status = status
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from backfill.hosts import FetchError, HostClient, is_forbidden_ip
+from backfill.http_rules import ReasonedError
 from firehose.protocol.syntax import is_did, is_handle
 
 DEFAULT_PLC_URL = "https://plc.directory"
@@ -45,8 +46,11 @@ IDENTITY_REASONS = frozenset(
 )
 
 
-class IdentityError(Exception):
+class IdentityError(ReasonedError):
     """Resolution failed. `reason` is a bounded label; `transient` means retry later."""
+
+    REASONS = IDENTITY_REASONS
+    FALLBACK = "bad_document"
 
     def __init__(
         self,
@@ -56,14 +60,7 @@ class IdentityError(Exception):
         transient: bool = False,
         retry_after_s: float | None = None,
     ) -> None:
-        if reason not in IDENTITY_REASONS:
-            detail, reason = f"({reason[:20]}) {detail}", "bad_document"
-        detail = detail.replace("\n", " ")[:200]
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-        self.transient = transient
-        self.retry_after_s = retry_after_s
+        super().__init__(reason, detail, transient=transient, retry_after_s=retry_after_s)
 
 
 @dataclass(frozen=True)

@@ -4,26 +4,22 @@ against the database clock (now()), as in backfill/queries.py."""
 
 from __future__ import annotations
 
+from firehose.storage.queries import RESYNC_REQUEST_CONFLICT
+
 # A request from outside the live stream (`firehose resync DID...`): $1 did[], $2 reason. Same
 # rules as the gate's requests (firehose.storage.queries.BATCH_FINISH): a pending row is kept,
 # a running one is marked to run again, a done or failed one is re-armed.
-RESYNC_REQUEST = """
+RESYNC_REQUEST = (
+    """
 WITH q AS (
 INSERT INTO repo_resyncs AS q (did, reason)
 SELECT DISTINCT d, $2::text FROM unnest($1::text[]) AS d
-ON CONFLICT (did) DO UPDATE
-   SET state = CASE WHEN q.state = 'in_progress' THEN q.state ELSE 'pending' END,
-       again = q.state = 'in_progress',
-       reason = CASE WHEN q.state = 'in_progress' THEN q.reason ELSE EXCLUDED.reason END,
-       requested_at = CASE WHEN q.state = 'in_progress' THEN q.requested_at ELSE now() END,
-       attempts = CASE WHEN q.state = 'in_progress' THEN q.attempts ELSE 0 END,
-       next_attempt_at = CASE WHEN q.state = 'in_progress' THEN q.next_attempt_at ELSE now() END,
-       error = CASE WHEN q.state = 'in_progress' THEN q.error END,
-       updated_at = now()
- WHERE q.state <> 'pending'
-RETURNING 1)
+"""
+    + RESYNC_REQUEST_CONFLICT
+    + """)
 SELECT count(*) FROM q
 """
+)
 
 # Due pending requests, oldest due first, leased to $1 for $3 seconds; at most $2. SKIP LOCKED:
 # two workers never get the same repo and neither waits for the other's row locks.

@@ -299,10 +299,10 @@ ON CONFLICT (did) DO UPDATE
 # in sql/004_resync.sql) and, when $7, this transaction's synchronous_commit = off (it only
 # matters at COMMIT, which follows). Returns the number of heads advanced and of resync
 # requests queued or re-armed.
-BATCH_FINISH = """
-WITH q AS (
-INSERT INTO repo_resyncs AS q (did, reason)
-SELECT r.did, r.reason FROM unnest($8::text[], $9::text[]) AS r(did, reason)
+# A resync request (repo_resyncs, sql/004) for a row `q` already there: a pending one is kept
+# as it is, one being resynced runs once more afterwards (`again`), a done or failed one is
+# re-armed. Shared by BATCH_FINISH and backfill.resync_queries.RESYNC_REQUEST.
+RESYNC_REQUEST_CONFLICT = """
 ON CONFLICT (did) DO UPDATE
    SET state = CASE WHEN q.state = 'in_progress' THEN q.state ELSE 'pending' END,
        again = q.state = 'in_progress',
@@ -313,7 +313,16 @@ ON CONFLICT (did) DO UPDATE
        error = CASE WHEN q.state = 'in_progress' THEN q.error END,
        updated_at = now()
  WHERE q.state <> 'pending'
-RETURNING 1),
+RETURNING 1
+"""
+BATCH_FINISH = (
+    """
+WITH q AS (
+INSERT INTO repo_resyncs AS q (did, reason)
+SELECT r.did, r.reason FROM unnest($8::text[], $9::text[]) AS r(did, reason)
+"""
+    + RESYNC_REQUEST_CONFLICT
+    + """),
 h AS (
 INSERT INTO actors AS a (did, rev, data_cid, chain_rev, chain_data_cid, updated_at)
 SELECT h.did, h.rev, h.data_cid, CASE WHEN $10::bool THEN h.rev END,
@@ -343,6 +352,7 @@ SELECT (SELECT count(*) FROM h) AS heads, (SELECT count(*) FROM c) AS cursors,
        (SELECT count(*) FROM q) AS resyncs,
        CASE WHEN $7::bool THEN set_config('synchronous_commit', 'off', true) END AS sync
 """
+)
 
 # --- sync 1.1 chain checks (firehose/live/chain.py) --------------------------------------------
 
