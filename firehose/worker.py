@@ -59,6 +59,7 @@ _EVENT_TYPE = {
     "ErrorFrame": "error",
 }
 _DONE = object()  # queue sentinel: the reader has stopped
+_STOPPED = object()  # stop() came while waiting for the start cursor
 
 
 @dataclass
@@ -122,7 +123,9 @@ class Worker:
         _tune_gc()
         try:
             self._gate = Gate(self._screens(db), self._gate_metrics)
-            start_cursor = await self._start_cursor(db)
+            start_cursor = await self._start_cursor_when_reachable(db)
+            if start_cursor is _STOPPED:
+                return
             relay = ops.relay = RelayClient(self.settings.relay, self.metrics, start_cursor)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._report_progress())
@@ -157,6 +160,23 @@ class Worker:
         owns = shard_filter(self.settings.worker)
         screens.append(ChainScreen(lambda dids: db.run(load_repo_states, dids), owns_did=owns))
         return screens
+
+    async def _start_cursor_when_reachable(self, db: Database) -> Any:
+        """`_start_cursor`, retried while the database is unreachable (it may go away right
+        after it opened; exiting here would only restart into the same wait). _STOPPED when
+        stop() came first."""
+        delay_s = DB_RETRY_MIN_S
+        while True:
+            try:
+                return await self._start_cursor(db)
+            except QUERY_RETRY_ERRORS as exc:
+                self.metrics.db_errors.inc()
+                log.error("reading the saved cursor failed, retrying in %.1f s: %s", delay_s, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay_s)
+            if self._stop.is_set():
+                return _STOPPED
+            delay_s = min(delay_s * 2, DB_RETRY_MAX_S)
 
     async def _start_cursor(self, db: Database) -> int | None:
         saved = await db.run(writer.load_cursor, self._service)
