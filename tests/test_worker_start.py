@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import asyncpg
 import pytest
@@ -34,43 +36,43 @@ async def _wait_for(caplog: pytest.LogCaptureFixture, text: str, timeout_s: floa
         await asyncio.sleep(0.05)
 
 
+@asynccontextmanager
+async def cursor_table_away(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> AsyncIterator[tuple[asyncpg.Connection, Worker, asyncio.Task[None]]]:
+    """A worker started while `firehose_cursor` is renamed away (the migrations are recorded
+    as applied, so start-up does not recreate it): yields once it failed to read its cursor."""
+    caplog.set_level(logging.INFO, logger="firehose.worker")
+    admin = await asyncpg.connect(dsn)
+    try:
+        await admin.execute("ALTER TABLE firehose_cursor RENAME TO firehose_cursor_away")
+        worker = Worker(_settings(dsn), CollectorRegistry(), default_cursor=0)
+        task = asyncio.create_task(worker.run())
+        await _wait_for(caplog, "reading the saved cursor failed")
+        assert not task.done()
+        yield admin, worker, task
+    finally:
+        await admin.close()
+
+
 @pytest.mark.asyncio
 async def test_cursor_read_is_retried_until_the_database_answers(
     db_dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="firehose.worker")
-    admin = await asyncpg.connect(db_dsn)
-    try:
-        # The migrations are recorded as applied, so start-up will not recreate the table:
-        # reading the cursor fails until it is back.
-        await admin.execute("ALTER TABLE firehose_cursor RENAME TO firehose_cursor_away")
-        worker = Worker(_settings(db_dsn), CollectorRegistry(), default_cursor=0)
-        task = asyncio.create_task(worker.run())
-        await _wait_for(caplog, "reading the saved cursor failed")
-        assert not task.done()
+    async with cursor_table_away(db_dsn, caplog) as (admin, worker, task):
         await admin.execute("ALTER TABLE firehose_cursor_away RENAME TO firehose_cursor")
         await _wait_for(caplog, "no saved cursor for 'firehose': starting at 0")
         worker.stop()
         await asyncio.wait_for(task, 15)
-        errors = worker.registry.get_sample_value("firehose_db_errors_total")
-        assert errors is not None and errors >= 1
-    finally:
-        await admin.close()
+    errors = worker.registry.get_sample_value("firehose_db_errors_total")
+    assert errors is not None and errors >= 1
 
 
 @pytest.mark.asyncio
 async def test_stop_while_waiting_for_the_cursor_ends_run(
     db_dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="firehose.worker")
-    admin = await asyncpg.connect(db_dsn)
-    try:
-        await admin.execute("ALTER TABLE firehose_cursor RENAME TO firehose_cursor_away")
-        worker = Worker(_settings(db_dsn), CollectorRegistry(), default_cursor=0)
-        task = asyncio.create_task(worker.run())
-        await _wait_for(caplog, "reading the saved cursor failed")
+    async with cursor_table_away(db_dsn, caplog) as (_, worker, task):
         worker.stop()
         await asyncio.wait_for(task, 15)  # returns, no exception
-        assert "starting at 0" not in caplog.text
-    finally:
-        await admin.close()
+    assert "starting at 0" not in caplog.text
