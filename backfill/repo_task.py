@@ -28,6 +28,7 @@ from backfill.queue import Claimed, backoff_s
 from backfill.window import Window
 from firehose.model import RecordWrite
 from firehose.settings import collection_wanted
+from firehose.storage.database import QUERY_RETRY_ERRORS
 from firehose.storage.writer import write_snapshot
 
 log = logging.getLogger("backfill")
@@ -57,7 +58,9 @@ FAILURE_REASONS = frozenset(
         "database",
     }
 )
-_TRANSIENT_TYPES = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# Without a `transient` attribute of its own, an error is worth retrying when it is the
+# database's (an outage, a broken connection: QUERY_RETRY_ERRORS) or the network's (OSError).
+_TRANSIENT_TYPES: tuple[type[BaseException], ...] = (OSError, *QUERY_RETRY_ERRORS)
 
 
 class RepoTask:
@@ -173,7 +176,7 @@ class RepoTask:
     async def _failed_attempt(self, c: Claimed, exc: BaseException) -> None:
         ctx = self.ctx
         reason = failure_reason(exc)
-        transient = bool(getattr(exc, "transient", isinstance(exc, _TRANSIENT_TYPES)))
+        transient = is_transient(exc)
         retry_after = getattr(exc, "retry_after_s", None)
         ctx.metrics.repo_failures.labels(reason).inc()
         error = f"{reason}: {exc}"[:1000]
@@ -206,8 +209,14 @@ class RepoTask:
                 await queue.mark_retry(
                     conn, ctx.job.id, c.did, ctx.owner, "interrupted by stop", 0.0, counts=False
                 )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except QUERY_RETRY_ERRORS as exc:
             log.warning("[BACKFILL] could not release %s (its lease will expire): %s", c.did, exc)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying later may succeed: the error's own `transient` flag (FetchError,
+    IdentityError, ...), else its type."""
+    return bool(getattr(exc, "transient", isinstance(exc, _TRANSIENT_TYPES)))
 
 
 def failure_reason(exc: BaseException) -> str:

@@ -40,11 +40,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from backfill import queue
 from backfill import resync_queries as q
 from backfill.network import Network, Snapshot, open_http_network
-from backfill.repo_task import failure_reason
+from backfill.repo_task import failure_reason, is_transient
 from backfill.settings import BackfillSettings
 from backfill.window import Window
 from firehose.model import RecordWrite
 from firehose.settings import collection_wanted
+from firehose.storage.database import QUERY_RETRY_ERRORS
 from firehose.storage.writer import prune_repo, write_snapshot
 
 log = logging.getLogger("backfill.resync")
@@ -54,8 +55,6 @@ RESYNC_POLL_S = 1.0  # an empty queue is looked at again this often
 RESYNC_RECLAIM_EVERY_S = 15.0
 RESYNC_BATCH_RECORDS = 500  # records per write transaction (the live commit interleaves)
 RESYNC_REASON_MANUAL = "manual"  # `firehose resync DID...`
-_TRANSIENT_TYPES = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
-_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 @dataclass(frozen=True)
@@ -245,7 +244,7 @@ class ResyncService:
                     claimed = await claim(conn, self.owner, free, self._lease_s)
                 self._pending = int(await conn.fetchval(q.RESYNC_PENDING))
                 self.metrics.pending.set(self._pending)
-        except _DB_ERRORS as exc:
+        except QUERY_RETRY_ERRORS as exc:
             # One line per outage, not one per poll.
             (log.debug if self._queue_down else log.warning)(
                 "[RESYNC] queue unavailable, trying again every %.0f s: %s", self._poll_s, exc
@@ -304,7 +303,7 @@ class ResyncService:
 
     async def _failed(self, c: ResyncClaim, exc: BaseException) -> None:
         reason = failure_reason(exc)
-        transient = bool(getattr(exc, "transient", isinstance(exc, _TRANSIENT_TYPES)))
+        transient = is_transient(exc)
         retry_after = getattr(exc, "retry_after_s", None)
         error = f"{reason}: {exc}"[:1000]
         attempt = c.attempts + 1
@@ -361,7 +360,7 @@ class ResyncService:
         (leases expire and are reclaimed), never raised into the live worker."""
         try:
             await aw
-        except _DB_ERRORS as exc:
+        except QUERY_RETRY_ERRORS as exc:
             log.warning("[RESYNC] database unavailable, trying again later: %s", exc)
 
     @contextlib.asynccontextmanager

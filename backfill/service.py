@@ -33,7 +33,7 @@ from backfill.repo_task import RepoTask, save_progress
 from backfill.settings import BackfillSettings
 from backfill.status import job_status
 from backfill.throttle import LivePressure, Throttle, process_rss_bytes
-from firehose.storage.database import TRANSIENT_DB_ERRORS
+from firehose.storage.database import QUERY_RETRY_ERRORS, TRANSIENT_DB_ERRORS
 
 __all__ = ["BackfillService", "LivePressure", "should_run"]
 
@@ -395,7 +395,7 @@ class BackfillService:
         try:
             async with ctx.conn() as conn:
                 await save_progress(ctx, conn, force=True)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except QUERY_RETRY_ERRORS as exc:
             log.warning("[BACKFILL] could not save progress on exit: %s", exc)
         if self._status.get("state") != "completed":
             self.progress.log(self.throttle.rss_bytes, self.settings.max_memory_mb)

@@ -39,11 +39,10 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
-
 from firehose.live.gate import Verdict
 from firehose.model import AccountEvent, CommitEvent, Event, SyncEvent
 from firehose.storage import queries
+from firehose.storage.database import QUERY_RETRY_ERRORS
 
 log = logging.getLogger("firehose.chain")
 
@@ -135,7 +134,6 @@ async def load_repo_states(conn: Any, dids: list[str]) -> dict[str, RepoState]:
 
 
 Loader = Callable[[list[str]], Awaitable[dict[str, RepoState]]]
-_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
 
 class ChainScreen:
@@ -184,7 +182,7 @@ class ChainScreen:
                         # Only the flag: the stream's rev is newer than the stored one.
                         states[did] = RepoState(held.rev, held.data_cid, True)
                 states.update(loaded)
-            except _DB_ERRORS as exc:
+            except QUERY_RETRY_ERRORS as exc:
                 # The database is down: the batch's own commit will wait and retry. These
                 # repos are judged as unknown (nothing dropped or flagged; the rev guards
                 # still protect the rows) and not cached, so the next slice loads them.
