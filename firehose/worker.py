@@ -146,18 +146,18 @@ class Worker:
     def _screens(self, db: Database) -> list[Screen]:
         """The gate's steps, in order: signatures before chain checks (see gate.py)."""
         screens: list[Screen] = []
+        owns = shard_filter(self.settings.worker)  # other shards' repos are not judged
         if self.settings.verify_signatures:
             backfill = self.settings.backfill  # PLC_URL and ALLOW_PRIVATE_NETWORK are shared
             self._signatures = SignatureScreen.open(
                 backfill.plc_url,
                 backfill.allow_private_network,
                 self.registry,
-                owns_did=shard_filter(self.settings.worker),
+                owns_did=owns,
             )
             screens.append(self._signatures)
         # Sync 1.1 repo chain checks (firehose/live/chain.py), after the signatures so that a
-        # forged commit never moves the chain state. Other shards' repos are not judged.
-        owns = shard_filter(self.settings.worker)
+        # forged commit never moves the chain state.
         screens.append(ChainScreen(lambda dids: db.run(load_repo_states, dids), owns_did=owns))
         return screens
 
@@ -342,19 +342,15 @@ class Worker:
         kept events with their rows, dropped ones as a cursor move only, resync requests
         alongside. Returns the items' read times."""
         events = [event for _, event in items]
-        if self._gate:
-            verdict = await self._gate.screen(events)
-            dropped = verdict.dropped
-            for i, event in enumerate(events):
-                if i in dropped:
-                    builder.skip(event)
-                else:
-                    builder.add(event)
-            for did, reason in verdict.resyncs.items():
-                builder.request_resync(did, reason)
-        else:
-            for event in events:
+        verdict = await self._gate.screen(events)
+        dropped = verdict.dropped
+        for i, event in enumerate(events):
+            if i in dropped:
+                builder.skip(event)
+            else:
                 builder.add(event)
+        for did, reason in verdict.resyncs.items():
+            builder.request_resync(did, reason)
         return [read_at for read_at, _ in items]
 
     async def _apply(

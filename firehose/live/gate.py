@@ -96,9 +96,6 @@ class Gate:
         self._screens = tuple(screens)
         self._metrics = metrics
 
-    def __bool__(self) -> bool:
-        return bool(self._screens)
-
     async def screen(self, events: Sequence[Event]) -> Verdict:
         verdict = Verdict()
         for step in self._screens:
