@@ -31,6 +31,20 @@ def redact_secrets(text: str) -> str:
     return text
 
 
+def redact_password(text: str, url: str, max_chars: int = 300) -> str:
+    """`text` (an error message, which may quote connection details in any form) without
+    `url`'s password wherever it appears, nor any URL or keyword password, cut to
+    `max_chars`."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    if password:
+        text = text.replace(password, MASK)
+    text = redact_secrets(text)
+    return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
+
+
 def redact_dsn(url: str) -> str:
     """A URL with its password (if any) replaced by ``***``; anything unparsable redacted as
     text."""

@@ -18,10 +18,10 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar
-from urllib.parse import urlsplit
 
 import asyncpg
 
+from firehose.redact import redact_password
 from firehose.settings import DatabaseSettings
 from firehose.storage import migrate
 
@@ -98,7 +98,7 @@ class Database:
                     log.warning(
                         "database not reachable (attempt %d, %s); retrying in %.1f s",
                         attempt,
-                        redact(f"{type(exc).__name__}: {exc}", dsn),
+                        redact_password(f"{type(exc).__name__}: {exc}", dsn),
                         wait_s,
                     )
                     with contextlib.suppress(TimeoutError):
@@ -145,11 +145,3 @@ async def _connect(dsn: str, pool_size: int) -> asyncpg.Pool:
         dsn, min_size=1, max_size=pool_size, timeout=CONNECT_TIMEOUT_S
     )
     return pool
-
-
-def redact(text: str, dsn: str) -> str:
-    """`text` without the DSN's password (an error message may quote connection details)."""
-    password = urlsplit(dsn).password
-    if password:
-        text = text.replace(password, "***")
-    return text if len(text) <= 300 else text[:297] + "..."
