@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -24,13 +26,24 @@ if TYPE_CHECKING:
     from backfill.resync import ResyncService
     from backfill.service import BackfillService
     from firehose.live.relay import RelayClient
-    from firehose.worker import WorkerState
 
 # A readiness probe must answer well within a kubelet's default 1 s... 10 s probe timeout.
 READY_DB_TIMEOUT_S = 2.0
 # Reconnecting is normal; disconnected for longer than this many times the longest
 # reconnect backoff (RECONNECT max) means the relay link is really broken.
 RELAY_DOWN_FACTOR = 2.0
+
+
+@dataclass
+class WorkerState:
+    """What /status and tests read: the committed position of the live stream. The worker
+    updates it, this module reads it: it lives here so the import runs one way only
+    (worker -> ops)."""
+
+    cursor: int | None = None
+    last_event_time: datetime | None = None
+    events_committed: int = 0
+    batches_committed: int = 0
 
 
 class WorkerOps:

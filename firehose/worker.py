@@ -13,7 +13,6 @@ import gc
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,7 +29,7 @@ from firehose.live.relay import RelayClient
 from firehose.live.verify import SignatureScreen
 from firehose.metrics import LiveMetrics, ops_collection_label
 from firehose.model import Batch, CommitEvent, Event
-from firehose.ops import WorkerOps
+from firehose.ops import WorkerOps, WorkerState
 from firehose.protocol.errors import ProtocolError
 from firehose.protocol.frames import FrameLimits, decode_frame
 from firehose.settings import Settings
@@ -60,16 +59,6 @@ _EVENT_TYPE = {
 }
 _DONE = object()  # queue sentinel: the reader has stopped
 _STOPPED = object()  # stop() came while waiting for the start cursor
-
-
-@dataclass
-class WorkerState:
-    """What /status and tests read: the committed position of the live stream."""
-
-    cursor: int | None = None
-    last_event_time: datetime | None = None
-    events_committed: int = 0
-    batches_committed: int = 0
 
 
 class Worker:

@@ -30,11 +30,11 @@ from support import ROOT, free_port
 from backfill import jobs
 from firehose.devnet.relay import DevnetConfig, DevnetRelay
 from firehose.http import start_http
-from firehose.ops import WorkerOps
+from firehose.ops import WorkerOps, WorkerState
 from firehose.settings import Settings
 from firehose.storage import writer
 from firehose.storage.embedded import start_embedded
-from firehose.worker import Worker, WorkerState
+from firehose.worker import Worker
 
 PASSWORD = "s3cret-Pw-4711"  # a test value that must never be echoed
 TOKEN = "admin-token-for-tests"
