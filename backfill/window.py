@@ -13,17 +13,30 @@ A record's time comes, in order of preference, from:
 2. otherwise the record's ``createdAt`` (a Lexicon ``datetime``) when it parses;
 3. otherwise nothing: such records (profiles keyed ``self``, records without a date) are
    kept, because dropping data we cannot date would silently lose current state.
+
+The cutoff as a rev (`Window.since`): revs are TIDs that sort as text in time order, so a
+listRepos entry whose ``rev`` (the repo's latest commit) is at or below `since` wrote
+nothing in the window (`Window.dormant`: enumeration does not queue it), and
+``getRepo?since=`` asks for the blocks written after the cutoff.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from firehose.protocol.syntax import is_tid, parse_datetime, tid_to_datetime
+from firehose.protocol.syntax import (
+    MAX_TID_MICROS,
+    TID_CLOCK_ID_BITS,
+    is_tid,
+    make_tid,
+    parse_datetime,
+    tid_to_datetime,
+)
 
 WHOLE_HISTORY_DAYS = -1
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 CREATED_AT_FIELD = "createdAt"
 
 
@@ -74,6 +87,23 @@ class Window:
     def whole_history(self) -> bool:
         return self.cutoff is None
 
+    @property
+    def since(self) -> str | None:
+        """The ``since`` rev that asks ``com.atproto.sync.getRepo`` for what was written at or
+        after the cutoff; None for the whole history.
+
+        The reference PDS sends the blocks whose first-writing rev is ``> since`` (a string
+        comparison of TIDs, which sort by time: https://atproto.com/specs/tid), so `since`
+        is the greatest TID of the microsecond before the cutoff: every commit at or after
+        the cutoff is newer, whatever its clock id. A cutoff before the epoch (impossible
+        for a real job) asks for everything, as the smallest TID."""
+        if self.cutoff is None:
+            return None
+        micros = (self.cutoff - _EPOCH) // timedelta(microseconds=1)
+        if micros <= 0:
+            return make_tid(0, 0)
+        return make_tid(min(micros, MAX_TID_MICROS + 1) - 1, (1 << TID_CLOCK_ID_BITS) - 1)
+
     def rkey_verdict(self, rkey: str) -> bool | None:
         """True/False when a TID rkey decides; None when the rkey is not a TID."""
         if self.cutoff is None:
@@ -89,3 +119,12 @@ class Window:
             return True
         when = record_time(rkey, record)
         return when is None or when >= self.cutoff
+
+    def dormant(self, rev: str | None) -> bool:
+        """Whether a repo whose latest commit is `rev` (listRepos' ``rev``) wrote nothing in
+        the window: a valid TID at or below `since`, i.e. a commit time before the cutoff
+        (TIDs sort as text in time order). No rev, or one that does not parse, is no
+        evidence: such a repo is downloaded. Like every TID rule here, this trusts the
+        writer's clock and the relay's knowledge of the repo's latest commit."""
+        since = self.since
+        return since is not None and rev is not None and is_tid(rev) and rev <= since
