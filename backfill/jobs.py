@@ -35,6 +35,13 @@ class Job:
     records_processed: int
     records_skipped: int
     bytes_downloaded: int
+    # Narrowing (sql/006): repos enumeration did not queue because their latest rev is older
+    # than the cutoff, and how repos are enumerated (backfill/enum_plan.py).
+    repos_skipped_dormant: int
+    list_method: str | None
+    list_collection: str | None
+    list_collections_done: tuple[str, ...]
+    list_fallback: str | None
     error: str | None
     summary: dict[str, Any] | None
     updated_at: datetime
@@ -47,6 +54,7 @@ class Job:
             summary = json.loads(summary)
         values = {f.name: row[f.name] for f in fields(cls)}
         values["summary"] = summary
+        values["list_collections_done"] = tuple(values["list_collections_done"] or ())
         return cls(**values)
 
     @property

@@ -1,7 +1,8 @@
 """Prometheus metrics of the backfill, on a registry passed in.
 
 Labels take values from fixed sets only: repo states, record stages, throttle reasons, job
-statuses, and the network side's bounded failure reasons. Help text says how to read each.
+statuses, enumeration skip reasons and methods, and the network side's bounded failure
+reasons. Help text says how to read each.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ REPO_STATES = ("pending", "in_progress", "done", "failed")
 RECORD_STAGES = ("received", "processed", "skipped")
 THROTTLE_REASONS = ("memory", "idle", "rate_limit", "paused")
 JOB_STATUSES = ("running", "paused", "paused_rate_limited", "completed", "failed")
+SKIP_REASONS = ("dormant", "inactive", "invalid")
+LIST_METHODS = ("listRepos", "listReposByCollection")
 _FETCH_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -31,6 +34,8 @@ class BackfillMetrics:
     job_status: Gauge
     progress_ratio: Gauge
     eta_seconds: Gauge
+    repos_skipped: Counter
+    enumeration_pages: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> BackfillMetrics:
@@ -111,7 +116,30 @@ class BackfillMetrics:
                 "unknown (enumeration unfinished or no rate yet).",
                 registry=registry,
             ),
+            repos_skipped=Counter(
+                "backfill_repos_skipped_total",
+                "Repos the relay listed that enumeration did not queue, this process, by "
+                "reason: dormant = latest commit (listRepos rev) older than the job's cutoff, "
+                "so nothing to fetch in the window (BACKFILL_SKIP_DORMANT); inactive = "
+                "account deactivated, taken down or suspended; invalid = malformed entry. "
+                "Why the queue is shorter than the relay's list; the job's dormant total is "
+                "in `firehose backfill status`.",
+                ["reason"],
+                registry=registry,
+            ),
+            enumeration_pages=Counter(
+                "backfill_enumeration_pages_total",
+                "Enumeration pages read from the relay, this process, by method: "
+                "listReposByCollection while WANTED_COLLECTIONS lists exact NSIDs (only the "
+                "repos holding them), else listRepos (every repo).",
+                ["method"],
+                registry=registry,
+            ),
         )
+        for reason in SKIP_REASONS:
+            m.repos_skipped.labels(reason)
+        for method in LIST_METHODS:
+            m.enumeration_pages.labels(method)
         for state in REPO_STATES:
             m.repos.labels(state)
         for stage in RECORD_STAGES:

@@ -18,6 +18,7 @@ from backfill.settings import BackfillSettings
 
 MIB = 1024 * 1024
 LIST_REPOS_PAGE = 1000  # listRepos' maximum page size
+LIST_REPOS_BY_COLLECTION_PAGE = 2000  # listReposByCollection's maximum page size
 
 
 class RepoEntry(Protocol):
@@ -25,6 +26,10 @@ class RepoEntry(Protocol):
     def did(self) -> str: ...
     @property
     def active(self) -> bool: ...
+    @property
+    def rev(self) -> str | None:
+        """The repo's latest commit (listRepos); None when the method does not say."""
+        ...
 
 
 class RepoPage(Protocol):
@@ -49,6 +54,9 @@ class Network(Protocol):
     def rate_limit_pauses(self) -> int: ...
 
     async def list_repos(self, cursor: str | None, limit: int) -> RepoPage: ...
+    async def list_repos_by_collection(
+        self, collection: str, cursor: str | None, limit: int
+    ) -> RepoPage: ...
     async def fetch(self, did: str) -> Snapshot: ...
     def paused_hosts(self) -> dict[str, float]: ...
     def known_hosts(self) -> set[str]:
@@ -78,6 +86,16 @@ class HttpNetwork:
         from backfill.relay_http import list_repos
 
         page: RepoPage = await list_repos(self._http, self._relay_base, cursor, limit)
+        return page
+
+    async def list_repos_by_collection(
+        self, collection: str, cursor: str | None, limit: int
+    ) -> RepoPage:
+        from backfill.relay_http import list_repos_by_collection
+
+        page: RepoPage = await list_repos_by_collection(
+            self._http, self._relay_base, collection, cursor, limit
+        )
         return page
 
     async def fetch(self, did: str) -> Snapshot:

@@ -66,7 +66,9 @@ UPDATE backfill_jobs j
            'repos_total', j.repos_total, 'repos_done', j.repos_done,
            'repos_failed', j.repos_failed, 'records_received', j.records_received,
            'records_processed', j.records_processed, 'records_skipped', j.records_skipped,
-           'bytes_downloaded', j.bytes_downloaded, 'list_pages', j.list_pages)
+           'bytes_downloaded', j.bytes_downloaded, 'list_pages', j.list_pages,
+           'repos_skipped_dormant', j.repos_skipped_dormant, 'list_method', j.list_method,
+           'list_fallback', j.list_fallback)
  WHERE j.id = $1
    AND j.status IN ('running', 'paused_rate_limited')
    AND j.enumeration_done
@@ -87,19 +89,47 @@ UPDATE backfill_jobs
  WHERE id = $1 AND NOT enumeration_done
    AND (enum_owner IS NULL OR enum_owner = $2 OR enum_lease_until < now()
         OR enum_owner = ANY($4::text[]))
-RETURNING list_cursor, list_pages
+RETURNING list_cursor, list_pages, list_method, list_collection, list_collections_done
 """
 ENUM_DONE = "SELECT enumeration_done FROM backfill_jobs WHERE id = $1"
-# Guarded by the owner and the cursor the page was fetched from: a process whose lease was
-# taken over cannot move the cursor (its inserts were idempotent anyway).
-ENUM_ADVANCE = """
-UPDATE backfill_jobs
-   SET list_cursor = $4, list_pages = list_pages + 1, enumeration_done = $5,
-       repos_total = repos_total + $6,
-       enum_lease_until = now() + make_interval(secs => $7::float8), updated_at = now()
- WHERE id = $1 AND enum_owner = $2 AND list_cursor IS NOT DISTINCT FROM $3
-RETURNING list_pages
+# Enumeration state changes (backfill/enum_plan.py) are guarded by the lease owner and the
+# state the page was fetched from ($3 method, $4 collection, $5 cursor): a process whose
+# lease was taken over cannot move the state (its inserts were idempotent anyway).
+_ENUM_GUARD = """
+ WHERE id = $1 AND enum_owner = $2 AND NOT enumeration_done
+   AND list_method IS NOT DISTINCT FROM $3 AND list_collection IS NOT DISTINCT FROM $4
+   AND list_cursor IS NOT DISTINCT FROM $5
 """
+# One page saved: the new state ($6..$9), done ($10), the page's dormant repos ($11, counted
+# here, in the page's transaction, so a restart neither loses nor doubles them).
+ENUM_ADVANCE = (
+    """
+UPDATE backfill_jobs
+   SET list_method = $6, list_collection = $7, list_cursor = $8,
+       list_collections_done = $9::text[], list_pages = list_pages + 1,
+       enumeration_done = $10, repos_skipped_dormant = repos_skipped_dormant + $11,
+       enum_lease_until = now() + make_interval(secs => $12::float8), updated_at = now()
+"""
+    + _ENUM_GUARD
+    + "RETURNING list_pages, repos_total, repos_skipped_dormant"
+)
+# The relay does not implement listReposByCollection ($6: its answer): listRepos from the
+# start, for good (the repos the passes found stay queued).
+ENUM_FALLBACK = (
+    """
+UPDATE backfill_jobs
+   SET list_method = 'listRepos', list_collection = NULL, list_cursor = NULL,
+       list_fallback = $6, updated_at = now()
+"""
+    + _ENUM_GUARD
+    + "RETURNING list_pages"
+)
+# Nothing left to ask (every pass of the current WANTED_COLLECTIONS already done).
+ENUM_FINISH = (
+    "UPDATE backfill_jobs SET enumeration_done = true, updated_at = now()"
+    + _ENUM_GUARD
+    + "RETURNING list_pages"
+)
 
 # -- the queue -----------------------------------------------------------------------------
 

@@ -58,6 +58,11 @@ class BackfillSettings:
     on_all_workers: bool = False  # let workers other than 0 help with the same job
     vacuum: bool = False  # VACUUM ANALYZE the touched tables on completion
     dry_run: bool = False  # fetch and count, write nothing
+    # Narrowing (issue 9, docs/backfill-narrowing.md): with a cutoff, do not queue a repo whose
+    # listRepos rev (latest commit) is older than it; with WANTED_COLLECTIONS made only of
+    # exact NSIDs, enumerate with listReposByCollection instead of listRepos.
+    skip_dormant: bool = True
+    by_collection: bool = True
     plc_url: str = DEFAULT_PLC_URL
     allow_private_network: bool = False  # let PDS/PLC URLs resolve to private addresses
     # Resyncs of desynchronized repos (backfill/resync.py), on every worker.
@@ -97,6 +102,8 @@ class BackfillSettings:
             plc_url=e.get("PLC_URL", DEFAULT_PLC_URL, _http_url),
             allow_private_network=e.get("ALLOW_PRIVATE_NETWORK", False, boolean),
             resync_max_concurrent=e.get("RESYNC_MAX_CONCURRENT", 2, int_range(1, 64)),
+            skip_dormant=e.get("BACKFILL_SKIP_DORMANT", True, boolean),
+            by_collection=e.get("BACKFILL_BY_COLLECTION", True, boolean),
             resync_max_attempts=e.get("RESYNC_MAX_ATTEMPTS", 5, int_range(1, 100)),
         )
 

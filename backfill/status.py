@@ -42,6 +42,14 @@ def estimate(job: Job, in_progress: int, now: datetime) -> dict[str, Any]:
             "done": job.repos_done,
             "failed": job.repos_failed,
             "total": job.repos_total,
+            # Not queued: the latest commit is older than the cutoff (BACKFILL_SKIP_DORMANT).
+            "skipped_dormant": job.repos_skipped_dormant,
+        },
+        "enumeration": {
+            "method": job.list_method,  # None until the first page
+            "collection": job.list_collection,  # the current listReposByCollection pass
+            "collections_done": list(job.list_collections_done),
+            "fallback": job.list_fallback,  # why listReposByCollection was given up
         },
         "records": {
             "received": job.records_received,
@@ -77,6 +85,7 @@ def render(status: dict[str, Any]) -> str:
     """The human form of `firehose backfill status`."""
     r = status["repos"]
     rec = status["records"]
+    enum = status.get("enumeration") or {}
     window = f"since {status['cutoff']}" if status["cutoff"] else "whole history"
     lines = [
         f"Job {status['job_id']}: {status['status']} (BACKFILL_DAYS={status['days']}, {window})",
@@ -85,8 +94,12 @@ def render(status: dict[str, Any]) -> str:
         f"  Repos:     {r['done']} done, {r['failed']} failed, {r['in_progress']} in progress, "
         f"{r['pending']} pending, {r['total']} enumerated"
         + (
-            "" if status["enumeration_done"] else f" so far (listRepos page {status['list_pages']})"
+            ""
+            if status["enumeration_done"]
+            else f" so far ({enum.get('method') or 'listRepos'} page {status['list_pages']})"
         ),
+        f"  Skipped:   {r.get('skipped_dormant', 0)} dormant (latest commit before the cutoff)",
+        f"  Listing:   {_listing(enum)}",
         f"  Records:   {rec['received']} received, {rec['processed']} processed, "
         f"{rec['skipped']} skipped; {status['bytes_downloaded']} bytes downloaded",
         f"  Rate:      {status['repos_per_s']} repos/s, {status['records_per_s']} records/s",
@@ -97,3 +110,18 @@ def render(status: dict[str, Any]) -> str:
     for f in status.get("failed_sample", []):
         lines.append(f"  Failed:    {f['did']} after {f['attempts']} attempt(s): {f['error']}")
     return "\n".join(lines)
+
+
+def _listing(enum: dict[str, Any]) -> str:
+    """How repos are enumerated, in one line of `firehose backfill status`."""
+    method = enum.get("method")
+    if method is None:
+        return "not started"
+    if method == "listReposByCollection":
+        done = enum.get("collections_done") or []
+        current = enum.get("collection")
+        return f"listReposByCollection, {len(done)} collection(s) done" + (
+            f", now {current}" if current else ""
+        )
+    fallback = enum.get("fallback")
+    return "listRepos" + (f" (fell back: {fallback})" if fallback else "")
