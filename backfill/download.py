@@ -17,6 +17,16 @@ grows past that, so memory per repo in flight stays bounded.
 Before `fetch_repo` returns, the MST is walked once checking that every node and record
 block is present: an export cut at a block boundary (which the CAR reader cannot notice)
 becomes a transient `FetchError` instead of a silently partial snapshot.
+
+With ``since`` (a window download, ``getRepo?since=``) the answer is a partial tree: the
+reference PDS (atproto packages/pds actor-store/repo/sql-repo-reader.ts, getCarStream /
+getBlockRange) sends only the blocks whose first-writing commit is newer than `since`
+(``repoRev > since``), newest first, still under the current commit, and a CAR with the
+root in its header and no block at all when nothing is newer. Every block present is
+checked as above; a subtree or record whose block is absent is older than the window and is
+skipped (counted). What a partial answer cannot show by itself is truncation: see
+`backfill.since.check_partial` for the rule, and `backfill.window_fetch` for the whole
+re-download it triggers.
 """
 
 from __future__ import annotations
@@ -32,13 +42,24 @@ from pathlib import Path
 from typing import BinaryIO
 
 from backfill.hosts import FetchError, HostClient
+from backfill.since import (
+    FALLBACK_NO_COMMIT,
+    KIND_SINCE_EMPTY,
+    KIND_SINCE_PARTIAL,
+    KIND_WHOLE,
+    PROFILE_SETTLED,
+    PROFILE_UNKNOWN,
+    Checked,
+    SinceSuspect,
+    check_partial,
+)
 from backfill.window import Window
 from firehose.model import Action, RecordWrite
 from firehose.protocol.car import Car, CarStreamReader
 from firehose.protocol.cbor import decode_record
 from firehose.protocol.cid import CID_BYTES, cid_bytes_from_str, cid_str_from_bytes
 from firehose.protocol.errors import ProtocolError
-from firehose.protocol.mst import read_commit, walk_mst
+from firehose.protocol.mst import read_commit, walk_mst, walk_mst_partial
 from firehose.protocol.syntax import is_nsid, is_record_key
 
 GET_REPO_PATH = "/xrpc/com.atproto.sync.getRepo"
@@ -189,7 +210,10 @@ Blocks = BlockSpool | MemoryBlocks
 
 @dataclass
 class RepoSnapshot:
-    """A verified getRepo download, spooled to disk. Call `close` (or use ``with``)."""
+    """A verified getRepo download, spooled to disk. Call `close` (or use ``with``).
+
+    A ``since_empty`` answer knows no commit: its `rev` and `data_cid` are "" and `head`
+    is None (no repo head is written for it)."""
 
     did: str
     rev: str
@@ -197,7 +221,17 @@ class RepoSnapshot:
     data_cid: str
     bytes_downloaded: int
     blocks: int = 0
-    records: int = 0  # MST entries (found by the completeness walk)
+    records: int = 0  # MST entries whose record block is present
+    kind: str = KIND_WHOLE
+    absent_subtrees: int = 0  # since_partial: MST subtrees older than `since`, skipped
+    absent_records: int = 0  # since_partial: record blocks older than `since`, skipped
+    profile: str = PROFILE_SETTLED
+    # Set by backfill.window_fetch: why the `since` answer was replaced by a whole download,
+    # the getRecord outcome of the profile, and the profile record it wrote (a write with
+    # the getRecord commit's rev, yielded by `writes` under the same window rule).
+    since_fallback: str | None = None
+    profile_fetch: str | None = None
+    extra: list[RecordWrite] = field(default_factory=list)
     _spool: Blocks | None = field(default=None, repr=False)
     # (key, record cid) in MST order, from the completeness walk of an in-memory repo.
     _entries: list[tuple[str, bytes]] | None = field(default=None, repr=False)
@@ -205,6 +239,22 @@ class RepoSnapshot:
     @property
     def in_memory(self) -> bool:
         return isinstance(self._spool, MemoryBlocks)
+
+    @property
+    def head(self) -> tuple[str, str, str] | None:
+        """(did, rev, data cid) of the commit this snapshot is a view of; None if unknown."""
+        if self.kind == KIND_SINCE_EMPTY or not self.rev:
+            return None
+        return (self.did, self.rev, self.data_cid)
+
+    def _walk(self, spool: Blocks) -> Iterator[tuple[str, bytes]]:
+        if self._entries is not None:
+            return iter(self._entries)
+        if self.kind == KIND_SINCE_PARTIAL:
+            return (e for e in walk_mst_partial(self.data_cid, spool.get) if type(e) is tuple)
+        if self.kind == KIND_SINCE_EMPTY:
+            return iter(())
+        return walk_mst(self.data_cid, spool.get)
 
     def writes(self, window: Window) -> Iterator[RecordWrite | SkippedRecord]:
         """Records in MST key order as RecordWrite(CREATE, rev=snapshot rev), or Skipped.
@@ -216,7 +266,8 @@ class RepoSnapshot:
         if spool is None:
             raise ValueError("snapshot is closed")
         did, rev = self.did, self.rev
-        entries = self._entries if self._entries is not None else walk_mst(self.data_cid, spool.get)
+        partial = self.kind == KIND_SINCE_PARTIAL
+        entries = self._walk(spool)
         nsids: dict[str, bool] = {}  # a repo has a handful of collections: check each once
         for key, cid in entries:
             collection, _, rkey = key.partition("/")
@@ -232,6 +283,8 @@ class RepoSnapshot:
                 continue
             block = spool.get(cid)
             if block is None:
+                if partial:
+                    continue  # older than `since`: counted in absent_records, not received
                 yield SkippedRecord(SKIP_INVALID, collection, rkey, "record block missing")
                 continue
             try:
@@ -252,6 +305,11 @@ class RepoSnapshot:
                 record,
                 sanitized,
             )
+        for write in self.extra:
+            if window.keeps(write.rkey, write.record):
+                yield write
+            else:
+                yield SkippedRecord(SKIP_WINDOW, write.collection, write.rkey)
 
     def close(self) -> None:
         """Remove the spool file (idempotent)."""
@@ -268,13 +326,22 @@ class RepoSnapshot:
 
 
 def _check_snapshot(
-    spool: Blocks, root_cid: bytes, did: str, entries: list[tuple[str, bytes]] | None = None
-) -> tuple[str, str, str, int]:
-    """Seal the spool; commit checks and the completeness walk -> (rev, commit, data,
-    records). The walk's (key, cid) pairs are appended to `entries` when given."""
+    spool: Blocks,
+    root_cid: bytes,
+    did: str,
+    entries: list[tuple[str, bytes]] | None = None,
+    since: str | None = None,
+) -> Checked:
+    """Seal the spool; commit checks and the completeness walk (the partial walk of
+    `backfill.since.check_partial` for a `since` answer). The walk's (key, cid) pairs of
+    present records are appended to `entries` when given."""
     spool.seal()
     commit_block = spool.get(root_cid)
     if commit_block is None:
+        if since is not None:
+            # The commit is the newest block of all: the reference streams it first. Blocks
+            # without it cannot be checked against anything.
+            raise SinceSuspect(FALLBACK_NO_COMMIT)
         raise FetchError("truncated", "root commit block is not in the CAR", transient=True)
     try:
         info = read_commit(Car(cid_str_from_bytes(root_cid), root_cid, {root_cid: commit_block}))
@@ -286,6 +353,8 @@ def _check_snapshot(
     if info.rev is None:
         # v2 commits have no rev, and rows need one for the rev guard (invariant 2).
         raise FetchError("bad_response", "commit has no rev (repo v2)", transient=False)
+    if since is not None:
+        return check_partial(spool, info.rev, info.cid, info.data_cid, since, entries)
     records = 0
     try:
         for key, cid in walk_mst(cid_bytes_from_str(info.data_cid), spool.get):
@@ -298,7 +367,7 @@ def _check_snapshot(
         if exc.reason == "missing_block":
             raise FetchError("truncated", f"incomplete repo: {exc}", transient=True) from None
         raise FetchError("bad_response", f"MST: {exc}", transient=False) from None
-    return info.rev, info.cid, info.data_cid, records
+    return Checked(info.rev, info.cid, info.data_cid, records)
 
 
 async def fetch_repo(
@@ -309,19 +378,23 @@ async def fetch_repo(
     max_bytes: int,
     spool_dir: Path,
     memory_max_bytes: int | None = None,
+    since: str | None = None,
 ) -> RepoSnapshot:
-    """Download, verify and spool `did`'s repo from `pds`.
+    """Download, verify and spool `did`'s repo from `pds` (with `since`: what was written
+    after that rev, a partial tree; see the module doc).
 
-    Raises FetchError for anything the network or the PDS did wrong; OSError only for
-    local spool failures (disk full).
+    Raises FetchError for anything the network or the PDS did wrong; SinceSuspect when a
+    `since` answer lacks a block it should hold; OSError only for local spool failures
+    (disk full).
     """
     if memory_max_bytes is None:
         memory_max_bytes = MEMORY_SPOOL_MAX_BYTES
     url = pds.rstrip("/") + GET_REPO_PATH
+    params = {"did": did} if since is None else {"did": did, "since": since}
     reader = CarStreamReader()
     spool: Blocks = MemoryBlocks()
     try:
-        async with http.stream(url, {"did": did}, max_bytes=max_bytes) as chunks:
+        async with http.stream(url, params, max_bytes=max_bytes) as chunks:
             async for chunk in chunks:
                 if reader.bytes_read + len(chunk) > max_bytes:
                     raise FetchError("too_large", f"CAR over {max_bytes} B", transient=False)
@@ -339,25 +412,48 @@ async def fetch_repo(
             # Complete at the HTTP level but cut inside a section: retry.
             raise FetchError("truncated", f"CAR: {exc}", transient=True) from None
         assert reader.root_cid is not None
+        if since is not None and spool.blocks == 0:
+            # The reference's answer when no block is newer than `since`: the header names
+            # the current commit, and not even the commit block follows. Nothing in the
+            # window; the commit (hence the rev) stays unknown.
+            return RepoSnapshot(
+                did=did,
+                rev="",
+                commit_cid=cid_str_from_bytes(reader.root_cid),
+                data_cid="",
+                bytes_downloaded=reader.bytes_read,
+                kind=KIND_SINCE_EMPTY,
+                profile=PROFILE_UNKNOWN,
+                _spool=spool,
+                _entries=[],
+            )
         # The walk decodes every MST node: off the event loop, which also serves the live
         # stream.
         entries: list[tuple[str, bytes]] | None = None
         if isinstance(spool, MemoryBlocks):
             entries = []
-        rev, commit_cid, data_cid, records = await asyncio.to_thread(
-            _check_snapshot, spool, reader.root_cid, did, entries
+        checked = await asyncio.to_thread(
+            _check_snapshot, spool, reader.root_cid, did, entries, since
         )
+    except SinceSuspect as exc:
+        spool.close()
+        exc.bytes_downloaded = reader.bytes_read
+        raise
     except BaseException:
         spool.close()
         raise
     return RepoSnapshot(
         did=did,
-        rev=rev,
-        commit_cid=commit_cid,
-        data_cid=data_cid,
+        rev=checked.rev,
+        commit_cid=checked.commit_cid,
+        data_cid=checked.data_cid,
         bytes_downloaded=reader.bytes_read,
         blocks=spool.blocks,
-        records=records,
+        records=checked.records,
+        kind=checked.kind,
+        absent_subtrees=checked.absent_subtrees,
+        absent_records=checked.absent_records,
+        profile=checked.profile,
         _spool=spool,
         _entries=entries,
     )

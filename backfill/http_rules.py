@@ -38,16 +38,19 @@ FETCH_REASONS = frozenset(
         "repo_deactivated",
         "repo_takendown",
         "repo_suspended",
+        "record_not_found",  # com.atproto.sync.getRecord: the record does not exist
         "client_error",  # any other 4xx
     }
 )
 
-# XRPC error names of com.atproto.sync.getRepo / getLatestCommit (lexicon `errors`).
+# XRPC error names of com.atproto.sync.getRepo / getLatestCommit / getRecord (lexicon
+# `errors`).
 XRPC_ERRORS = {
     "RepoNotFound": "repo_not_found",
     "RepoDeactivated": "repo_deactivated",
     "RepoTakendown": "repo_takendown",
     "RepoSuspended": "repo_suspended",
+    "RecordNotFound": "record_not_found",
 }
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from backfill.window_metrics import WindowMetrics
+
 REPO_STATES = ("pending", "in_progress", "done", "failed")
 RECORD_STAGES = ("received", "processed", "skipped")
 THROTTLE_REASONS = ("memory", "idle", "rate_limit", "paused")
@@ -34,6 +36,7 @@ class BackfillMetrics:
     job_status: Gauge
     progress_ratio: Gauge
     eta_seconds: Gauge
+    window: WindowMetrics  # getRepo?since= and profile fetches (backfill/window_metrics.py)
     repos_skipped: Counter
     enumeration_pages: Counter
 
@@ -116,6 +119,7 @@ class BackfillMetrics:
                 "unknown (enumeration unfinished or no rate yet).",
                 registry=registry,
             ),
+            window=WindowMetrics.create(registry),
             repos_skipped=Counter(
                 "backfill_repos_skipped_total",
                 "Repos the relay listed that enumeration did not queue, this process, by "

@@ -57,7 +57,13 @@ class Network(Protocol):
     async def list_repos_by_collection(
         self, collection: str, cursor: str | None, limit: int
     ) -> RepoPage: ...
-    async def fetch(self, did: str) -> Snapshot: ...
+    async def fetch(
+        self, did: str, *, since: str | None = None, want_profile: bool = False
+    ) -> Snapshot:
+        """The repo (with `since`: what was written after it, plus the profile through
+        getRecord when `want_profile` and the answer lacks it: backfill/window_fetch.py)."""
+        ...
+
     def paused_hosts(self) -> dict[str, float]: ...
     def known_hosts(self) -> set[str]:
         """Hosts repos are downloaded from: when all are paused, the job is rate limited."""
@@ -98,17 +104,20 @@ class HttpNetwork:
         )
         return page
 
-    async def fetch(self, did: str) -> Snapshot:
-        from backfill.download import fetch_repo
+    async def fetch(
+        self, did: str, *, since: str | None = None, want_profile: bool = False
+    ) -> Snapshot:
         from backfill.hosts import FetchError
         from backfill.http_rules import host_key
+        from backfill.window_fetch import fetch_window
 
         identity = await self._resolver.resolve(did)
         self._repo_hosts.add(host_key(identity.pds))
         try:
-            snap: Snapshot = await fetch_repo(
-                self._http, identity.pds, did, max_bytes=self._max_bytes, spool_dir=self._spool
-            )
+            snap: Snapshot = await fetch_window(
+                self._http, identity.pds, did, since=since, want_profile=want_profile,
+                max_bytes=self._max_bytes, spool_dir=self._spool,
+            )  # fmt: skip
         except FetchError as err:
             if err.reason in ("not_found", "repo_not_found"):
                 # The account may have moved to another PDS: re-resolve on the next attempt.

@@ -10,6 +10,10 @@
   BACKFILL_MAX_ATTEMPTS; a 429 re-queues the repo for when the host resumes, without
   counting an attempt. When the backfill stops, in-flight repos are released (pending again,
   no attempt counted) with their progress saved.
+* With a cutoff (and BACKFILL_SINCE on) the download asks only for what was written after
+  it (``getRepo?since=``) plus the profile when that answer lacks it
+  (backfill/window_fetch.py); a snapshot that knows no commit (nothing in the window) writes
+  no repo head.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from backfill import jobs, queries, queue
 from backfill.context import Context, Halted
 from backfill.progress import SAVE_EVERY_RECORDS, Counts
 from backfill.queue import Claimed, backoff_s
+from backfill.since import PROFILE_COLLECTION
 from backfill.window import Window
 from firehose.model import RecordWrite
 from firehose.settings import collection_wanted
@@ -68,6 +73,9 @@ class RepoTask:
         self.ctx = ctx
         self.slots = slots
         self.window = Window(cutoff=ctx.job.cutoff)
+        # The job's window, as getRepo's `since` (None: download whole).
+        self.since = self.window.since if ctx.settings.since else None
+        self.want_profile = collection_wanted(PROFILE_COLLECTION, ctx.wanted_collections)
 
     async def run(self, c: Claimed) -> None:
         ctx = self.ctx
@@ -84,7 +92,9 @@ class RepoTask:
         ctx = self.ctx
         started = time.monotonic()
         try:
-            snap = await ctx.until_halt(ctx.network.fetch(c.did))
+            snap = await ctx.until_halt(
+                ctx.network.fetch(c.did, since=self.since, want_profile=self.want_profile)
+            )
         except Halted:
             raise
         except Exception as exc:
@@ -92,6 +102,7 @@ class RepoTask:
             return
         ctx.metrics.fetch_seconds.observe(time.monotonic() - started)
         ctx.metrics.bytes_downloaded.inc(snap.bytes_downloaded)
+        ctx.metrics.window.count(snap)
         try:
             written = await self._write(c, snap)
         except Halted:
@@ -104,7 +115,7 @@ class RepoTask:
         async with ctx.conn() as conn:
             await queue.mark_done(
                 conn, ctx.job.id, c.did, ctx.owner,
-                rev=snap.rev, records=written, bytes_=snap.bytes_downloaded,
+                rev=snap.rev or None, records=written, bytes_=snap.bytes_downloaded,
             )  # fmt: skip
             await self._save(conn, force=True)
 
@@ -116,7 +127,9 @@ class RepoTask:
         written = 0
         since_save = 0
         batch: list[RecordWrite] = []
-        head = [(snap.did, snap.rev, snap.data_cid)]
+        # None: a snapshot that knows no commit (a `since` answer with no block): no head.
+        known = getattr(snap, "head", (snap.did, snap.rev, snap.data_cid))
+        head = [] if known is None else [known]
         for n, item in enumerate(snap.writes(self.window), 1):
             counts.received += 1
             if not isinstance(item, RecordWrite) or not collection_wanted(
@@ -166,7 +179,7 @@ class RepoTask:
         async with ctx.conn() as conn:
             await queue.save_repo_progress(
                 conn, ctx.job.id, c.did, ctx.owner, records=written,
-                bytes_=snap.bytes_downloaded, rev=snap.rev, lease_s=ctx.lease_s,
+                bytes_=snap.bytes_downloaded, rev=snap.rev or None, lease_s=ctx.lease_s,
             )  # fmt: skip
             await self._save(conn, force=False)
 

@@ -58,6 +58,9 @@ class BackfillSettings:
     on_all_workers: bool = False  # let workers other than 0 help with the same job
     vacuum: bool = False  # VACUUM ANALYZE the touched tables on completion
     dry_run: bool = False  # fetch and count, write nothing
+    # With a cutoff, ask getRepo only for what was written after it (`since`; issue 9,
+    # docs/backfill-window.md). Off: every repo is downloaded whole.
+    since: bool = True
     # Narrowing (issue 9, docs/backfill-narrowing.md): with a cutoff, do not queue a repo whose
     # listRepos rev (latest commit) is older than it; with WANTED_COLLECTIONS made only of
     # exact NSIDs, enumerate with listReposByCollection instead of listRepos.
@@ -99,6 +102,7 @@ class BackfillSettings:
             on_all_workers=e.get("BACKFILL_ON_ALL_WORKERS", False, boolean),
             vacuum=e.get("BACKFILL_VACUUM", False, boolean),
             dry_run=e.get("BACKFILL_DRY_RUN", False, boolean),
+            since=e.get("BACKFILL_SINCE", True, boolean),
             plc_url=e.get("PLC_URL", DEFAULT_PLC_URL, _http_url),
             allow_private_network=e.get("ALLOW_PRIVATE_NETWORK", False, boolean),
             resync_max_concurrent=e.get("RESYNC_MAX_CONCURRENT", 2, int_range(1, 64)),

@@ -108,7 +108,7 @@ class FakeNetwork:
             str(end) if end < self.n_repos else None,
         )
 
-    async def fetch(self, d: str) -> Snap:
+    async def fetch(self, d: str, **_window: Any) -> Snap:
         self.fetches[d] += 1
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -428,9 +428,9 @@ async def test_priority_dids_first(db_dsn: str) -> None:
     order: list[str] = []
     real = net.fetch
 
-    async def fetch(d: str) -> Snap:
+    async def fetch(d: str, **window: Any) -> Snap:
         order.append(d)
-        return await real(d)
+        return await real(d, **window)
 
     net.fetch = fetch  # type: ignore[method-assign]
     settings = replace(FAST, max_concurrent=1, dids=(did(9), did(8)))

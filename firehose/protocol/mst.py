@@ -85,46 +85,168 @@ def walk_mst(
         block = get_block(item)
         if block is None:
             raise ProtocolError("missing_block", f"MST node {cid_str_from_bytes(item)} missing")
-        node = decode_block(block)
-        if type(node) is not dict or type(node.get("e")) is not list:
-            raise ProtocolError("body", "MST node is not {l, e}")
-        pending: list[bytes | tuple[str, bytes]] = []
-        left = _link(node.get("l"), "l", True)
-        if left is not None:
-            pending.append(left)
-        elif not node["e"] and nodes > 1:
-            # The spec allows a node with no entries and no left subtree only as the root
-            # of an empty repo. Elsewhere such keyless subtrees are what a hostile DAG
-            # reuses behind every entry to make the walk quadratic (a 200 KB CAR took 9 s)
-            # without ever repeating a key; refused, every subtree yields a key, and a
-            # reused one repeats a key and fails the order check at once.
-            raise ProtocolError("body", "empty MST node below the root")
-        prev = b""
-        for entry in node["e"]:
-            if type(entry) is not dict:
-                raise ProtocolError("body", "MST entry is not a map")
-            prefix_len = entry.get("p")
-            suffix = entry.get("k")
-            if type(prefix_len) is not int or type(suffix) is not bytes:
-                raise ProtocolError("body", "MST entry needs integer p and bytes k")
-            if not 0 <= prefix_len <= len(prev):
-                raise ProtocolError("body", "MST entry prefix longer than the previous key")
-            key = prev[:prefix_len] + suffix
-            if len(key) > MAX_KEY_BYTES:
-                raise ProtocolError("too_large", "MST key too long")
-            value = _link(entry.get("v"), "v", False)
-            assert value is not None
-            try:
-                key_str = key.decode("utf-8")
-            except UnicodeDecodeError:
-                raise ProtocolError("body", "MST key is not UTF-8") from None
-            pending.append((key_str, value))
-            right = _link(entry.get("t"), "t", True)
-            if right is not None:
-                pending.append(right)
-            prev = key
+        pending = _node_items(block, below_root=nodes > 1)
         # Push in reverse so the leftmost item pops first.
         stack.extend(reversed(pending))
+
+
+def _node_items(block: bytes, *, below_root: bool) -> list[bytes | tuple[str, bytes]]:
+    """One MST node -> its subtree links (bytes) and entries ``(key, value cid)``, in key
+    order. Raises ProtocolError for anything that is not a well-formed node."""
+    node = decode_block(block)
+    if type(node) is not dict or type(node.get("e")) is not list:
+        raise ProtocolError("body", "MST node is not {l, e}")
+    pending: list[bytes | tuple[str, bytes]] = []
+    left = _link(node.get("l"), "l", True)
+    if left is not None:
+        pending.append(left)
+    elif not node["e"] and below_root:
+        # The spec allows a node with no entries and no left subtree only as the root
+        # of an empty repo. Elsewhere such keyless subtrees are what a hostile DAG
+        # reuses behind every entry to make the walk quadratic (a 200 KB CAR took 9 s)
+        # without ever repeating a key; refused, every subtree yields a key, and a
+        # reused one repeats a key and fails the order check at once.
+        raise ProtocolError("body", "empty MST node below the root")
+    prev = b""
+    for entry in node["e"]:
+        if type(entry) is not dict:
+            raise ProtocolError("body", "MST entry is not a map")
+        prefix_len = entry.get("p")
+        suffix = entry.get("k")
+        if type(prefix_len) is not int or type(suffix) is not bytes:
+            raise ProtocolError("body", "MST entry needs integer p and bytes k")
+        if not 0 <= prefix_len <= len(prev):
+            raise ProtocolError("body", "MST entry prefix longer than the previous key")
+        key = prev[:prefix_len] + suffix
+        if len(key) > MAX_KEY_BYTES:
+            raise ProtocolError("too_large", "MST key too long")
+        value = _link(entry.get("v"), "v", False)
+        assert value is not None
+        try:
+            key_str = key.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError("body", "MST key is not UTF-8") from None
+        pending.append((key_str, value))
+        right = _link(entry.get("t"), "t", True)
+        if right is not None:
+            pending.append(right)
+        prev = key
+    return pending
+
+
+@dataclass(frozen=True, slots=True)
+class MissingSubtree:
+    """A subtree whose root node is absent from a partial export (``getRepo?since=``).
+
+    Its keys, if any, lie strictly between `after` and `before`: the nearest keys of the
+    walk on either side (None: no key on that side, e.g. the repo's first subtree). A
+    partial walk cannot know more of what it held."""
+
+    cid: bytes
+    after: str | None
+    before: str | None
+
+
+def walk_mst_partial(
+    root_cid: bytes | str,
+    get_block: Callable[[bytes], bytes | None],
+    *,
+    max_nodes: int = MAX_NODES,
+) -> Iterator[tuple[str, bytes] | MissingSubtree]:
+    """`walk_mst` over a tree some of whose nodes may be absent: an absent node (the data
+    root included) is yielded as a `MissingSubtree`, in key order among the entries,
+    instead of raising. Every node present is decoded and checked exactly as in
+    `walk_mst`, and keys still strictly increase across the whole walk."""
+    if isinstance(root_cid, str):
+        root_cid = cid_bytes_from_str(root_cid)
+    # Stack items: (subtree cid, key before it, key after it), or an entry (key, value cid).
+    stack: list[tuple[bytes, str | None, str | None] | tuple[str, bytes]] = [(root_cid, None, None)]
+    last_key: bytes | None = None
+    nodes = 0
+    while stack:
+        item = stack.pop()
+        if len(item) == 2:
+            key_str = item[0]
+            assert isinstance(key_str, str)
+            key_bytes = key_str.encode("utf-8")
+            if last_key is not None and key_bytes <= last_key:
+                raise ProtocolError("body", f"MST keys out of order at {key_str[:100]!r}")
+            last_key = key_bytes
+            yield item
+            continue
+        cid, after, before = item
+        nodes += 1
+        if nodes > max_nodes:
+            raise ProtocolError("too_large", f"MST has more than {max_nodes} nodes")
+        block = get_block(cid)
+        if block is None:
+            yield MissingSubtree(cid, after, before)
+            continue
+        pending = _node_items(block, below_root=nodes > 1)
+        out: list[tuple[bytes, str | None, str | None] | tuple[str, bytes]] = []
+        for i, entry in enumerate(pending):
+            if type(entry) is tuple:
+                out.append(entry)
+                continue
+            assert isinstance(entry, bytes)
+            # A link sits between entries (the node's own keys), or at its ends, where the
+            # bounds are the parent's.
+            lo = pending[i - 1] if i > 0 else None
+            hi = pending[i + 1] if i + 1 < len(pending) else None
+            out.append(
+                (
+                    entry,
+                    lo[0] if type(lo) is tuple else after,
+                    hi[0] if type(hi) is tuple else before,
+                )
+            )
+        stack.extend(reversed(out))
+
+
+MST_FOUND = "found"
+MST_ABSENT = "absent"
+MST_UNKNOWN = "unknown"
+MAX_MST_DEPTH = 256  # heights are leading zero bit pairs of a sha256: at most 128 layers
+
+
+def mst_lookup(
+    root_cid: bytes | str, key: str, get_block: Callable[[bytes], bytes | None]
+) -> tuple[str, bytes | None]:
+    """Search `key` from MST root `root_cid`, reading only the nodes on its path.
+
+    -> (MST_FOUND, record cid) | (MST_ABSENT, None): the path is whole and the key is not
+    on it, which proves absence (what ``com.atproto.sync.getRecord`` sends for a missing
+    record) | (MST_UNKNOWN, None): a node of the path is absent (a partial export).
+    Nodes are decoded and checked as in `walk_mst`; a node whose keys do not increase
+    raises ProtocolError(``body``)."""
+    if isinstance(root_cid, str):
+        root_cid = cid_bytes_from_str(root_cid)
+    target = key.encode("utf-8")
+    link: bytes | None = root_cid
+    for depth in range(MAX_MST_DEPTH):
+        if link is None:
+            return MST_ABSENT, None
+        block = get_block(link)
+        if block is None:
+            return MST_UNKNOWN, None
+        items = _node_items(block, below_root=depth > 0)
+        link = None
+        last: bytes | None = None
+        for item in items:
+            if type(item) is not tuple:
+                assert isinstance(item, bytes)
+                link = item  # the subtree right of the keys seen so far
+                continue
+            item_key = item[0].encode("utf-8")
+            if last is not None and item_key <= last:
+                raise ProtocolError("body", f"MST keys out of order at {item[0][:100]!r}")
+            last = item_key
+            if item_key == target:
+                return MST_FOUND, item[1]
+            if item_key > target:
+                break  # the key, if anywhere, is in the subtree left of this entry
+            link = None  # past this entry: only its own right subtree may hold the key
+    raise ProtocolError("too_large", f"MST path deeper than {MAX_MST_DEPTH}")
 
 
 @dataclass(frozen=True, slots=True)
