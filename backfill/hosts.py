@@ -195,13 +195,15 @@ class HostClient:
         params: Mapping[str, Any] | None = None,
         *,
         max_bytes: int | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> AsyncIterator[AsyncIterator[bytes]]:
         """GET and yield the body as chunks. `max_bytes` refuses a bigger Content-Length
-        up front (the caller still counts: the header may lie or be absent)."""
+        up front (the caller still counts: the header may lie or be absent). `headers`: extra
+        request headers (a devnet handle check names its virtual host, backfill/handles.py)."""
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S
         )
-        async with self._request(url, params, timeout, max_bytes) as resp:
+        async with self._request(url, params, timeout, max_bytes, headers) as resp:
             yield self._chunks(resp)
 
     # -- internals -----------------------------------------------------------------------
@@ -298,6 +300,7 @@ class HostClient:
         params: Mapping[str, Any] | None,
         client_timeout: aiohttp.ClientTimeout,
         max_bytes: int | None,
+        headers: Mapping[str, str] | None = None,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         key = host_key(url)
         host = self._host(key)
@@ -309,7 +312,11 @@ class HostClient:
                 # Redirects are not followed: a redirect could lead to a private address
                 # behind the check above, and no XRPC endpoint we call redirects.
                 resp = await self.session.get(
-                    url, params=params, timeout=client_timeout, allow_redirects=False
+                    url,
+                    params=params,
+                    headers=headers,
+                    timeout=client_timeout,
+                    allow_redirects=False,
                 )
             except TimeoutError:
                 raise FetchError("timeout", key, transient=True) from None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -72,6 +73,9 @@ class Identity:
     # The verification method's `type`: "Multikey", or a legacy suite whose key carries no
     # multicodec prefix, so the type names the curve (firehose.protocol.signature).
     signing_key_type: str | None = None
+    # The document's `alsoKnownAs` strings (at most MAX_DOC_ENTRIES, each at most
+    # MAX_ENDPOINT_CHARS): backfill/handles.py picks and verifies the handle from them.
+    also_known_as: tuple[str, ...] = ()
 
 
 def did_web_url(did: str, allow_private: bool) -> str:
@@ -142,7 +146,12 @@ def parse_did_document(did: str, doc: Any) -> Identity:
             pds = _endpoint(service.get("serviceEndpoint"))
             if pds is None:
                 raise IdentityError("no_pds", "bad #atproto_pds serviceEndpoint")
-            return Identity(did, handle, pds, signing_key, signing_key_type)
+            aka = tuple(
+                a
+                for a in _entries(doc, "alsoKnownAs")
+                if type(a) is str and len(a) <= MAX_ENDPOINT_CHARS
+            )
+            return Identity(did, handle, pds, signing_key, signing_key_type, aka)
     raise IdentityError("no_pds", f"{did[:100]} has no #atproto_pds service")
 
 
@@ -164,6 +173,9 @@ class IdentityResolver:
         self._cache: OrderedDict[str, tuple[float, Identity]] = OrderedDict()
         self.cache_hits = 0
         self.cache_misses = 0
+        # Called with each freshly fetched identity and the wall-clock time of the fetch
+        # (not for cache hits): the backfill's handle verification (backfill/handles.py).
+        self.on_resolved: Callable[[Identity, float], None] | None = None
 
     def invalidate(self, did: str) -> None:
         """Forget `did` (after an #identity event, or when its PDS no longer has the repo)."""
@@ -180,11 +192,14 @@ class IdentityResolver:
             self.cache_hits += 1
             return cached[1]
         self.cache_misses += 1
+        fetched_at = time.time()
         identity = parse_did_document(did, await self._fetch_document(did))
         self._cache[did] = (time.monotonic() + self.ttl_s, identity)
         self._cache.move_to_end(did)
         while len(self._cache) > self.max_entries:
             self._cache.popitem(last=False)
+        if self.on_resolved is not None:
+            self.on_resolved(identity, fetched_at)
         return identity
 
     async def _fetch_document(self, did: str) -> Any:

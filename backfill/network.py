@@ -88,6 +88,16 @@ class HttpNetwork:
     def rate_limit_pauses(self) -> int:
         return int(self._http.rate_limit_pauses)
 
+    @property
+    def http(self) -> Any:
+        """The HostClient (backfill/handles.py builds its well-known client from it)."""
+        return self._http
+
+    @property
+    def resolver(self) -> Any:
+        """The IdentityResolver (backfill/handles.py listens to its fresh identities)."""
+        return self._resolver
+
     async def list_repos(self, cursor: str | None, limit: int) -> RepoPage:
         from backfill.relay_http import list_repos
 

@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from backfill import jobs, queue
 from backfill.context import Context
 from backfill.enumeration import enumerate_until_done
+from backfill.handles import HandleMetrics, verify_handles
 from backfill.jobs import Job
 from backfill.metrics import BackfillMetrics
 from backfill.network import Network, open_http_network
@@ -86,6 +87,7 @@ class BackfillService:
         self.settings = settings
         self.pool = pool
         self.metrics = BackfillMetrics.create(registry)
+        self.handle_metrics = HandleMetrics.create(registry)
         self.relay_url = relay_url
         self.worker_id = worker_id
         self.throttle = Throttle(
@@ -152,6 +154,8 @@ class BackfillService:
             try:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._watch_stop(ctx, stop))
+                    # First, so it listens before the first DID is resolved.
+                    tg.create_task(verify_handles(ctx, self.handle_metrics, stop))
                     tg.create_task(self._control(ctx))
                     tg.create_task(enumerate_until_done(ctx))
                     tg.create_task(self._dispatch(ctx))

@@ -14,9 +14,10 @@ not import firehose.settings (which imports it to build `Settings.backfill`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from backfill.handle_rules import HandleSettings
 from firehose.envparse import Env, boolean, choice, int_range
 from firehose.protocol.syntax import is_did
 
@@ -71,6 +72,8 @@ class BackfillSettings:
     # Resyncs of desynchronized repos (backfill/resync.py), on every worker.
     resync_max_concurrent: int = 2  # repos downloaded at once per worker
     resync_max_attempts: int = 5  # transient failures before a resync is failed
+    # Handles of backfilled accounts, verified both ways (backfill/handles.py).
+    handles: HandleSettings = field(default_factory=HandleSettings)
 
     @property
     def enabled(self) -> bool:
@@ -109,6 +112,7 @@ class BackfillSettings:
             skip_dormant=e.get("BACKFILL_SKIP_DORMANT", True, boolean),
             by_collection=e.get("BACKFILL_BY_COLLECTION", True, boolean),
             resync_max_attempts=e.get("RESYNC_MAX_ATTEMPTS", 5, int_range(1, 100)),
+            handles=HandleSettings.from_env(env),
         )
 
 

@@ -11,6 +11,11 @@ https://github.com/bluesky-social/atproto/tree/main/lexicons/com/atproto):
 * ``GET /xrpc/com.atproto.sync.listRepos?limit=&cursor=`` this host's repos.
 * ``GET /xrpc/com.atproto.repo.describeRepo?repo=``   ``{handle, did, didDoc, collections}``.
 * ``GET /.well-known/did.json``                       host 0 only, with a did:web account.
+* ``GET /.well-known/atproto-did``                    the DID of the account whose handle is
+  the request's ``Host`` (https://atproto.com/specs/handle), text/plain; 404 for another.
+  Every host answers for every devnet handle, as one front (the bsky.social entryway answers
+  for every ``*.bsky.social`` handle); the worker reaches it through
+  HANDLE_RESOLUTION_OVERRIDES (docs/identity.md).
 * ``GET /devnet/stats``                               the shared `HttpStats` as JSON.
 
 Errors are XRPC JSON ``{"error", "message"}``: 400 ``InvalidRequest`` for bad parameters,
@@ -137,6 +142,7 @@ class PdsHost:
         self.app.router.add_get("/xrpc/com.atproto.sync.listRepos", self._list_repos)
         self.app.router.add_get("/xrpc/com.atproto.repo.describeRepo", self._describe)
         self.app.router.add_get("/.well-known/did.json", self._did_json)
+        self.app.router.add_get("/.well-known/atproto-did", self._atproto_did)
         self.app.router.add_get("/devnet/stats", self._stats)
 
     @web.middleware
@@ -256,6 +262,13 @@ class PdsHost:
         if document is None:
             raise web.HTTPNotFound()
         return web.json_response(document)
+
+    async def _atproto_did(self, request: web.Request) -> web.Response:
+        handle = (request.host or "").rsplit(":", 1)[0].lower()
+        for repo in self.directory.repos():
+            if repo.handle == handle and repo.status != "deleted":
+                return web.Response(text=repo.did, content_type="text/plain")
+        raise web.HTTPNotFound(text="no account with this handle")
 
     async def _stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats.snapshot(self.directory.endpoints))

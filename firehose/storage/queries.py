@@ -364,13 +364,17 @@ SELECT did, chain_rev AS rev, chain_data_cid AS data_cid, active AND status <> '
   FROM actors WHERE did = ANY($1::text[])
 """
 
-# #identity: $1 did[], $2 handle[] (NULL keeps the stored handle), $3 seq[].
+# #identity: $1 did[], $2 handle[] (NULL keeps the stored handle), $3 seq[]. A handle is
+# stamped handle_at = now(): a verified backfill handle observed before that moment never
+# overwrites it (sql/007_handle_at.sql, backfill/handles.py).
 ACTOR_IDENTITIES = """
-INSERT INTO actors AS a (did, handle, seq, updated_at)
-SELECT i.did, i.handle, i.seq, now()
+INSERT INTO actors AS a (did, handle, handle_at, seq, updated_at)
+SELECT i.did, i.handle, CASE WHEN i.handle IS NOT NULL THEN now() END, i.seq, now()
   FROM unnest($1::text[], $2::text[], $3::bigint[]) AS i(did, handle, seq)
 ON CONFLICT (did) DO UPDATE
-   SET handle = coalesce(EXCLUDED.handle, a.handle), seq = EXCLUDED.seq, updated_at = now()
+   SET handle = coalesce(EXCLUDED.handle, a.handle),
+       handle_at = CASE WHEN EXCLUDED.handle IS NOT NULL THEN now() ELSE a.handle_at END,
+       seq = EXCLUDED.seq, updated_at = now()
 """
 
 # #account: $1 did[], $2 status[], $3 active[], $4 seq[].
