@@ -18,6 +18,12 @@ point the worker at internal services: checked before the request (a clear error
 literals, which aiohttp never resolves) AND at connect time by `GuardedResolver` on the very
 addresses aiohttp connects to, so a DNS answer that changes in between (DNS rebinding)
 cannot slip through.
+
+`allowed_private_hosts` names the exceptions one by one (``host:port``, as `host_key`
+writes them): `firehose run --devnet` passes its own relay, PDS and PLC ports on loopback,
+so the offline quick start can backfill while every other private address stays refused.
+The exception is per port, not per address: a DID document naming another loopback port
+(an admin interface, a database) is still refused.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import ipaddress
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -86,13 +92,16 @@ class GuardedResolver(AbstractResolver):
     ClientConnectorDNSError; `HostClient` turns it into ``forbidden_address``.
     """
 
-    def __init__(self, base: AbstractResolver) -> None:
+    def __init__(self, base: AbstractResolver, allowed: frozenset[str] = frozenset()) -> None:
         self.base = base
+        self.allowed = allowed  # host:port keys exempt from the check (HostClient's list)
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
         results = await self.base.resolve(host, port, family)
+        if f"{host.lower()}:{port}" in self.allowed:
+            return results
         for result in results:
             if is_forbidden_ip(result["host"]):
                 raise ForbiddenAddressError(f"{host[:60]} -> {result['host']}")
@@ -102,7 +111,9 @@ class GuardedResolver(AbstractResolver):
         await self.base.close()
 
 
-def _guard_connector(session: aiohttp.ClientSession) -> AbstractResolver:
+def _guard_connector(
+    session: aiohttp.ClientSession, allowed: frozenset[str] = frozenset()
+) -> AbstractResolver:
     """Install `GuardedResolver` in the session's connector; returns the resolver it wraps.
 
     aiohttp takes a resolver only when the connector is built, and callers build their own
@@ -116,8 +127,9 @@ def _guard_connector(session: aiohttp.ClientSession) -> AbstractResolver:
     ):
         raise TypeError("HostClient needs a session with an aiohttp TCPConnector")
     if isinstance(resolver, GuardedResolver):
+        resolver.allowed |= allowed
         return resolver.base
-    connector._resolver = GuardedResolver(resolver)
+    connector._resolver = GuardedResolver(resolver, allowed)
     connector.clear_dns_cache()  # answers cached before the guard was in place
     return resolver
 
@@ -142,6 +154,7 @@ class HostClient:
         per_host_concurrency: int = DEFAULT_PER_HOST_CONCURRENCY,
         allow_private: bool = False,
         max_response_bytes: int = MAX_JSON_BYTES,
+        allowed_private_hosts: Iterable[str] = (),
     ) -> None:
         if per_host_concurrency < 1:
             raise ValueError("per_host_concurrency must be >= 1")
@@ -149,8 +162,12 @@ class HostClient:
         self.per_host_concurrency = per_host_concurrency
         self.allow_private = allow_private
         self.max_response_bytes = max_response_bytes
+        # host:port keys that may be private although allow_private is off (module doc).
+        self.allowed_private_hosts = frozenset(key.lower() for key in allowed_private_hosts)
         # The resolver behind the connect-time guard: the pre-request check asks the same one.
-        self._resolver = None if allow_private else _guard_connector(session)
+        self._resolver = (
+            None if allow_private else _guard_connector(session, self.allowed_private_hosts)
+        )
         self._hosts: dict[str, _Host] = {}
         # Counters for metrics (engineer O exports them).
         self.rate_limit_pauses = 0  # 429s received
@@ -223,6 +240,8 @@ class HostClient:
         except ValueError:
             raise FetchError("bad_url", url[:100], transient=False) from None
         if self._resolver is None or host.address_checked_until > time.monotonic():
+            return
+        if host_key(url) in self.allowed_private_hosts:
             return
         name = parts.hostname
         try:

@@ -159,6 +159,7 @@ async def open_http_network(
                 session,
                 per_host_concurrency=per_host_concurrency or max(4, settings.max_concurrent),
                 allow_private=settings.allow_private_network,
+                allowed_private_hosts=settings.allowed_private_hosts,
             )
             resolver = IdentityResolver(http, settings.plc_url)
             yield HttpNetwork(

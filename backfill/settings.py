@@ -69,6 +69,9 @@ class BackfillSettings:
     by_collection: bool = True
     plc_url: str = DEFAULT_PLC_URL
     allow_private_network: bool = False  # let PDS/PLC URLs resolve to private addresses
+    # host:port keys allowed although private (backfill/hosts.py). No environment variable:
+    # only `firehose run --devnet` sets it, to its own loopback relay, PDS and PLC ports.
+    allowed_private_hosts: tuple[str, ...] = ()
     # Resyncs of desynchronized repos (backfill/resync.py), on every worker.
     resync_max_concurrent: int = 2  # repos downloaded at once per worker
     resync_max_attempts: int = 5  # transient failures before a resync is failed

@@ -15,10 +15,13 @@ import logging
 import sys
 import time
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from firehose import __version__, logs
 from firehose.settings import ConfigError, Settings
+
+if TYPE_CHECKING:
+    from firehose.devnet.relay import DevnetConfig, DevnetRelay
 
 log = logging.getLogger("firehose")
 
@@ -27,6 +30,12 @@ EXIT_CONFIG = 2
 # window so the devnet's memory stays flat.
 DEVNET_QUICKSTART_EVENTS = 100_000_000
 DEVNET_QUICKSTART_WINDOW_EVENTS = 100_000
+# Its history: accounts that existed before the relay started (no firehose event names them),
+# their records spread over the 90 days before now (firehose/devnet/network.py). Sized so that
+# `BACKFILL_DAYS=30` with the conservative profile (5 records per batch, 2 s between batches,
+# 2 repos at once) finishes in about a minute: ~1/3 of each repo falls in a 30-day window.
+DEVNET_QUICKSTART_HISTORY_ACCOUNTS = 36
+DEVNET_QUICKSTART_HISTORY_RECORDS = 15
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,23 +132,70 @@ async def _run(settings: Settings, *, devnet: bool, devnet_seed: int, devnet_rat
     if not devnet:
         await run_until_signalled(Worker(settings))
         return
-    from firehose.devnet.relay import DevnetConfig, DevnetRelay
+    from firehose.devnet.network import PREBUILT_DEFAULT_SPAN_DAYS
+    from firehose.devnet.relay import DevnetRelay
+
+    config = devnet_quickstart_config(devnet_seed, devnet_rate, int(time.time() * 1_000_000))
+    async with DevnetRelay(config) as relay:
+        log.info("devnet relay on %s (seed %d, %.0f events/s)", relay.url, devnet_seed, devnet_rate)
+        log.info(
+            "devnet history: %d accounts with %d records each over the %d days before now, "
+            "PLC directory %s, PDS hosts %s",
+            config.repo_accounts,
+            config.repo_records,
+            PREBUILT_DEFAULT_SPAN_DAYS,
+            relay.network.plc_url,
+            " ".join(relay.network.pds_urls),
+        )
+        # The devnet's history starts at seq 1: with no saved cursor, index it from there.
+        await run_until_signalled(Worker(devnet_worker_settings(settings, relay), default_cursor=0))
+
+
+def devnet_quickstart_config(seed: int, rate: float, now_us: int) -> DevnetConfig:
+    """The devnet of `run --devnet`: live traffic from now on, plus a history the backfill
+    can fetch (prebuilt accounts served by the PDS hosts, listed by the relay's listRepos,
+    resolved through its PLC directory)."""
+    from firehose.devnet.relay import DevnetConfig
 
     # The devnet's virtual clock starts now, so lag and record times look like a live network.
-    now_us = int(time.time() * 1_000_000)
-    config = DevnetConfig(
-        seed=devnet_seed,
-        rate=devnet_rate,
+    return DevnetConfig(
+        seed=seed,
+        rate=rate,
         events=DEVNET_QUICKSTART_EVENTS,
         window=DEVNET_QUICKSTART_WINDOW_EVENTS,
         start_time_us=now_us,
+        now_us=now_us,
+        repo_accounts=DEVNET_QUICKSTART_HISTORY_ACCOUNTS,
+        repo_records=DEVNET_QUICKSTART_HISTORY_RECORDS,
     )
-    async with DevnetRelay(config) as relay:
-        log.info("devnet relay on %s (seed %d, %.0f events/s)", relay.url, devnet_seed, devnet_rate)
-        relay_settings = dataclasses.replace(settings.relay, url=relay.url)
-        worker_settings = dataclasses.replace(settings, relay=relay_settings)
-        # The devnet's history starts at seq 1: with no saved cursor, index it from there.
-        await run_until_signalled(Worker(worker_settings, default_cursor=0))
+
+
+def devnet_worker_settings(settings: Settings, relay: DevnetRelay) -> Settings:
+    """`settings` pointed at the devnet: its relay, its PLC directory, and loopback allowed
+    for exactly its own ports (backfill/hosts.py): every other private address stays refused,
+    as on the real network."""
+    from backfill.http_rules import host_key
+    from backfill.relay_http import relay_http_base
+
+    network = relay.network
+    http_relay = relay_http_base(relay.url)  # where the backfill asks listRepos
+    own_hosts = tuple(host_key(url) for url in (http_relay, network.plc_url, *network.pds_urls))
+    if settings.backfill.plc_url != network.plc_url:
+        log.info("--devnet: PLC_URL is the devnet's PLC directory %s", network.plc_url)
+    # Devnet handles (*.devnet.test) are verified at a devnet PDS host's well-known answer
+    # (docs/identity.md): every host answers for every devnet handle.
+    handles = dataclasses.replace(
+        settings.backfill.handles,
+        overrides=(*settings.backfill.handles.overrides, ("devnet.test", network.pds_urls[0])),
+    )
+    backfill = dataclasses.replace(
+        settings.backfill,
+        plc_url=network.plc_url,
+        allowed_private_hosts=own_hosts,
+        handles=handles,
+    )
+    relay_settings = dataclasses.replace(settings.relay, url=relay.url)
+    return dataclasses.replace(settings, relay=relay_settings, backfill=backfill)
 
 
 def _resync(settings: Settings, dids: list[str]) -> int:

@@ -143,6 +143,7 @@ class Worker:
                 backfill.allow_private_network,
                 self.registry,
                 owns_did=owns,
+                allowed_private_hosts=backfill.allowed_private_hosts,
             )
             screens.append(self._signatures)
         # Sync 1.1 repo chain checks (firehose/live/chain.py), after the signatures so that a

@@ -166,11 +166,15 @@ class SignatureScreen:
         allow_private: bool,
         registry: CollectorRegistry,
         owns_did: Callable[[str], bool] | None = None,
+        allowed_private_hosts: Sequence[str] = (),
     ) -> SignatureScreen:
         """The worker's screen: its own HTTP session (closed by `aclose`), on `registry`."""
         session = aiohttp.ClientSession()
         http = HostClient(
-            session, per_host_concurrency=RESOLVE_CONCURRENCY, allow_private=allow_private
+            session,
+            per_host_concurrency=RESOLVE_CONCURRENCY,
+            allow_private=allow_private,
+            allowed_private_hosts=allowed_private_hosts,
         )
         resolver = IdentityResolver(http, plc_url)
         return cls(resolver, VerifyMetrics.create(registry), session=session, owns_did=owns_did)

@@ -18,6 +18,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -84,6 +85,10 @@ class Database:
             )
             embedded = start_embedded(pg_dir)
             dsn = embedded.dsn
+            # The embedded server listens on a Unix socket whose directory pgserver picks, and
+            # trusts local connections: its URI holds no password, and this line is how a user
+            # finds the database (`psql '<uri>'`).
+            log.info("embedded PostgreSQL ready: psql '%s'", embedded_uri(dsn))
         try:
             delay_s = OPEN_RETRY_MIN_S
             attempt = 1
@@ -145,3 +150,11 @@ async def _connect(dsn: str, pool_size: int) -> asyncpg.Pool:
         dsn, min_size=1, max_size=pool_size, timeout=CONNECT_TIMEOUT_S
     )
     return pool
+
+
+def embedded_uri(dsn: str) -> str:
+    """The embedded server's URI as a user types it (``postgresql://postgres@/atproto?host=
+    /path``): pgserver writes an empty password (``postgres:@``); any real one is masked."""
+    if urlsplit(dsn).password:
+        return redact_password(dsn, dsn)
+    return dsn.replace(":@", "@", 1)
