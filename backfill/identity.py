@@ -8,8 +8,9 @@
 
 From the document (which must have ``id == did``): the PDS is the ``service`` whose id ends
 with ``#atproto_pds`` and whose type is ``AtprotoPersonalDataServer``; the handle is the
-first ``at://`` entry of ``alsoKnownAs`` (claimed, not verified against DNS: the backfill
-only needs the PDS); the signing key is the ``verificationMethod`` whose id ends with
+first ``at://`` entry of ``alsoKnownAs`` (claimed, not verified: the download only needs
+the PDS; backfill/handles.py verifies the claim both ways before storing it, from
+``also_known_as``); the signing key is the ``verificationMethod`` whose id ends with
 ``#atproto``, as its ``publicKeyMultibase``. `parse_did_document` is PURE.
 """
 
