@@ -36,6 +36,7 @@ from fuzz.targets import (
     fuzz_mst,
     fuzz_record,
     fuzz_rows,
+    fuzz_window,
 )
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
@@ -101,6 +102,14 @@ MST_SEEDS = repo_cars() * 16 + mst_cars()
 @given(mutated(MST_SEEDS, "car"))
 def test_fuzz_mst_walk_and_snapshot(data: bytes) -> None:
     fuzz_mst(data)
+
+
+# Window downloads (getRepo?since= partial trees, getRecord proofs): a quarter of the budget,
+# the repositories only (they carry commits, profiles and records).
+@fuzz_with(max(EXAMPLES // 4, 1))
+@given(mutated(repo_cars(), "car"))
+def test_fuzz_window_partial_walk_and_record_proofs(data: bytes) -> None:
+    fuzz_window(data)
 
 
 @fuzz

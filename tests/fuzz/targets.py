@@ -27,18 +27,28 @@ from typing import Any, TypeVar
 
 from backfill.download import MemoryBlocks, RepoSnapshot, SkippedRecord, _check_snapshot
 from backfill.hosts import FetchError
+from backfill.record_fetch import verify_record_car
+from backfill.since import PROFILE_COLLECTION, PROFILE_RKEY, SinceSuspect
 from backfill.window import Window
 from firehose.model import Action, CommitEvent, RecordWrite
 from firehose.protocol.car import Car, CarStreamReader, read_car
 from firehose.protocol.cbor import MAX_RECORD_DEPTH, _strict_decode, decode_json_form, decode_record
 from firehose.protocol.errors import MAX_DETAIL_CHARS, REASONS, ProtocolError
 from firehose.protocol.frames import decode_frame
-from firehose.protocol.mst import iter_repo_records, read_commit, walk_mst
+from firehose.protocol.mst import (
+    CommitInfo,
+    MissingSubtree,
+    iter_repo_records,
+    mst_lookup,
+    read_commit,
+    walk_mst,
+    walk_mst_partial,
+)
 from firehose.storage.queries import TYPED_TABLES
 from firehose.storage.rows import MAX_ARRAY_ITEMS, rows_of
 
 TRIED: Counter[str] = Counter()
-TARGETS = ("frames", "car", "mst", "records", "rows")
+TARGETS = ("frames", "car", "mst", "records", "rows", "window")
 COLLECTIONS = (*TYPED_TABLES, "com.example.other")
 T = TypeVar("T")
 
@@ -131,8 +141,9 @@ def _walk_from_root(car: Car) -> None:
         last = raw
 
 
-def snapshot(data: bytes) -> None:
-    """What `backfill.download.fetch_repo` does with a downloaded CAR, minus the HTTP."""
+def snapshot(data: bytes, since: str | None = None) -> None:
+    """What `backfill.download.fetch_repo` does with a downloaded CAR, minus the HTTP (with
+    `since`: the checks of a window download's partial tree)."""
     reader = CarStreamReader()
     spool = MemoryBlocks()
     try:
@@ -146,27 +157,99 @@ def snapshot(data: bytes) -> None:
     did = _commit_did(reader.root_cid, spool)
     entries: list[tuple[str, bytes]] = []
     try:
-        rev, commit_cid, data_cid, records = _check_snapshot(spool, reader.root_cid, did, entries)
-    except FetchError as err:
+        checked = _check_snapshot(spool, reader.root_cid, did, entries, since)
+    except (FetchError, SinceSuspect) as err:
         assert len(str(err)) < 1000
         return
     snap = RepoSnapshot(
-        did, rev, commit_cid, data_cid, len(data), spool.blocks, records, spool, entries
-    )
+        did, checked.rev, checked.commit_cid, checked.data_cid, len(data), spool.blocks,
+        checked.records, kind=checked.kind, absent_subtrees=checked.absent_subtrees,
+        absent_records=checked.absent_records, profile=checked.profile, _spool=spool,
+        _entries=entries,
+    )  # fmt: skip
     with snap:
+        last = b""
         for item in snap.writes(Window(None)):
             if isinstance(item, RecordWrite):
                 check_rows(item)
+                key = f"{item.collection}/{item.rkey}".encode()
+                assert key > last, "snapshot writes out of MST order"
+                last = key
             else:
                 assert isinstance(item, SkippedRecord)
 
 
-def _commit_did(root: bytes, spool: MemoryBlocks) -> str:
+def _commit_did(root: bytes, spool: MemoryBlocks | dict[bytes, bytes]) -> str:
     block = spool.get(root)
     if block is None:
         return "did:plc:unknown"
     info = attempt(read_commit, Car(None, root, {root: block}))  # type: ignore[arg-type]
     return "did:plc:unknown" if isinstance(info, ProtocolError) else info.did
+
+
+# --- window downloads: the partial walk, since checks, getRecord proofs --------------------
+
+# A since in the middle of the seeds' revs (2023..2025), so both branches of every rule run.
+FUZZ_SINCE = "3kabcdefghij2"
+
+
+def fuzz_window(data: bytes) -> None:
+    """The same bytes as a `since` answer (partial snapshot checks and writes), as a partial
+    tree (every other block dropped: `walk_mst_partial` and `mst_lookup` must agree with
+    each other), and as a getRecord answer for the profile and for the first key."""
+    TRIED["window"] += 1
+    snapshot(data, FUZZ_SINCE)
+    car = attempt(read_car, data)
+    if isinstance(car, ProtocolError):
+        return
+    assert isinstance(car, Car)
+    did = _commit_did(car.root_cid, car.blocks)
+    first_key = None
+    info = attempt(read_commit, car)  # type: ignore[arg-type]
+    if isinstance(info, CommitInfo):
+        kept = {cid: block for i, (cid, block) in enumerate(car.blocks.items()) if i % 2 == 0}
+        partial = attempt(lambda _d: _partial_walk(info.data_cid, kept), b"")
+        if isinstance(partial, str):
+            first_key = partial
+    for collection, rkey in ((PROFILE_COLLECTION, PROFILE_RKEY), _split(first_key)):
+        try:
+            proof = verify_record_car(data, did, collection, rkey)
+        except FetchError as err:
+            assert len(str(err)) < 1000
+            continue
+        assert proof.did == did and proof.rev
+        if proof.write is not None:
+            assert (proof.write.collection, proof.write.rkey) == (collection, rkey)
+            check_rows(proof.write)
+
+
+def _split(key: str | None) -> tuple[str, str]:
+    collection, _, rkey = (key or "app.bsky.feed.post/3k2222222222").partition("/")
+    return collection, rkey or "self"
+
+
+def _partial_walk(data_cid: str, blocks: dict[bytes, bytes]) -> str | None:
+    """Walk a partial tree; once the walk has checked the order of every key present, each
+    key it found must be found by `mst_lookup` too (or its path be incomplete). Returns
+    the first key."""
+    last = b""
+    first = None
+    found_keys: list[tuple[str, bytes]] = []
+    for item in walk_mst_partial(data_cid, blocks.get):
+        if isinstance(item, MissingSubtree):
+            assert item.after is None or item.after.encode() <= last
+            continue
+        key, cid = item
+        raw = key.encode("utf-8")
+        assert raw > last, "partial MST walk yielded keys out of order"
+        last = raw
+        first = first or key
+        found_keys.append((key, cid))
+    for key, cid in found_keys[:50]:
+        found, at = mst_lookup(data_cid, key, blocks.get)
+        assert found != "absent", f"walk found {key[:60]!r}, lookup says absent"
+        assert found == "unknown" or at == cid
+    return first
 
 
 # --- records -----------------------------------------------------------------------------
