@@ -17,7 +17,7 @@ machine is shared and noisy):
 For each: records/s, and CPU µs per record of PostgreSQL's processes and of this client.
 The last lines turn them into the most records/s the 2 cores can give when the worker's
 own CPU per record (decode, rows) is added: `--worker-us` (default: the measured live path
-figures in the README). One JSON line at the end.
+figures in docs/performance.md). One JSON line at the end.
 
     python bench/pg_ceiling.py [--records 100000] [--batch 5000] [--worker-us 125]
 """

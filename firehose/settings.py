@@ -81,7 +81,7 @@ class Settings:
     # Bearer token of the HTTP admin endpoints; None turns them off. Never in repr/logs.
     admin_token: str | None = field(default=None, repr=False)
     # Check every commit's signature against its repo's DID document (firehose.live.verify).
-    # Off by default: the relay already verifies under sync 1.1 (README, Verified commits).
+    # Off by default: the relay already verifies under sync 1.1 (docs/chain.md, Verified commits).
     verify_signatures: bool = False
 
     @classmethod

@@ -3,7 +3,7 @@ real processes (devnet, worker, PostgreSQL); after each the tables equal the dev
 
 First the devnet's fault flags themselves, over a real websocket (what a consumer sees);
 then the worker against them. Every scenario prints what was injected and survived (run
-with `-s` to see the lines; README "Faults survived" quotes them).
+with `-s` to see the lines; docs/reliability.md "Faults survived" quotes them).
 """
 
 from __future__ import annotations

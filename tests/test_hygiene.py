@@ -3,8 +3,8 @@ can make a batch fail (a failed batch is retried for ever: the stream would stal
 
 The end-to-end test builds real `#commit` frames with the devnet's encoder (cbor2, not the
 worker's decoder), serves them from a real websocket relay, runs the real worker process
-against a real PostgreSQL, then reads what is stored and what `/metrics` counted. The README's
-"Data hygiene" table states the rules this file checks.
+against a real PostgreSQL, then reads what is stored and what `/metrics` counted. The
+"Data hygiene" table of docs/hygiene.md states the rules this file checks.
 """
 
 from __future__ import annotations
