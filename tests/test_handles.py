@@ -8,6 +8,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -18,6 +19,8 @@ import dns.rrset
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from support import free_port
 
@@ -31,6 +34,7 @@ from backfill.handle_rules import (
 )
 from backfill.handles import (
     CLOCK_MARGIN_S,
+    HANDLE_STORE,
     WELL_KNOWN_MAX_BYTES,
     DnsTxt,
     HandleMetrics,
@@ -441,3 +445,58 @@ async def test_backfill_stores_the_devnet_handles_verified(
     assert {did: got.get(did) for did in want} == want
     verified = registry.get_sample_value("backfill_handle_checks_total", {"result": "verified"})
     assert verified == len(want)
+
+
+# -- property: any interleaving of live #identity and backfill observations converges -------
+
+
+@st.composite
+def handle_histories(draw: st.DrawFn) -> list[str]:
+    """A sequence of operations on one account: "change" (its handle changes, the relay emits
+    an #identity), "apply" (the live stream applies the oldest pending event), "fetch" (the
+    backfill fetches the DID document: the current handle, at this moment), "write" (the
+    backfill stores one of its fetched, verified handles, in any order)."""
+    return draw(st.lists(st.sampled_from(["change", "apply", "fetch", "write"]), max_size=14))
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(ops=handle_histories(), picks=st.randoms(use_true_random=False))
+async def test_any_interleaving_converges_to_the_current_handle(
+    conn: asyncpg.Connection, ops: list[str], picks: Any
+) -> None:
+    await conn.execute("DELETE FROM actors WHERE did = $1", ALICE)
+    current = "h0.example.com"
+    live: list[str] = [current]  # the sign-up's #identity, not applied yet
+    fetched: list[tuple[str, datetime]] = []
+    seq = 0
+
+    async def apply_one() -> None:
+        nonlocal seq
+        seq += 1
+        await identity(conn, ALICE, live.pop(0), seq)
+
+    async def write_one() -> None:
+        handle, at = fetched.pop(picks.randrange(len(fetched)))
+        await conn.fetchval(HANDLE_STORE, ALICE, handle, at)  # no clock margin: one clock
+
+    for n, op in enumerate(ops, 1):
+        if op == "change":
+            current = f"h{n}.example.com"
+            live.append(current)
+        elif op == "apply" and live:
+            await apply_one()
+        elif op == "fetch":
+            fetched.append((current, await conn.fetchval("SELECT clock_timestamp()")))
+        elif op == "write" and fetched:
+            await write_one()
+    # Everything still in flight arrives, in any order between the two sides.
+    while live or fetched:
+        if live and (not fetched or picks.random() < 0.5):
+            await apply_one()
+        else:
+            await write_one()
+    assert await handle_of(conn, ALICE) == current
