@@ -161,7 +161,7 @@ async def test_cli_process_serves_and_writes_truth(tmp_path: Path) -> None:
         truth = json.loads(truth_path.read_text())
         assert truth["last_seq"] == 250 and truth["records"]
         live_keys = {"last_seq", "records", "deleted", "handles", "statuses"}
-        assert set(truth) == live_keys | {"record_times", "now_us", "hosts"}
+        assert set(truth) == live_keys | {"record_times", "now_us", "hosts", "history"}
     finally:
         process.terminate()
         await process.wait()

@@ -59,6 +59,7 @@ class Account:
     deleted: IndexedSet = field(default_factory=IndexedSet)  # deleted, not re-created
     lists: list[str] = field(default_factory=list)  # uris of this account's lists
     handle_changes: int = 0
+    model_kind: str | None = None  # history model accounts: dormant, casual, daily, heavy
     # (rev, {uri: cid}, {uri: record time}) of the last truth computed for this repo: a
     # repo that did not change since (prebuilt repos never do) is not walked again.
     truth_cache: tuple[str | None, dict[str, str], dict[str, int | None]] | None = field(

@@ -8,6 +8,11 @@ gives every record path and CID for the truth file; record values, where their b
 present, give `createdAt` for the record-time rule. getRepo returns the file's bytes
 unchanged, so the backfill sees exactly what a real PDS produced.
 
+Such a file carries no per-block history, so the devnet treats every block as first written
+by the file's commit: `getRepo?since=` answers the whole file when `since` is older than its
+rev and an empty CAR otherwise. `getRecord` serves the commit, the MST path and the record
+from the file's blocks (`proof`).
+
 The account's signing key is not in the CAR, so the DID document the devnet's PLC directory
 serves for it has no verification method: signatures of these repos cannot be checked here.
 """
@@ -38,6 +43,41 @@ class CarRepo:
     records: dict[str, bytes] = field(default_factory=dict, repr=False)  # path -> cid
     times: dict[str, int | None] = field(default_factory=dict, repr=False)
     handle: str = ""
+    raw: dict[bytes, bytes] = field(default_factory=dict, repr=False)  # cid -> block bytes
+    nodes: dict[bytes, Any] = field(default_factory=dict, repr=False)  # cid -> decoded
+    header_bytes: int = 0  # the CAR header section (varint + header)
+
+    @property
+    def collections(self) -> set[str]:
+        return {path.split("/", 1)[0] for path in self.records}
+
+    def proof(self, path: str) -> list[tuple[bytes, bytes]]:
+        """The MST nodes from the root down to `path`'s entry (or where it would be), then
+        the record's block if present: the blocks of com.atproto.sync.getRecord."""
+        key = path.encode()
+        commit = self.nodes[self.commit_cid]
+        cid: bytes | None = _cid_bytes(commit["data"])
+        out: list[tuple[bytes, bytes]] = []
+        while cid is not None:
+            out.append((cid, self.raw[cid]))
+            node = self.nodes[cid]
+            previous, pointer = b"", node.get("l")
+            for entry in node.get("e", []):
+                entry_key = previous[: entry["p"]] + entry["k"]
+                if entry_key == key:
+                    record = self.records[path]
+                    if record in self.raw:
+                        out.append((record, self.raw[record]))
+                    return out
+                if entry_key > key:
+                    break
+                previous, pointer = entry_key, entry.get("t")
+            cid = None if pointer is None else _cid_bytes(pointer)
+        return out
+
+    def section_sizes(self) -> list[int]:
+        """Bytes of each block section (varint + cid + block), in file order."""
+        return [len(dagcbor.car_section(cid, block)) for cid, block in self.raw.items()]
 
     def truth_records(self) -> dict[str, str]:
         return {f"at://{self.did}/{p}": dagcbor.cid_str(c) for p, c in self.records.items()}
@@ -70,6 +110,30 @@ def _walk(blocks: dict[bytes, Any], cid: bytes, out: dict[str, bytes]) -> None:
             _walk(blocks, _cid_bytes(entry["t"]), out)
 
 
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _raw_sections(data: bytes) -> tuple[int, dict[bytes, bytes]]:
+    """(header section bytes, cid -> block bytes) of a CAR v1 whose CIDs are CIDv1 sha2-256
+    (36 bytes, what atproto repos use; libipld has already rejected anything else)."""
+    length, pos = _varint(data, 0)
+    header = pos + length
+    pos, raw = header, {}
+    while pos < len(data):
+        length, pos = _varint(data, pos)
+        raw[data[pos : pos + 36]] = data[pos + 36 : pos + length]
+        pos += length
+    return header, raw
+
+
 def load_car(path: str | Path, index: int) -> CarRepo:
     """Parse a repo CAR file; `index` only names the synthetic handle."""
     data = Path(path).read_bytes()
@@ -80,6 +144,8 @@ def load_car(path: str | Path, index: int) -> CarRepo:
     if not isinstance(commit, dict) or not isinstance(commit.get("did"), str):
         raise ValueError(f"{path}: root block is not a repo commit")
     repo = CarRepo(str(path), commit["did"], str(commit["rev"]), root, data)
+    repo.nodes = blocks
+    repo.header_bytes, repo.raw = _raw_sections(data)
     _walk(blocks, _cid_bytes(commit["data"]), repo.records)
     for record_path, cid in repo.records.items():
         rkey = record_path.split("/", 1)[1]

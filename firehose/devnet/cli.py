@@ -10,9 +10,12 @@ from datetime import UTC, datetime
 
 from firehose.devnet.generator import DEFAULT_START_TIME_US
 from firehose.devnet.httpfaults import HttpFaults
+from firehose.devnet.model import MODELS
+from firehose.devnet.pds import MISSING_RECORD_MODES, MISSING_RECORD_PROOF
 from firehose.devnet.relay import DevnetConfig, DevnetRelay
 
 DEFAULT_EVENTS = 10_000
+DEFAULT_MODEL_ACCOUNTS = 2000
 
 
 def _start_time_us(text: str) -> int:
@@ -128,6 +131,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="add a did:web account with this many records on PDS 0 (0 = none)",
     )
+    history.add_argument(
+        "--history-model",
+        choices=MODELS,
+        default="",
+        help="add accounts whose repos grew commit by commit over the year before --now "
+        "(most dormant, some daily, a few heavy, some with a custom lexicon)",
+    )
+    history.add_argument(
+        "--model-accounts",
+        type=int,
+        default=DEFAULT_MODEL_ACCOUNTS,
+        help=f"accounts of --history-model (default {DEFAULT_MODEL_ACCOUNTS})",
+    )
     http = parser.add_argument_group("devnet HTTP: PDS hosts, PLC directory, faults")
     http.add_argument("--pds-hosts", type=int, default=3, help="PDS hosts (one port each)")
     http.add_argument("--plc-port", type=int, default=0, help="PLC directory port; 0 = free")
@@ -164,6 +180,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="[HOST:]P",
         help="cut getRepo CARs mid-section (P as above)",
     )
+    http.add_argument(
+        "--ignore-since",
+        action="store_true",
+        help="PDS hosts answer getRepo with the whole repo whatever since says",
+    )
+    http.add_argument(
+        "--missing-record",
+        choices=MISSING_RECORD_MODES,
+        default=MISSING_RECORD_PROOF,
+        help="getRecord of a missing record: a CAR proving absence (the reference PDS, "
+        "default) or 400 RecordNotFound",
+    )
+    http.add_argument(
+        "--no-list-repos-by-collection",
+        type=int,
+        nargs="?",
+        const=404,
+        default=0,
+        choices=(404, 501),
+        metavar="STATUS",
+        help="the relay lacks listReposByCollection: 404 (indigo relay, default) or 501 "
+        "MethodNotImplemented (TypeScript xrpc-server)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> DevnetConfig:
@@ -198,6 +237,11 @@ def config_from_args(args: argparse.Namespace) -> DevnetConfig:
         repo_records=args.repo_records,
         extra_cars=tuple(args.extra_car),
         did_web_records=args.did_web_records,
+        history_model=args.history_model,
+        model_accounts=args.model_accounts if args.history_model else 0,
+        ignore_since=args.ignore_since,
+        missing_record=args.missing_record,
+        no_list_repos_by_collection=args.no_list_repos_by_collection,
         http_faults=HttpFaults.parse(
             rate_limit=args.rate_limit,
             without_headers=args.without_headers,

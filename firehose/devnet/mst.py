@@ -231,14 +231,15 @@ class Mst:
     def new_blocks(self) -> list[tuple[bytes, bytes]]:
         """Encode the tree and return the blocks of nodes encoded for the first time: the
         nodes created since the previous call (unchanged subtrees keep their cached CID)."""
+        return [(node.cid, node.block) for node in self.new_nodes()]  # type: ignore[misc]
+
+    def new_nodes(self) -> list[Node]:
+        """`new_blocks`, as the node objects (`removed_nodes` needs their identity)."""
         fresh: list[Node] = []
         self._collect_unencoded(self._root_node(), fresh)
-        blocks = []
         for node in fresh:  # children come before parents, so each encode is one level
             node.encode()
-            assert node.cid is not None and node.block is not None
-            blocks.append((node.cid, node.block))
-        return blocks
+        return fresh
 
     def path_blocks(self, key: str) -> list[tuple[bytes, bytes]]:
         """Blocks of the nodes from the root down to where `key` is, or would be: the
@@ -273,6 +274,37 @@ class Mst:
         for right in node.rights:
             self._collect_unencoded(right, out)
         out.append(node)
+
+
+def removed_nodes(old_root: Node | None, new_root: Node | None, fresh: list[Node]) -> list[Node]:
+    """Nodes of the tree rooted at `old_root` that the tree at `new_root` no longer holds.
+
+    `fresh` are the new tree's nodes created since the old one was encoded (`new_nodes`).
+    Updates copy only the nodes on a changed path and share every other subtree by
+    identity, so the new tree is the fresh nodes plus whole old subtrees hanging from them
+    (or the new root itself, after a delete that lifts a subtree): walking the old tree
+    and stopping at those shared subtrees visits only the replaced nodes, not the tree."""
+    fresh_ids = {id(node) for node in fresh}
+    kept: set[int] = set()
+    if new_root is not None and id(new_root) not in fresh_ids:
+        kept.add(id(new_root))
+    for node in fresh:
+        if node.left is not None and id(node.left) not in fresh_ids:
+            kept.add(id(node.left))
+        for right in node.rights:
+            if right is not None and id(right) not in fresh_ids:
+                kept.add(id(right))
+    removed: list[Node] = []
+    stack = [] if old_root is None else [old_root]
+    while stack:
+        node = stack.pop()
+        if id(node) in kept:
+            continue
+        removed.append(node)
+        if node.left is not None:
+            stack.append(node.left)
+        stack.extend(right for right in node.rights if right is not None)
+    return removed
 
 
 def _build_tree(entries: list[tuple[bytes, bytes]]) -> tuple[Node, int]:

@@ -8,8 +8,19 @@ HTTP GETs through `relay_http` (websockets' ``process_request`` hook):
 
 * ``/xrpc/com.atproto.sync.listRepos?limit=&cursor=``: every repo, creation order,
   ``{cursor?, repos: [{did, head, rev, active, status?}]}``, no cursor on the last page;
+* ``/xrpc/com.atproto.sync.listReposByCollection?collection=&limit=&cursor=``: the repos
+  holding a record of the collection, as indigo's collectiondir answers (see `directory`);
+  with `no_list_repos_by_collection` 404 or 501, the answer of a relay without it;
 * ``/devnet/stats``: getRepo counts per did, in-flight and max in-flight getRepo requests
-  per host and overall (`pds.HttpStats`).
+  per host and overall, requests and bytes per XRPC method (`pds.HttpStats`).
+
+A relay without listReposByCollection: the reference relay (indigo cmd/relay, echo) answers
+an unknown route 404 ``{"error": "Not Found"}``; a TypeScript xrpc-server (the PDS, the
+AppView) answers an unknown method 501 ``{"error": "MethodNotImplemented"}``
+(packages/xrpc-server server.ts catchall). Both exist, so the fault names the status.
+
+The history model (`history_model` "year", `model_accounts`; see `model`) adds accounts
+whose repos grew commit by commit over the year before now, listed after the prebuilt ones.
 
 did:web (https://w3c-ccg.github.io/did-method-web/): with `did_web_records` > 0, one quiet
 account ``did:web:127.0.0.1%3A<port of PDS 0>`` lives on PDS 0, which serves its document
@@ -27,12 +38,23 @@ from urllib.parse import parse_qs, urlsplit
 
 from aiohttp import web
 
+from firehose.devnet import dagcbor
+from firehose.devnet.accounts import STATUS_ACTIVE, Account
 from firehose.devnet.carfile import CarRepo, load_car
 from firehose.devnet.clock import DAY_US
-from firehose.devnet.directory import Directory, ServedRepo
+from firehose.devnet.directory import (
+    BY_COLLECTION_DEFAULT_LIMIT,
+    BY_COLLECTION_MAX_LIMIT,
+    CursorError,
+    Directory,
+    ServedRepo,
+)
 from firehose.devnet.generator import DEFAULT_PDS_ENDPOINT, Generator
 from firehose.devnet.httpfaults import HttpFaults
+from firehose.devnet.model import MODEL_NOTE, MODELS, build_model_accounts
 from firehose.devnet.pds import (
+    MISSING_RECORD_PROOF,
+    NSID_RE,
     HttpStats,
     PdsHost,
     PlcDirectory,
@@ -42,9 +64,11 @@ from firehose.devnet.pds import (
     serve_app,
 )
 from firehose.devnet.prebuilt import PrebuiltFactory, build_accounts
-from firehose.devnet.truth import merge_served
+from firehose.devnet.truth import merge_served, repo_history
 
 LIST_REPOS_PATH = "/xrpc/com.atproto.sync.listRepos"
+BY_COLLECTION_PATH = "/xrpc/com.atproto.sync.listReposByCollection"
+UNIMPLEMENTED_STATUSES = (404, 501)
 STATS_PATH = "/devnet/stats"
 PREBUILT_DEFAULT_SPAN_DAYS = 90  # without history, prebuilt records precede the clock start
 DID_WEB_INDEX = 3_000_000  # key index of the did:web account (beyond any generated one)
@@ -61,6 +85,11 @@ class NetworkConfig:
     extra_cars: tuple[str, ...] = ()
     did_web_records: int = 0  # > 0: add a did:web account with that many records
     faults: HttpFaults = field(default_factory=HttpFaults)
+    history_model: str = ""  # "" or "year" (see model.py)
+    model_accounts: int = 0
+    ignore_since: bool = False  # PDS hosts answer getRepo whole, whatever `since` says
+    missing_record: str = MISSING_RECORD_PROOF  # getRecord of a missing record
+    no_list_repos_by_collection: int = 0  # 404 or 501: the relay does not implement it
 
 
 class DevnetNetwork:
@@ -71,10 +100,22 @@ class DevnetNetwork:
         self.directory = Directory(generator, config.pds_hosts)
         self.stats = HttpStats(config.pds_hosts)
         self.cars: list[CarRepo] = []
+        if config.history_model not in ("", *MODELS):
+            raise ValueError(f"unknown history model {config.history_model!r}")
+        if config.no_list_repos_by_collection not in (0, *UNIMPLEMENTED_STATUSES):
+            raise ValueError("no_list_repos_by_collection must be 0, 404 or 501")
         self.pds = [
-            PdsHost(i, self.directory, self.stats, config.faults.for_host(i, seed))
+            PdsHost(
+                i,
+                self.directory,
+                self.stats,
+                config.faults.for_host(i, seed),
+                ignore_since=config.ignore_since,
+                missing_record=config.missing_record,
+            )
             for i in range(config.pds_hosts)
         ]
+        self.model: list[Account] = []
         self.plc = PlcDirectory(self.directory, self.stats)
         self._runners: list[web.AppRunner] = []
         self.plc_url = ""
@@ -103,6 +144,17 @@ class DevnetNetwork:
             )
             self.generator.add_prebuilt(accounts)
             for account in accounts:
+                self.directory.add_account(account)
+        if config.history_model and config.model_accounts:
+            self.model = build_model_accounts(
+                self.seed,
+                DEFAULT_PDS_ENDPOINT,
+                self.generator.account_count + config.repo_accounts,
+                config.model_accounts,
+                self.generator.clock.now_us,
+            )
+            self.generator.add_prebuilt(self.model)
+            for account in self.model:
                 self.directory.add_account(account)
         for position, path in enumerate(config.extra_cars):
             car = load_car(path, position)
@@ -143,7 +195,31 @@ class DevnetNetwork:
         served = [(car.did, car.truth_records(), car.truth_times()) for car in self.cars]
         for car in self.cars:
             base["handles"].setdefault(car.did, car.handle)
-        return merge_served(base, served, self.directory.hosts_truth())
+        truth = merge_served(base, served, self.directory.hosts_truth())
+        truth["history"] = self.history_truth()
+        if self.config.history_model:
+            truth["model"] = {
+                "name": self.config.history_model,
+                "note_nsid": MODEL_NOTE,
+                "kinds": {account.did: account.model_kind for account in self.model},
+            }
+        return truth
+
+    def history_truth(self) -> dict[str, Any]:
+        """did -> {rev, car_bytes, blocks_by_rev} of every repo getRepo serves (active)."""
+        history: dict[str, Any] = {}
+        for repo in self.directory.repos():
+            head = repo.head()
+            if head is None or repo.status != STATUS_ACTIVE:
+                continue
+            if repo.car is not None:
+                sizes = ((repo.car.rev, size) for size in repo.car.section_sizes())
+            else:
+                assert repo.account is not None
+                served = repo.account.repo.served_blocks()
+                sizes = ((rev, len(dagcbor.car_section(cid, block))) for rev, cid, block in served)
+            history[repo.did] = repo_history(head[0], head[1], sizes)
+        return history
 
     def stats_json(self) -> dict[str, Any]:
         return self.stats.snapshot(self.directory.endpoints)
@@ -153,14 +229,40 @@ class DevnetNetwork:
         parts = urlsplit(target)
         if parts.path == STATS_PATH:
             return 200, self.stats_json()
-        if parts.path != LIST_REPOS_PATH:
-            return None
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        if parts.path == LIST_REPOS_PATH:
+            try:
+                limit, cursor = list_limit(query.get("limit")), list_cursor(query.get("cursor"))
+            except XrpcError as err:
+                answer = err.status, {"error": err.error, "message": err.message}
+            else:
+                answer = 200, self.directory.list_page(cursor, limit)
+        elif parts.path == BY_COLLECTION_PATH:
+            answer = self._by_collection(query)
+        else:
+            return None
+        self.stats.count(None, parts.path.removeprefix("/xrpc/"), len(json_bytes(answer[1])))
+        return answer
+
+    def _by_collection(self, query: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        unimplemented = self.config.no_list_repos_by_collection
+        if unimplemented == 404:  # indigo relay (echo): unknown route
+            return 404, {"error": "Not Found"}
+        if unimplemented == 501:  # TypeScript xrpc-server: unknown method
+            return 501, {"error": "MethodNotImplemented", "message": "Method Not Implemented"}
+        collection = query.get("collection", "")
+        if not NSID_RE.match(collection):
+            message = f"bad collection nsid, syntax: invalid NSID: {collection!r}"
+            return 400, {"error": "BadRequest", "message": message}
         try:
-            limit, cursor = list_limit(query.get("limit")), list_cursor(query.get("cursor"))
-        except XrpcError as err:
-            return err.status, {"error": err.error, "message": err.message}
-        return 200, self.directory.list_page(cursor, limit)
+            limit = int(query.get("limit", ""))
+        except ValueError:
+            limit = BY_COLLECTION_DEFAULT_LIMIT
+        limit = min(max(limit, 1), BY_COLLECTION_MAX_LIMIT)
+        try:
+            return 200, self.directory.collection_page(collection, query.get("cursor"), limit)
+        except CursorError:
+            return 500, {"error": "DatabaseError", "message": "failed to read DIDs for collection"}
 
 
 def json_bytes(body: dict[str, Any]) -> bytes:

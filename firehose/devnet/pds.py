@@ -3,9 +3,20 @@
 Each PDS host serves, for the repos the `Directory` assigns to it (lexicons under
 https://github.com/bluesky-social/atproto/tree/main/lexicons/com/atproto):
 
-* ``GET /xrpc/com.atproto.sync.getRepo?did=``        the whole current repo as a CAR v1
-  (``application/vnd.ipld.car``: commit, every MST node, every record), streamed in chunks;
-  served CAR files (`--extra-car`) byte for byte.
+* ``GET /xrpc/com.atproto.sync.getRepo?did=&since=`` the current repo as a CAR v1
+  (``application/vnd.ipld.car``), streamed in chunks, as the reference PDS builds it
+  (packages/pds SqlRepoReader.getCarStream): rooted at the current commit, the blocks
+  ``WHERE repoRev > since`` (every block without `since`) ``ORDER BY repoRev DESC, cid
+  DESC``; nothing newer gives a CAR of the header alone. A `since` that is not a TID is
+  400 ``InvalidRequest`` (the lexicon's ``format: tid``, checked before the handler).
+  Served CAR files (`--extra-car`) byte for byte (or header only when `since` >= their
+  rev). With `ignore_since`, `since` is ignored (a PDS that does not implement it).
+* ``GET /xrpc/com.atproto.sync.getRecord?did=&collection=&rkey=`` a CAR rooted at the
+  commit: the commit, the MST nodes from the root to the record's entry, the record
+  (packages/repo getRecords + MST.cidsForPath). A missing record gets the same CAR
+  without the record block, which proves its absence, as the reference PDS answers
+  (the lexicon's ``RecordNotFound`` is never emitted by it, atproto PR #4829); with
+  ``missing_record="not-found"``: 400 ``RecordNotFound``, as some other PDS software.
 * ``GET /xrpc/com.atproto.sync.getLatestCommit?did=`` ``{cid, rev}``.
 * ``GET /xrpc/com.atproto.sync.getRepoStatus?did=``   ``{did, active, status?, rev}``.
 * ``GET /xrpc/com.atproto.sync.listRepos?limit=&cursor=`` this host's repos.
@@ -16,7 +27,8 @@ https://github.com/bluesky-social/atproto/tree/main/lexicons/com/atproto):
   Every host answers for every devnet handle, as one front (the bsky.social entryway answers
   for every ``*.bsky.social`` handle); the worker reaches it through
   HANDLE_RESOLUTION_OVERRIDES (docs/identity.md).
-* ``GET /devnet/stats``                               the shared `HttpStats` as JSON.
+* ``GET /devnet/stats``                               the shared `HttpStats` as JSON:
+  requests and body bytes per XRPC method, getRepo and getRecord requests per did.
 
 Errors are XRPC JSON ``{"error", "message"}``: 400 ``InvalidRequest`` for bad parameters,
 400 ``RepoNotFound`` for an unknown (or deleted, or other host's) DID, and 400
@@ -31,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -38,12 +51,25 @@ from typing import Any
 from aiohttp import web
 
 from firehose.devnet import dagcbor
+from firehose.devnet.clock import TID_RE
 from firehose.devnet.directory import LIST_REPOS_DEFAULT_LIMIT, LIST_REPOS_MAX_LIMIT, Directory
 from firehose.devnet.httpfaults import HostFaults
 
 CAR_MIME = "application/vnd.ipld.car"
 CAR_CHUNK_BYTES = 64 * 1024  # write size of streamed CARs
 GET_REPO = "/xrpc/com.atproto.sync.getRepo"
+GET_RECORD = "/xrpc/com.atproto.sync.getRecord"
+MISSING_RECORD_PROOF = "proof"  # the reference PDS: a CAR proving absence
+MISSING_RECORD_NOT_FOUND = "not-found"  # 400 RecordNotFound
+MISSING_RECORD_MODES = (MISSING_RECORD_PROOF, MISSING_RECORD_NOT_FOUND)
+# Syntax (https://atproto.com/specs/nsid, https://atproto.com/specs/record-key).
+NSID_RE = re.compile(
+    r"^[a-zA-Z](?:[a-zA-Z0-9-]{0,62}[a-zA-Z0-9])?"
+    r"(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,62}[a-zA-Z0-9])?)+"
+    r"\.[a-zA-Z](?:[a-zA-Z0-9]{0,62})$"
+)
+RECORD_KEY_RE = re.compile(r"^[A-Za-z0-9._:~-]{1,512}$")
+SENT_BYTES = web.RequestKey("sent_bytes", int)  # body bytes of a streamed answer
 _INACTIVE_ERRORS = {
     "deactivated": "RepoDeactivated",
     "takendown": "RepoTakendown",
@@ -88,6 +114,12 @@ class HttpStats:
     def __init__(self, hosts: int) -> None:
         self.get_repo: list[Counter[str]] = [Counter() for _ in range(hosts)]  # every attempt
         self.get_repo_ok: list[Counter[str]] = [Counter() for _ in range(hosts)]  # full CARs
+        self.get_record: list[Counter[str]] = [Counter() for _ in range(hosts)]
+        # Per XRPC method (NSID): requests and response body bytes, per host and the relay.
+        self.method_requests: list[Counter[str]] = [Counter() for _ in range(hosts)]
+        self.method_bytes: list[Counter[str]] = [Counter() for _ in range(hosts)]
+        self.relay_requests: Counter[str] = Counter()
+        self.relay_bytes: Counter[str] = Counter()
         self.requests = [0] * hosts
         self.statuses: list[Counter[int]] = [Counter() for _ in range(hosts)]
         self.inflight = [0] * hosts  # getRepo requests being answered now
@@ -106,8 +138,25 @@ class HttpStats:
         self.inflight[host] -= 1
         self.total_inflight -= 1
 
+    def count(self, host: int | None, method: str, body_bytes: int) -> None:
+        """One answered XRPC request (host None: the relay port)."""
+        requests = self.relay_requests if host is None else self.method_requests[host]
+        sent = self.relay_bytes if host is None else self.method_bytes[host]
+        requests[method] += 1
+        sent[method] += body_bytes
+
+    @staticmethod
+    def _methods(requests: Counter[str], sent: Counter[str]) -> dict[str, dict[str, int]]:
+        return {m: {"requests": requests[m], "bytes": sent[m]} for m in sorted(requests)}
+
     def snapshot(self, endpoints: list[str]) -> dict[str, Any]:
+        requests, sent = Counter(self.relay_requests), Counter(self.relay_bytes)
+        for i in range(len(self.method_requests)):
+            requests.update(self.method_requests[i])
+            sent.update(self.method_bytes[i])
         return {
+            "methods": self._methods(requests, sent),
+            "relay_methods": self._methods(self.relay_requests, self.relay_bytes),
             "inflight": self.total_inflight,
             "max_inflight": self.total_max_inflight,
             "plc_requests": self.plc_requests,
@@ -118,6 +167,8 @@ class HttpStats:
                     "statuses": {str(k): v for k, v in sorted(self.statuses[i].items())},
                     "get_repo": dict(sorted(self.get_repo[i].items())),
                     "get_repo_ok": dict(sorted(self.get_repo_ok[i].items())),
+                    "get_record": dict(sorted(self.get_record[i].items())),
+                    "methods": self._methods(self.method_requests[i], self.method_bytes[i]),
                     "inflight": self.inflight[i],
                     "max_inflight": self.max_inflight[i],
                 }
@@ -128,15 +179,27 @@ class HttpStats:
 
 class PdsHost:
     def __init__(
-        self, index: int, directory: Directory, stats: HttpStats, faults: HostFaults
+        self,
+        index: int,
+        directory: Directory,
+        stats: HttpStats,
+        faults: HostFaults,
+        *,
+        ignore_since: bool = False,
+        missing_record: str = MISSING_RECORD_PROOF,
     ) -> None:
+        if missing_record not in MISSING_RECORD_MODES:
+            raise ValueError(f"missing_record must be one of {MISSING_RECORD_MODES}")
         self.index = index
+        self.ignore_since = ignore_since
+        self.missing_record = missing_record
         self.directory = directory
         self.stats = stats
         self.faults = faults
         self.did_web: str | None = None  # the did:web account this host serves, if any
         self.app = web.Application(middlewares=[self._middleware])
         self.app.router.add_get(GET_REPO, self._get_repo)
+        self.app.router.add_get(GET_RECORD, self._get_record)
         self.app.router.add_get("/xrpc/com.atproto.sync.getLatestCommit", self._latest)
         self.app.router.add_get("/xrpc/com.atproto.sync.getRepoStatus", self._repo_status)
         self.app.router.add_get("/xrpc/com.atproto.sync.listRepos", self._list_repos)
@@ -155,6 +218,8 @@ class PdsHost:
         if is_car:
             stats.get_repo[index][request.query.get("did", "")] += 1
             stats.enter(index)
+        elif request.path == GET_RECORD:
+            stats.get_record[index][request.query.get("did", "")] += 1
         try:
             if self.faults.slow_ms:
                 await asyncio.sleep(self.faults.slow_ms / 1000)
@@ -172,6 +237,12 @@ class PdsHost:
                 except XrpcError as err:
                     response = err.response(headers)
             stats.statuses[index][response.status] += 1
+            if isinstance(response, web.Response):
+                body = response.body
+                sent = len(body) if isinstance(body, bytes | bytearray) else 0
+            else:
+                sent = request.get(SENT_BYTES, 0)
+            stats.count(index, request.path.removeprefix("/xrpc/"), sent)
             return response
         finally:
             if is_car:
@@ -189,13 +260,25 @@ class PdsHost:
             raise XrpcError(_INACTIVE_ERRORS[repo.status], f"Repo is {repo.status}: {did}")
         return repo
 
+    def _since(self, request: web.Request) -> str | None:
+        since = request.query.get("since")
+        if since is not None and not TID_RE.match(since):
+            # xrpc-server validates params against the lexicon (since: format tid) first
+            raise XrpcError("InvalidRequest", "Error: Params/since must be a valid TID")
+        return None if self.ignore_since else since
+
     async def _get_repo(self, request: web.Request) -> web.StreamResponse:
+        since = self._since(request)
         repo = self._repo(request.query.get("did"))
         if repo.car is not None:
-            chunks = [repo.car.data]  # verbatim
+            car = repo.car
+            if since is not None and since >= car.rev:  # its blocks are all of its rev
+                chunks = [car.data[: car.header_bytes]]
+            else:
+                chunks = [car.data]  # verbatim
         else:
             commit_cid, _ = repo.head()
-            blocks = repo.account.repo.car_blocks()  # snapshot before the first await
+            blocks = repo.account.repo.blocks_since(since)  # snapshot before the first await
             chunks = [dagcbor.car_header([commit_cid])]
             chunks += [dagcbor.car_section(cid, block) for cid, block in blocks]
         truncate = self.faults.truncate()
@@ -203,22 +286,62 @@ class PdsHost:
             middle = max(1, len(chunks) // 2) if len(chunks) > 1 else 0
             cut = chunks[middle]
             chunks = [*chunks[:middle], cut[: max(1, len(cut) // 2)]]
+        response = await self._stream(request, chunks)
+        if not truncate:
+            self.stats.get_repo_ok[self.index][repo.did] += 1
+        return response
+
+    async def _stream(self, request: web.Request, chunks: list[bytes]) -> web.StreamResponse:
         response = web.StreamResponse(headers=request[EXTRA_HEADERS])
         response.content_type = CAR_MIME
         response.enable_chunked_encoding()
         await response.prepare(request)
         buffer = bytearray()
+        sent = 0
         for chunk in chunks:
             buffer += chunk
             if len(buffer) >= CAR_CHUNK_BYTES:
                 await response.write(bytes(buffer))
+                sent += len(buffer)
                 buffer.clear()
         if buffer:
             await response.write(bytes(buffer))
+            sent += len(buffer)
         await response.write_eof()
-        if not truncate:
-            self.stats.get_repo_ok[self.index][repo.did] += 1
+        request[SENT_BYTES] = sent
         return response
+
+    async def _get_record(self, request: web.Request) -> web.StreamResponse:
+        query = request.query
+        did, collection, rkey = query.get("did"), query.get("collection"), query.get("rkey")
+        for name, value in (("did", did), ("collection", collection), ("rkey", rkey)):
+            if not value:
+                raise XrpcError("InvalidRequest", f'Error: Params must have the property "{name}"')
+        assert did is not None and collection is not None and rkey is not None
+        if not NSID_RE.match(collection):
+            raise XrpcError("InvalidRequest", "Error: Params/collection must be a valid nsid")
+        if not RECORD_KEY_RE.match(rkey) or rkey in (".", ".."):
+            raise XrpcError("InvalidRequest", "Error: Params/rkey must be a valid Record Key")
+        repo = self._repo(did)
+        path = f"{collection}/{rkey}"
+        commit_cid, _ = repo.head()
+        if repo.car is not None:
+            commit_block = repo.car.raw[commit_cid]
+            blocks = repo.car.proof(path)
+            present = path in repo.car.records
+        else:
+            account_repo = repo.account.repo
+            commit_block = account_repo.commit_block
+            blocks = account_repo.mst.path_blocks(path)
+            entry = account_repo.records.get(path)
+            present = entry is not None
+            if entry is not None:
+                blocks.append(entry)
+        if not present and self.missing_record == MISSING_RECORD_NOT_FOUND:
+            raise XrpcError("RecordNotFound", f"Could not locate record: at://{did}/{path}")
+        chunks = [dagcbor.car_header([commit_cid]), dagcbor.car_section(commit_cid, commit_block)]
+        chunks += [dagcbor.car_section(cid, block) for cid, block in blocks]
+        return await self._stream(request, chunks)
 
     def _json(self, request: web.Request, body: dict[str, Any]) -> web.Response:
         return web.json_response(body, headers=request.get(EXTRA_HEADERS))

@@ -81,7 +81,7 @@ class PrebuiltFactory:
             rkey = tid(moment, clock_id)
             created_at = frames.rfc3339_millis(moment)
             (collection,) = rng.choices(_MIX_NAMES, cum_weights=_MIX_CUM)
-            value = self._value(rng, collection, did, rkey, created_at)
+            value = self.record_value(rng, collection, did, rkey, created_at)
             path = f"{value['$type']}/{rkey}"
             block = dagcbor.encode_ordered(value)
             built.append((path, dagcbor.cid_for_block(block), block))
@@ -99,9 +99,11 @@ class PrebuiltFactory:
             account.live.add(path)
         return account
 
-    def _value(
+    def record_value(
         self, rng: random.Random, collection: str, did: str, rkey: str, created_at: str
     ) -> dict[str, Any]:
+        """A like, repost, follow (of earlier subjects) or post at `rkey`, keys in DAG-CBOR
+        order (encode with `dagcbor.encode_ordered`)."""
         # Keys in DAG-CBOR order: shorter first, then bytewise ("$type" < "langs").
         if collection in (rec.LIKE, rec.REPOST) and self.posts:
             subject = self.posts[rng.randrange(len(self.posts))]

@@ -88,6 +88,13 @@ class DevnetConfig:
     extra_cars: tuple[str, ...] = ()
     did_web_records: int = 0
     http_faults: HttpFaults = field(default_factory=HttpFaults)
+    # History half (issue 9; see model.py, pds.py, directory.py): model accounts grown over
+    # the year before now_us, and the faults of servers that do not cooperate.
+    history_model: str = ""  # "year" adds model_accounts accounts (see model.py)
+    model_accounts: int = 0
+    ignore_since: bool = False  # PDS hosts answer getRepo whole, whatever `since` says
+    missing_record: str = "proof"  # getRecord of a missing record: "proof" or "not-found"
+    no_list_repos_by_collection: int = 0  # 404 or 501: the relay lacks listReposByCollection
 
     def network_config(self) -> NetworkConfig:
         return NetworkConfig(
@@ -100,6 +107,11 @@ class DevnetConfig:
             extra_cars=self.extra_cars,
             did_web_records=self.did_web_records,
             faults=self.http_faults,
+            history_model=self.history_model,
+            model_accounts=self.model_accounts,
+            ignore_since=self.ignore_since,
+            missing_record=self.missing_record,
+            no_list_repos_by_collection=self.no_list_repos_by_collection,
         )
 
 

@@ -18,6 +18,7 @@ import cbor2
 from firehose.devnet import dagcbor
 from firehose.devnet.accounts import STATUS_DELETED, Account
 from firehose.devnet.clock import TID_RE, record_time_us
+from firehose.devnet.tid import tid
 
 
 def account_entries(account: Account) -> tuple[dict[str, str], dict[str, int | None]]:
@@ -81,3 +82,50 @@ def merge_served(
     truth["record_times"] = dict(sorted(times.items()))
     truth["hosts"] = hosts
     return truth
+
+
+def repo_history(root: bytes, rev: str, blocks: Iterable[tuple[str, int]]) -> dict[str, Any]:
+    """The truth's `history` entry of one repo from ``(first rev, section bytes)`` pairs."""
+    by_rev: dict[str, list[int]] = {}
+    for block_rev, size in blocks:
+        entry = by_rev.setdefault(block_rev, [0, 0])
+        entry[0] += 1
+        entry[1] += size
+    header = len(dagcbor.car_header([root]))
+    return {
+        "rev": rev,
+        "car_bytes": header + sum(size for _, size in by_rev.values()),
+        "blocks_by_rev": [[r, n, size] for r, (n, size) in sorted(by_rev.items())],
+    }
+
+
+def since_tid(moment_us: int) -> str:
+    """The `since` a window backfill sends for a cutoff: the TID of that moment (clock id
+    0, so every rev of a later moment compares greater)."""
+    return tid(moment_us, 0)
+
+
+def window_bytes(
+    truth: dict[str, Any], since: str | None, dids: Iterable[str] | None = None
+) -> int:
+    """Bytes of the block sections first written after `since` (every block for None), over
+    every repo of the truth's `history` (or over `dids`): what getRepo?since= sends minus
+    each CAR's header."""
+    history = truth["history"]
+    total = 0
+    for did in history if dids is None else dids:
+        for rev, _, size in history[did]["blocks_by_rev"]:
+            if since is None or rev > since:
+                total += size
+    return total
+
+
+def window_blocks(truth: dict[str, Any], since: str | None, did: str) -> int:
+    """Number of blocks getRepo?did=&since= returns."""
+    rows = truth["history"][did]["blocks_by_rev"]
+    return sum(n for rev, n, _ in rows if since is None or rev > since)
+
+
+def dormant_dids(truth: dict[str, Any], since: str) -> list[str]:
+    """Repos whose latest rev is not after `since`: nothing of theirs is in the window."""
+    return sorted(did for did, entry in truth["history"].items() if entry["rev"] <= since)
