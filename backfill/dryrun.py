@@ -1,8 +1,10 @@
 """Dry run (`firehose backfill run --dry-run`, BACKFILL_DRY_RUN=true): fetch and count.
 
 It pages through listRepos and downloads repos exactly as a real run would (same
-concurrency limit), counts what the window keeps and skips, and writes nothing at all: no
-records, no job, no queue rows, no cursor, so a real run afterwards starts from scratch.
+concurrency limit; dormant repos, whose listRepos rev is older than the cutoff, skipped and
+counted as with BACKFILL_SKIP_DORMANT), counts what the window keeps and skips, and writes
+nothing at all: no records, no job, no queue rows, no cursor, so a real run afterwards
+starts from scratch. It does not enumerate by collection.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ async def dry_run(
     totals = Counts()
     failed = 0
     repos = 0
+    dormant = 0
     slots = asyncio.Semaphore(settings.max_concurrent)
 
     async def one(did: str) -> None:
@@ -78,6 +81,13 @@ async def dry_run(
             for ref in page.repos:
                 if (
                     ref.active
+                    and settings.skip_dormant
+                    and window.dormant(getattr(ref, "rev", None))
+                ):
+                    dormant += 1
+                    continue
+                if (
+                    ref.active
                     and ref.did not in seen
                     and (max_repos is None or len(seen) < max_repos)
                 ):
@@ -93,6 +103,7 @@ async def dry_run(
     summary = {
         "repos": repos,
         "repos_failed": failed,
+        "repos_skipped_dormant": dormant,
         "records_received": totals.received,
         "records_in_window": totals.processed,
         "records_skipped": totals.skipped,
@@ -100,7 +111,7 @@ async def dry_run(
     }
     log.info(
         "[BACKFILL] Dry run finished: %d repos (%d failed), %d records received, "
-        "%d in the window, %d skipped, %d bytes; nothing was written",
-        repos, failed, totals.received, totals.processed, totals.skipped, totals.bytes,
+        "%d in the window, %d skipped, %d bytes, %d dormant repos skipped; nothing was written",
+        repos, failed, totals.received, totals.processed, totals.skipped, totals.bytes, dormant,
     )  # fmt: skip
     return summary

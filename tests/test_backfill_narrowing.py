@@ -427,3 +427,21 @@ def test_settings_parse_and_name_the_variable() -> None:
     for name in ("BACKFILL_SKIP_DORMANT", "BACKFILL_BY_COLLECTION"):
         with pytest.raises(ConfigError, match=name):
             BackfillSettings.from_env({name: "maybe"})
+
+
+async def test_dry_run_skips_dormant_repos_too(
+    db_dsn: str, conn: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="backfill")
+    entries, dormant = mixed_entries()
+    async with relay_network(Relay(entries)) as net, service_pool(db_dsn) as pool:
+        assert len(dormant) == 4
+        await asyncio.wait_for(
+            service(replace(FAST, dry_run=True), pool, net).run(asyncio.Event()), 60
+        )
+    assert sorted(net.fetched) == sorted(did(i) for i in (4, 5, 7, 8, 9))
+    assert any(
+        "5 repos (0 failed)" in r.getMessage() and "4 dormant repos skipped" in r.getMessage()
+        for r in caplog.records
+    )
+    assert await conn.fetchval("SELECT count(*) FROM backfill_jobs") == 0
