@@ -134,7 +134,12 @@ async def test_every_dashboard_expression_returns_data(tmp_path: Path, db_dsn: s
             raise AssertionError(f"no data for: {empty}\n{worker.log()[-2000:]}") from None
 
         # The guide's checks: `docker-compose logs python-worker | grep BACKFILL` ...
-        assert "[BACKFILL] Starting 30-day historical backfill" in worker.log()
+        # Waited for, not read at once: the backfill's metrics exist (registered when its
+        # service is built) a moment before it logs this line.
+        async def start_line_logged() -> bool:
+            return "[BACKFILL] Starting 30-day historical backfill" in worker.log()
+
+        await wait_for("the backfill's start line", start_line_logged, 30, worker)
 
         # ... and `SELECT * FROM firehose_cursor WHERE service = 'backfill'`.
         async def backfill_cursor() -> bool:

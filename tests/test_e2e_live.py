@@ -81,7 +81,9 @@ async def test_kill9_five_times_then_equal_truth(
     try:
         await wait_for_cursor(db_dsn, truth["last_seq"], worker=worker)
         await assert_matches_truth(db_dsn, truth)
-        assert "resuming 'firehose' from saved cursor" in worker.log()
+        # When the killed worker had already committed the last seq, the cursor wait above
+        # returns before the new worker has logged anything: wait for its start-up line.
+        await wait_for_log(worker, "resuming 'firehose' from saved cursor")
     finally:
         worker.kill9()
     # The kills landed mid-run, not after the end.

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -39,20 +39,31 @@ async def _state(conn: asyncpg.Connection, did: str) -> dict[str, Any]:
 
 
 async def _run_until(
-    service: resync.ResyncService, conn: asyncpg.Connection, did: str, states: set[str]
+    service: resync.ResyncService,
+    conn: asyncpg.Connection,
+    did: str,
+    states: set[str],
+    also: Callable[[], bool] = lambda: True,
 ) -> dict[str, Any]:
-    return (await _run_all(service, conn, [did], states))[0]
+    return (await _run_all(service, conn, [did], states, also))[0]
 
 
 async def _run_all(
-    service: resync.ResyncService, conn: asyncpg.Connection, dids: list[str], states: set[str]
+    service: resync.ResyncService,
+    conn: asyncpg.Connection,
+    dids: list[str],
+    states: set[str],
+    also: Callable[[], bool] = lambda: True,
 ) -> list[dict[str, Any]]:
+    """Run the service until every repo's row is in `states` and `also()` holds (e.g. its log
+    line is out: the row is committed a moment before the line is logged, and stopping the
+    service in between would cancel the line)."""
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
     try:
         for _ in range(400):
             rows = [await _state(conn, did) for did in dids]
-            if all(row["state"] in states for row in rows):
+            if all(row["state"] in states for row in rows) and also():
                 return rows
             assert not task.done(), task
             await asyncio.sleep(0.05)
@@ -110,7 +121,9 @@ async def test_resync_makes_the_repo_equal_to_its_pds(
             _settings(devnet), pool, registry, relay_url=devnet.url, worker_id=0
         )
         with caplog.at_level(logging.INFO, logger="backfill.resync"):
-            row = await _run_until(service, conn, did, {"done"})
+            row = await _run_until(
+                service, conn, did, {"done"}, also=lambda: "resynced at rev" in caplog.text
+            )
     finally:
         await pool.close()
     rows = await conn.fetch("SELECT uri, cid, rev FROM records WHERE did = $1", did)
