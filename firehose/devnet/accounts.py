@@ -60,6 +60,8 @@ class Account:
     lists: list[str] = field(default_factory=list)  # uris of this account's lists
     handle_changes: int = 0
     model_kind: str | None = None  # history model accounts: dormant, casual, daily, heavy
+    # History model: (path, rev of the deleting commit) of every record it deleted.
+    model_deletes: list[tuple[str, str]] = field(default_factory=list, repr=False)
     # (rev, {uri: cid}, {uri: record time}) of the last truth computed for this repo: a
     # repo that did not change since (prebuilt repos never do) is not walked again.
     truth_cache: tuple[str | None, dict[str, str], dict[str, int | None]] | None = field(

@@ -179,7 +179,9 @@ class ModelFactory:
                 live.add(path)
                 if value["$type"] == MODEL_NOTE:
                     notes.append(path)
-            repo.advance(writes, tid(moments[-1] + 1, clock_id))
+            rev = tid(moments[-1] + 1, clock_id)
+            account.model_deletes += [(w.path, rev) for w in writes if w.action == ACTION_DELETE]
+            repo.advance(writes, rev)
         repo.seal()
         for path in repo.records:
             account.live.add(path)

@@ -202,6 +202,11 @@ class DevnetNetwork:
                 "name": self.config.history_model,
                 "note_nsid": MODEL_NOTE,
                 "kinds": {account.did: account.model_kind for account in self.model},
+                "deletes": {
+                    f"at://{account.did}/{path}": rev
+                    for account in self.model
+                    for path, rev in account.model_deletes
+                },
             }
         return truth
 
