@@ -56,7 +56,9 @@ class Step:
 
 def next_step(state: EnumState, passes: tuple[str, ...]) -> Step | None:
     """The next request, or None when every pass is done (nothing left to ask)."""
-    if state.method == LIST_REPOS:
+    if state.method == LIST_REPOS or (state.method is None and state.cursor is not None):
+        # (No method but a cursor: a job that was paging listRepos before sql/006 added the
+        # column; it goes on where it was rather than re-reading and re-counting pages.)
         return Step(LIST_REPOS, None, state.cursor)
     if not passes:
         # Never started (cursor None), or started by collection under other settings:

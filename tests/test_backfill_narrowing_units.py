@@ -197,3 +197,6 @@ def test_plan_after_settings_changes() -> None:
     assert next_step(mid, ()) == Step(LIST_REPOS, None, None)
     # A listRepos job stays on listRepos, at its cursor.
     assert next_step(EnumState(LIST_REPOS, None, "c3"), (a,)) == Step(LIST_REPOS, None, "c3")
+    # A job paging listRepos before sql/006 (no method, a cursor) goes on at its cursor.
+    assert next_step(EnumState(None, None, "c3"), (a,)) == Step(LIST_REPOS, None, "c3")
+    assert next_step(EnumState(None, None, None), (a,)) == Step(BY_COLLECTION, a, None)
