@@ -394,18 +394,14 @@ def client_like(http: HostClient) -> Callable[[], HostClient]:
     """A factory of HostClients for well-known fetches, with `http`'s session and its private
     address rules, a small per-host concurrency and the well-known body cap."""
 
-    # `run --devnet`'s loopback exceptions (HostClient.allowed_private_hosts), where present.
-    extra: dict[str, Any] = {}
-    if hasattr(http, "allowed_private_hosts"):
-        extra["allowed_private_hosts"] = http.allowed_private_hosts
-
     def make() -> HostClient:
         return HostClient(
             http.session,
             per_host_concurrency=PER_HOST_CONCURRENCY,
             allow_private=http.allow_private,
             max_response_bytes=WELL_KNOWN_MAX_BYTES,
-            **extra,
+            # `run --devnet`'s own loopback ports (its PDS hosts answer the well-known).
+            allowed_private_hosts=http.allowed_private_hosts,
         )
 
     return make

@@ -413,19 +413,19 @@ async def test_a_newer_identity_handle_is_never_overwritten_in_either_order(
 async def test_backfill_stores_the_devnet_handles_verified(
     db_dsn: str, conn: asyncpg.Connection
 ) -> None:
+    """`firehose run --devnet`'s settings: loopback allowed for the devnet's own ports only,
+    devnet handles checked at a devnet PDS host's well-known answer."""
     from backfill.service import BackfillService
-    from backfill.settings import PROFILES, BackfillSettings
+    from firehose.cli import devnet_worker_settings
     from firehose.devnet.relay import DevnetConfig, DevnetRelay
+    from firehose.settings import Settings
 
+    env = {"BACKFILL_DAYS": "-1", "BACKFILL_PROFILE": "unthrottled", "BACKFILL_USE_IDLE": "false"}
     config = DevnetConfig(seed=3, accounts=12, events=400, pds_hosts=2, repo_accounts=3)
     async with DevnetRelay(config) as relay:
-        pds = relay.network.pds_urls[1]  # any host answers for every devnet handle
-        settings = BackfillSettings(
-            days=-1, profile="unthrottled", batch_size=500, batch_delay_ms=0, max_concurrent=4,
-            max_memory_mb=PROFILES["unthrottled"].max_memory_mb * 4, use_idle=False,
-            allow_private_network=True, plc_url=relay.network.plc_url,
-            handles=HandleSettings(overrides=(("devnet.test", pds),)),
-        )  # fmt: skip
+        settings = devnet_worker_settings(Settings.from_env(env), relay).backfill
+        assert not settings.allow_private_network
+        assert [s for s, _ in settings.handles.overrides] == ["devnet.test"]
         registry = CollectorRegistry()
         pool = await asyncpg.create_pool(db_dsn, min_size=1, max_size=6)
         try:
