@@ -27,7 +27,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from backfill.download import RepoSnapshot, fetch_repo
+from backfill import download
+from backfill.download import RepoSnapshot
 from backfill.hosts import FetchError, HostClient
 from backfill.record_fetch import fetch_record
 from backfill.since import (
@@ -60,6 +61,7 @@ async def fetch_window(
 ) -> RepoSnapshot:
     """`did`'s repo from `pds`: the part written after `since` (None: the whole repo) plus,
     with `want_profile`, its current profile when that part does not settle it."""
+    fetch_repo = download.fetch_repo  # looked up at call time (tests substitute it)
 
     async def whole(reason: str, spent: int) -> RepoSnapshot:
         snap = await fetch_repo(
