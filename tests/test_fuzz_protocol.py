@@ -23,7 +23,14 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from fuzz.corpus import car_seeds, frame_seeds, mst_cars, record_seeds, repo_cars
+from fuzz.corpus import (
+    car_seeds,
+    frame_seeds,
+    handle_answer_seeds,
+    mst_cars,
+    record_seeds,
+    repo_cars,
+)
 from fuzz.mutations import car_sections, mutated, rehash_car
 from fuzz.targets import (
     COLLECTIONS,
@@ -33,6 +40,7 @@ from fuzz.targets import (
     attempt,
     fuzz_car,
     fuzz_frame,
+    fuzz_handle_answer,
     fuzz_mst,
     fuzz_record,
     fuzz_rows,
@@ -116,6 +124,13 @@ def test_fuzz_window_partial_walk_and_record_proofs(data: bytes) -> None:
 @given(mutated(record_seeds(), "cbor"))
 def test_fuzz_record_decoder(data: bytes) -> None:
     fuzz_record(data)
+
+
+# Handle checks (well-known bodies, DNS TXT records): tiny inputs, a quarter of the budget.
+@fuzz_with(max(EXAMPLES // 4, 1))
+@given(mutated(handle_answer_seeds(), "cbor"))
+def test_fuzz_handle_answers(data: bytes) -> None:
+    fuzz_handle_answer(data)
 
 
 # --- the row mapper on values that never went through the decoder -------------------------

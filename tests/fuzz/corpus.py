@@ -124,6 +124,24 @@ def _record_blocks(data: bytes) -> list[bytes]:
     return [car.blocks[cid] for cid in found if cid in car.blocks]
 
 
+@cache
+def handle_answer_seeds() -> tuple[bytes, ...]:
+    """What a handle check reads (backfill/handle_rules.py): the interop DID syntax vectors
+    (valid and invalid) as well-known bodies (bare, with whitespace, with a second line) and
+    as DNS TXT ``did=`` records."""
+    syntax = TESTS / "fixtures" / "interop-tests" / "syntax"
+    dids = [
+        line.strip().encode()
+        for name in ("did_syntax_valid.txt", "did_syntax_invalid.txt")
+        for line in (syntax / name).read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    seeds: list[bytes] = []
+    for did in dids:
+        seeds += [did, b"  " + did + b"\r\n", did + b"\nnext", b"did=" + did]
+    return tuple(seeds)
+
+
 def torture_inputs() -> dict[str, bytes]:
     """libipld's DoS inputs (data/*.dagcbor of the libipld 3.5.0 sdist), by name.
 

@@ -26,6 +26,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from backfill.download import MemoryBlocks, RepoSnapshot, SkippedRecord, _check_snapshot
+from backfill.handle_rules import did_from_txt, did_from_well_known
 from backfill.hosts import FetchError
 from backfill.record_fetch import verify_record_car
 from backfill.since import PROFILE_COLLECTION, PROFILE_RKEY, SinceSuspect
@@ -44,11 +45,12 @@ from firehose.protocol.mst import (
     walk_mst,
     walk_mst_partial,
 )
+from firehose.protocol.syntax import is_did
 from firehose.storage.queries import TYPED_TABLES
 from firehose.storage.rows import MAX_ARRAY_ITEMS, rows_of
 
 TRIED: Counter[str] = Counter()
-TARGETS = ("frames", "car", "mst", "records", "rows", "window")
+TARGETS = ("frames", "car", "mst", "records", "rows", "window", "handles")
 COLLECTIONS = (*TYPED_TABLES, "com.example.other")
 T = TypeVar("T")
 
@@ -344,9 +346,20 @@ def fuzz_rows(write: RecordWrite) -> None:
     check_rows(write)
 
 
+def fuzz_handle_answer(data: bytes) -> None:
+    """The handle check's readers (backfill/handle_rules.py): a well-known body, and the same
+    bytes as DNS TXT records (one per line, in 255-byte character-strings). Either None or
+    one syntactically valid DID without surrounding whitespace, never an exception."""
+    TRIED["handles"] += 1
+    records = [[line[i : i + 255] for i in range(0, len(line), 255)] for line in data.split(b"\n")]
+    for did in (did_from_well_known(data), did_from_txt(records)):
+        assert did is None or (is_did(did) and did == did.strip()), did
+
+
 DISPATCH: dict[str, Callable[[bytes], None]] = {
     "frames": fuzz_frame,
     "car": fuzz_car,
     "mst": fuzz_mst,
     "records": fuzz_record,
+    "handles": fuzz_handle_answer,
 }
