@@ -350,9 +350,8 @@ def _check_snapshot(
     if info.did != did:
         # A PDS must not be able to serve another account's repo as this one's.
         raise FetchError("bad_response", f"commit is for {info.did[:80]}", transient=False)
-    if info.rev is None:
-        # v2 commits have no rev, and rows need one for the rev guard (invariant 2).
-        raise FetchError("bad_response", "commit has no rev (repo v2)", transient=False)
+    # A repo v2 commit (no rev) is read with the rev V2_COMMIT_REV, which any later v3 commit
+    # supersedes (firehose.protocol.mst: how and why it differs from the reference).
     if since is not None:
         return check_partial(spool, info.rev, info.cid, info.data_cid, since, entries)
     records = 0

@@ -29,6 +29,7 @@ from firehose.devnet import dagcbor
 from firehose.devnet.clock import record_time_us
 
 HANDLE_SUFFIX = ".extra.devnet.test"
+V2_REV = "2222222222222"  # the lowest TID: the rev of a v2 commit, which has none
 
 
 @dataclass
@@ -143,7 +144,11 @@ def load_car(path: str | Path, index: int) -> CarRepo:
     commit = blocks.get(root)
     if not isinstance(commit, dict) or not isinstance(commit.get("did"), str):
         raise ValueError(f"{path}: root block is not a repo commit")
-    repo = CarRepo(str(path), commit["did"], str(commit["rev"]), root, data)
+    # A repo v2 commit has no rev: the devnet lists and compares it as the lowest TID, the
+    # rev the indexer reads it with (firehose.protocol.mst.V2_COMMIT_REV, not imported: the
+    # devnet keeps its own decoding), so any v3 rev and any `since` are later.
+    rev = commit.get("rev")
+    repo = CarRepo(str(path), commit["did"], V2_REV if rev is None else str(rev), root, data)
     repo.nodes = blocks
     repo.header_bytes, repo.raw = _raw_sections(data)
     _walk(blocks, _cid_bytes(commit["data"]), repo.records)

@@ -26,7 +26,7 @@ from firehose.protocol.cid import (
     cid_str_from_bytes,
 )
 from firehose.protocol.errors import ProtocolError
-from firehose.protocol.syntax import is_did, is_nsid, is_record_key
+from firehose.protocol.syntax import TID_ALPHABET, TID_CHARS, is_did, is_nsid, is_record_key
 
 # atproto MST keys are "collection/rkey": NSID (317) + 1 + record key (512), rounded up.
 MAX_KEY_BYTES = 1024
@@ -249,20 +249,35 @@ def mst_lookup(
     raise ProtocolError("too_large", f"MST path deeper than {MAX_MST_DEPTH}")
 
 
+# Repo v2 commits have no `rev` (it came with v3: https://atproto.com/specs/repository,
+# "Commit Objects"); about six in ten of the repo CARs in public test data are v2, and a repo
+# stays v2 until its account writes again. The reference reads them: packages/repo
+# util.ts `ensureV3Commit` upgrades a loaded v2 commit to v3 with `rev: commit.rev ??
+# TID.nextStr()`, a fresh TID of the reader's clock, which the PDS only uses as the `since` of
+# the next commit it writes on top. An indexer must not take "now": the PDS may write a v3
+# commit a moment after serving the v2 snapshot, and rows carrying the reader's later clock
+# would then win the rev guard (DESIGN.md invariant 2) over that newer commit's rows. The
+# lowest TID instead (timestamp 0, clock id 0): every v3 commit of the repo supersedes what
+# was read from its v2 commit, in whatever order backfill and live stream arrive.
+V2_COMMIT_REV = TID_ALPHABET[0] * TID_CHARS  # "2222222222222"
+
+
 @dataclass(frozen=True, slots=True)
 class CommitInfo:
-    """The signed commit at the root of a repo export."""
+    """The signed commit at the root of a repo export. `rev` is V2_COMMIT_REV for a v2
+    commit (`version` 2), which has none."""
 
     did: str
     version: int
-    rev: str | None
+    rev: str
     data_cid: str
     prev: str | None
     cid: str
 
 
 def read_commit(car: Car) -> CommitInfo:
-    """Decode the root commit object of a repo CAR (v2 or v3)."""
+    """Decode the root commit object of a repo CAR (v2 or v3: a v2 commit gets the rev
+    V2_COMMIT_REV, see there)."""
     block = car.blocks.get(car.root_cid)
     if block is None:
         raise ProtocolError("missing_block", "root commit block is not in the CAR")
@@ -274,7 +289,11 @@ def read_commit(car: Car) -> CommitInfo:
         raise ProtocolError("body", "commit has no valid did")
     if type(version) is not int or version not in (2, 3):
         raise ProtocolError("unsupported", f"repo version {version!r}"[:60])
-    if rev is not None and type(rev) is not str:
+    if version == 2 and rev is None:
+        # The reference's v2 schema (packages/repo types.ts legacyV2Commit) has an optional
+        # rev: late v2 commits carry one, which is kept as it is.
+        rev = V2_COMMIT_REV
+    if type(rev) is not str:
         raise ProtocolError("body", "commit rev is not a string")
     data = _link(commit.get("data"), "commit data", False)
     assert data is not None
