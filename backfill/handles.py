@@ -131,7 +131,8 @@ class HandleMetrics:
             stored=Counter(
                 "backfill_handles_stored_total",
                 "Verified handles written to actors.handle (stored), or not written because "
-                "a handle from a newer #identity event is there (kept_newer).",
+                "a handle from a newer #identity event (or of unknown age) is there, or the "
+                "account is deleted (kept_newer).",
                 ["outcome"],
                 registry=registry,
             ),
