@@ -257,7 +257,9 @@ class RepoSnapshot:
         return walk_mst(self.data_cid, spool.get)
 
     def writes(self, window: Window) -> Iterator[RecordWrite | SkippedRecord]:
-        """Records in MST key order as RecordWrite(CREATE, rev=snapshot rev), or Skipped.
+        """Records in MST key order as RecordWrite(CREATE, rev=snapshot rev), or Skipped;
+        then `extra` (the profile fetched with getRecord, at its own commit's rev) under the
+        same window rule. A partial snapshot yields only the records present.
 
         Synchronous and CPU/disk bound: run it off the event loop for big repos. The window
         is applied to the rkey first, so a record outside a TID window is never read.
