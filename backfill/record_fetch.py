@@ -80,9 +80,8 @@ def verify_record_car(data: bytes, did: str, collection: str, rkey: str) -> Reco
     if info.did != did:
         # A PDS must not be able to answer with another account's record.
         raise _bad(f"commit is for {info.did[:80]}")
-    if info.rev is None:
-        # The write needs a rev for the rev guard (DESIGN.md invariant 2).
-        raise _bad("commit has no rev (repo v2)")
+    # A v2 commit reads with the lowest rev (firehose.protocol.mst.V2_COMMIT_REV): any live
+    # write of the record supersedes what is written with it.
     key = f"{collection}/{rkey}"
     try:
         found, cid = mst_lookup(info.data_cid, key, car.blocks.get)
