@@ -5,8 +5,9 @@ signed commits (`mst`, `repo`, `tid`), record values (`records`), the event gene
 virtual clock with a history phase (`generator`, `clock`, `accounts`), the truth file
 (`truth`), frame encoding (`frames`, `faults`), the subscribeRepos server (`relay`), the
 HTTP side for the backfill (`network`: PDS hosts and PLC directory in `pds`, the repo
-listing in `directory`, pre-populated repos in `prebuilt`, served CAR files in `carfile`,
-HTTP faults in `httpfaults`) and the command line (`cli`, `python -m firehose.devnet`).
+listing and listReposByCollection in `directory`, pre-populated repos in `prebuilt`, the
+year-long history model in `model`, served CAR files in `carfile`, HTTP faults in
+`httpfaults`) and the command line (`cli`, `python -m firehose.devnet`).
 docs/devnet.md describes the endpoints, flags and truth-file keys.
 
 Invariants:
