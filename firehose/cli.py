@@ -30,12 +30,13 @@ EXIT_CONFIG = 2
 # window so the devnet's memory stays flat.
 DEVNET_QUICKSTART_EVENTS = 100_000_000
 DEVNET_QUICKSTART_WINDOW_EVENTS = 100_000
-# Its history: accounts that existed before the relay started (no firehose event names them),
-# their records spread over the 90 days before now (firehose/devnet/network.py). Sized so that
-# `BACKFILL_DAYS=30` with the conservative profile (5 records per batch, 2 s between batches,
-# 2 repos at once) finishes in about a minute: ~1/3 of each repo falls in a 30-day window.
-DEVNET_QUICKSTART_HISTORY_ACCOUNTS = 36
-DEVNET_QUICKSTART_HISTORY_RECORDS = 15
+# Its history: the devnet's year model (firehose/devnet/model.py), accounts that existed
+# before the relay started (no firehose event names them) and wrote over the year before now,
+# most of them quiet for more than a month. Sized so that `BACKFILL_DAYS=30` with the
+# conservative profile (5 records per batch, 2 s between batches, 2 repos at once) finishes
+# in well under a minute: fewer than 20 accounts, so none is the model's "heavy" writer
+# (~180 records in 30 days, over a minute of batch delays on its own).
+DEVNET_QUICKSTART_HISTORY_ACCOUNTS = 16
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,18 +133,18 @@ async def _run(settings: Settings, *, devnet: bool, devnet_seed: int, devnet_rat
     if not devnet:
         await run_until_signalled(Worker(settings))
         return
-    from firehose.devnet.network import PREBUILT_DEFAULT_SPAN_DAYS
+    from firehose.devnet.model import SPAN_DAYS
     from firehose.devnet.relay import DevnetRelay
 
     config = devnet_quickstart_config(devnet_seed, devnet_rate, int(time.time() * 1_000_000))
     async with DevnetRelay(config) as relay:
         log.info("devnet relay on %s (seed %d, %.0f events/s)", relay.url, devnet_seed, devnet_rate)
         log.info(
-            "devnet history: %d accounts with %d records each over the %d days before now, "
+            "devnet history: %d accounts that wrote over the %d days before now (%s model), "
             "PLC directory %s, PDS hosts %s",
-            config.repo_accounts,
-            config.repo_records,
-            PREBUILT_DEFAULT_SPAN_DAYS,
+            config.model_accounts,
+            SPAN_DAYS,
+            config.history_model,
             relay.network.plc_url,
             " ".join(relay.network.pds_urls),
         )
@@ -153,8 +154,9 @@ async def _run(settings: Settings, *, devnet: bool, devnet_seed: int, devnet_rat
 
 def devnet_quickstart_config(seed: int, rate: float, now_us: int) -> DevnetConfig:
     """The devnet of `run --devnet`: live traffic from now on, plus a history the backfill
-    can fetch (prebuilt accounts served by the PDS hosts, listed by the relay's listRepos,
-    resolved through its PLC directory)."""
+    can fetch (the year model's accounts, served by the PDS hosts, listed by the relay's
+    listRepos, resolved through its PLC directory)."""
+    from firehose.devnet.model import MODEL_YEAR
     from firehose.devnet.relay import DevnetConfig
 
     # The devnet's virtual clock starts now, so lag and record times look like a live network.
@@ -165,8 +167,8 @@ def devnet_quickstart_config(seed: int, rate: float, now_us: int) -> DevnetConfi
         window=DEVNET_QUICKSTART_WINDOW_EVENTS,
         start_time_us=now_us,
         now_us=now_us,
-        repo_accounts=DEVNET_QUICKSTART_HISTORY_ACCOUNTS,
-        repo_records=DEVNET_QUICKSTART_HISTORY_RECORDS,
+        history_model=MODEL_YEAR,
+        model_accounts=DEVNET_QUICKSTART_HISTORY_ACCOUNTS,
     )
 
 
