@@ -7,7 +7,8 @@ virtual clock with a history phase (`generator`, `clock`, `accounts`), the truth
 HTTP side for the backfill (`network`: PDS hosts and PLC directory in `pds`, the repo
 listing and listReposByCollection in `directory`, pre-populated repos in `prebuilt`, the
 year-long history model in `model`, served CAR files in `carfile`, HTTP faults in
-`httpfaults`) and the command line (`cli`, `python -m firehose.devnet`).
+`httpfaults`, the counters of `/devnet/stats` in `stats`) and the command line (`cli`,
+`python -m firehose.devnet`).
 docs/devnet.md describes the endpoints, flags and truth-file keys.
 
 Invariants:

@@ -12,7 +12,7 @@ HTTP GETs through `relay_http` (websockets' ``process_request`` hook):
   holding a record of the collection, as indigo's collectiondir answers (see `directory`);
   with `no_list_repos_by_collection` 404 or 501, the answer of a relay without it;
 * ``/devnet/stats``: getRepo counts per did, in-flight and max in-flight getRepo requests
-  per host and overall, requests and bytes per XRPC method (`pds.HttpStats`).
+  per host and overall, requests and bytes per XRPC method (`stats.HttpStats`).
 
 A relay without listReposByCollection: the reference relay (indigo cmd/relay, echo) answers
 an unknown route 404 ``{"error": "Not Found"}``; a TypeScript xrpc-server (the PDS, the
@@ -55,7 +55,6 @@ from firehose.devnet.model import MODEL_NOTE, MODELS, build_model_accounts
 from firehose.devnet.pds import (
     MISSING_RECORD_PROOF,
     NSID_RE,
-    HttpStats,
     PdsHost,
     PlcDirectory,
     XrpcError,
@@ -64,6 +63,7 @@ from firehose.devnet.pds import (
     serve_app,
 )
 from firehose.devnet.prebuilt import PrebuiltFactory, build_accounts
+from firehose.devnet.stats import HttpStats
 from firehose.devnet.truth import merge_served, repo_history
 
 LIST_REPOS_PATH = "/xrpc/com.atproto.sync.listRepos"
