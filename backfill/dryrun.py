@@ -37,6 +37,7 @@ async def dry_run(
         log_start()
     log.info("[BACKFILL] Dry run: fetching and counting, writing nothing")
     window = Window(cutoff=cutoff_for(settings.days, datetime.now(UTC)))
+    since = window.since if settings.since else None
     totals = Counts()
     failed = 0
     repos = 0
@@ -49,7 +50,9 @@ async def dry_run(
             if stop.is_set():
                 return
             try:
-                snap = await net.fetch(did)
+                # As the real run downloads: only the window (getRepo?since=) and the profile
+                # when that lacks it (docs/backfill-window.md), so the bytes are the run's.
+                snap = await net.fetch(did, since=since, want_profile=True)
             except Exception as exc:
                 failed += 1
                 log.warning("[BACKFILL] Dry run: %s failed: %s", did, exc)
