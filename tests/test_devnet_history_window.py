@@ -10,6 +10,7 @@ checked against a from-scratch replay that rebuilds the whole tree at every comm
 
 from __future__ import annotations
 
+import argparse
 import random
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -23,6 +24,7 @@ import pytest
 import pytest_asyncio
 
 from firehose.devnet import DevnetConfig, DevnetRelay, dagcbor
+from firehose.devnet.cli import add_arguments, config_from_args
 from firehose.devnet.clock import DAY_US, TID_RE
 from firehose.devnet.keys import SigningKey
 from firehose.devnet.model import MODEL_NOTE, build_model_accounts
@@ -563,3 +565,20 @@ async def test_relay_without_list_repos_by_collection(
         url = relay_base(relay) + "/xrpc/com.atproto.sync.listRepos"
         async with http.get(url) as response:  # listRepos still works
             assert response.status == 200
+
+
+def test_cli_flags_reach_the_config() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = "--history-model year --model-accounts 30 --ignore-since --missing-record not-found"
+    config = config_from_args(parser.parse_args([*flags.split(), "--no-list-repos-by-collection"]))
+    assert (config.history_model, config.model_accounts, config.ignore_since) == ("year", 30, True)
+    assert config.missing_record == "not-found" and config.no_list_repos_by_collection == 404
+    config = config_from_args(parser.parse_args(["--no-list-repos-by-collection", "501"]))
+    assert config.no_list_repos_by_collection == 501 and config.history_model == ""
+    assert config.model_accounts == 0 and not config.ignore_since
+    assert config.missing_record == "proof"
+    default = config_from_args(parser.parse_args(["--history-model", "year"]))
+    assert default.model_accounts == 2000
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--no-list-repos-by-collection", "500"])
