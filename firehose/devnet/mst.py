@@ -150,8 +150,15 @@ def _merge(first: Node | None, second: Node | None) -> Node | None:
     return merged
 
 
+def _own(node: Node) -> Node:
+    """A node this update may change: a copy of an encoded (possibly shared) node, or the
+    node itself when it was created by the current batch of writes and is not encoded yet
+    (nothing else refers to it: copying it again would only cost time)."""
+    return node.copy() if node.cid is not None else node
+
+
 def _insert(node: Node | None, layer: int, key: bytes, height: int, val: bytes) -> Node:
-    current = Node(None, [], [], []) if node is None else node.copy()
+    current = Node(None, [], [], []) if node is None else _own(node)
     index = bisect_left(current.keys, key)
     if height == layer:
         if index < len(current.keys) and current.keys[index] == key:
@@ -173,7 +180,7 @@ def _insert(node: Node | None, layer: int, key: bytes, height: int, val: bytes) 
 def _delete(node: Node | None, layer: int, key: bytes, height: int) -> Node | None:
     if node is None:
         raise KeyError(key)
-    current = node.copy()
+    current = _own(node)
     index = bisect_left(current.keys, key)
     if height == layer:
         if index >= len(current.keys) or current.keys[index] != key:
