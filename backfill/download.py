@@ -294,7 +294,7 @@ class RepoSnapshot:
             except ProtocolError as exc:
                 yield SkippedRecord(SKIP_INVALID, collection, rkey, str(exc))
                 continue
-            if verdict is None and not window.keeps(rkey, record):
+            if verdict is None and not window.keeps(rkey, record, collection):
                 yield SkippedRecord(SKIP_WINDOW, collection, rkey)
                 continue
             yield RecordWrite(
@@ -308,7 +308,7 @@ class RepoSnapshot:
                 sanitized,
             )
         for write in self.extra:
-            if window.keeps(write.rkey, write.record):
+            if window.keeps(write.rkey, write.record, write.collection):
                 yield write
             else:
                 yield SkippedRecord(SKIP_WINDOW, write.collection, write.rkey)

@@ -11,8 +11,15 @@ A record's time comes, in order of preference, from:
    epoch, https://atproto.com/specs/tid). This needs no record decoding, so records
    outside the window are skipped before their block is even read;
 2. otherwise the record's ``createdAt`` (a Lexicon ``datetime``) when it parses;
-3. otherwise nothing: such records (profiles keyed ``self``, records without a date) are
-   kept, because dropping data we cannot date would silently lose current state.
+3. otherwise nothing: such records (records without a date) are kept, because dropping
+   data we cannot date would silently lose current state.
+
+One record is kept whatever its date: the account's profile (``app.bsky.actor.profile/self``,
+`CURRENT_STATE_KEYS`). It is current state, not history: an account that posts today with a
+profile written two years ago must still have a name and an avatar after a 30-day backfill
+(issue 9: "every backfilled account has its current profile"). A window download fetches it
+with ``getRecord`` when the ``since`` answer lacks it, so a whole download and a window
+download keep the same rows.
 
 The cutoff as a rev (`Window.since`): revs are TIDs that sort as text in time order, so a
 listRepos entry whose ``rev`` (the repo's latest commit) is at or below `since` wrote
@@ -38,6 +45,8 @@ from firehose.protocol.syntax import (
 WHOLE_HISTORY_DAYS = -1
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 CREATED_AT_FIELD = "createdAt"
+# (collection, rkey) of records that are an account's current state, kept whatever their date.
+CURRENT_STATE_KEYS = frozenset({("app.bsky.actor.profile", "self")})
 
 
 def _tid_time(rkey: str) -> datetime | None:
@@ -113,9 +122,10 @@ class Window:
             return None
         return when >= self.cutoff
 
-    def keeps(self, rkey: str, record: dict[str, Any] | None) -> bool:
-        """Whether to keep the record: TID rkey time, else ``createdAt``, else kept."""
-        if self.cutoff is None:
+    def keeps(self, rkey: str, record: dict[str, Any] | None, collection: str = "") -> bool:
+        """Whether to keep the record: current state (the profile) always, else TID rkey
+        time, else ``createdAt``, else kept."""
+        if self.cutoff is None or (collection, rkey) in CURRENT_STATE_KEYS:
             return True
         when = record_time(rkey, record)
         return when is None or when >= self.cutoff

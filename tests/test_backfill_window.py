@@ -118,3 +118,11 @@ def test_keeps_agrees_with_record_time(rkey: str, record: dict | None, window: W
         # An rkey verdict is final: the record cannot change it.
         assert verdict is window.keeps(rkey, record)
         assert verdict is window.keeps(rkey, None)
+
+
+def test_the_profile_is_current_state_kept_whatever_its_date() -> None:
+    # Issue 9: every backfilled account has its current profile, however old it is.
+    old = {"createdAt": iso(NOW - timedelta(days=400))}
+    assert WEEK.keeps("self", old, "app.bsky.actor.profile")
+    assert not WEEK.keeps("self", old, "app.bsky.actor.status")
+    assert not WEEK.keeps("self", old)

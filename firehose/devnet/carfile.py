@@ -153,8 +153,9 @@ def load_car(path: str | Path, index: int) -> CarRepo:
     repo.header_bytes, repo.raw = _raw_sections(data)
     _walk(blocks, _cid_bytes(commit["data"]), repo.records)
     for record_path, cid in repo.records.items():
-        rkey = record_path.split("/", 1)[1]
+        collection, rkey = record_path.split("/", 1)
         value = blocks.get(cid)
-        repo.times[record_path] = record_time_us(rkey, value if isinstance(value, dict) else None)
+        record = value if isinstance(value, dict) else None
+        repo.times[record_path] = record_time_us(rkey, record, collection)
     repo.handle = f"extra-{index}{HANDLE_SUFFIX}"
     return repo

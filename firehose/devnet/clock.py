@@ -50,8 +50,16 @@ def wall_now_us() -> int:
     return time.time_ns() // 1000
 
 
-def record_time_us(rkey: str, record: dict[str, Any] | None) -> int | None:
-    """The moment the backfill window compares: TID rkey time, else createdAt, else None."""
+# The account's profile is current state: the backfill keeps it whatever its date (its
+# window rule, backfill/window.py CURRENT_STATE_KEYS), so its moment is None here too.
+CURRENT_STATE_PATHS = frozenset({"app.bsky.actor.profile/self"})
+
+
+def record_time_us(rkey: str, record: dict[str, Any] | None, collection: str = "") -> int | None:
+    """The moment the backfill window compares: None for current state (the profile), else
+    TID rkey time, else createdAt, else None."""
+    if f"{collection}/{rkey}" in CURRENT_STATE_PATHS:
+        return None
     if TID_RE.match(rkey):
         return tid_micros(rkey)
     created = record.get("createdAt") if isinstance(record, dict) else None

@@ -32,10 +32,10 @@ def account_entries(account: Account) -> tuple[dict[str, str], dict[str, int | N
     for path, (cid, block) in account.repo.records.items():
         uri = prefix + path
         records[uri] = dagcbor.cid_str(cid)
-        rkey = path.split("/", 1)[1]
+        collection, rkey = path.split("/", 1)
         # Only non-TID keys need the value (profile "self"): decode just those.
         value = None if TID_RE.match(rkey) else cbor2.loads(block)
-        times[uri] = record_time_us(rkey, value)
+        times[uri] = record_time_us(rkey, value, collection)
     account.truth_cache = (account.repo.rev, records, times)
     return records, times
 
