@@ -14,7 +14,11 @@ Steps, all inside one transaction so that the cursor never runs ahead of the dat
    the gate (`batch.resyncs`), so that a request is saved exactly with the cursor that passes
    the event which caused it.
 
-Round trips per batch: BEGIN, one per actor step present (identities, accounts, purge),
+0. before any row: the claim of the repos written (two statements, see fresh.py), which
+   keeps a fresh repo's COPY load (`write_snapshot`) and every other writer apart.
+
+Round trips per batch: BEGIN, two for the claim when the batch writes records, one per actor
+step present (identities, accounts, purge),
 one for every create/update (records and all typed tables), one for all deletes, one for
 the repo heads + cursor + resync requests, COMMIT. The pure half (`prepare_batch`) is apart
 from the transaction (`apply_prepared`) so that the worker can overlap them.
@@ -27,10 +31,11 @@ from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 import orjson
 
 from firehose.model import Action, Batch, RecordWrite
-from firehose.storage import queries
+from firehose.storage import fresh, queries
 from firehose.storage.rows import rows_of, storable
 
 # (did, rev, data_cid): the head of a repo after a commit. data_cid is the commit's MST root
@@ -53,6 +58,7 @@ class ApplyStats:
     heads: int = 0  # actors whose latest commit rev advanced
     sanitized: int = 0  # creates/updates staged whose record had NUL replaced (decoder flag)
     resyncs: int = 0  # repos queued (or re-armed) for a resync
+    copied: int = 0  # of `upserted`: records rows loaded by COPY into a fresh repo (fresh.py)
 
     def add(self, other: ApplyStats) -> None:
         for f in fields(self):
@@ -109,6 +115,9 @@ class _Prepared:
     typed: dict[str, list[tuple[Any, ...]]]
     deletes: tuple[list[str], list[str], list[str], list[str]]
     heads: list[RepoHead]
+    # The repos whose rows the batch writes, in did order: claimed before any row is
+    # written (firehose/storage/fresh.py).
+    claims: list[str]
 
 
 def prepare(batch: Batch, stats: ApplyStats, heads: Sequence[RepoHead] | None = None) -> _Prepared:
@@ -149,11 +158,18 @@ def prepare(batch: Batch, stats: ApplyStats, heads: Sequence[RepoHead] | None = 
         t = both[1]
         if t is not None:
             typed.setdefault(t[0], []).append(t[1])
+    written = heads_from_writes(latest.values())
+    if heads is not None:
+        # Every repo written gets a head in the same transaction, also when the caller's heads
+        # leave it out: a headless actors row must mean "no rows, no tombstones" (fresh.py).
+        named = {h[0] for h in heads}
+        heads = _latest_heads([*heads, *(h for h in written if h[0] not in named)])
     return _Prepared(
         records=records,
         typed=typed,
         deletes=(d_uri, d_did, d_col, d_rev),
-        heads=_latest_heads(heads) if heads is not None else heads_from_writes(latest.values()),
+        heads=heads if heads is not None else written,
+        claims=[h[0] for h in written],
     )
 
 
@@ -213,7 +229,10 @@ class PreparedBatch:
 def prepare_batch(batch: Batch, heads: Sequence[RepoHead] | None = None) -> PreparedBatch:
     """The pure half of `apply_batch` (no I/O)."""
     stats = ApplyStats()
-    prep = prepare(batch, stats, heads)
+    return _statement_args(batch, stats, prepare(batch, stats, heads))
+
+
+def _statement_args(batch: Batch, stats: ApplyStats, prep: _Prepared) -> PreparedBatch:
     return PreparedBatch(
         batch=batch,
         stats=stats,
@@ -266,6 +285,12 @@ async def apply_prepared(
 
     # Inside a caller's transaction (nested), durability is the caller's.
     async with conn.transaction():
+        # 0. Claim the repos written, before any of their rows: waits for (and ends) a fresh
+        #    load of one of them that is under way, so that the statements below see its rows
+        #    (firehose/storage/fresh.py).
+        if prep.claims:
+            await conn.execute(fresh.CLAIM_NEW, prep.claims)
+            await conn.execute(fresh.CLAIM_LOADING, prep.claims)
         # 1. Accounts first, so that writes of a deleted account in this very batch are refused
         #    by the actor guard, and writes after a reactivation are accepted.
         if identities:
@@ -343,8 +368,72 @@ async def write_snapshot(
     snapshot's rev would drop as rev_not_newer after a restart. Even a resync, which removes
     what its snapshot no longer has, cannot tombstone a record created afterwards by such an
     older commit; that record goes only when the stream's own delete is applied.
+
+    A batch of one repo the database has never seen (or the next batch of such a snapshot,
+    nobody else having written the repo since) is loaded by COPY without the guards, which
+    could only say yes (firehose/storage/fresh.py); any other batch takes the guarded path.
     """
-    return await apply_batch(conn, Batch(writes=writes), heads=heads, chain_heads=False)
+    batch = Batch(writes=writes)
+    stats = ApplyStats()
+    prep = prepare(batch, stats, heads)
+    head = _fresh_candidate(prep)
+    if head is not None:
+        loaded = await _load_fresh(conn, prep, stats, head)
+        if loaded is not None:
+            return loaded
+    return await apply_prepared(conn, _statement_args(batch, stats, prep), chain_heads=False)
+
+
+# Per process: the xmin each fresh snapshot's last batch left (see fresh.Loads).
+_fresh_loads = fresh.Loads()
+
+
+class _NotFresh(Exception):
+    """The repo is not (or no longer) ours to load by COPY: roll the attempt back."""
+
+
+def _fresh_candidate(prep: _Prepared) -> RepoHead | None:
+    """The head of a batch that may be loaded by COPY: creates of one repo only."""
+    if len(prep.heads) != 1 or prep.deletes[0]:
+        return None
+    return prep.heads[0]
+
+
+async def _load_fresh(
+    conn: Any, prep: _Prepared, stats: ApplyStats, head: RepoHead
+) -> ApplyStats | None:
+    """COPY the batch if its repo is fresh and ours (fresh.py): the stats, else None (nothing
+    written; the caller takes the guarded path)."""
+    did, rev, data_cid = head
+    key = (did, rev)
+    known, xmin = _fresh_loads.get(key)
+    if known and xmin is None:
+        return None
+    not_nested = not conn.is_in_transaction()
+    try:
+        # Inside a caller's transaction this is a savepoint: a refusal rolls back only it.
+        async with conn.transaction():
+            if xmin is None:
+                row = await conn.fetchrow(fresh.FRESH_CLAIM, did, rev, data_cid, not_nested)
+            else:
+                row = await conn.fetchrow(
+                    fresh.FRESH_CONTINUE, did, rev, data_cid, not_nested, xmin
+                )
+            if row is None:
+                raise _NotFresh
+            await fresh.copy_rows(conn, prep.records, prep.typed)
+    except (_NotFresh, asyncpg.IntegrityConstraintViolationError, asyncpg.DataError):
+        # Not fresh, or a row COPY refuses (a uri twice, which a well-formed MST never
+        # yields): the guarded path decides, row by row.
+        _fresh_loads.put(key, None)
+        return None
+    _fresh_loads.put(key, row["xmin"])
+    out = replace(stats)
+    out.upserted += len(prep.records)
+    out.copied += len(prep.records)
+    out.typed += sum(len(rows) for rows in prep.typed.values())
+    out.heads += 1
+    return out
 
 
 async def prune_repo(conn: Any, did: str, rev: str) -> int:

@@ -1,0 +1,304 @@
+"""Fresh repos loaded by COPY (firehose/storage/fresh.py) converge with live writes that race
+them: real PostgreSQL, two connections, each holding its transaction open while the other
+runs, in every order (invariant 2)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any
+
+import asyncpg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from firehose.devnet.tid import tid_of_value as tid
+from firehose.model import Action, Batch, RecordWrite
+from firehose.storage.writer import ApplyStats, apply_batch, write_snapshot
+
+# (collection, rkey): a few uris over two typed tables.
+KEYS = [
+    ("app.bsky.feed.post", "3kaaa"),
+    ("app.bsky.feed.post", "3kbbb"),
+    ("app.bsky.feed.like", "3kccc"),
+    ("app.bsky.feed.like", "3kddd"),
+    ("app.bsky.feed.like", "3keee"),
+]
+TABLES = "records, posts, likes, record_tombstones, actors"
+SNAPSHOT_REV = 2**39  # live ops get revs on both sides of it
+# Another repo, whose uris sort after every fresh one's: the live batch of a race deletes its
+# like, which a third connection can hold locked to stop the live batch mid-way.
+OTHER = "did:plc:zzzother"
+_dids = itertools.count()
+
+
+def write(did: str, key: int, action: Action, rev: int) -> RecordWrite:
+    collection, rkey = KEYS[key]
+    if action is Action.DELETE:
+        return RecordWrite(did, collection, rkey, tid(rev), action)
+    record: dict[str, Any] = {"$type": collection, "createdAt": "2024-01-01T00:00:00Z"}
+    if collection == "app.bsky.feed.post":
+        record["text"] = f"rev {rev}"
+    else:
+        record["subject"] = {"uri": f"at://did:plc:x/app.bsky.feed.post/{rev}", "cid": "bafys"}
+    return RecordWrite(did, collection, rkey, tid(rev), action, f"bafy{rev}", record)
+
+
+def expected(ops: list[RecordWrite]) -> dict[str, tuple[str, str]]:
+    """uri -> (rev, cid) of the op with the highest rev, for uris whose last op is no delete."""
+    best: dict[str, RecordWrite] = {}
+    for op in ops:
+        if op.uri not in best or best[op.uri].rev < op.rev:
+            best[op.uri] = op
+    return {
+        uri: (op.rev, op.cid)
+        for uri, op in best.items()
+        if op.action is not Action.DELETE and op.cid is not None
+    }
+
+
+async def table_state(conn: asyncpg.Connection, table: str, did: str) -> dict[str, tuple[str, str]]:
+    rows = await conn.fetch(f"SELECT uri, rev, cid FROM {table} WHERE did = $1", did)  # constant
+    return {r["uri"]: (r["rev"], r["cid"]) for r in rows}
+
+
+async def check_converged(conn: asyncpg.Connection, did: str, ops: list[RecordWrite]) -> None:
+    want = expected(ops)
+    assert await table_state(conn, "records", did) == want
+    typed = await table_state(conn, "posts", did) | await table_state(conn, "likes", did)
+    assert typed == want
+    # No tombstone lets a record through that is older than it.
+    for r in await conn.fetch("SELECT uri, rev FROM record_tombstones WHERE did = $1", did):
+        assert r["uri"] not in want or want[r["uri"]][0] > r["rev"]
+    head = await conn.fetchval("SELECT rev FROM actors WHERE did = $1", did)
+    assert head == max(op.rev for op in ops)
+
+
+@st.composite
+def races(draw: st.DrawFn) -> dict[str, Any]:
+    did = f"did:plc:fresh{next(_dids)}"
+    keys = draw(st.lists(st.integers(0, len(KEYS) - 1), min_size=1, max_size=5, unique=True))
+    snapshot = [write(did, k, Action.CREATE, SNAPSHOT_REV) for k in sorted(keys)]
+    cut = draw(st.integers(0, len(snapshot)))
+    loads = [b for b in (snapshot[:cut], snapshot[cut:]) if b]
+    n = draw(st.integers(1, 6))
+    revs = draw(
+        st.lists(
+            st.integers(SNAPSHOT_REV - 1000, SNAPSHOT_REV + 1000).filter(
+                lambda r: r != SNAPSHOT_REV
+            ),
+            min_size=n,
+            max_size=n,
+            unique=True,
+        )
+    )
+    live = [
+        write(
+            did,
+            draw(st.integers(0, len(KEYS) - 1)),
+            draw(st.sampled_from([Action.CREATE, Action.UPDATE, Action.DELETE])),
+            rev,
+        )
+        for rev in revs
+    ]
+    return {
+        "did": did,
+        "loads": loads,
+        "live": live,
+        # who holds an open transaction while the other side runs, and around which load
+        # batch: "live" (the live batch uncommitted), "load" (a load batch uncommitted),
+        # "mid-live" (the live batch stopped between its rows and its cursor, see
+        # run_race), "none" (both just run concurrently)
+        "holder": draw(st.sampled_from(["live", "load", "mid-live", "none"])),
+        "at": draw(st.integers(0, len(loads) - 1)),
+        "delay_ms": draw(st.integers(0, 30)),
+    }
+
+
+async def _load(conn: asyncpg.Connection, did: str, batch: list[RecordWrite], last: bool) -> Any:
+    head = [(did, tid(SNAPSHOT_REV), "bafydata")] if last else None
+    return await write_snapshot(conn, batch, heads=head)
+
+
+async def waiting(c: asyncpg.Connection, conn: asyncpg.Connection) -> bool:
+    """Whether `conn`'s backend waits for a lock (pg_locks is read live, not snapshotted)."""
+    n = await c.fetchval(
+        "SELECT count(*) FROM pg_locks WHERE pid = $1 AND NOT granted", conn.get_server_pid()
+    )
+    return bool(n)
+
+
+async def wait_for(check: Any, what: str, timeout_s: float = 60.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting: {what}"
+        await asyncio.sleep(0.002)
+
+
+async def run_race(
+    a: asyncpg.Connection, b: asyncpg.Connection, c: asyncpg.Connection, race: dict[str, Any]
+) -> int:
+    """Live batch on `a`, the fresh load on `b`, `c` to hold the live batch mid-way. The rows
+    loaded by COPY."""
+    did, loads, holder, at = race["did"], race["loads"], race["holder"], race["at"]
+    other_like = write(OTHER, 2, Action.DELETE, 2)
+    live_batch = Batch(writes=[*race["live"], other_like], cursor=1)
+    stats: list[ApplyStats] = []
+    delay_s = race["delay_ms"] / 1000
+
+    async def load_batches(indexes: range) -> None:
+        for i in indexes:
+            stats.append(await _load(b, did, loads[i], i == len(loads) - 1))
+
+    await load_batches(range(at))
+    if holder == "live":
+        tr = a.transaction()
+        await tr.start()
+        await apply_batch(a, live_batch)  # in the open transaction: not committed yet
+        other = asyncio.create_task(load_batches(range(at, len(loads))))
+        await asyncio.sleep(delay_s)  # the load runs (or waits on the live batch's claim)
+        await tr.commit()
+        await other
+    elif holder == "load":
+        tr = b.transaction()
+        await tr.start()
+        stats.append(await _load(b, did, loads[at], at == len(loads) - 1))
+        live_task = asyncio.create_task(apply_batch(a, live_batch))
+        await asyncio.sleep(delay_s)  # the live batch runs (or waits on the load's claim)
+        await tr.commit()
+        await live_task
+        await load_batches(range(at + 1, len(loads)))
+    elif holder == "mid-live":
+        # `c` holds the other repo's like: the live batch claims, writes its rows and its
+        # tombstones, then waits in its deletes, uncommitted and before its repo heads, while
+        # the load runs (or waits on the claim).
+        tr = c.transaction()
+        await tr.start()
+        await c.execute("SELECT 1 FROM records WHERE uri = $1 FOR UPDATE", other_like.uri)
+        live_task = asyncio.create_task(apply_batch(a, live_batch))
+        await wait_for(lambda: waiting(c, a), "the live batch at the other repo's like")
+        load_task = asyncio.create_task(load_batches(range(at, len(loads))))
+
+        async def load_done_or_waiting() -> bool:
+            return load_task.done() or await waiting(c, b)
+
+        await wait_for(load_done_or_waiting, "the load done or waiting")
+        await tr.commit()
+        await asyncio.gather(live_task, load_task)
+    else:
+        await asyncio.gather(apply_batch(a, live_batch), load_batches(range(at, len(loads))))
+    return sum(s.copied for s in stats)
+
+
+@pytest.fixture
+async def conns(db_dsn: str) -> Any:
+    opened = [await asyncpg.connect(db_dsn) for _ in range(3)]
+    try:
+        yield opened
+    finally:
+        for conn in opened:
+            await conn.close()
+
+
+@settings(
+    max_examples=80,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(race=races())
+async def test_fresh_load_and_live_batch_converge(conns: Any, race: dict[str, Any]) -> None:
+    a, b, c = conns
+    await a.execute(f"TRUNCATE {TABLES}")
+    await apply_batch(a, Batch(writes=[write(OTHER, 2, Action.CREATE, 1)]))
+    await asyncio.wait_for(run_race(a, b, c, race), 60)
+    snapshot = [w for batch in race["loads"] for w in batch]
+    await check_converged(a, race["did"], snapshot + race["live"])
+
+
+async def test_fresh_repo_is_copied_and_a_known_one_is_not(conns: Any) -> None:
+    """The COPY path is taken exactly when the repo is fresh and still ours."""
+    a = conns[0]
+    new = "did:plc:freshnew"
+    snap = [write(new, k, Action.CREATE, SNAPSHOT_REV) for k in range(len(KEYS))]
+    first = await write_snapshot(a, snap[:2])
+    assert (first.copied, first.upserted, first.typed) == (2, 2, 2)
+    second = await _load(a, new, snap[2:], True)  # the next batch: still ours
+    assert second.copied == 3
+    await check_converged(a, new, snap)
+
+    # A live commit in between ends the load's ownership: the next batch is guarded.
+    did = "did:plc:freshcut"
+    snap = [write(did, k, Action.CREATE, SNAPSHOT_REV) for k in range(len(KEYS))]
+    assert (await write_snapshot(a, snap[:2])).copied == 2
+    newer = write(did, 0, Action.DELETE, SNAPSHOT_REV + 5)
+    await apply_batch(a, Batch(writes=[newer], cursor=7))
+    rest = await write_snapshot(a, snap[2:])
+    assert rest.copied == 0 and rest.upserted == 3
+    await check_converged(a, did, [*snap, newer])
+
+    # A repo the live stream has written (tombstone, head) is never loaded by COPY, and an
+    # older snapshot does not resurrect what the stream deleted.
+    did = "did:plc:freshknown"
+    gone = write(did, 1, Action.DELETE, SNAPSHOT_REV + 9)
+    await apply_batch(a, Batch(writes=[gone], cursor=8))
+    snap = [write(did, k, Action.CREATE, SNAPSHOT_REV) for k in range(len(KEYS))]
+    known = await write_snapshot(a, snap)
+    assert known.copied == 0 and known.upserted == len(KEYS) - 1
+    await check_converged(a, did, [*snap, gone])
+
+    # A headless actors row (an #identity event, a backfill handle) is still fresh; a deleted
+    # account is not.
+    await a.execute(
+        "INSERT INTO actors (did, handle) VALUES ('did:plc:freshid', 'a.test'),"
+        " ('did:plc:freshdead', NULL)"
+    )
+    await a.execute("UPDATE actors SET status = 'deleted' WHERE did = 'did:plc:freshdead'")
+    snap = [write("did:plc:freshid", 0, Action.CREATE, SNAPSHOT_REV)]
+    assert (await write_snapshot(a, snap)).copied == 1
+    assert await a.fetchval("SELECT handle FROM actors WHERE did = 'did:plc:freshid'") == "a.test"
+    dead = await write_snapshot(a, [write("did:plc:freshdead", 0, Action.CREATE, SNAPSHOT_REV)])
+    assert dead.copied == 0 and dead.upserted == 0
+
+
+async def test_copy_refusal_falls_back_to_the_guarded_path(conns: Any) -> None:
+    """A row COPY refuses (the same uri in a second batch of a load, which no well-formed MST
+    gives) rolls the attempt back; the guarded path writes the batch, inside a caller's
+    transaction too."""
+    a = conns[0]
+    did = "did:plc:freshdup"
+    snap = [write(did, k, Action.CREATE, SNAPSHOT_REV) for k in range(3)]
+    assert (await write_snapshot(a, snap)).copied == 3
+    async with a.transaction():
+        again = await write_snapshot(a, snap[1:])
+        assert again.copied == 0 and again.upserted == 0  # identical replays: skipped
+    await check_converged(a, did, snap)
+
+
+async def test_races_take_both_paths(conns: Any) -> None:
+    """The property above is not vacuous: in every kind of race (each holder, the live batch
+    arriving before the load's first or its second batch), some loads are copied and some
+    refused, and the live delete of a record the load's second batch has always wins."""
+    a, b, c = conns
+    copied = refused = 0
+    for i in range(12):
+        await a.execute(f"TRUNCATE {TABLES}")
+        await apply_batch(a, Batch(writes=[write(OTHER, 2, Action.CREATE, 1)]))
+        did = f"did:plc:freshboth{i}"
+        loads = [
+            [write(did, 0, Action.CREATE, SNAPSHOT_REV)],
+            [
+                write(did, 2, Action.CREATE, SNAPSHOT_REV),
+                write(did, 3, Action.CREATE, SNAPSHOT_REV),
+            ],
+        ]
+        live = [write(did, 2, Action.DELETE, SNAPSHOT_REV + 1)]
+        race = {
+            "did": did, "loads": loads, "live": live,
+            "holder": ("live", "load", "mid-live")[i % 3], "at": (i // 3) % 2, "delay_ms": 5,
+        }  # fmt: skip
+        n = await asyncio.wait_for(run_race(a, b, c, race), 60)
+        copied += n > 0
+        refused += n < 3
+        await check_converged(a, did, loads[0] + loads[1] + live)
+    assert copied and refused
