@@ -9,8 +9,20 @@ clock starts). Printed: committed events/s and records/s, p50/p99 read→commit 
 RSS of this process (the worker), CPU seconds per 1000 events of the worker, PostgreSQL and
 the relay, and decode-only events/s over the first 20,000 frames; then one JSON line.
 
+The baseline (`--baseline-events`, default 10,000; 0 skips it) is the origin's write
+pattern measured in the same run, on the same server, from the same frames: after the
+worker's run the tables are emptied and the first N events are written one transaction per
+event, each with its own cursor row, correctly: the same rows through the same guarded
+upserts (queries.RECORDS_UPSERT and TYPED_UPSERT, one statement per table present), deletes
+with tombstones, repo heads, asynchronous commit like the worker's (no fsync per event).
+Printed: its events/s and CPU per event, and the worker's ratio to it.
+
+Every throughput figure is claimed only on a quiet machine (bench.common.MachineLoad: load
+average before the run and other processes' CPU during it, both at most 1): otherwise a
+warning is printed in its place. CPU per event is printed either way.
+
     python bench/live.py [--events 200000] [--accounts 1000] [--seed 3] [--no-cache]
-                         [--profile FILE] [--statements]
+                         [--baseline-events 10000] [--profile FILE] [--statements]
 
 `--profile FILE` runs the worker under cProfile (slower; stats saved to FILE, top printed);
 `--statements` times every SQL call of the worker by its first words (wall time, which on
@@ -32,6 +44,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import asyncpg
 import psutil
 import uvloop
 from prometheus_client import CollectorRegistry
@@ -40,12 +53,17 @@ from websockets.asyncio.client import connect
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import cpu_s, postgres_processes  # noqa: E402
+from bench.common import MachineLoad, claim, cpu_s, postgres_processes  # noqa: E402
 from bench.replay import cache_path, read_frames  # noqa: E402
 from bench.sqltiming import StatementTimes  # noqa: E402
+from firehose.live.batch import BatchBuilder  # noqa: E402
+from firehose.model import Batch  # noqa: E402
+from firehose.protocol.errors import ProtocolError  # noqa: E402
 from firehose.protocol.frames import decode_frame  # noqa: E402
 from firehose.settings import Settings  # noqa: E402
+from firehose.storage import queries  # noqa: E402
 from firehose.storage.embedded import start_embedded  # noqa: E402
+from firehose.storage.writer import prepare_batch  # noqa: E402
 from firehose.worker import Worker  # noqa: E402
 
 DECODE_ONLY_FRAMES = 20_000
@@ -107,7 +125,7 @@ def report_statements(times: StatementTimes, events: int) -> None:
 
 async def run_worker(
     dsn: str, relay_url: str, events: int, cpu_procs: dict[str, Callable[[], list[psutil.Process]]]
-) -> dict[str, float]:
+) -> tuple[dict[str, float], MachineLoad]:
     settings = Settings.from_env(
         {"DATABASE_URL": dsn, "RELAY_URL": relay_url, "START_CURSOR": "0", "METRICS_PORT": "0"}
     )
@@ -125,6 +143,7 @@ async def run_worker(
     # Process lists are taken once the pool's backends exist; they live as long as the pool.
     procs = {name: list_procs() for name, list_procs in cpu_procs.items()}
     cpu0 = {name: cpu_s(ps) for name, ps in procs.items()}
+    load = MachineLoad()
     records0 = _ops_committed(worker)
     latency0 = len(worker.latency_samples)
     while (worker.state.cursor or 0) < events:
@@ -134,6 +153,7 @@ async def run_worker(
             task.result()
     elapsed = time.perf_counter() - t0
     cpu = {name: cpu_s(ps) - cpu0[name] for name, ps in procs.items()}
+    load.stop(sum(cpu.values()))
     committed = worker.state.events_committed - base
     ops = _ops_committed(worker) - records0
     worker.stop()
@@ -150,7 +170,80 @@ async def run_worker(
     }
     for name, seconds in cpu.items():
         result[f"cpu_ms_per_1k_events_{name}"] = seconds * 1000 / committed * 1000
-    return result
+    return result, load
+
+
+async def write_one_event(conn: asyncpg.Connection, batch: Batch) -> None:
+    """One event in its own transaction, the way a per-event indexer writes it: a guarded
+    upsert per table present, the deletes with their tombstones, the repo head and the
+    cursor row, each its own statement (the same SQL pieces as the worker's, queries.py)."""
+    p = prepare_batch(batch, batch.heads)
+    rows = p.rows
+    async with conn.transaction():
+        for e in p.identities:
+            await conn.execute(queries.ACTOR_IDENTITIES, [e.did], [e.handle], [e.seq])
+        for e in p.accounts:
+            await conn.execute(
+                queries.ACTOR_ACCOUNTS, [e.did], [e.effective_status], [e.active], [e.seq]
+            )
+            if e.effective_status == "deleted":
+                await conn.execute(queries.ACTOR_PURGE, [e.did])
+        if p.records is not None:
+            await conn.execute(queries.RECORDS_UPSERT, p.records)
+        for name, typed in p.typed:
+            await conn.execute(queries.TYPED_UPSERT[name], typed)
+        if rows.deletes[0]:
+            await conn.execute(queries.DELETES_APPLY, *rows.deletes)
+        if rows.heads:
+            await conn.execute(
+                queries.ACTOR_HEADS,
+                [h[0] for h in rows.heads],
+                [h[1] for h in rows.heads],
+                [h[2] for h in rows.heads],
+            )
+        await conn.execute(queries.CURSOR_SAVE, "firehose", batch.cursor, batch.last_event_time)
+
+
+async def run_baseline(
+    dsn: str, frames: list[bytes], pg: Callable[[], list[psutil.Process]]
+) -> tuple[dict[str, float], MachineLoad]:
+    """The origin's write pattern: one transaction per event with its cursor (see above)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "TRUNCATE "
+            + ", ".join(queries.REPO_TABLES)
+            + ", record_tombstones, actors, firehose_cursor, repo_resyncs"
+        )
+        # Asynchronous commit, like the worker's batches: the comparison is about batching,
+        # not about an fsync per event.
+        await conn.execute("SET synchronous_commit = off")
+        builder = BatchBuilder()
+        me, pg_procs = psutil.Process(), pg()
+        cpu0 = cpu_s([me]), cpu_s(pg_procs)
+        load = MachineLoad()
+        t0 = time.perf_counter()
+        events = 0
+        for frame in frames:
+            try:
+                builder.add(decode_frame(frame))
+            except ProtocolError:
+                continue
+            batch = builder.take()
+            if batch.events:
+                await write_one_event(conn, batch)
+                events += batch.events
+        elapsed = time.perf_counter() - t0
+        worker_s, pg_s = cpu_s([me]) - cpu0[0], cpu_s(pg_procs) - cpu0[1]
+        load.stop(worker_s + pg_s)
+    finally:
+        await conn.close()
+    return {
+        "baseline_events": events,
+        "baseline_events_per_s": events / elapsed,
+        "baseline_cpu_ms_per_1k_events_worker": worker_s * 1e6 / events,
+        "baseline_cpu_ms_per_1k_events_postgres": pg_s * 1e6 / events,
+    }, load
 
 
 async def fetch_frames(relay_url: str, n: int) -> list[bytes]:
@@ -177,6 +270,12 @@ def main() -> None:
     parser.add_argument("--accounts", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--no-cache", action="store_true", help="serve from the devnet relay")
+    parser.add_argument(
+        "--baseline-events",
+        type=int,
+        default=10_000,
+        help="one transaction per event (0: skip)",
+    )
     parser.add_argument("--profile", metavar="FILE", help="cProfile the worker into FILE")
     parser.add_argument("--statements", action="store_true", help="time each SQL statement")
     args = parser.parse_args()
@@ -197,37 +296,62 @@ def main() -> None:
             profiler = cProfile.Profile() if args.profile else None
             if profiler is not None:
                 profiler.enable()
-            result = uvloop.run(run_worker(pg.dsn, url, args.events, cpu_procs))
+            result, load = uvloop.run(run_worker(pg.dsn, url, args.events, cpu_procs))
             if profiler is not None:
                 profiler.disable()
                 profiler.dump_stats(args.profile)
+            wanted = max(DECODE_ONLY_FRAMES, min(args.baseline_events, args.events))
             if args.no_cache:
-                frames = uvloop.run(fetch_frames(url, DECODE_ONLY_FRAMES))
+                frames = uvloop.run(fetch_frames(url, wanted))
             else:
                 path = cache_path(args.events, args.accounts, args.seed)
-                frames = read_frames(path, DECODE_ONLY_FRAMES)
-            result["decode_only_events_per_s"] = decode_only(frames)
+                frames = read_frames(path, wanted)
+            result["decode_only_events_per_s"] = decode_only(frames[:DECODE_ONLY_FRAMES])
+            baseline_load = None
+            if args.baseline_events > 0:
+                base, baseline_load = uvloop.run(
+                    run_baseline(pg.dsn, frames[: args.baseline_events], cpu_procs["postgres"])
+                )
+                result.update(base)
+                result["ratio_to_baseline"] = (
+                    result["events_per_s"] / result["baseline_events_per_s"]
+                )
         finally:
             pg.stop()
             relay.terminate()
     print(f"committed: {result['events']:,} events in {result['elapsed_s']:.1f} s")
-    print(f"events/s committed: {result['events_per_s']:,.0f}")
-    print(f"records/s committed: {result['records_per_s']:,.0f}")
+    print(load.describe())
+    print(claim(load, f"events/s committed: {result['events_per_s']:,.0f}"))
+    print(claim(load, f"records/s committed: {result['records_per_s']:,.0f}"))
     print(f"read->commit latency: p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms")
     print(f"peak RSS (worker process): {result['peak_rss_mb']:.0f} MB")
     print(
-        "CPU ms per 1000 events: "
+        "CPU µs per event: "
         + ", ".join(
-            f"{name} {result[f'cpu_ms_per_1k_events_{name}']:.0f}"
+            f"{name} {result[f'cpu_ms_per_1k_events_{name}']:.1f}"
             for name in ("worker", "postgres", "relay")
         )
     )
     print(f"decode-only events/s: {result['decode_only_events_per_s']:,.0f}")
+    if baseline_load is not None:
+        both = baseline_load if not baseline_load.quiet else load
+        print(
+            f"baseline, one transaction per event ({result['baseline_events']:,} events): "
+            f"CPU µs per event worker {result['baseline_cpu_ms_per_1k_events_worker']:.1f}, "
+            f"postgres {result['baseline_cpu_ms_per_1k_events_postgres']:.1f}; "
+            + baseline_load.describe()
+        )
+        print(claim(baseline_load, f"baseline events/s: {result['baseline_events_per_s']:,.0f}"))
+        print(claim(both, f"ratio to the baseline: {result['ratio_to_baseline']:.1f}x"))
     if statements is not None:
         report_statements(statements, int(result["events"]))
     if args.profile:
         pstats.Stats(args.profile).sort_stats("tottime").print_stats(25)
-    print(json.dumps({"bench": "live", **{k: round(v, 2) for k, v in result.items()}}))
+    fields = {k: round(v, 2) for k, v in result.items()}
+    fields.update(load.fields())
+    if baseline_load is not None:
+        fields.update({f"baseline_{k}": v for k, v in baseline_load.fields().items()})
+    print(json.dumps({"bench": "live", **fields}))
 
 
 if __name__ == "__main__":
