@@ -9,10 +9,20 @@ exactly as `firehose backfill run` builds it, so cProfile can look inside) or as
 of the service to the job's completion.
 
 Printed: records/s and repos/s committed, peak RSS of the backfill process (psutil, every
-0.1 s), CPU seconds of the backfill process, PostgreSQL and the devnet, the machine's load
-average; then one JSON line {"bench": "backfill", ...}.
+0.1 s), CPU seconds of the backfill process, PostgreSQL and the devnet and CPU µs per record
+of the backfill and PostgreSQL, the machine's load; then one JSON line {"bench": "backfill",
+...}. Throughput is claimed only on a quiet machine (bench.common.MachineLoad: load average
+before the run and other processes' CPU during it, both at most 1); otherwise a warning is
+printed in its place. CPU per record is printed either way.
+
+`--history-model N` backfills N accounts of the devnet's history model instead (repos grown
+commit by commit over a year, realistic MSTs and record mix, from a few records to ~2,000:
+firehose/devnet/model.py) rather than the flat pre-populated repos. `--guarded` turns the
+COPY load of fresh repos off (firehose/storage/fresh.py), so that one machine can compare
+both write paths run after run.
 
     python bench/backfill.py [--repos 1000] [--records 500] [--seed 5] [--profile-name P]
+                             [--history-model N] [--guarded]
                              [--subprocess] [--cprofile FILE] [--statements]
 
 `--cprofile FILE` runs the in-process backfill under cProfile (slower; stats saved to FILE,
@@ -45,7 +55,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import CpuTracker, cpu_s, postgres_processes  # noqa: E402
+from bench.common import CpuTracker, MachineLoad, claim, cpu_s, postgres_processes  # noqa: E402
 from bench.sqltiming import StatementTimes  # noqa: E402
 from firehose.storage.embedded import start_embedded  # noqa: E402
 
@@ -56,13 +66,18 @@ _URLS = {
 }
 
 
-def start_devnet(tmp: Path, repos: int, records: int, seed: int) -> tuple[subprocess.Popen, dict]:
+def start_devnet(
+    tmp: Path, repos: int, records: int, seed: int, model_accounts: int = 0
+) -> tuple[subprocess.Popen, dict]:
     log = tmp / "devnet.log"
     args = [
         sys.executable, "-m", "firehose.devnet", "--port", "0", "--seed", str(seed),
-        "--accounts", "1", "--events", "1", "--repo-accounts", str(repos),
-        "--repo-records", str(records),
+        "--accounts", "1", "--events", "1",
     ]  # fmt: skip
+    if model_accounts:
+        args += ["--history-model", "year", "--model-accounts", str(model_accounts)]
+    else:
+        args += ["--repo-accounts", str(repos), "--repo-records", str(records)]
     started = time.monotonic()
     proc = subprocess.Popen(args, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
     while True:
@@ -76,9 +91,12 @@ def start_devnet(tmp: Path, repos: int, records: int, seed: int) -> tuple[subpro
             proc.kill()
             raise SystemExit("devnet did not start in 600 s")
         time.sleep(0.2)
-    print(
-        f"devnet: {repos:,} repos x {records:,} records built in {time.monotonic() - started:.0f} s"
+    what = (
+        f"{model_accounts:,} history-model repos"
+        if model_accounts
+        else f"{repos:,} repos x {records:,} records"
     )
+    print(f"devnet: {what} built in {time.monotonic() - started:.0f} s")
     return proc, urls
 
 
@@ -168,6 +186,10 @@ def main() -> None:
     parser.add_argument("--cprofile", metavar="FILE", help="cProfile the backfill into FILE")
     parser.add_argument("--statements", action="store_true", help="time each SQL statement")
     parser.add_argument(
+        "--history-model", type=int, default=0, metavar="N", help="N history-model repos"
+    )
+    parser.add_argument("--guarded", action="store_true", help="no COPY load of fresh repos")
+    parser.add_argument(
         "--disk-spool",
         action="store_true",
         help="spool every repo to disk (no in-memory small repos: the earlier behaviour)",
@@ -177,8 +199,14 @@ def main() -> None:
         import backfill.download
 
         backfill.download.MEMORY_SPOOL_MAX_BYTES = 0
-    if args.subprocess and (args.cprofile or args.statements or args.disk_spool):
-        parser.error("--cprofile, --statements and --disk-spool need the in-process backfill")
+    if args.guarded:
+        import firehose.storage.writer
+
+        firehose.storage.writer._fresh_candidate = lambda prep: None  # every batch guarded
+    if args.subprocess and (args.cprofile or args.statements or args.disk_spool or args.guarded):
+        parser.error(
+            "--cprofile, --statements, --disk-spool and --guarded need the in-process backfill"
+        )
 
     import logging
 
@@ -188,7 +216,7 @@ def main() -> None:
         statements.install()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        devnet, urls = start_devnet(tmp, args.repos, args.records, args.seed)
+        devnet, urls = start_devnet(tmp, args.repos, args.records, args.seed, args.history_model)
         pg = start_embedded(tmp / "pg")
         try:
             env = backfill_env(pg.dsn, urls, args.profile_name)
@@ -196,6 +224,7 @@ def main() -> None:
             devnet_proc = psutil.Process(devnet.pid)
             pg_cpu = CpuTracker(pg_procs)
             devnet_cpu0 = cpu_s([devnet_proc])
+            load = MachineLoad()
             started = time.monotonic()
             if args.subprocess:
                 log = tmp / "backfill.log"
@@ -235,16 +264,18 @@ def main() -> None:
                 "postgres": pg_cpu.stop(),
                 "devnet": cpu_s([devnet_proc]) - devnet_cpu0,
             }
+            load.stop(sum(cpu.values()))
             job = _run_loop(job_numbers(pg.dsn))
         finally:
             pg.stop()
             devnet.terminate()
             devnet.wait(10)
-    load = os.getloadavg()
     records = int(job["records_processed"])
     result = {
-        "repos": args.repos,
-        "records_per_repo": args.records,
+        "repos": args.history_model or args.repos,
+        "records_per_repo": None if args.history_model else args.records,
+        "history_model": bool(args.history_model),
+        "write_path": "guarded" if args.guarded else "fresh-copy",
         "profile": args.profile_name,
         "mode": "subprocess" if args.subprocess else "in-process",
         "status": job["status"],
@@ -259,18 +290,23 @@ def main() -> None:
         "cpu_s_backfill": round(cpu["backfill"], 1),
         "cpu_s_postgres": round(cpu["postgres"], 1),
         "cpu_s_devnet": round(cpu["devnet"], 1),
-        "loadavg_1m": round(load[0], 2),
-        "cores": os.cpu_count(),
+        "cpu_us_per_record_backfill": round(cpu["backfill"] / max(records, 1) * 1e6, 1),
+        "cpu_us_per_record_postgres": round(cpu["postgres"] / max(records, 1) * 1e6, 1),
+        **load.fields(),
     }
     done = result["repos_done"]
     print(f"job {job['status']}: {done:,} repos, {records:,} records in {elapsed:.1f} s")
-    print(f"records/s committed: {result['records_per_s']:,}")
-    print(f"repos/s: {result['repos_per_s']}")
+    print(load.describe())
+    print(claim(load, f"records/s committed: {result['records_per_s']:,}"))
+    print(claim(load, f"repos/s: {result['repos_per_s']}"))
     print(f"peak RSS (backfill process): {result['peak_rss_mb']} MB")
     print(
         f"CPU s: backfill {cpu['backfill']:.1f}, postgres {cpu['postgres']:.1f}, "
-        f"devnet {cpu['devnet']:.1f} (wall {elapsed:.1f} s, {os.cpu_count()} cores); "
-        f"load average {load[0]:.2f}"
+        f"devnet {cpu['devnet']:.1f} (wall {elapsed:.1f} s, {os.cpu_count()} cores)"
+    )
+    print(
+        f"CPU µs per record: backfill {result['cpu_us_per_record_backfill']}, "
+        f"postgres {result['cpu_us_per_record_postgres']} ({result['write_path']})"
     )
     if statements is not None:
         report_statements(statements, elapsed)

@@ -72,6 +72,9 @@ class CpuTracker:
 # (cores, on average) while it ran. Issue 11: figures taken beside other test suites on two
 # cores were a third of the quiet machine's.
 MAX_CLAIM_LOAD = 1.0
+# Taken when a benchmark starts (this module is imported first): its own preparation (a
+# devnet building repos, a relay generating frames) must not count against it.
+LOADAVG_AT_START = os.getloadavg()[0]
 
 
 def _busy_cpu_s() -> float:
@@ -81,13 +84,14 @@ def _busy_cpu_s() -> float:
 
 
 class MachineLoad:
-    """The load around one measurement: the 1-minute load average when it starts, and the
-    CPU the machine's OTHER processes used while it ran (busy CPU of the whole machine minus
-    the CPU of the processes the benchmark measures, per second of wall time). The bench's
-    own load is not held against it: the load average while it runs counts its own cores."""
+    """The load around one measurement: the 1-minute load average when the benchmark started
+    (before its own preparation), and the CPU the machine's OTHER processes used while the
+    measurement ran (busy CPU of the whole machine minus the CPU of the processes the
+    benchmark measures, per second of wall time). The bench's own load is not held against
+    it: the load average while it runs counts its own cores."""
 
     def __init__(self) -> None:
-        self.loadavg_before = os.getloadavg()[0]
+        self.loadavg_before = LOADAVG_AT_START
         self._busy0 = _busy_cpu_s()
         self._t0 = time.monotonic()
         self.foreign_cores: float | None = None
@@ -118,7 +122,7 @@ class MachineLoad:
 
     def describe(self) -> str:
         return (
-            f"load: 1-minute average {self.loadavg_before:.2f} before the run, other processes "
+            f"load: 1-minute average {self.loadavg_before:.2f} before the bench, other processes "
             f"used {self.foreign_cores or 0.0:.2f} cores while it ran ({os.cpu_count()} cores)"
         )
 
