@@ -1,4 +1,4 @@
-"""Fresh repos loaded by COPY (firehose/storage/fresh.py) converge with live writes that race
+"""Fresh repos loaded without guards (firehose/storage/fresh.py) converge with live writes that race
 them: real PostgreSQL, two connections, each holding its transaction open while the other
 runs, in every order (invariant 2)."""
 
@@ -140,7 +140,7 @@ async def run_race(
     a: asyncpg.Connection, b: asyncpg.Connection, c: asyncpg.Connection, race: dict[str, Any]
 ) -> int:
     """Live batch on `a`, the fresh load on `b`, `c` to hold the live batch mid-way. The rows
-    loaded by COPY."""
+    loaded unguarded."""
     did, loads, holder, at = race["did"], race["loads"], race["holder"], race["at"]
     other_like = write(OTHER, 2, Action.DELETE, 2)
     live_batch = Batch(writes=[*race["live"], other_like], cursor=1)
@@ -188,7 +188,7 @@ async def run_race(
         await asyncio.gather(live_task, load_task)
     else:
         await asyncio.gather(apply_batch(a, live_batch), load_batches(range(at, len(loads))))
-    return sum(s.copied for s in stats)
+    return sum(s.fresh for s in stats)
 
 
 @pytest.fixture
@@ -216,35 +216,35 @@ async def test_fresh_load_and_live_batch_converge(conns: Any, race: dict[str, An
     await check_converged(a, race["did"], snapshot + race["live"])
 
 
-async def test_fresh_repo_is_copied_and_a_known_one_is_not(conns: Any) -> None:
-    """The COPY path is taken exactly when the repo is fresh and still ours."""
+async def test_fresh_repo_is_loaded_unguarded_and_a_known_one_is_not(conns: Any) -> None:
+    """The unguarded path is taken exactly when the repo is fresh and still ours."""
     a = conns[0]
     new = "did:plc:freshnew"
     snap = [write(new, k, Action.CREATE, SNAPSHOT_REV) for k in range(len(KEYS))]
     first = await write_snapshot(a, snap[:2])
-    assert (first.copied, first.upserted, first.typed) == (2, 2, 2)
+    assert (first.fresh, first.upserted, first.typed) == (2, 2, 2)
     second = await _load(a, new, snap[2:], True)  # the next batch: still ours
-    assert second.copied == 3
+    assert second.fresh == 3
     await check_converged(a, new, snap)
 
     # A live commit in between ends the load's ownership: the next batch is guarded.
     did = "did:plc:freshcut"
     snap = [write(did, k, Action.CREATE, SNAPSHOT_REV) for k in range(len(KEYS))]
-    assert (await write_snapshot(a, snap[:2])).copied == 2
+    assert (await write_snapshot(a, snap[:2])).fresh == 2
     newer = write(did, 0, Action.DELETE, SNAPSHOT_REV + 5)
     await apply_batch(a, Batch(writes=[newer], cursor=7))
     rest = await write_snapshot(a, snap[2:])
-    assert rest.copied == 0 and rest.upserted == 3
+    assert rest.fresh == 0 and rest.upserted == 3
     await check_converged(a, did, [*snap, newer])
 
-    # A repo the live stream has written (tombstone, head) is never loaded by COPY, and an
+    # A repo the live stream has written (tombstone, head) is never loaded unguarded, and an
     # older snapshot does not resurrect what the stream deleted.
     did = "did:plc:freshknown"
     gone = write(did, 1, Action.DELETE, SNAPSHOT_REV + 9)
     await apply_batch(a, Batch(writes=[gone], cursor=8))
     snap = [write(did, k, Action.CREATE, SNAPSHOT_REV) for k in range(len(KEYS))]
     known = await write_snapshot(a, snap)
-    assert known.copied == 0 and known.upserted == len(KEYS) - 1
+    assert known.fresh == 0 and known.upserted == len(KEYS) - 1
     await check_converged(a, did, [*snap, gone])
 
     # A headless actors row (an #identity event, a backfill handle) is still fresh; a deleted
@@ -255,32 +255,32 @@ async def test_fresh_repo_is_copied_and_a_known_one_is_not(conns: Any) -> None:
     )
     await a.execute("UPDATE actors SET status = 'deleted' WHERE did = 'did:plc:freshdead'")
     snap = [write("did:plc:freshid", 0, Action.CREATE, SNAPSHOT_REV)]
-    assert (await write_snapshot(a, snap)).copied == 1
+    assert (await write_snapshot(a, snap)).fresh == 1
     assert await a.fetchval("SELECT handle FROM actors WHERE did = 'did:plc:freshid'") == "a.test"
     dead = await write_snapshot(a, [write("did:plc:freshdead", 0, Action.CREATE, SNAPSHOT_REV)])
-    assert dead.copied == 0 and dead.upserted == 0
+    assert dead.fresh == 0 and dead.upserted == 0
 
 
 async def test_copy_refusal_falls_back_to_the_guarded_path(conns: Any) -> None:
-    """A row COPY refuses (the same uri in a second batch of a load, which no well-formed MST
+    """A row the tables refuse (the same uri in a second batch of a load, which no well-formed MST
     gives) rolls the attempt back; the guarded path writes the batch, inside a caller's
     transaction too."""
     a = conns[0]
     did = "did:plc:freshdup"
     snap = [write(did, k, Action.CREATE, SNAPSHOT_REV) for k in range(3)]
-    assert (await write_snapshot(a, snap)).copied == 3
+    assert (await write_snapshot(a, snap)).fresh == 3
     async with a.transaction():
         again = await write_snapshot(a, snap[1:])
-        assert again.copied == 0 and again.upserted == 0  # identical replays: skipped
+        assert again.fresh == 0 and again.upserted == 0  # identical replays: skipped
     await check_converged(a, did, snap)
 
 
 async def test_races_take_both_paths(conns: Any) -> None:
     """The property above is not vacuous: in every kind of race (each holder, the live batch
-    arriving before the load's first or its second batch), some loads are copied and some
+    arriving before the load's first or its second batch), some loads are unguarded and some
     refused, and the live delete of a record the load's second batch has always wins."""
     a, b, c = conns
-    copied = refused = 0
+    loaded = refused = 0
     for i in range(12):
         await a.execute(f"TRUNCATE {TABLES}")
         await apply_batch(a, Batch(writes=[write(OTHER, 2, Action.CREATE, 1)]))
@@ -298,7 +298,7 @@ async def test_races_take_both_paths(conns: Any) -> None:
             "holder": ("live", "load", "mid-live")[i % 3], "at": (i // 3) % 2, "delay_ms": 5,
         }  # fmt: skip
         n = await asyncio.wait_for(run_race(a, b, c, race), 60)
-        copied += n > 0
+        loaded += n > 0
         refused += n < 3
         await check_converged(a, did, loads[0] + loads[1] + live)
-    assert copied and refused
+    assert loaded and refused

@@ -1,10 +1,11 @@
-"""Fresh repos: a snapshot of a repo the database has never seen, loaded at COPY cost.
+"""Fresh repos: a snapshot of a repo the database has never seen, loaded without guards.
 
 A backfill mostly meets repos the database knows nothing of: no records, no tombstones, no
 head. For such a repo the rev guards of the upserts (queries.UPSERTS_APPLY) can only ever say
 yes, yet they cost PostgreSQL about twice what a raw binary COPY costs (bench/pg_ceiling.py).
-So `writer.write_snapshot` loads a fresh repo with COPY straight into `records` and the typed
-tables, and keeps convergence with every other writer (DESIGN.md invariant 2) through the
+So `writer.write_snapshot` loads a fresh repo with plain INSERTs straight into `records` and
+the typed tables (no guard, no ON CONFLICT: `FRESH_CLAIM`, one statement with the claim
+below), and keeps convergence with every other writer (DESIGN.md invariant 2) through the
 repo's `actors` row, used as a per-repo lock that needs no shared lock-table entry:
 
 * **Ownership.** A load owns a repo while it holds the repo's `actors` row and that row is
@@ -26,10 +27,10 @@ repo's `actors` row, used as a per-repo lock that needs no shared lock-table ent
   (writer.prepare adds the heads of written repos a caller left out), so a headless row
   really means "no rows, no tombstones".
 
-Hence a load and another writer of the same repo are serialised: the COPY either commits
-before the other writer's first row (which then sees it), or it does not happen (the batch
+Hence a load and another writer of the same repo are serialised: the load either commits
+before the other writer's first row (which then sees it), or it writes nothing (the batch
 takes the guarded path). Account deletions update the `actors` row (queries.ACTOR_ACCOUNTS)
-and so end ownership too. Anything the COPY refuses (a uri twice, which a sane MST never
+and so end ownership too. A row the tables refuse (a uri twice, which a sane MST never
 yields) rolls the attempt back and the batch takes the guarded path.
 tests/test_storage_fresh.py races loads with live batches on two connections.
 """
@@ -37,7 +38,6 @@ tests/test_storage_fresh.py races loads with live batches on two connections.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
 
 from firehose.storage import queries
 
@@ -52,38 +52,75 @@ CLAIM_LOADING = """
 UPDATE actors SET updated_at = now() WHERE did = ANY($1::text[]) AND chain_rev IS NULL
 """
 
-# $1 did, $2 rev, $3 data_cid (the snapshot's head), $4 whether to make this transaction's
-# commit asynchronous (see writer._ASYNC_COMMIT). One row (the new row version's xmin) when
-# the repo is fresh and now ours: absent (inserted) or headless and not deleted (updated).
-# No row, and no lock taken, otherwise.
-FRESH_CLAIM = """
-WITH u AS (
-UPDATE actors AS a SET rev = $2, data_cid = $3, updated_at = now()
- WHERE a.did = $1 AND a.rev IS NULL AND a.status <> 'deleted'
+# The rows of a fresh batch come as in queries.UPSERTS_APPLY: $1 the records rows, $2.. the
+# rows of each typed table in queries.TYPED_ORDER ('[]' when none), each one jsonb array of
+# row arrays. They are INSERTed as they are (no guard, no ON CONFLICT), only if the claim CTE
+# `c` made the repo ours: the claim runs (and waits) to completion first, as the InitPlan of
+# every insert. (Binary COPY costs PostgreSQL a little less but this process about five times
+# more per record, in asyncpg's encoding of datetimes and lists; the backfill is one Python
+# thread, so its own CPU per record bounds its rate.) _N is the first parameter after the rows.
+_N = 2 + len(queries.TYPED_ORDER)
+_DID, _REV, _DATA_CID, _ASYNC, _XMIN = (f"${_N + i}" for i in range(5))
+
+# The claim of a repo not written yet: absent (inserted) or headless and not deleted
+# (updated). No row, and no lock taken, otherwise.
+_CLAIM = f"""
+u AS (
+UPDATE actors AS a SET rev = {_REV}::text, data_cid = {_DATA_CID}::text, updated_at = now()
+ WHERE a.did = {_DID}::text AND a.rev IS NULL AND a.status <> 'deleted'
 RETURNING a.xmin::text AS xmin),
 i AS (
 INSERT INTO actors (did, rev, data_cid, updated_at)
-SELECT $1, $2, $3, now() WHERE NOT EXISTS (SELECT 1 FROM actors WHERE did = $1)
+SELECT {_DID}::text, {_REV}::text, {_DATA_CID}::text, now()
+ WHERE NOT EXISTS (SELECT 1 FROM actors WHERE did = {_DID}::text)
 ON CONFLICT (did) DO NOTHING
-RETURNING xmin::text AS xmin)
-SELECT x.xmin, CASE WHEN $4::bool THEN set_config('synchronous_commit', 'off', true) END
-  FROM (SELECT xmin FROM u UNION ALL SELECT xmin FROM i) AS x
-"""
-# $1 did, $2 rev, $3 data_cid, $4 whether asynchronous commit, $5 the xmin our previous
-# batch of this snapshot left. The head never goes backwards, as in queries.BATCH_FINISH.
-FRESH_CONTINUE = """
+RETURNING xmin::text AS xmin),
+c AS (SELECT xmin FROM u UNION ALL SELECT xmin FROM i)"""
+# The next batch of a snapshot: the row is still the version our previous batch left
+# (`xmin`). The head never goes backwards, as in queries.BATCH_FINISH.
+_CONTINUE = f"""
+c AS (
 UPDATE actors AS a
-   SET rev = CASE WHEN a.rev < $2 THEN $2 ELSE a.rev END,
-       data_cid = CASE WHEN a.rev < $2 THEN $3 ELSE a.data_cid END,
+   SET rev = CASE WHEN a.rev < {_REV}::text THEN {_REV}::text ELSE a.rev END,
+       data_cid = CASE WHEN a.rev < {_REV}::text THEN {_DATA_CID}::text ELSE a.data_cid END,
        updated_at = now()
- WHERE a.did = $1 AND a.xmin = $5::text::xid
-RETURNING a.xmin::text AS xmin,
-          CASE WHEN $4::bool THEN set_config('synchronous_commit', 'off', true) END
-"""
+ WHERE a.did = {_DID}::text AND a.xmin = {_XMIN}::text::xid
+RETURNING a.xmin::text AS xmin)"""
 
-TYPED_COLUMNS: dict[str, tuple[str, ...]] = {
-    t.name: t.all_columns for t in queries.TYPED_TABLES.values()
-}
+
+def _insert(table: str, columns: tuple[tuple[str, str], ...], param: int) -> str:
+    names = ", ".join(c for c, _ in columns)
+    values = ", ".join(queries.column_value(i, t) for i, (_, t) in enumerate(columns))
+    return (
+        f"INSERT INTO {table} ({names}) SELECT {values}"
+        f" FROM jsonb_array_elements(${param}::jsonb) AS u WHERE EXISTS (SELECT 1 FROM c)"
+    )
+
+
+def _load_sql(claim: str) -> str:
+    ctes = [
+        claim.strip(),
+        "r AS (" + _insert("records", queries.RECORDS_COLUMNS, 1) + " RETURNING 1)",
+    ]
+    for i, t in enumerate(queries.TYPED_TABLES.values()):
+        sql = _insert(t.name, queries.COMMON_TYPED_COLUMNS + t.columns, i + 2)
+        ctes.append(f"t{i} AS (" + sql + " RETURNING 1)")
+    typed = " + ".join(f"(SELECT count(*) FROM t{i})" for i in range(len(queries.TYPED_TABLES)))
+    return (
+        "WITH "
+        + ",\n".join(ctes)
+        + "\nSELECT (SELECT xmin FROM c) AS xmin, (SELECT count(*) FROM r) AS inserted,"
+        + f" {typed} AS typed,"
+        + f" CASE WHEN {_ASYNC}::bool THEN set_config('synchronous_commit', 'off', true) END"
+        + " AS sync"
+    )
+
+
+# Parameters: the rows ($1.., as above), then did, rev, data_cid, asynchronous commit (see
+# writer._ASYNC_COMMIT) and, for FRESH_CONTINUE, the xmin our previous batch left. Returns
+# xmin (NULL: not ours, nothing written), inserted (records rows), typed.
+FRESH_CLAIM = _load_sql(_CLAIM)
+FRESH_CONTINUE = _load_sql(_CONTINUE)
 
 # A snapshot's batches come one after another, each in its own transaction, possibly on
 # different pooled connections: the xmin each left is remembered per (did, snapshot rev).
@@ -111,15 +148,3 @@ class Loads:
         self._entries.move_to_end(key)
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
-
-
-async def copy_rows(
-    conn: Any, records: list[tuple[Any, ...]], typed: dict[str, list[tuple[Any, ...]]]
-) -> None:
-    """Binary COPY of prepared rows (writer.prepare) into records and the typed tables."""
-    if records:
-        await conn.copy_records_to_table(
-            "records", records=records, columns=queries.RECORDS_COLUMN_NAMES
-        )
-    for table in sorted(typed):
-        await conn.copy_records_to_table(table, records=typed[table], columns=TYPED_COLUMNS[table])

@@ -193,6 +193,10 @@ def _column_value(i: int, pgtype: str) -> str:
     return f"(u->>{i})::{pgtype}"
 
 
+# Public name: fresh.py inserts rows of the same jsonb shape.
+column_value = _column_value
+
+
 def _upsert_sql(table: str, columns: tuple[tuple[str, str], ...], guard: str) -> str:
     names = [c for c, _ in columns]
     cols = ", ".join(names)

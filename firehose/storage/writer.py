@@ -15,7 +15,7 @@ Steps, all inside one transaction so that the cursor never runs ahead of the dat
    the event which caused it.
 
 0. before any row: the claim of the repos written (two statements, see fresh.py), which
-   keeps a fresh repo's COPY load (`write_snapshot`) and every other writer apart.
+   keeps a fresh repo's unguarded load (`write_snapshot`) and every other writer apart.
 
 Round trips per batch: BEGIN, two for the claim when the batch writes records, one per actor
 step present (identities, accounts, purge),
@@ -58,7 +58,7 @@ class ApplyStats:
     heads: int = 0  # actors whose latest commit rev advanced
     sanitized: int = 0  # creates/updates staged whose record had NUL replaced (decoder flag)
     resyncs: int = 0  # repos queued (or re-armed) for a resync
-    copied: int = 0  # of `upserted`: records rows loaded by COPY into a fresh repo (fresh.py)
+    fresh: int = 0  # of `upserted`: records rows inserted unguarded into a fresh repo (fresh.py)
 
     def add(self, other: ApplyStats) -> None:
         for f in fields(self):
@@ -370,18 +370,18 @@ async def write_snapshot(
     older commit; that record goes only when the stream's own delete is applied.
 
     A batch of one repo the database has never seen (or the next batch of such a snapshot,
-    nobody else having written the repo since) is loaded by COPY without the guards, which
-    could only say yes (firehose/storage/fresh.py); any other batch takes the guarded path.
+    nobody else having written the repo since) is inserted without the guards, which could
+    only say yes (firehose/storage/fresh.py); any other batch takes the guarded path.
     """
     batch = Batch(writes=writes)
     stats = ApplyStats()
-    prep = prepare(batch, stats, heads)
-    head = _fresh_candidate(prep)
+    prepared = _statement_args(batch, stats, prepare(batch, stats, heads))
+    head = _fresh_candidate(prepared.rows)
     if head is not None:
-        loaded = await _load_fresh(conn, prep, stats, head)
+        loaded = await _load_fresh(conn, prepared, head)
         if loaded is not None:
             return loaded
-    return await apply_prepared(conn, _statement_args(batch, stats, prep), chain_heads=False)
+    return await apply_prepared(conn, prepared, chain_heads=False)
 
 
 # Per process: the xmin each fresh snapshot's last batch left (see fresh.Loads).
@@ -389,49 +389,48 @@ _fresh_loads = fresh.Loads()
 
 
 class _NotFresh(Exception):
-    """The repo is not (or no longer) ours to load by COPY: roll the attempt back."""
+    """The repo is not (or no longer) ours to load unguarded: roll the attempt back."""
 
 
 def _fresh_candidate(prep: _Prepared) -> RepoHead | None:
-    """The head of a batch that may be loaded by COPY: creates of one repo only."""
+    """The head of a batch that may be loaded unguarded: creates of one repo only."""
     if len(prep.heads) != 1 or prep.deletes[0]:
         return None
     return prep.heads[0]
 
 
-async def _load_fresh(
-    conn: Any, prep: _Prepared, stats: ApplyStats, head: RepoHead
-) -> ApplyStats | None:
-    """COPY the batch if its repo is fresh and ours (fresh.py): the stats, else None (nothing
-    written; the caller takes the guarded path)."""
+async def _load_fresh(conn: Any, prepared: PreparedBatch, head: RepoHead) -> ApplyStats | None:
+    """Insert the batch unguarded if its repo is fresh and ours (fresh.py): the stats, else
+    None (nothing written; the caller takes the guarded path)."""
     did, rev, data_cid = head
     key = (did, rev)
     known, xmin = _fresh_loads.get(key)
     if known and xmin is None:
         return None
+    typed = dict(prepared.typed)
+    rows = [prepared.records or "[]", *[typed.get(name, "[]") for name in queries.TYPED_ORDER]]
     not_nested = not conn.is_in_transaction()
     try:
         # Inside a caller's transaction this is a savepoint: a refusal rolls back only it.
         async with conn.transaction():
             if xmin is None:
-                row = await conn.fetchrow(fresh.FRESH_CLAIM, did, rev, data_cid, not_nested)
+                row = await conn.fetchrow(fresh.FRESH_CLAIM, *rows, did, rev, data_cid, not_nested)
             else:
                 row = await conn.fetchrow(
-                    fresh.FRESH_CONTINUE, did, rev, data_cid, not_nested, xmin
+                    fresh.FRESH_CONTINUE, *rows, did, rev, data_cid, not_nested, xmin
                 )
-            if row is None:
+            if row["xmin"] is None:
                 raise _NotFresh
-            await fresh.copy_rows(conn, prep.records, prep.typed)
     except (_NotFresh, asyncpg.IntegrityConstraintViolationError, asyncpg.DataError):
-        # Not fresh, or a row COPY refuses (a uri twice, which a well-formed MST never
+        # Not fresh, or a row the table refuses (a uri twice, which a well-formed MST never
         # yields): the guarded path decides, row by row.
         _fresh_loads.put(key, None)
         return None
     _fresh_loads.put(key, row["xmin"])
-    out = replace(stats)
-    out.upserted += len(prep.records)
-    out.copied += len(prep.records)
-    out.typed += sum(len(rows) for rows in prep.typed.values())
+    out = replace(prepared.stats)
+    out.upserted += row["inserted"]
+    out.fresh += row["inserted"]
+    out.typed += row["typed"]
     out.heads += 1
     return out
 
