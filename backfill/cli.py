@@ -160,6 +160,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     from prometheus_client import CollectorRegistry
 
     from backfill.service import BackfillService
+    from firehose.gctune import tune_gc
     from firehose.storage.database import Database
 
     bf = settings.backfill
@@ -173,6 +174,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    tune_gc()  # this process is the backfill's own, as the worker's is (firehose/gctune.py)
     db = await Database.open(settings.database)
     try:
         service = BackfillService(

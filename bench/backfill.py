@@ -157,10 +157,12 @@ async def run_in_process(env: dict[str, str]) -> None:
     from prometheus_client import CollectorRegistry
 
     from backfill.service import BackfillService
+    from firehose.gctune import tune_gc
     from firehose.settings import Settings
     from firehose.storage.database import Database
 
     settings = Settings.from_env({**os.environ, **env})
+    tune_gc()  # as `firehose backfill run` does (backfill/cli.py)
     db = await Database.open(settings.database)
     try:
         service = BackfillService(
@@ -275,7 +277,7 @@ def main() -> None:
         "repos": args.history_model or args.repos,
         "records_per_repo": None if args.history_model else args.records,
         "history_model": bool(args.history_model),
-        "write_path": "guarded" if args.guarded else "fresh-copy",
+        "write_path": "guarded" if args.guarded else "fresh",
         "profile": args.profile_name,
         "mode": "subprocess" if args.subprocess else "in-process",
         "status": job["status"],

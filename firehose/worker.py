@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import time
 from collections import Counter
@@ -21,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from backfill.resync import ResyncService
 from backfill.service import BackfillService, LivePressure
 from backfill.service import should_run as should_run_backfill
+from firehose.gctune import tune_gc
 from firehose.http import start_http
 from firehose.live.batch import BatchBuilder, shard_filter
 from firehose.live.chain import ChainScreen, load_repo_states
@@ -44,11 +44,6 @@ DB_RETRY_MIN_S = 0.5
 DB_RETRY_MAX_S = 10.0
 # Frames decoded between two yields to the event loop (~60 us each: ~1 ms of decoding).
 READ_YIELD_EVERY = 16
-# Allocations between two young-generation collections of the cyclic GC (CPython's default
-# is 700). Decoding allocates ~60 objects per event (record dicts, lists, CIDs) that
-# reference counting frees anyway; at the default the collector ran every ~12 events and
-# cost ~15% of decode + row preparation. Memory stays bounded: only cyclic garbage waits.
-GC_GEN0_THRESHOLD = 50_000
 _EVENT_TYPE = {
     "CommitEvent": "commit",
     "SyncEvent": "sync",
@@ -109,7 +104,7 @@ class Worker:
         s = self.settings
         ops = self.ops = WorkerOps(s, self.state, db.dsn, self._queue.qsize, self._lag_seconds)
         http = await start_http(self.registry, s.metrics_port, ops=ops, admin_token=s.admin_token)
-        _tune_gc()
+        tune_gc()
         try:
             self._gate = Gate(self._screens(db), self._gate_metrics)
             start_cursor = await self._start_cursor_when_reachable(db)
@@ -447,16 +442,6 @@ class Worker:
         if t is None:
             return 0.0
         return max(0.0, (datetime.now(UTC) - t).total_seconds())
-
-
-def _tune_gc() -> None:
-    """Fewer cyclic-GC passes on the hot path (see GC_GEN0_THRESHOLD); the long-lived start-up
-    objects (modules, settings, pool) go to the permanent generation, out of every full
-    collection. Process-wide: a worker owns its process."""
-    gen0, gen1, gen2 = gc.get_threshold()
-    if gen0 < GC_GEN0_THRESHOLD:
-        gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
-    gc.freeze()
 
 
 async def run_until_signalled(worker: Worker) -> None:
