@@ -15,14 +15,14 @@ repo's `actors` row, used as a per-repo lock that needs no shared lock-table ent
   or, for the next batch of the same snapshot, `FRESH_CONTINUE` (unchanged since our last
   batch). Either statement waits for a concurrent holder of the row and re-checks the newest
   version (READ COMMITTED re-evaluation), and takes no lock when the answer is no.
-* **Every other writer claims first** (`CLAIM_NEW`, then `CLAIM_LOADING`, run by
-  `writer.apply_prepared` before any row of a batch): it inserts the missing `actors` rows of
-  the repos it writes, which waits for a load's uncommitted insert of that row; then it
-  modifies every row of those repos that no live commit has touched yet (`chain_rev IS
-  NULL`, which includes every row a load wrote), which waits for a load holding the row and,
-  by changing `xmin`, ends that load's ownership. Both are separate statements, so each
-  sees what committed while it waited, and the writer's own statements after them see the
-  load's rows: its guards then apply against them as against any row.
+* **Every other writer claims first** (`CLAIM`, run by `writer.apply_prepared` as its own
+  statement before any row of a batch): it inserts the missing `actors` rows of the repos it
+  writes or, on conflict, locks the newest version of the row, which waits for a load's
+  uncommitted insert or for a load holding the row; and it modifies every such row no live
+  commit has touched yet (`chain_rev IS NULL`, which includes every row a load wrote),
+  which ends that load's ownership by changing `xmin`. The writer's own statements after it
+  take their snapshots after the wait, so they see the load's rows: their guards then apply
+  against them as against any row.
 * Every writer of rows also advances the repo head (`actors.rev`) in the same transaction
   (writer.prepare adds the heads of written repos a caller left out), so a headless row
   really means "no rows, no tombstones".
@@ -41,15 +41,15 @@ from collections import OrderedDict
 
 from firehose.storage import queries
 
-# $1 did[] (sorted): the repos a batch writes. Waits for a load's uncommitted insert.
-CLAIM_NEW = """
-INSERT INTO actors (did) SELECT d FROM unnest($1::text[]) AS d ORDER BY d
-ON CONFLICT (did) DO NOTHING
-"""
-# $1 did[]: ends any load's ownership of these repos (a new row version, new xmin). Rows a
-# live commit has touched (chain_rev set) are never loaded fresh: nothing to do there.
-CLAIM_LOADING = """
-UPDATE actors SET updated_at = now() WHERE did = ANY($1::text[]) AND chain_rev IS NULL
+# $1 did[] (sorted): the repos a batch writes. ON CONFLICT works on the newest version of a
+# row, whatever the statement's snapshot: it waits for a load's uncommitted insert of the row
+# and for a load holding it, then ends the load's ownership of every row no live commit has
+# touched (`chain_rev IS NULL`, which includes every row a load wrote) with a new version.
+# The other rows are only locked, in did order, until this transaction ends (the writer
+# updates most of them anyway with their heads, at the end of the same transaction).
+CLAIM = """
+INSERT INTO actors AS a (did) SELECT d FROM unnest($1::text[]) AS d ORDER BY d
+ON CONFLICT (did) DO UPDATE SET updated_at = now() WHERE a.chain_rev IS NULL
 """
 
 # The rows of a fresh batch come as in queries.UPSERTS_APPLY: $1 the records rows, $2.. the

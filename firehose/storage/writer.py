@@ -14,10 +14,10 @@ Steps, all inside one transaction so that the cursor never runs ahead of the dat
    the gate (`batch.resyncs`), so that a request is saved exactly with the cursor that passes
    the event which caused it.
 
-0. before any row: the claim of the repos written (two statements, see fresh.py), which
+0. before any row: the claim of the repos written (its own statement, see fresh.py), which
    keeps a fresh repo's unguarded load (`write_snapshot`) and every other writer apart.
 
-Round trips per batch: BEGIN, two for the claim when the batch writes records, one per actor
+Round trips per batch: BEGIN, the claim when the batch writes records, one per actor
 step present (identities, accounts, purge),
 one for every create/update (records and all typed tables), one for all deletes, one for
 the repo heads + cursor + resync requests, COMMIT. The pure half (`prepare_batch`) is apart
@@ -289,8 +289,7 @@ async def apply_prepared(
         #    load of one of them that is under way, so that the statements below see its rows
         #    (firehose/storage/fresh.py).
         if prep.claims:
-            await conn.execute(fresh.CLAIM_NEW, prep.claims)
-            await conn.execute(fresh.CLAIM_LOADING, prep.claims)
+            await conn.execute(fresh.CLAIM, prep.claims)
         # 1. Accounts first, so that writes of a deleted account in this very batch are refused
         #    by the actor guard, and writes after a reactivation are accepted.
         if identities:
