@@ -444,7 +444,7 @@ def test_model_shape(relay: DevnetRelay, truth: dict[str, Any]) -> None:
     model = model_dids(truth)
     dormant = [did for did in model if history[did]["rev"] <= cutoff]
     assert sorted(dormant) == model_dids(truth, "dormant")
-    assert 0.5 <= len(dormant) / len(model) <= 0.8
+    assert 0.65 <= len(dormant) / len(model) <= 0.92
     quiet_since = since_tid(NOW_US - 35 * DAY_US)
     assert all(history[did]["rev"] <= quiet_since for did in dormant)  # > a month quiet
 

@@ -7,9 +7,13 @@ PDS's repo_block.repoRev): `getRepo?since=` and the truth's `history` are comput
 
 Each account (deterministic by seed and index, like `prebuilt`) is one of:
 
-* ``dormant`` (~65%): active on some days, then quiet: its last commit is 35+ days old;
-* ``casual`` (~20%): active on a few days of the year, the last one inside the last 30 days;
-* ``daily`` (~13%): created 45-245 days ago, then a commit (1-2 writes) every day up to
+* ``dormant`` (~80%): quiet for 35+ days. Most were active on a few days (1-6 writes each);
+  ~30% are churned daily writers (a commit of 1-2 writes every day for a month or more,
+  then nothing), which is what the real network is full of: its mean repo is ~460 KiB,
+  far more than a few days of activity make, and most of its ~40 M accounts write nothing
+  in a given month;
+* ``casual`` (~12%): active on a few days of the year, the last one inside the last 30 days;
+* ``daily`` (~8%): created 45-365 days ago, then a commit (1-2 writes) every day up to
   the last day before now;
 * ``heavy`` (~0.5%, and always the first model account when there are 20 or more):
   created early in the year, a commit every day with 3-9 writes: about two thousand records.
@@ -55,8 +59,9 @@ SPAN_DAYS = 365
 QUIET_MIN_DAYS = 35  # a dormant account's last commit is at least this old
 WINDOW_DAYS = 30  # the window the model is shaped around (casual: a commit inside it)
 KIND_DORMANT, KIND_CASUAL, KIND_DAILY, KIND_HEAVY = "dormant", "casual", "daily", "heavy"
-_KIND_CUM = ((KIND_HEAVY, 0.005), (KIND_DAILY, 0.135), (KIND_CASUAL, 0.335))  # else dormant
+_KIND_CUM = ((KIND_HEAVY, 0.005), (KIND_DAILY, 0.085), (KIND_CASUAL, 0.205))  # else dormant
 NOTE_ACCOUNTS = 0.10
+CHURNED_DORMANT = 0.3  # dormant accounts that wrote daily for a month or more, then stopped
 PROFILE_UPDATE_ACTIVE = 0.30  # active accounts that update their profile in the window
 DELETE_PER_COMMIT = 0.12
 HANDLE_SUFFIX = ".devnet.test"
@@ -85,7 +90,7 @@ def _active_days(rng: random.Random, kind: str) -> list[int]:
     if kind == KIND_HEAVY:
         return list(range(rng.randrange(0, 60), SPAN_DAYS))
     if kind == KIND_DAILY:
-        return list(range(rng.randrange(120, SPAN_DAYS - 45), SPAN_DAYS))
+        return list(range(rng.randrange(0, SPAN_DAYS - 45), SPAN_DAYS))
     if kind == KIND_CASUAL:
         created = rng.randrange(0, SPAN_DAYS - 45)
         final = rng.randrange(window_start + 1, last + 1)
@@ -93,6 +98,11 @@ def _active_days(rng: random.Random, kind: str) -> list[int]:
         middle = rng.sample(range(created + 1, final), k=k)
         return [created, *sorted(middle), final]
     quiet_last = SPAN_DAYS - QUIET_MIN_DAYS  # dormant
+    if rng.random() < CHURNED_DORMANT:
+        # Once a daily writer, then gone: the network is full of them (its mean repo is
+        # ~460 KiB, far more than a few days of activity make).
+        created = rng.randrange(0, quiet_last - 60)
+        return list(range(created, rng.randrange(created + 30, quiet_last)))
     created = rng.randrange(0, quiet_last - 20)
     final = rng.randrange(created + 1, quiet_last)
     middle = rng.sample(range(created + 1, final), k=min(final - created - 1, rng.randint(1, 20)))
@@ -124,6 +134,7 @@ class ModelFactory:
         live = IndexedSet()  # paths a delete may pick (not the profile)
         notes: list[str] = []
         days = _active_days(rng, kind)
+        daily_run = len(days) > 1 and days[-1] - days[0] == len(days) - 1  # churned writer
         window_start = SPAN_DAYS - WINDOW_DAYS
         profile_day = -1
         if kind != KIND_DORMANT and rng.random() < PROFILE_UPDATE_ACTIVE:
@@ -137,7 +148,7 @@ class ModelFactory:
             start_us = day0_us + day * DAY_US
             if kind == KIND_HEAVY:
                 creates = rng.randint(3, 9)
-            elif kind == KIND_DAILY:
+            elif kind == KIND_DAILY or daily_run:
                 creates = rng.randint(1, 2)
             else:
                 creates = rng.randint(1, 6)
