@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from firehose.devnet.tid import tid_of_value as tid
 from firehose.model import Action, Batch, RecordWrite
+from firehose.storage.fresh import Settled
 from firehose.storage.writer import ApplyStats, apply_batch, write_snapshot
 
 # (collection, rkey): a few uris over two typed tables.
@@ -302,3 +303,10 @@ async def test_races_take_both_paths(conns: Any) -> None:
         refused += n < 3
         await check_converged(a, did, loads[0] + loads[1] + live)
     assert loaded and refused
+
+
+def test_settled_repos_are_bounded_oldest_first_out() -> None:
+    settled = Settled(max_entries=3)
+    settled.add(["did:plc:a", "did:plc:b", "did:plc:c", "did:plc:d"])
+    assert len(settled) == 3
+    assert settled.unsettled(["did:plc:a", "did:plc:b", "did:plc:e"]) == ["did:plc:a", "did:plc:e"]

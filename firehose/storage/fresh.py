@@ -37,6 +37,7 @@ tests/test_storage_fresh.py races loads with live batches on two connections.
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 
 from firehose.storage import queries
@@ -148,3 +149,36 @@ class Loads:
         self._entries.move_to_end(key)
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
+
+
+# Repos whose actors row holds a chain head this process committed (the live stream's
+# batches, queries.BATCH_FINISH with chain heads): `chain_rev` never goes back to NULL and
+# no load ever claims such a row (FRESH_CLAIM wants it headless, FRESH_CONTINUE unchanged
+# since the load's own batch), so a batch need not claim them again. The claim costs
+# PostgreSQL a few µs per repo (an index probe and a row lock); in steady state a live
+# batch then claims only repos it has never committed. Bounded, oldest first out.
+SETTLED_MAX_ENTRIES = 200_000
+
+
+class Settled:
+    """The dids known settled (see SETTLED_MAX_ENTRIES)."""
+
+    def __init__(self, max_entries: int = SETTLED_MAX_ENTRIES) -> None:
+        self._max = max_entries
+        self._dids: dict[str, None] = {}
+
+    def __len__(self) -> int:
+        return len(self._dids)
+
+    def unsettled(self, dids: list[str]) -> list[str]:
+        known = self._dids
+        return [d for d in dids if d not in known]
+
+    def add(self, dids: list[str]) -> None:
+        known = self._dids
+        for did in dids:
+            known[did] = None
+        excess = len(known) - self._max
+        if excess > 0:
+            for did in list(itertools.islice(known, excess)):
+                del known[did]

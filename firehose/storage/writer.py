@@ -288,8 +288,9 @@ async def apply_prepared(
         # 0. Claim the repos written, before any of their rows: waits for (and ends) a fresh
         #    load of one of them that is under way, so that the statements below see its rows
         #    (firehose/storage/fresh.py).
-        if prep.claims:
-            await conn.execute(fresh.CLAIM, prep.claims)
+        claims = _settled.unsettled(prep.claims) if chain_heads else prep.claims
+        if claims:
+            await conn.execute(fresh.CLAIM, claims)
         # 1. Accounts first, so that writes of a deleted account in this very batch are refused
         #    by the actor guard, and writes after a reactivation are accepted.
         if identities:
@@ -352,7 +353,13 @@ async def apply_prepared(
             )
             stats.heads += row["heads"]
             stats.resyncs += row["resyncs"]
+    if chain_heads and not nested:  # committed: these repos have a chain head for good
+        _settled.add([h[0] for h in prep.heads])
     return stats
+
+
+# Per process: repos that need no claim any more (see fresh.Settled).
+_settled = fresh.Settled()
 
 
 async def write_snapshot(
