@@ -11,9 +11,9 @@ of the service to the job's completion.
 Printed: records/s and repos/s committed, peak RSS of the backfill process (psutil, every
 0.1 s), CPU seconds of the backfill process, PostgreSQL and the devnet and CPU µs per record
 of the backfill and PostgreSQL, the machine's load; then one JSON line {"bench": "backfill",
-...}. Throughput is claimed only on a quiet machine (bench.common.MachineLoad: load average
-before the run and other processes' CPU during it, both at most 1); otherwise a warning is
-printed in its place. CPU per record is printed either way.
+...}. Throughput is claimed only on a quiet machine (bench.common.MachineLoad: at most 1 core
+busy just before the bench started, at most 0.25 cores of other processes during the run);
+otherwise a warning is printed in its place. CPU per record is printed either way.
 
 `--history-model N` backfills N accounts of the devnet's history model instead (repos grown
 commit by commit over a year, realistic MSTs and record mix, from a few records to ~2,000:
@@ -55,7 +55,14 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import CpuTracker, MachineLoad, claim, cpu_s, postgres_processes  # noqa: E402
+from bench.common import (  # noqa: E402
+    CpuTracker,
+    MachineLoad,
+    claim,
+    cpu_s,
+    load_at_start,
+    postgres_processes,
+)
 from bench.sqltiming import StatementTimes  # noqa: E402
 from firehose.storage.embedded import start_embedded  # noqa: E402
 
@@ -197,6 +204,7 @@ def main() -> None:
         help="spool every repo to disk (no in-memory small repos: the earlier behaviour)",
     )
     args = parser.parse_args()
+    load_at_start()  # before the bench loads the machine itself
     if args.disk_spool:
         import backfill.download
 

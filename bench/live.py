@@ -17,9 +17,10 @@ upserts (queries.RECORDS_UPSERT and TYPED_UPSERT, one statement per table presen
 with tombstones, repo heads, asynchronous commit like the worker's (no fsync per event).
 Printed: its events/s and CPU per event, and the worker's ratio to it.
 
-Every throughput figure is claimed only on a quiet machine (bench.common.MachineLoad: load
-average before the run and other processes' CPU during it, both at most 1): otherwise a
-warning is printed in its place. CPU per event is printed either way.
+Every throughput figure is claimed only on a quiet machine (bench.common.MachineLoad: at
+most 1 core busy just before the bench started, at most 0.25 cores of other processes
+during the run): otherwise a warning is printed in its place. CPU per event is printed
+either way, with the load.
 
     python bench/live.py [--events 200000] [--accounts 1000] [--seed 3] [--no-cache]
                          [--baseline-events 10000] [--profile FILE] [--statements]
@@ -53,7 +54,7 @@ from websockets.asyncio.client import connect
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import MachineLoad, claim, cpu_s, postgres_processes  # noqa: E402
+from bench.common import MachineLoad, claim, cpu_s, load_at_start, postgres_processes  # noqa: E402
 from bench.replay import cache_path, read_frames  # noqa: E402
 from bench.sqltiming import StatementTimes  # noqa: E402
 from firehose.live.batch import BatchBuilder  # noqa: E402
@@ -279,6 +280,7 @@ def main() -> None:
     parser.add_argument("--profile", metavar="FILE", help="cProfile the worker into FILE")
     parser.add_argument("--statements", action="store_true", help="time each SQL statement")
     args = parser.parse_args()
+    load_at_start()  # before the bench loads the machine itself
     statements = StatementTimes() if args.statements else None
     if statements is not None:
         statements.install()
