@@ -12,9 +12,10 @@ the relay, and decode-only events/s over the first 20,000 frames; then one JSON 
 The baseline (`--baseline-events`, default 10,000; 0 skips it) is the origin's write
 pattern measured in the same run, on the same server, from the same frames: after the
 worker's run the tables are emptied and the first N events are written one transaction per
-event, each with its own cursor row, correctly: the same rows through the same guarded
-upserts (queries.RECORDS_UPSERT and TYPED_UPSERT, one statement per table present), deletes
-with tombstones, repo heads, asynchronous commit like the worker's (no fsync per event).
+event, each with its own cursor row, correctly: the same rows with the same guards (a
+one-row guarded upsert per record and per typed row, the rev, tombstone and account guards
+of queries.py), deletes with tombstones, repo heads, asynchronous commit like the worker's
+(no fsync per event).
 Printed: its events/s and CPU per event, and the worker's ratio to it.
 
 Every throughput figure is claimed only on a quiet machine (bench.common.MachineLoad: at
@@ -174,10 +175,42 @@ async def run_worker(
     return result, load
 
 
+def _row_upsert(table: str, columns: tuple[str, ...], guard: str) -> str:
+    """A one-row guarded upsert: INSERT .. SELECT $1.. WHERE guard ON CONFLICT (uri) .."""
+    cols = ", ".join(columns)
+    values = ", ".join(f"${i + 1}" for i in range(len(columns)))
+    sets = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns if c != "uri")
+    return (
+        f"INSERT INTO {table} AS t ({cols}) SELECT {values} WHERE {guard} "
+        f"ON CONFLICT (uri) DO UPDATE SET {sets}, indexed_at = now() "
+        "WHERE t.rev < EXCLUDED.rev OR (t.rev = EXCLUDED.rev AND t.cid <> EXCLUDED.cid)"
+    )
+
+
+# The per-event writer's statements: one row each, with the guards of queries.py (the
+# tombstone and account guards on records, the typed row only where its records row now
+# holds exactly its rev and cid).
+_RECORD_GUARD = (
+    "coalesce((SELECT d.rev FROM record_tombstones d WHERE d.uri = $1) < $6, true)"
+    " AND coalesce((SELECT a.status FROM actors a WHERE a.did = $2) <> 'deleted', true)"
+)
+_RECORD_UPSERT = _row_upsert("records", queries.RECORDS_COLUMN_NAMES, _RECORD_GUARD).replace(
+    "$7", "$7::jsonb"
+)
+_TYPED_UPSERT = {
+    t.name: _row_upsert(
+        t.name,
+        t.all_columns,
+        "EXISTS (SELECT 1 FROM records r WHERE r.uri = $1 AND r.rev = $5 AND r.cid = $4)",
+    )
+    for t in queries.TYPED_TABLES.values()
+}
+
+
 async def write_one_event(conn: asyncpg.Connection, batch: Batch) -> None:
     """One event in its own transaction, the way a per-event indexer writes it: a guarded
-    upsert per table present, the deletes with their tombstones, the repo head and the
-    cursor row, each its own statement (the same SQL pieces as the worker's, queries.py)."""
+    one-row upsert per record and per typed row, the deletes with their tombstones, the repo
+    head and the cursor row."""
     p = prepare_batch(batch, batch.heads)
     rows = p.rows
     async with conn.transaction():
@@ -189,10 +222,11 @@ async def write_one_event(conn: asyncpg.Connection, batch: Batch) -> None:
             )
             if e.effective_status == "deleted":
                 await conn.execute(queries.ACTOR_PURGE, [e.did])
-        if p.records is not None:
-            await conn.execute(queries.RECORDS_UPSERT, p.records)
-        for name, typed in p.typed:
-            await conn.execute(queries.TYPED_UPSERT[name], typed)
+        for record in rows.records:
+            await conn.execute(_RECORD_UPSERT, *record)
+        for name, typed in rows.typed.items():
+            for row in typed:
+                await conn.execute(_TYPED_UPSERT[name], *row)
         if rows.deletes[0]:
             await conn.execute(queries.DELETES_APPLY, *rows.deletes)
         if rows.heads:
