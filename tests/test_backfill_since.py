@@ -34,13 +34,20 @@ from backfill.since import (
     KIND_WHOLE,
 )
 from backfill.window import Window
-from backfill.window_fetch import PROFILE_ABSENT, PROFILE_ERROR, PROFILE_FOUND, fetch_window
+from backfill.window_fetch import (
+    PROFILE_ABSENT,
+    PROFILE_ERROR,
+    PROFILE_FOUND,
+    PROFILE_TRIES,
+    fetch_window,
+)
 from firehose.devnet import dagcbor
 from firehose.model import Action, RecordWrite
 from firehose.protocol.car import read_car
 from firehose.storage.writer import write_snapshot
 
-NOW = datetime.now(UTC)
+# A fixed moment: the trees (and so which holes a partial answer has) depend on the TIDs.
+NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 DAYS = 30
 WINDOW = Window(NOW - timedelta(days=DAYS))
 SINCE = WINDOW.since
@@ -203,6 +210,18 @@ async def test_profile_fetch_failure_that_may_pass_retries_the_repo(tmp_path: Pa
             await window_fetch(http, base, repo.did, tmp_path)
     assert info.value.transient and info.value.reason == "server_error"
     assert os.listdir(tmp_path) == []  # the spool is gone
+    assert pds.get_record[repo.did] == PROFILE_TRIES  # retried in place first
+    assert len(pds.get_repo) == 1
+
+
+async def test_a_profile_fetch_failing_once_is_retried_in_place(tmp_path: Path) -> None:
+    repo = history(did(14), 14, NOW, old=30, new=3)
+    pds = Pds({repo.did: repo}, record_mode={repo.did: "server_error_once"})
+    async with pds_for(pds) as (base, http):
+        snap = await window_fetch(http, base, repo.did, tmp_path)
+    assert snap.profile_fetch == PROFILE_FOUND and pds.get_record[repo.did] == 2
+    assert pds.get_repo == [(repo.did, SINCE)]  # the repo itself is not downloaded again
+    assert PROFILE in rows(snap)
 
 
 @pytest.mark.parametrize(
@@ -331,11 +350,12 @@ class PdsNetwork:
 async def test_service_backfills_the_window(
     db_dsn: str, conn: asyncpg.Connection, tmp_path: Path, since_on: bool
 ) -> None:
+    now = datetime.now(UTC)  # the service fixes its cutoff from the real clock
     repos = [
-        history(did(20), 20, NOW, old=50, new=10),  # partial
-        history(did(21), 21, NOW, old=30, new=0),  # nothing in the window
-        history(did(22), 22, NOW, old=30, new=5),  # its PDS ignores since
-        history(did(23), 23, NOW, old=30, new=5, with_profile=False),  # no profile
+        history(did(20), 20, now, old=50, new=10),  # partial
+        history(did(21), 21, now, old=30, new=0),  # nothing in the window
+        history(did(22), 22, now, old=30, new=5),  # its PDS ignores since
+        history(did(23), 23, now, old=30, new=5, with_profile=False),  # no profile
     ]
     pds = Pds({r.did: r for r in repos}, repo_mode={did(22): "ignore"},
               record_mode={did(23): "not_found"})  # fmt: skip

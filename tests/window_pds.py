@@ -135,7 +135,7 @@ class Pds:
     "drop_new_record" (a since answer without the newest record block), "drop_commit"
     (a since answer without its commit block), "drop_block" (any answer without one
     record block). record_mode: "proof", "not_found" (XRPC RecordNotFound), "not_found_404",
-    "bad_hash", "wrong_did", "swap_record", "server_error".
+    "bad_hash", "wrong_did", "swap_record", "server_error", "server_error_once" (502, then a proof).
     """
 
     repos: dict[str, HistoryRepo]
@@ -179,6 +179,8 @@ class Pds:
         repo = self.repos[did]
         mode = self.record_mode.get(did, "proof")
         exists = repo.repo.records.get(path) is not None
+        if mode == "server_error_once" and self.get_record[did] == 1:
+            return web.json_response({"error": "InternalServerError"}, status=502)
         if mode == "server_error":
             return web.Response(status=503)
         if mode == "not_found" and not exists:
