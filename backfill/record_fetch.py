@@ -7,9 +7,9 @@ existence or non-existence of record"). `verify_record_car` (PURE: bytes in, val
 checks every block's sha256 against its CID (`read_car`), that the commit is the account's
 (`did`), and walks the path from the data root to the key (`mst_lookup`), so the record
 block must be the one the tree names. A missing record is either an XRPC ``RecordNotFound``
-error (newer reference PDS) or a CAR whose whole path proves the key absent (older ones):
-both mean "no such record". `fetch_record` is the I/O half, through the polite
-`HostClient`.
+error (the lexicon names it; some PDS software answers it) or a CAR whose whole path
+proves the key absent (what the reference PDS answers): both mean "no such record".
+`fetch_record` is the I/O half, through the polite `HostClient`.
 """
 
 from __future__ import annotations

@@ -140,7 +140,8 @@ async def test_pds_ignoring_since_gives_the_same_rows(tmp_path: Path) -> None:
 
 
 async def test_no_profile_is_fine_both_ways(tmp_path: Path) -> None:
-    """RecordNotFound (newer reference PDS) and a proof of absence (older ones)."""
+    """RecordNotFound (the lexicon's error, some PDS software) and a proof of absence (the
+    reference PDS)."""
     a = history(did(4), 4, NOW, old=20, new=3, with_profile=False)
     b = history(did(5), 5, NOW, old=20, new=3, with_profile=False)
     pds = Pds({a.did: a, b.did: b}, record_mode={a.did: "not_found", b.did: "proof"})

@@ -184,7 +184,7 @@ class Pds:
         if mode == "server_error":
             return web.Response(status=503)
         if mode == "not_found" and not exists:
-            # The newer reference PDS: an XRPC error instead of a proof of absence.
+            # Some PDS software (and the lexicon): an XRPC error instead of a proof of absence.
             return web.json_response({"error": "RecordNotFound", "message": path}, status=400)
         if mode == "not_found_404" and not exists:
             return web.json_response({"error": "RecordNotFound", "message": path}, status=404)
