@@ -25,6 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import websockets
+
+from firehose.model import Action, CommitEvent
+from firehose.protocol.frames import decode_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -316,3 +320,53 @@ class RssSampler:
         self._stop.set()
         self._thread.join(5)
         return max(self.samples, default=0)
+
+
+class LiveOps:
+    """A firehose subscriber of a test's own: what the events after the history (seq above
+    `history_events`) touched."""
+
+    def __init__(self, history_events: int) -> None:
+        self.history_events = history_events
+        self.head = 0
+        self.written: dict[str, int] = {}  # uri -> seq of its last create/update
+        self.deleted: dict[str, int] = {}  # uri -> seq of its last delete
+        self.dids: set[str] = set()  # repos with a live commit
+
+    def add(self, event: Any) -> None:
+        self.head = max(self.head, getattr(event, "seq", 0) or 0)
+        if not isinstance(event, CommitEvent) or event.seq <= self.history_events:
+            return
+        self.dids.add(event.did)
+        for w in event.writes:
+            uri = f"at://{w.did}/{w.collection}/{w.rkey}"
+            if w.action == Action.DELETE:
+                self.deleted[uri] = event.seq
+            else:
+                self.written[uri] = event.seq
+
+    async def follow(self, relay_url: str) -> None:
+        url = relay_url + "/xrpc/com.atproto.sync.subscribeRepos?cursor=0"
+        async with websockets.connect(url, max_size=None) as ws:
+            async for message in ws:
+                assert isinstance(message, bytes)
+                self.add(decode_frame(message))
+
+
+async def wait_until(predicate: Any, timeout_s: float, what: str) -> None:
+    for _ in range(int(timeout_s / 0.05)):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError(what)
+
+
+async def first_repo_done(dsn: str, live: LiveOps, worker: BackfillProcess) -> int:
+    """The live head when the first backfilled repo is done (polled: no timer raced)."""
+    for _ in range(600):
+        rows = await repo_rows(dsn)
+        if any(r["state"] == "done" for r in rows.values()):
+            return live.head
+        assert worker.alive(), worker.log()[-2000:]
+        await asyncio.sleep(0.1)
+    raise TimeoutError("no repo backfilled within 60 s")

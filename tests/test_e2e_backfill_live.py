@@ -9,23 +9,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
-import websockets
 from backfill_support import (
     BackfillProcess,
     HistoryDevnet,
+    LiveOps,
     assert_records_equal,
+    first_repo_done,
     records_map,
     repo_rows,
     wait_job,
+    wait_until,
 )
 from support import wait_for_cursor
-
-from firehose.model import Action, CommitEvent
-from firehose.protocol.frames import decode_frame
 
 pytestmark = pytest.mark.slow
 
@@ -35,54 +33,6 @@ EVENTS = 5300
 # snapshots while it flows: 8 s was not always enough for a worker starting on a loaded
 # 2-core machine (CI), so the margin is wide and the test checks the overlap it needs.
 RATE = 125
-
-
-class LiveOps:
-    """A firehose subscriber of our own: what the events after the history touched."""
-
-    def __init__(self) -> None:
-        self.head = 0
-        self.written: dict[str, int] = {}  # uri -> seq of its last create/update
-        self.deleted: dict[str, int] = {}  # uri -> seq of its last delete
-        self.dids: set[str] = set()  # repos with a live commit
-
-    def add(self, event: Any) -> None:
-        self.head = max(self.head, getattr(event, "seq", 0) or 0)
-        if not isinstance(event, CommitEvent) or event.seq <= HISTORY_EVENTS:
-            return
-        self.dids.add(event.did)
-        for w in event.writes:
-            uri = f"at://{w.did}/{w.collection}/{w.rkey}"
-            if w.action == Action.DELETE:
-                self.deleted[uri] = event.seq
-            else:
-                self.written[uri] = event.seq
-
-    async def follow(self, relay_url: str) -> None:
-        url = relay_url + "/xrpc/com.atproto.sync.subscribeRepos?cursor=0"
-        async with websockets.connect(url, max_size=None) as ws:
-            async for message in ws:
-                assert isinstance(message, bytes)
-                self.add(decode_frame(message))
-
-
-async def first_repo_done(dsn: str, live: LiveOps, worker: BackfillProcess) -> int:
-    """The live head when the first backfilled repo is done (polled: no timer raced)."""
-    for _ in range(600):
-        rows = await repo_rows(dsn)
-        if any(r["state"] == "done" for r in rows.values()):
-            return live.head
-        assert worker.alive(), worker.log()[-2000:]
-        await asyncio.sleep(0.1)
-    raise TimeoutError("no repo backfilled within 60 s")
-
-
-async def wait_until(predicate: Any, timeout_s: float, what: str) -> None:
-    for _ in range(int(timeout_s / 0.05)):
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise TimeoutError(what)
 
 
 async def test_backfill_with_live_traffic_converges(
@@ -95,7 +45,7 @@ async def test_backfill_with_live_traffic_converges(
         "--repo-accounts", "10", "--repo-records", "200", "--slow-host", "50",
         wait_generated=False,
     )  # fmt: skip
-    live = LiveOps()
+    live = LiveOps(HISTORY_EVENTS)
     follower = asyncio.create_task(live.follow(net.relay_url))
     worker = None
     try:

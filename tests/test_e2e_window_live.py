@@ -16,34 +16,33 @@ import asyncio
 import contextlib
 import re
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
-import websockets
 from backfill_support import (
     BackfillProcess,
     HistoryDevnet,
+    LiveOps,
     assert_records_equal,
+    first_repo_done,
     get_repo_counts,
     records_map,
     repo_rows,
     wait_job,
+    wait_until,
 )
 from support import wait_for_cursor
 
 from backfill.window import Window
 from firehose.devnet.truth import dormant_dids
-from firehose.model import Action, CommitEvent
-from firehose.protocol.frames import decode_frame
 
 pytestmark = pytest.mark.slow
 
 HISTORY_EVENTS = 300  # seq 1..300: 60 days of history; seq 301.. live, paced
 EVENTS = 6300
-# events/s: about 24 s of live traffic after the history, several times what the backfill
-# takes even on a loaded machine; whether they overlapped is read from the data (below).
-RATE = 250
+# events/s: about 40 s of live traffic after the history. The overlap the test needs (live
+# events after the first snapshot) is waited for, not raced, and read from the data below.
+RATE = 150
 FLAGS = (
     "--seed", "33", "--accounts", "20", "--events", str(EVENTS), "--rate", str(RATE),
     "--history-days", "60", "--history-events", str(HISTORY_EVENTS),
@@ -53,48 +52,11 @@ PROFILE_SELF = "/app.bsky.actor.profile/self"
 STATUS_ERROR = re.compile(r"repo_(deactivated|takendown|suspended|not_found)\b")
 
 
-class LiveOps:
-    """Our own firehose subscriber: what the events after the history touched."""
-
-    def __init__(self) -> None:
-        self.head = 0
-        self.written: dict[str, int] = {}  # uri -> seq of its last create/update
-        self.deleted: dict[str, int] = {}  # uri -> seq of its last delete
-        self.dids: set[str] = set()  # repos with a live commit
-
-    def add(self, event: Any) -> None:
-        self.head = max(self.head, getattr(event, "seq", 0) or 0)
-        if not isinstance(event, CommitEvent) or event.seq <= HISTORY_EVENTS:
-            return
-        self.dids.add(event.did)
-        for w in event.writes:
-            uri = f"at://{w.did}/{w.collection}/{w.rkey}"
-            if w.action == Action.DELETE:
-                self.deleted[uri] = event.seq
-            else:
-                self.written[uri] = event.seq
-
-    async def follow(self, relay_url: str) -> None:
-        url = relay_url + "/xrpc/com.atproto.sync.subscribeRepos?cursor=0"
-        async with websockets.connect(url, max_size=None) as ws:
-            async for message in ws:
-                assert isinstance(message, bytes)
-                self.add(decode_frame(message))
-
-
-async def wait_until(predicate: Any, timeout_s: float, what: str) -> None:
-    for _ in range(int(timeout_s / 0.05)):
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise TimeoutError(what)
-
-
 async def test_window_backfill_with_live_traffic_converges(
     tmp_path: Path, db_dsn: str, conn: asyncpg.Connection
 ) -> None:
     net = HistoryDevnet.start(tmp_path / "devnet", *FLAGS, wait_generated=False)
-    live = LiveOps()
+    live = LiveOps(HISTORY_EVENTS)
     follower = asyncio.create_task(live.follow(net.relay_url))
     worker = None
     try:
@@ -107,7 +69,9 @@ async def test_window_backfill_with_live_traffic_converges(
             BACKFILL_PROFILE="aggressive", BACKFILL_BATCH_SIZE="20",
             BACKFILL_BATCH_DELAY_MS="50", BACKFILL_MAX_CONCURRENT="3",
         )  # fmt: skip
-        job = await wait_job(db_dsn, timeout_s=90, procs=(worker,))
+        head_at_first_snapshot = await first_repo_done(db_dsn, live, worker)
+        assert head_at_first_snapshot < EVENTS, "the live traffic ended before any snapshot"
+        job = await wait_job(db_dsn, timeout_s=120, procs=(worker,))
         truth = await asyncio.to_thread(net.wait_generated, 90)
         await wait_until(lambda: live.head >= truth["last_seq"], 30, "our subscriber")
         await wait_for_cursor(db_dsn, truth["last_seq"], timeout_s=60)
