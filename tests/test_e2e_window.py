@@ -46,7 +46,7 @@ from firehose.devnet.truth import dormant_dids, window_bytes
 pytestmark = pytest.mark.slow
 
 NOW = datetime.now(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
-# 80 model accounts (about 50 dormant, one heavy with ~2,000 records, a handful writing the
+# 80 model accounts (about 64 dormant, one heavy with ~2,000 records, a handful writing the
 # custom lexicon) and 2 firehose accounts whose few events are from 2025 (dormant too).
 MODEL_FLAGS = (
     "--seed", "31", "--now", NOW, "--accounts", "2", "--events", "20",
