@@ -210,42 +210,59 @@ class CarStreamReader:
         buf = self._buf
         buf += chunk
         self.bytes_read += len(chunk)
+        # One immutable copy per chunk: slices of it are single copies (a bytearray slice
+        # wrapped in bytes() is two), and bytes.startswith checks a CID prefix in place.
+        data = bytes(buf)
+        n = len(data)
         out: list[tuple[bytes, bytes]] = []
         pos = 0
+        max_section = self._max_section
+        prefixes = _PREFIX_TUPLE
+        sha256 = _sha256
         try:
-            while True:
+            while pos < n:
                 start = pos
-                try:
-                    length, pos = read_varint(buf, pos)
-                except CarError:
-                    if len(buf) - start >= _MAX_VARINT_BYTES:
-                        raise
-                    pos = start
-                    break  # the varint continues in the next chunk
+                # Section length varint: one byte up to 127, two bytes up to 16383 (most
+                # blocks), else the general reader.
+                length = data[pos]
+                if length < 0x80:
+                    pos += 1
+                elif pos + 1 < n and data[pos + 1] < 0x80:
+                    length = (length & 0x7F) | (data[pos + 1] << 7)
+                    pos += 2
+                else:
+                    try:
+                        length, pos = read_varint(data, pos)
+                    except CarError:
+                        if n - start >= _MAX_VARINT_BYTES:
+                            raise
+                        pos = start
+                        break  # the varint continues in the next chunk
                 if self.root_cid is None:
                     if length > MAX_HEADER_BYTES:
                         raise CarError(f"header of {length} bytes", "too_large")
                     if length == 0:
                         raise CarError("empty header")
-                    if pos + length > len(buf):
+                    if pos + length > n:
                         pos = start
                         break
-                    self.root_cid = parse_header(bytes(buf[pos : pos + length]))
+                    self.root_cid = parse_header(data[pos : pos + length])
                     pos += length
                     continue
-                if length > self._max_section:
+                if length > max_section:
                     raise CarError(f"block of {length - CID_BYTES} bytes", "too_large")
                 if length < CID_BYTES:
                     raise CarError(f"section of {length} bytes is too short for a CID")
                 end = pos + length
-                if end > len(buf):
+                if end > n:
                     pos = start
                     break
-                cid = bytes(buf[pos : pos + CID_BYTES])
-                if cid[:4] not in SUPPORTED_PREFIXES:
-                    raise explain_bad_cid(bytes(buf[pos:end]))
-                block = bytes(buf[pos + CID_BYTES : end])
-                if _sha256(block).digest() != cid[4:]:
+                if not data.startswith(prefixes, pos):
+                    raise explain_bad_cid(data[pos:end])
+                cid_end = pos + CID_BYTES
+                cid = data[pos:cid_end]
+                block = data[cid_end:end]
+                if sha256(block).digest() != cid[4:]:
                     raise CarError(
                         f"block {cid_str_from_bytes(cid)} does not match its CID", "block_hash"
                     )
