@@ -13,10 +13,15 @@ import hashlib
 import json
 import sys
 import time
+from pathlib import Path
 
 import cbor2
 
-from firehose.protocol.frames import decode_frame
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import MachineLoad, claim, load_at_start  # noqa: E402
+from firehose.protocol.frames import decode_frame  # noqa: E402
 
 DID = "did:plc:ewvi7nxzyoun6zhxrhs64oiz"
 REV = "3lmxjzlexp22k"
@@ -105,6 +110,7 @@ def build_frame() -> bytes:
 
 
 def main() -> None:
+    load_at_start()
     data = build_frame()
     event = decode_frame(data)
     assert len(event.writes) == 1 and event.writes[0].record is not None  # type: ignore[union-attr]
@@ -112,6 +118,8 @@ def main() -> None:
     for _ in range(2000):  # warm up
         decode_frame(data)
     frames = 0
+    load = MachineLoad()
+    cpu0 = time.process_time()
     start = time.perf_counter()
     deadline = start + seconds
     while time.perf_counter() < deadline:
@@ -119,11 +127,18 @@ def main() -> None:
             decode_frame(data)
         frames += 1000
     elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu0
+    load.stop(cpu)
     rate = frames / elapsed
+    print(load.describe())
     print(
-        f"decode_frame: {len(data)} B one-post commit, "
-        f"{rate:,.0f} frames/s, {1e6 / rate:.1f} us/frame"
+        claim(
+            load,
+            f"decode_frame: {len(data)} B one-post commit, "
+            f"{rate:,.0f} frames/s, {1e6 / rate:.1f} us/frame",
+        )
     )
+    print(f"CPU µs per frame: {cpu / frames * 1e6:.1f}")
     print(
         json.dumps(
             {
@@ -131,6 +146,8 @@ def main() -> None:
                 "frames_per_s": round(rate),
                 "us_per_frame": round(1e6 / rate, 2),
                 "frame_bytes": len(data),
+                "cpu_us_per_frame": round(cpu / frames * 1e6, 2),
+                **load.fields(),
             }
         )
     )

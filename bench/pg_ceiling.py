@@ -41,7 +41,14 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import CpuTracker, postgres_processes  # noqa: E402
+from bench.common import (  # noqa: E402
+    CpuTracker,
+    MachineLoad,
+    claim,
+    cpu_s,
+    load_at_start,
+    postgres_processes,
+)
 from bench.storage import synthetic  # noqa: E402
 from firehose.model import Action, Batch  # noqa: E402
 from firehose.storage import queries  # noqa: E402
@@ -155,16 +162,23 @@ def main() -> None:
         help="the worker's whole CPU µs per record (bench/live.py: ~125; bench/backfill.py: ~58)",
     )
     args = ap.parse_args()
+    load_at_start()
     tmp = Path(tempfile.mkdtemp(prefix="firehose-ceiling-"))
     embedded = start_embedded(tmp / "pg", database="bench")
     try:
+        pg_cpu = CpuTracker(lambda: postgres_processes(tmp / "pg"))
+        load = MachineLoad()
+        cpu0 = cpu_s([psutil.Process()])
         results = asyncio.run(run(embedded.dsn, tmp / "pg", args.records, args.batch))
+        load.stop(cpu_s([psutil.Process()]) - cpu0 + pg_cpu.stop())
     finally:
         embedded.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+    print(load.describe())
     for mode, r in results.items():
         print(
-            f"{mode:8} {r['records_per_s']:>7,} records/s   PostgreSQL {r['pg_us_per_record']:6.1f}"
+            claim(load, f"{mode:8} {r['records_per_s']:>7,} records/s")
+            + f"   PostgreSQL {r['pg_us_per_record']:6.1f}"
             f" µs CPU/record   client {r['client_us_per_record']:6.1f} µs CPU/record"
         )
     # CPU is the bound on a 2-core machine: every record costs PostgreSQL's CPU plus the
@@ -188,6 +202,7 @@ def main() -> None:
                 "worker_us": args.worker_us,
                 "bounds": bounds,
                 **results,
+                **load.fields(),
             }
         )
     )

@@ -26,6 +26,16 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import psutil
+
+from bench.common import (
+    CpuTracker,
+    MachineLoad,
+    claim,
+    cpu_s,
+    load_at_start,
+    postgres_processes,
+)
 from firehose.devnet.tid import tid_of_value as tid
 from firehose.model import Action, Batch, RecordWrite
 from firehose.storage.migrate import migrate
@@ -195,6 +205,7 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=1, help="parallel did shards")
     ap.add_argument("--dsn", default=os.environ.get("DATABASE_URL"))
     args = ap.parse_args()
+    load_at_start()
 
     tmp = None
     embedded = None
@@ -206,17 +217,28 @@ def main() -> None:
         embedded = start_embedded(tmp / "pg", database="bench")
         dsn = embedded.dsn
     try:
+        # Other processes' CPU is the machine's busy CPU less this process's and, when it is
+        # ours, the embedded server's (an external server's CPU counts as other processes').
+        pg_cpu = CpuTracker(lambda: postgres_processes(tmp / "pg")) if tmp is not None else None
+        load = MachineLoad()
+        cpu0 = cpu_s([psutil.Process()])
         result = asyncio.run(run(dsn, args.records, args.batch, args.connections))
+        load.stop(cpu_s([psutil.Process()]) - cpu0 + (pg_cpu.stop() if pg_cpu else 0.0))
+        result.update(load.fields())
     finally:
         if embedded is not None:
             embedded.stop()
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+    print(load.describe())
     print(
-        f"storage: {result['records']} records in batches of {result['batch']} "
-        f"on {result['connections']} connection(s): "
-        f"{result['seconds']} s, {result['rows_per_s']} rows/s "
-        f"(batch p50 {result['batch_p50_ms']} ms, max {result['batch_max_ms']} ms)"
+        claim(
+            load,
+            f"storage: {result['records']} records in batches of {result['batch']} "
+            f"on {result['connections']} connection(s): "
+            f"{result['seconds']} s, {result['rows_per_s']} rows/s "
+            f"(batch p50 {result['batch_p50_ms']} ms, max {result['batch_max_ms']} ms)",
+        )
     )
     print(json.dumps(result))
 
