@@ -156,7 +156,9 @@ class Loads:
 # no load ever claims such a row (FRESH_CLAIM wants it headless, FRESH_CONTINUE unchanged
 # since the load's own batch), so a batch need not claim them again. The claim costs
 # PostgreSQL a few µs per repo (an index probe and a row lock); in steady state a live
-# batch then claims only repos it has never committed. Bounded, oldest first out.
+# batch then claims only repos it has never committed. Bounded, oldest first out. Relies on
+# actors rows never being deleted (nothing in the product deletes one; emptying the tables by
+# hand needs a worker restart).
 SETTLED_MAX_ENTRIES = 200_000
 
 
