@@ -109,11 +109,11 @@ class BackfillSettings:
             vacuum=e.get("BACKFILL_VACUUM", False, boolean),
             dry_run=e.get("BACKFILL_DRY_RUN", False, boolean),
             since=e.get("BACKFILL_SINCE", True, boolean),
+            skip_dormant=e.get("BACKFILL_SKIP_DORMANT", True, boolean),
+            by_collection=e.get("BACKFILL_BY_COLLECTION", True, boolean),
             plc_url=e.get("PLC_URL", DEFAULT_PLC_URL, _http_url),
             allow_private_network=e.get("ALLOW_PRIVATE_NETWORK", False, boolean),
             resync_max_concurrent=e.get("RESYNC_MAX_CONCURRENT", 2, int_range(1, 64)),
-            skip_dormant=e.get("BACKFILL_SKIP_DORMANT", True, boolean),
-            by_collection=e.get("BACKFILL_BY_COLLECTION", True, boolean),
             resync_max_attempts=e.get("RESYNC_MAX_ATTEMPTS", 5, int_range(1, 100)),
             handles=HandleSettings.from_env(env),
         )
