@@ -91,7 +91,8 @@ async def test_window_backfill_with_live_traffic_converges(
     # answers say so, and such a repo is failed for that reason (and nothing else).
     other = {d: (r["state"], r["error"]) for d, r in rows.items() if d not in done}
     bad = {d: o for d, o in other.items() if o[0] != "failed" or not STATUS_ERROR.match(o[1])}
-    assert len(done) >= 20 and not bad, bad
+    # ~6 of the 40 model accounts are active (85% dormant) and most of the 20 firehose ones.
+    assert len(done) >= 12 and not bad, (len(done), bad)
     # Live commits touched repos the window backfill downloaded; deletes among them.
     assert len(done & live.dids) >= 5, "too few backfilled repos had live events"
     assert any(u.split("/")[2] in done for u in live.deleted)

@@ -7,13 +7,14 @@ PDS's repo_block.repoRev): `getRepo?since=` and the truth's `history` are comput
 
 Each account (deterministic by seed and index, like `prebuilt`) is one of:
 
-* ``dormant`` (~80%): quiet for 35+ days. Most were active on a few days (1-6 writes each);
+* ``dormant`` (~85%): quiet for 35+ days. Most were active on a few days (1-6 writes each);
   ~30% are churned daily writers (a commit of 1-2 writes every day for a month or more,
   then nothing), which is what the real network is full of: its mean repo is ~460 KiB,
   far more than a few days of activity make, and most of its ~40 M accounts write nothing
-  in a given month;
-* ``casual`` (~12%): active on a few days of the year, the last one inside the last 30 days;
-* ``daily`` (~8%): created 45-365 days ago, then a commit (1-2 writes) every day up to
+  in a given month (~15% active: the README's estimate for the real network assumes the
+  same share);
+* ``casual`` (~8.5%): active on a few days of the year, the last one inside the last 30 days;
+* ``daily`` (~6%): created 45-365 days ago, then a commit (1-2 writes) every day up to
   the last day before now;
 * ``heavy`` (~0.5%, and always the first model account when there are 20 or more):
   created early in the year, a commit every day with 3-9 writes: about two thousand records.
@@ -59,7 +60,7 @@ SPAN_DAYS = 365
 QUIET_MIN_DAYS = 35  # a dormant account's last commit is at least this old
 WINDOW_DAYS = 30  # the window the model is shaped around (casual: a commit inside it)
 KIND_DORMANT, KIND_CASUAL, KIND_DAILY, KIND_HEAVY = "dormant", "casual", "daily", "heavy"
-_KIND_CUM = ((KIND_HEAVY, 0.005), (KIND_DAILY, 0.085), (KIND_CASUAL, 0.205))  # else dormant
+_KIND_CUM = ((KIND_HEAVY, 0.005), (KIND_DAILY, 0.065), (KIND_CASUAL, 0.15))  # else dormant
 NOTE_ACCOUNTS = 0.10
 CHURNED_DORMANT = 0.3  # dormant accounts that wrote daily for a month or more, then stopped
 PROFILE_UPDATE_ACTIVE = 0.30  # active accounts that update their profile in the window
