@@ -2,8 +2,8 @@
 modeled network, with the narrowing on and off, in one run.
 
 A devnet subprocess serves REPOS accounts of its year history model (firehose/devnet/model.py:
-repos grown commit by commit over the 365 days before now, ~65% dormant for 35+ days,
-~20% casual, ~13% daily, a few heavy; building 2,000 takes ~15-30 s on 2 cores, before any
+repos grown commit by commit over the 365 days before now, ~85% dormant for 35+ days,
+~8.5% casual, ~6% daily, a few heavy; building 2,000 takes ~15-30 s on 2 cores, before any
 clock starts). Then two jobs run one after the other, each a real
 ``python -m firehose backfill run`` subprocess against its own fresh embedded PostgreSQL,
 ``BACKFILL_DAYS=30``, profile ``unthrottled`` unless told otherwise:
