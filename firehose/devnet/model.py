@@ -35,11 +35,7 @@ getRecord, the PLC directory and the truth file; no firehose event mentions them
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 import random
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from firehose.devnet import dagcbor, frames
@@ -48,7 +44,7 @@ from firehose.devnet.accounts import Account, IndexedSet
 from firehose.devnet.clock import DAY_US
 from firehose.devnet.keys import SigningKey
 from firehose.devnet.plc import genesis_operation
-from firehose.devnet.prebuilt import PrebuiltFactory
+from firehose.devnet.prebuilt import PrebuiltFactory, build_chunks
 from firehose.devnet.repo import ACTION_CREATE, ACTION_DELETE, ACTION_UPDATE, Repo, Write
 from firehose.devnet.tid import CLOCK_ID_MASK, tid
 from firehose.devnet.truth import account_entries
@@ -226,13 +222,4 @@ def build_model_accounts(
         (seed, pds_endpoint, now_us, count, first_index, start, min(CHUNK_ACCOUNTS, count - start))
         for start in range(0, count, CHUNK_ACCOUNTS)
     ]
-    workers = min(os.cpu_count() or 1, len(chunks))
-    if count < PARALLEL_MIN_ACCOUNTS or workers < 2:
-        return [account for chunk in chunks for account in _build_chunk(*chunk)]
-    context = multiprocessing.get_context("spawn")
-    try:
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            results = pool.map(_build_chunk, *zip(*chunks, strict=True))
-            return [account for chunk in results for account in chunk]
-    except BrokenProcessPool:  # e.g. a __main__ read from stdin cannot be re-imported
-        return [account for chunk in chunks for account in _build_chunk(*chunk)]
+    return build_chunks(_build_chunk, chunks, parallel=count >= PARALLEL_MIN_ACCOUNTS)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -151,13 +152,22 @@ def build_accounts(
         (seed, pds_endpoint, first_index + start, min(CHUNK_ACCOUNTS, count - start), records, span)
         for start in range(0, count, CHUNK_ACCOUNTS)
     ]
+    return build_chunks(_build_chunk, chunks, parallel=count * records >= PARALLEL_MIN_RECORDS)
+
+
+def build_chunks(
+    build: Callable[..., list[Account]], chunks: list[tuple[Any, ...]], *, parallel: bool
+) -> list[Account]:
+    """`build(*chunk)` for every chunk, in order, concatenated: in a spawned process pool
+    when `parallel` and there are two cores or more, else here. Fixed chunks give the same
+    result either way."""
     workers = min(os.cpu_count() or 1, len(chunks))
-    if count * records < PARALLEL_MIN_RECORDS or workers < 2:
-        return [account for chunk in chunks for account in _build_chunk(*chunk)]
+    if not parallel or workers < 2:
+        return [account for chunk in chunks for account in build(*chunk)]
     context = multiprocessing.get_context("spawn")
     try:
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            results = pool.map(_build_chunk, *zip(*chunks, strict=True))
+            results = pool.map(build, *zip(*chunks, strict=True))
             return [account for chunk in results for account in chunk]
     except BrokenProcessPool:  # e.g. a __main__ read from stdin cannot be re-imported
-        return [account for chunk in chunks for account in _build_chunk(*chunk)]
+        return [account for chunk in chunks for account in build(*chunk)]
