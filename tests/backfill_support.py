@@ -370,3 +370,42 @@ async def first_repo_done(dsn: str, live: LiveOps, worker: BackfillProcess) -> i
         assert worker.alive(), worker.log()[-2000:]
         await asyncio.sleep(0.1)
     raise TimeoutError("no repo backfilled within 60 s")
+
+
+async def assert_converged_with_live(
+    dsn: str, truth: dict[str, Any], cutoff: datetime, done: set[str], live: LiveOps
+) -> dict[str, str]:
+    """The tables after a window backfill beside live traffic: live writes win wherever they
+    are (the live stream has no window); other records are there iff their repo was
+    backfilled (`done`) and they are inside the window (the truth's record_times: profiles
+    have none, current state), or their repo was resynced (the chain checks found a gap in
+    its live commits, e.g. a commit while the worker held the account inactive: a resync
+    writes the whole current repo, no window); none older; no live delete resurrected.
+    Returns the records."""
+    cutoff_us = int(cutoff.timestamp() * 1_000_000)
+    times = truth["record_times"]
+    conn = await asyncpg.connect(dsn)
+    try:
+        resynced = {
+            r["did"] for r in await conn.fetch("SELECT did FROM repo_resyncs WHERE rev IS NOT NULL")
+        }
+    finally:
+        await conn.close()
+
+    def in_window(uri: str) -> bool:
+        t = times.get(uri)
+        return t is None or t >= cutoff_us
+
+    def expected(uri: str) -> bool:
+        did = uri.split("/")[2]
+        return uri in live.written or did in resynced or (did in done and in_window(uri))
+
+    want = {uri: cid for uri, cid in truth["records"].items() if expected(uri)}
+    got = await records_map(dsn)
+    old = [u for u in got if not in_window(u) and not expected(u)]
+    assert not old, f"{len(old)} records older than the window, e.g. {old[:3]}"
+    resurrected = set(truth["deleted"]) & got.keys()
+    assert not resurrected, f"deleted records back: {sorted(resurrected)[:3]}"
+    assert_records_equal(got, want)
+    assert any(not in_window(u) for u in truth["records"])  # the window cut records off
+    return got
