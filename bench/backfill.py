@@ -39,7 +39,6 @@ import cProfile
 import json
 import os
 import pstats
-import re
 import subprocess
 import sys
 import tempfile
@@ -58,53 +57,17 @@ sys.path.insert(0, str(ROOT))
 from bench.common import (  # noqa: E402
     CpuTracker,
     MachineLoad,
+    backfill_env,
     claim,
     cpu_s,
     load_at_start,
     postgres_processes,
+    start_history_devnet,
 )
 from bench.sqltiming import StatementTimes  # noqa: E402
 from firehose.storage.embedded import start_embedded  # noqa: E402
 
 RSS_SAMPLE_S = 0.1
-_URLS = {
-    "relay": re.compile(r"devnet relay listening on (ws://\S+)"),
-    "plc": re.compile(r"devnet PLC directory on (http://\S+)"),
-}
-
-
-def start_devnet(
-    tmp: Path, repos: int, records: int, seed: int, model_accounts: int = 0
-) -> tuple[subprocess.Popen, dict]:
-    log = tmp / "devnet.log"
-    args = [
-        sys.executable, "-m", "firehose.devnet", "--port", "0", "--seed", str(seed),
-        "--accounts", "1", "--events", "1",
-    ]  # fmt: skip
-    if model_accounts:
-        args += ["--history-model", "year", "--model-accounts", str(model_accounts)]
-    else:
-        args += ["--repo-accounts", str(repos), "--repo-records", str(records)]
-    started = time.monotonic()
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"devnet exited: {log.read_text()[-2000:]}")
-        text = log.read_text()
-        if "devnet generated" in text:
-            urls = {k: m.group(1) for k, rx in _URLS.items() if (m := rx.search(text))}
-            break
-        if time.monotonic() - started > 600:
-            proc.kill()
-            raise SystemExit("devnet did not start in 600 s")
-        time.sleep(0.2)
-    what = (
-        f"{model_accounts:,} history-model repos"
-        if model_accounts
-        else f"{repos:,} repos x {records:,} records"
-    )
-    print(f"devnet: {what} built in {time.monotonic() - started:.0f} s")
-    return proc, urls
 
 
 class PeakRss:
@@ -135,19 +98,6 @@ def report_statements(times: StatementTimes, elapsed_s: float) -> None:
     print(f"SQL wall time (of {elapsed_s:.1f} s; calls overlap across connections):")
     for key, s, calls in times.top(12):
         print(f"  {s:7.2f} s  {calls:7d} calls  {key}")
-
-
-def backfill_env(dsn: str, urls: dict[str, str], profile: str) -> dict[str, str]:
-    return {
-        "DATABASE_URL": dsn,
-        "RELAY_URL": urls["relay"],
-        "PLC_URL": urls["plc"],
-        "ALLOW_PRIVATE_NETWORK": "true",
-        "BACKFILL_DAYS": "-1",
-        "BACKFILL_PROFILE": profile,
-        "METRICS_PORT": "0",
-        "LOG_LEVEL": "INFO",
-    }
 
 
 async def job_numbers(dsn: str) -> dict[str, Any]:
@@ -226,10 +176,16 @@ def main() -> None:
         statements.install()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        devnet, urls = start_devnet(tmp, args.repos, args.records, args.seed, args.history_model)
+        if args.history_model:
+            repo_args = ["--history-model", "year", "--model-accounts", str(args.history_model)]
+            what = f"{args.history_model:,} history-model repos"
+        else:
+            repo_args = ["--repo-accounts", str(args.repos), "--repo-records", str(args.records)]
+            what = f"{args.repos:,} repos x {args.records:,} records"
+        devnet, urls = start_history_devnet(tmp, args.seed, repo_args, what)
         pg = start_embedded(tmp / "pg")
         try:
-            env = backfill_env(pg.dsn, urls, args.profile_name)
+            env = backfill_env(pg.dsn, urls, -1, args.profile_name)
             pg_procs: Callable[[], list[psutil.Process]] = lambda: postgres_processes(tmp / "pg")  # noqa: E731
             devnet_proc = psutil.Process(devnet.pid)
             pg_cpu = CpuTracker(pg_procs)

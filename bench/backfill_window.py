@@ -43,7 +43,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -60,7 +59,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from backfill.window import Window  # noqa: E402
-from bench.common import CpuTracker, MachineLoad, claim, cpu_s, postgres_processes  # noqa: E402
+from bench.common import (  # noqa: E402
+    CpuTracker,
+    MachineLoad,
+    backfill_env,
+    claim,
+    cpu_s,
+    postgres_processes,
+    start_history_devnet,
+)
 from firehose.devnet.truth import dormant_dids, window_bytes  # noqa: E402
 from firehose.storage.embedded import start_embedded  # noqa: E402
 
@@ -73,36 +80,6 @@ NARROWING_OFF = {
     "BACKFILL_BY_COLLECTION": "false",
 }
 DOWNLOAD_METHODS = ("com.atproto.sync.getRepo", "com.atproto.sync.getRecord")
-_URLS = {
-    "relay": re.compile(r"devnet relay listening on (ws://\S+)"),
-    "plc": re.compile(r"devnet PLC directory on (http://\S+)"),
-}
-
-
-def start_devnet(
-    tmp: Path, repos: int, seed: int
-) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
-    log = tmp / "devnet.log"
-    args = [
-        sys.executable, "-m", "firehose.devnet", "--port", "0", "--seed", str(seed),
-        "--accounts", "1", "--events", "1", "--truth", str(tmp / "truth.json"),
-        "--history-model", "year", "--model-accounts", str(repos),
-    ]  # fmt: skip
-    started = time.monotonic()
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"devnet exited: {log.read_text()[-2000:]}")
-        text = log.read_text()
-        if "devnet generated" in text and (tmp / "truth.json").exists():
-            urls = {k: m.group(1) for k, rx in _URLS.items() if (m := rx.search(text))}
-            break
-        if time.monotonic() - started > 600:
-            proc.kill()
-            raise SystemExit("devnet did not start in 600 s")
-        time.sleep(0.2)
-    print(f"devnet: {repos:,} history-model repos built in {time.monotonic() - started:.0f} s")
-    return proc, urls
 
 
 def devnet_stats(relay_url: str) -> dict[str, Any]:
@@ -150,14 +127,7 @@ def run_job(
     try:
         env = {
             **os.environ,
-            "DATABASE_URL": pg.dsn,
-            "RELAY_URL": urls["relay"],
-            "PLC_URL": urls["plc"],
-            "ALLOW_PRIVATE_NETWORK": "true",
-            "BACKFILL_DAYS": str(args.days),
-            "BACKFILL_PROFILE": args.profile_name,
-            "METRICS_PORT": "0",
-            "LOG_LEVEL": "INFO",
+            **backfill_env(pg.dsn, urls, args.days, args.profile_name),
             **extra_env,
         }
         before = devnet_stats(urls["relay"])
@@ -245,7 +215,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        devnet, urls = start_devnet(tmp, args.repos, args.seed)
+        devnet, urls = start_history_devnet(
+            tmp,
+            args.seed,
+            ["--history-model", "year", "--model-accounts", str(args.repos)],
+            f"{args.repos:,} history-model repos",
+            truth=True,
+        )
         try:
             truth = json.loads((tmp / "truth.json").read_text())
             proc = psutil.Process(devnet.pid)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -155,3 +158,56 @@ def claim(load: MachineLoad, line: str) -> str:
         f"{MAX_CLAIM_LOAD:g} before, or other processes {load.foreign_cores or 0.0:.2f} > "
         f"{MAX_FOREIGN_CORES:g} cores during the run); measured: {line}"
     )
+
+
+ROOT = Path(__file__).resolve().parents[1]
+_DEVNET_URLS = {
+    "relay": re.compile(r"devnet relay listening on (ws://\S+)"),
+    "plc": re.compile(r"devnet PLC directory on (http://\S+)"),
+}
+DEVNET_START_S = 600
+
+
+def start_history_devnet(
+    tmp: Path, seed: int, repo_args: list[str], what: str, *, truth: bool = False
+) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+    """A devnet subprocess serving the repos `repo_args` ask for (one account, one event on
+    the firehose); returns once every repo is built (and the truth file written, with
+    `truth`), with the relay and PLC URLs."""
+    log = tmp / "devnet.log"
+    truth_path = tmp / "truth.json"
+    args = [
+        sys.executable, "-m", "firehose.devnet", "--port", "0", "--seed", str(seed),
+        "--accounts", "1", "--events", "1", *repo_args,
+    ]  # fmt: skip
+    if truth:
+        args += ["--truth", str(truth_path)]
+    started = time.monotonic()
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"devnet exited: {log.read_text()[-2000:]}")
+        text = log.read_text()
+        if "devnet generated" in text and (not truth or truth_path.exists()):
+            urls = {k: m.group(1) for k, rx in _DEVNET_URLS.items() if (m := rx.search(text))}
+            break
+        if time.monotonic() - started > DEVNET_START_S:
+            proc.kill()
+            raise SystemExit(f"devnet did not start in {DEVNET_START_S} s")
+        time.sleep(0.2)
+    print(f"devnet: {what} built in {time.monotonic() - started:.0f} s")
+    return proc, urls
+
+
+def backfill_env(dsn: str, urls: dict[str, str], days: int, profile: str) -> dict[str, str]:
+    """The environment of a `firehose backfill run` against a devnet (loopback allowed)."""
+    return {
+        "DATABASE_URL": dsn,
+        "RELAY_URL": urls["relay"],
+        "PLC_URL": urls["plc"],
+        "ALLOW_PRIVATE_NETWORK": "true",
+        "BACKFILL_DAYS": str(days),
+        "BACKFILL_PROFILE": profile,
+        "METRICS_PORT": "0",
+        "LOG_LEVEL": "INFO",
+    }
