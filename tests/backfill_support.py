@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -26,6 +27,7 @@ from typing import Any
 
 import asyncpg
 import websockets
+from support import wait_for_cursor
 
 from firehose.model import Action, CommitEvent
 from firehose.protocol.frames import decode_frame
@@ -409,3 +411,49 @@ async def assert_converged_with_live(
     assert_records_equal(got, want)
     assert any(not in_window(u) for u in truth["records"])  # the window cut records off
     return got
+
+
+@dataclass
+class LiveBackfillRun:
+    job: dict[str, Any]
+    truth: dict[str, Any]
+    stats: dict[str, Any]
+    live: LiveOps
+
+
+async def backfill_beside_live(
+    tmp_path: Path, db_dsn: str, flags: tuple[str, ...], history_events: int, events: int
+) -> LiveBackfillRun:
+    """A devnet (`flags`: its history phase is seq 1..`history_events`, then paced live
+    events up to `events`) and a unified worker that follows the live stream from the end of
+    the history while it backfills a 30-day window in small batches. Returns once the job is
+    completed and the worker has committed every event. The overlap the tests need (live
+    events still flowing after the first snapshot is written) is waited for, not raced."""
+    net = HistoryDevnet.start(tmp_path / "devnet", *flags, wait_generated=False)
+    live = LiveOps(history_events)
+    follower = asyncio.create_task(live.follow(net.relay_url))
+    worker = None
+    try:
+        await wait_until(lambda: live.head >= history_events, 60, "history phase")
+        worker = BackfillProcess.start(
+            tmp_path, db_dsn, net, worker=True,
+            START_CURSOR=str(history_events), BACKFILL_DAYS="30",
+            BACKFILL_PROFILE="aggressive", BACKFILL_BATCH_SIZE="20",
+            BACKFILL_BATCH_DELAY_MS="50", BACKFILL_MAX_CONCURRENT="3",
+        )  # fmt: skip
+        head_at_first_snapshot = await first_repo_done(db_dsn, live, worker)
+        assert head_at_first_snapshot < events, "the live traffic ended before any snapshot"
+        job = await wait_job(db_dsn, timeout_s=120, procs=(worker,))
+        truth = await asyncio.to_thread(net.wait_generated, 90)
+        await wait_until(lambda: live.head >= truth["last_seq"], 30, "our subscriber")
+        await wait_for_cursor(db_dsn, truth["last_seq"], timeout_s=60)
+        stats = net.stats()
+        assert worker.terminate() == 0
+    finally:
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await follower
+        if worker is not None:
+            worker.terminate()
+        net.stop()
+    return LiveBackfillRun(job, truth, stats, live)

@@ -6,23 +6,15 @@ snapshot taken before the delete."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from pathlib import Path
 
 import asyncpg
 import pytest
 from backfill_support import (
-    BackfillProcess,
-    HistoryDevnet,
-    LiveOps,
     assert_converged_with_live,
-    first_repo_done,
+    backfill_beside_live,
     repo_rows,
-    wait_job,
-    wait_until,
 )
-from support import wait_for_cursor
 
 pytestmark = pytest.mark.slow
 
@@ -32,49 +24,18 @@ EVENTS = 5300
 # snapshots while it flows: 8 s was not always enough for a worker starting on a loaded
 # 2-core machine (CI), so the margin is wide and the test checks the overlap it needs.
 RATE = 125
+FLAGS = (
+    "--seed", "25", "--accounts", "20", "--events", str(EVENTS),
+    "--history-days", "60", "--history-events", str(HISTORY_EVENTS), "--rate", str(RATE),
+    "--repo-accounts", "10", "--repo-records", "200", "--slow-host", "50",
+)  # fmt: skip
 
 
 async def test_backfill_with_live_traffic_converges(
     tmp_path: Path, db_dsn: str, conn: asyncpg.Connection
 ) -> None:
-    net = HistoryDevnet.start(
-        tmp_path / "devnet",
-        "--seed", "25", "--accounts", "20", "--events", str(EVENTS),
-        "--history-days", "60", "--history-events", str(HISTORY_EVENTS), "--rate", str(RATE),
-        "--repo-accounts", "10", "--repo-records", "200", "--slow-host", "50",
-        wait_generated=False,
-    )  # fmt: skip
-    live = LiveOps(HISTORY_EVENTS)
-    follower = asyncio.create_task(live.follow(net.relay_url))
-    worker = None
-    try:
-        await wait_until(lambda: live.head >= HISTORY_EVENTS, 30, "history phase")
-        # The live path takes over at the end of the history phase (before any snapshot is
-        # taken); the backfill covers the history, in batches 50 ms apart while live events
-        # keep coming.
-        worker = BackfillProcess.start(
-            tmp_path, db_dsn, net, worker=True,
-            START_CURSOR=str(HISTORY_EVENTS), BACKFILL_DAYS="30",
-            BACKFILL_PROFILE="aggressive", BACKFILL_BATCH_SIZE="20",
-            BACKFILL_BATCH_DELAY_MS="50", BACKFILL_MAX_CONCURRENT="3",
-        )  # fmt: skip
-        # The overlap this test needs: live events still flow after the first snapshot is
-        # written (later checks find live rows newer than snapshots, live deletes in
-        # backfilled repos). Waited for, not raced: a repo is done once it is written.
-        head_at_first_snapshot = await first_repo_done(db_dsn, live, worker)
-        assert head_at_first_snapshot < EVENTS, "the live traffic ended before any snapshot"
-        job = await wait_job(db_dsn, timeout_s=120, procs=(worker,))
-        truth = await asyncio.to_thread(net.wait_generated, 60)
-        await wait_until(lambda: live.head >= truth["last_seq"], 30, "our subscriber")
-        await wait_for_cursor(db_dsn, truth["last_seq"], timeout_s=30)
-        assert worker.terminate() == 0
-    finally:
-        follower.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await follower
-        if worker is not None:
-            worker.terminate()
-        net.stop()
+    run = await backfill_beside_live(tmp_path, db_dsn, FLAGS, HISTORY_EVENTS, EVENTS)
+    job, truth, live = run.job, run.truth, run.live
 
     rows = await repo_rows(db_dsn)
     done = {d for d, r in rows.items() if r["state"] == "done"}

@@ -12,25 +12,17 @@ snapshot taken before the delete.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import re
 from pathlib import Path
 
 import asyncpg
 import pytest
 from backfill_support import (
-    BackfillProcess,
-    HistoryDevnet,
-    LiveOps,
     assert_converged_with_live,
-    first_repo_done,
+    backfill_beside_live,
     get_repo_counts,
     repo_rows,
-    wait_job,
-    wait_until,
 )
-from support import wait_for_cursor
 
 from backfill.window import Window
 from firehose.devnet.truth import dormant_dids
@@ -54,35 +46,8 @@ STATUS_ERROR = re.compile(r"repo_(deactivated|takendown|suspended|not_found)\b")
 async def test_window_backfill_with_live_traffic_converges(
     tmp_path: Path, db_dsn: str, conn: asyncpg.Connection
 ) -> None:
-    net = HistoryDevnet.start(tmp_path / "devnet", *FLAGS, wait_generated=False)
-    live = LiveOps(HISTORY_EVENTS)
-    follower = asyncio.create_task(live.follow(net.relay_url))
-    worker = None
-    try:
-        await wait_until(lambda: live.head >= HISTORY_EVENTS, 60, "history phase")
-        # The live path takes over at the end of the history phase; the backfill covers
-        # the window, in small batches while live events keep coming.
-        worker = BackfillProcess.start(
-            tmp_path, db_dsn, net, worker=True,
-            START_CURSOR=str(HISTORY_EVENTS), BACKFILL_DAYS="30",
-            BACKFILL_PROFILE="aggressive", BACKFILL_BATCH_SIZE="20",
-            BACKFILL_BATCH_DELAY_MS="50", BACKFILL_MAX_CONCURRENT="3",
-        )  # fmt: skip
-        head_at_first_snapshot = await first_repo_done(db_dsn, live, worker)
-        assert head_at_first_snapshot < EVENTS, "the live traffic ended before any snapshot"
-        job = await wait_job(db_dsn, timeout_s=120, procs=(worker,))
-        truth = await asyncio.to_thread(net.wait_generated, 90)
-        await wait_until(lambda: live.head >= truth["last_seq"], 30, "our subscriber")
-        await wait_for_cursor(db_dsn, truth["last_seq"], timeout_s=60)
-        stats = net.stats()
-        assert worker.terminate() == 0
-    finally:
-        follower.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await follower
-        if worker is not None:
-            worker.terminate()
-        net.stop()
+    run = await backfill_beside_live(tmp_path, db_dsn, FLAGS, HISTORY_EVENTS, EVENTS)
+    job, truth, stats, live = run.job, run.truth, run.stats, run.live
 
     rows = await repo_rows(db_dsn)
     done = {d for d, r in rows.items() if r["state"] == "done"}
