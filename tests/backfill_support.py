@@ -457,3 +457,26 @@ async def backfill_beside_live(
             worker.terminate()
         net.stop()
     return LiveBackfillRun(job, truth, stats, live)
+
+
+async def run_backfill_service(
+    relay: Any, dsn: str, settings: Any, *, registry: Any = None, timeout_s: float = 120
+) -> None:
+    """A `BackfillService` (as `firehose backfill run` builds it) against an in-process
+    `DevnetRelay` and its PLC directory, until its job ends."""
+    from dataclasses import replace
+
+    from prometheus_client import CollectorRegistry
+
+    from backfill.service import BackfillService
+
+    settings = replace(settings, plc_url=relay.network.plc_url)
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=6)
+    try:
+        service = BackfillService(
+            settings, pool, registry if registry is not None else CollectorRegistry(),
+            relay_url=relay.url, worker_id=0, live_pressure=None,
+        )  # fmt: skip
+        await asyncio.wait_for(service.run(asyncio.Event()), timeout_s)
+    finally:
+        await pool.close()

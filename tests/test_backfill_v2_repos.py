@@ -13,9 +13,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-from dataclasses import replace
 from pathlib import Path
 
 import asyncpg
@@ -23,12 +21,11 @@ import cbor2
 import pytest
 from aiohttp import web
 from backfill_http import host_client, serve
-from prometheus_client import CollectorRegistry
+from backfill_support import run_backfill_service
 from test_protocol_support import FIXTURES, PARTIAL_CAR, REPO_CARS
 
 from backfill.download import fetch_repo
 from backfill.hosts import FetchError
-from backfill.service import BackfillService
 from backfill.settings import PROFILES, BackfillSettings
 from firehose.devnet.relay import DevnetConfig, DevnetRelay
 from firehose.model import Action, Batch, RecordWrite
@@ -94,19 +91,6 @@ def test_v2_commit_with_a_rev_keeps_it_and_v3_needs_one() -> None:
         read_commit(_commit_car({**base, "version": 2, "rev": 7}))
 
 
-async def _backfill(relay: DevnetRelay, dsn: str) -> None:
-    settings = replace(SETTINGS, plc_url=relay.network.plc_url)
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=6)
-    try:
-        service = BackfillService(
-            settings, pool, CollectorRegistry(), relay_url=relay.url, worker_id=0,
-            live_pressure=None,
-        )  # fmt: skip
-        await asyncio.wait_for(service.run(asyncio.Event()), 180)
-    finally:
-        await pool.close()
-
-
 async def _rows(dsn: str, dids: list[str]) -> dict[str, tuple[str, str]]:
     conn = await asyncpg.connect(dsn)
     try:
@@ -141,7 +125,7 @@ async def test_whole_history_of_the_real_cars_v2_included(new_database: object) 
 
         # 1. Backfill first, live v3 commits after.
         dsn = await new_database()  # type: ignore[operator]
-        await _backfill(relay, dsn)
+        await run_backfill_service(relay, dsn, SETTINGS, timeout_s=180)
         rows = await _rows(dsn, dids)
         assert {u: c for u, (c, _) in rows.items()} == expected
         revs = {served[str(p)]: read_commit(read_car(p.read_bytes())).rev for p in COMPLETE_CARS}
@@ -177,7 +161,7 @@ async def test_whole_history_of_the_real_cars_v2_included(new_database: object) 
             await apply_batch(conn, batch)
         finally:
             await conn.close()
-        await _backfill(relay, dsn2)
+        await run_backfill_service(relay, dsn2, SETTINGS, timeout_s=180)
         assert await _rows(dsn2, dids) == after
 
 

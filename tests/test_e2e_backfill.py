@@ -4,16 +4,14 @@ for the window, also through 429 storms and 5xx answers."""
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 import pytest
-from prometheus_client import CollectorRegistry
+from backfill_support import run_backfill_service
 
-from backfill.service import BackfillService
 from backfill.settings import PROFILES, BackfillSettings
 from firehose.devnet.httpfaults import HttpFaults
 from firehose.devnet.relay import DevnetConfig, DevnetRelay
@@ -53,21 +51,6 @@ def expected_in_window(truth: dict[str, Any], cutoff: datetime) -> dict[str, str
     }
 
 
-async def run_backfill(relay: DevnetRelay, dsn: str, settings: BackfillSettings) -> None:
-    from dataclasses import replace
-
-    settings = replace(settings, plc_url=relay.network.plc_url)
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=6)
-    try:
-        service = BackfillService(
-            settings, pool, CollectorRegistry(), relay_url=relay.url, worker_id=0,
-            live_pressure=None,
-        )  # fmt: skip
-        await asyncio.wait_for(service.run(asyncio.Event()), 120)
-    finally:
-        await pool.close()
-
-
 async def check_against_truth(conn: asyncpg.Connection, truth: dict[str, Any]) -> None:
     job = await conn.fetchrow("SELECT * FROM backfill_jobs")
     assert job["status"] == "completed", dict(job)
@@ -81,7 +64,7 @@ async def check_against_truth(conn: asyncpg.Connection, truth: dict[str, Any]) -
 
 async def test_backfill_equals_truth_for_the_window(db_dsn: str, conn: asyncpg.Connection) -> None:
     async with devnet() as relay:
-        await run_backfill(relay, db_dsn, SETTINGS)
+        await run_backfill_service(relay, db_dsn, SETTINGS)
         truth = relay.truth()
     await check_against_truth(conn, truth)
     assert await conn.fetchval("SELECT count(DISTINCT did) FROM records") > 10
@@ -96,7 +79,7 @@ async def test_429_storm_and_5xx_still_complete(db_dsn: str, conn: asyncpg.Conne
     # limit working, not a fault surviving. 10 attempts: ~1e-5.
     settings = replace(SETTINGS, max_attempts=10)
     async with devnet(http_faults=faults) as relay:
-        await run_backfill(relay, db_dsn, settings)
+        await run_backfill_service(relay, db_dsn, settings)
         truth = relay.truth()
     await check_against_truth(conn, truth)
     retried = await conn.fetchval("SELECT count(*) FROM backfill_repos WHERE attempts > 0")

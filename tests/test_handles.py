@@ -19,6 +19,7 @@ import dns.rrset
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from backfill_support import run_backfill_service
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
@@ -415,7 +416,6 @@ async def test_backfill_stores_the_devnet_handles_verified(
 ) -> None:
     """`firehose run --devnet`'s settings: loopback allowed for the devnet's own ports only,
     devnet handles checked at a devnet PDS host's well-known answer."""
-    from backfill.service import BackfillService
     from firehose.cli import devnet_worker_settings
     from firehose.devnet.relay import DevnetConfig, DevnetRelay
     from firehose.settings import Settings
@@ -427,14 +427,7 @@ async def test_backfill_stores_the_devnet_handles_verified(
         assert not settings.allow_private_network
         assert [s for s, _ in settings.handles.overrides] == ["devnet.test"]
         registry = CollectorRegistry()
-        pool = await asyncpg.create_pool(db_dsn, min_size=1, max_size=6)
-        try:
-            service = BackfillService(
-                settings, pool, registry, relay_url=relay.url, worker_id=0, live_pressure=None
-            )
-            await asyncio.wait_for(service.run(asyncio.Event()), 120)
-        finally:
-            await pool.close()
+        await run_backfill_service(relay, db_dsn, settings, registry=registry)
         truth = relay.truth()
     backfilled = {r["did"] for r in await conn.fetch("SELECT DISTINCT did FROM backfill_repos")}
     rows = await conn.fetch("SELECT did, handle FROM actors WHERE did = ANY($1)", list(backfilled))
