@@ -252,8 +252,6 @@ class RepoSnapshot:
             return iter(self._entries)
         if self.kind == KIND_SINCE_PARTIAL:
             return (e for e in walk_mst_partial(self.data_cid, spool.get) if type(e) is tuple)
-        if self.kind == KIND_SINCE_EMPTY:
-            return iter(())
         return walk_mst(self.data_cid, spool.get)
 
     def writes(self, window: Window) -> Iterator[RecordWrite | SkippedRecord]:

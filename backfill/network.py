@@ -44,6 +44,18 @@ class Snapshot(Protocol):
     rev: str
     data_cid: str
     bytes_downloaded: int
+    # What kind of answer it was and what the window download did (backfill.since,
+    # backfill.window_fetch; counted by backfill.window_metrics).
+    kind: str
+    since_fallback: str | None
+    absent_subtrees: int
+    absent_records: int
+    profile_fetch: str | None
+
+    @property
+    def head(self) -> tuple[str, str, str] | None:
+        """(did, rev, data cid) of its commit; None when it knows no commit."""
+        ...
 
     def writes(self, window: Any) -> Iterable[Any]: ...
     def close(self) -> None: ...

@@ -128,8 +128,7 @@ class RepoTask:
         since_save = 0
         batch: list[RecordWrite] = []
         # None: a snapshot that knows no commit (a `since` answer with no block): no head.
-        known = getattr(snap, "head", (snap.did, snap.rev, snap.data_cid))
-        head = [] if known is None else [known]
+        head = [] if snap.head is None else [snap.head]
         for n, item in enumerate(snap.writes(self.window), 1):
             counts.received += 1
             if not isinstance(item, RecordWrite) or not collection_wanted(

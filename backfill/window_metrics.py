@@ -7,10 +7,10 @@ Labels come from fixed sets (`backfill.since.DOWNLOAD_KINDS`, `FALLBACK_REASONS`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
+from backfill.network import Snapshot
 from backfill.since import DOWNLOAD_KINDS, FALLBACK_REASONS
 from backfill.window_fetch import PROFILE_OUTCOMES
 
@@ -71,14 +71,12 @@ class WindowMetrics:
             m.profile_fetches.labels(result)
         return m
 
-    def count(self, snap: Any) -> None:
-        """Count one downloaded snapshot (fakes without these attributes count as whole)."""
-        self.downloads.labels(getattr(snap, "kind", "whole")).inc()
-        fallback = getattr(snap, "since_fallback", None)
-        if fallback:
-            self.fallbacks.labels(fallback).inc()
-        self.absent_blocks.labels("subtree").inc(getattr(snap, "absent_subtrees", 0))
-        self.absent_blocks.labels("record").inc(getattr(snap, "absent_records", 0))
-        outcome = getattr(snap, "profile_fetch", None)
-        if outcome:
-            self.profile_fetches.labels(outcome).inc()
+    def count(self, snap: Snapshot) -> None:
+        """Count one downloaded snapshot."""
+        self.downloads.labels(snap.kind).inc()
+        if snap.since_fallback:
+            self.fallbacks.labels(snap.since_fallback).inc()
+        self.absent_blocks.labels("subtree").inc(snap.absent_subtrees)
+        self.absent_blocks.labels("record").inc(snap.absent_records)
+        if snap.profile_fetch:
+            self.profile_fetches.labels(snap.profile_fetch).inc()

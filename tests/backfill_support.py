@@ -480,3 +480,21 @@ async def run_backfill_service(
         await asyncio.wait_for(service.run(asyncio.Event()), timeout_s)
     finally:
         await pool.close()
+
+
+class WholeSnapshot:
+    """What a fake snapshot (did, rev, data_cid, bytes_downloaded, writes, close) adds to be
+    a `backfill.network.Snapshot`: a whole download of a known commit."""
+
+    did: str
+    rev: str
+    data_cid: str
+    kind = "whole"
+    since_fallback: str | None = None
+    absent_subtrees = 0
+    absent_records = 0
+    profile_fetch: str | None = None
+
+    @property
+    def head(self) -> tuple[str, str, str] | None:
+        return (self.did, self.rev, self.data_cid)

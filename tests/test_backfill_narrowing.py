@@ -26,7 +26,7 @@ import asyncpg
 import pytest
 from aiohttp import web
 from backfill_http import serve
-from backfill_support import backfill_cli
+from backfill_support import WholeSnapshot, backfill_cli
 from prometheus_client import CollectorRegistry
 
 from backfill.hosts import HostClient
@@ -115,7 +115,7 @@ class Relay:
 
 
 @dataclass
-class Snap:
+class Snap(WholeSnapshot):
     did: str
     rev: str
     data_cid: str = CID

@@ -17,6 +17,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from backfill_support import WholeSnapshot
 from prometheus_client import CollectorRegistry
 
 from backfill.download import SkippedRecord
@@ -51,7 +52,7 @@ class Page:
 
 
 @dataclass
-class Snap:
+class Snap(WholeSnapshot):
     did: str
     rev: str
     data_cid: str
