@@ -89,6 +89,11 @@ def test_v2_commit_with_a_rev_keeps_it_and_v3_needs_one() -> None:
         read_commit(_commit_car({**base, "version": 3}))
     with pytest.raises(ProtocolError):
         read_commit(_commit_car({**base, "version": 2, "rev": 7}))
+    # A rev is a TID (found by the window fuzz target: a commit with rev "" was read).
+    for rev in ("", "zzzzzzzzzzzzz", "3k2222222222"):
+        for version in (2, 3):
+            with pytest.raises(ProtocolError):
+                read_commit(_commit_car({**base, "version": version, "rev": rev}))
 
 
 async def _rows(dsn: str, dids: list[str]) -> dict[str, tuple[str, str]]:

@@ -26,7 +26,14 @@ from firehose.protocol.cid import (
     cid_str_from_bytes,
 )
 from firehose.protocol.errors import ProtocolError
-from firehose.protocol.syntax import TID_ALPHABET, TID_CHARS, is_did, is_nsid, is_record_key
+from firehose.protocol.syntax import (
+    TID_ALPHABET,
+    TID_CHARS,
+    is_did,
+    is_nsid,
+    is_record_key,
+    is_tid,
+)
 
 # atproto MST keys are "collection/rkey": NSID (317) + 1 + record key (512), rounded up.
 MAX_KEY_BYTES = 1024
@@ -295,6 +302,11 @@ def read_commit(car: Car) -> CommitInfo:
         rev = V2_COMMIT_REV
     if type(rev) is not str:
         raise ProtocolError("body", "commit rev is not a string")
+    if not is_tid(rev):
+        # The repository spec: rev is a TID. Rows carry it and the rev guard compares it as
+        # text (DESIGN.md invariant 2): a commit with rev "" or "zzzz..." would make its
+        # snapshot lose to, or beat, every real commit of the repo for good.
+        raise ProtocolError("body", "commit rev is not a TID")
     data = _link(commit.get("data"), "commit data", False)
     assert data is not None
     prev = _link(commit.get("prev"), "commit prev", True)
