@@ -82,11 +82,7 @@ async def dry_run(
                 log.error("[BACKFILL] Dry run: listRepos failed: %s", exc)
                 break
             for ref in page.repos:
-                if (
-                    ref.active
-                    and settings.skip_dormant
-                    and window.dormant(getattr(ref, "rev", None))
-                ):
+                if ref.active and settings.skip_dormant and window.dormant(ref.rev):
                     dormant += 1
                     continue
                 if (

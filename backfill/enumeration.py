@@ -161,7 +161,7 @@ async def _save_page(
 ) -> None:
     repos = page.repos
     active = [r for r in repos if r.active]
-    dids = [r.did for r in active if not window.dormant(getattr(r, "rev", None))]
+    dids = [r.did for r in active if not window.dormant(r.rev)]
     dormant = len(active) - len(dids)
     new, finished = after_page(step, page.cursor, passes, state.done)
     async with ctx.conn() as conn, conn.transaction():
@@ -184,7 +184,7 @@ async def _save_page(
     m.enumeration_pages.labels(step.method).inc()
     m.repos_skipped.labels("dormant").inc(dormant)
     m.repos_skipped.labels("inactive").inc(len(repos) - len(active))
-    m.repos_skipped.labels("invalid").inc(int(getattr(page, "invalid", 0)))
+    m.repos_skipped.labels("invalid").inc(page.invalid)
     log.debug(
         "%s page %d%s: %d repos, %d new, %d inactive, %d dormant skipped",
         step.method,

@@ -37,6 +37,10 @@ class RepoPage(Protocol):
     def repos(self) -> Sequence[RepoEntry]: ...
     @property
     def cursor(self) -> str | None: ...
+    @property
+    def invalid(self) -> int:
+        """Malformed entries the page parser dropped."""
+        ...
 
 
 class Snapshot(Protocol):

@@ -43,12 +43,14 @@ def tid(t: datetime, clock: int = 0) -> str:
 class Ref:
     did: str
     active: bool = True
+    rev: str | None = None
 
 
 @dataclass
 class Page:
     repos: list[Ref]
     cursor: str | None
+    invalid: int = 0
 
 
 @dataclass

@@ -316,6 +316,7 @@ class Entry:
 class Page:
     repos: list[Entry]
     cursor: str | None
+    invalid: int = 0
 
 
 class PdsNetwork:
