@@ -65,7 +65,7 @@ from firehose.protocol.frames import decode_frame  # noqa: E402
 from firehose.settings import Settings  # noqa: E402
 from firehose.storage import queries  # noqa: E402
 from firehose.storage.embedded import start_embedded  # noqa: E402
-from firehose.storage.writer import prepare_batch  # noqa: E402
+from firehose.storage.writer import prepare_batch, purge_accounts  # noqa: E402
 from firehose.worker import Worker  # noqa: E402
 
 DECODE_ONLY_FRAMES = 20_000
@@ -221,7 +221,7 @@ async def write_one_event(conn: asyncpg.Connection, batch: Batch) -> None:
                 queries.ACTOR_ACCOUNTS, [e.did], [e.effective_status], [e.active], [e.seq]
             )
             if e.effective_status == "deleted":
-                await conn.execute(queries.ACTOR_PURGE, [e.did])
+                await purge_accounts(conn, [e.did])
         for record in rows.records:
             await conn.execute(_RECORD_UPSERT, *record)
         for name, typed in rows.typed.items():

@@ -392,21 +392,33 @@ ON CONFLICT (did) DO UPDATE
 """
 
 
+# The rows of one repo are the primary-key range 'at://<did>/' .. 'at://<did>0' ('0' follows
+# '/' in byte order, sql/002), so the typed tables need no did index. The bounds are written as
+# expressions of the did parameter, never taken from a CTE or a join: PostgreSQL then plans
+# the statement with the did's own bounds (`CUSTOM_PLANS`, run first in the same transaction)
+# and reads the range through the primary key. A bound that comes from a CTE or `unnest` is
+# unknown to the planner, which assumes it covers 0.5% of the table per did and, from three
+# dids on, preferred a hash join over a full scan of every repo table: each account deletion
+# read the whole `records` table (106 ms at 190,000 rows, growing with the table; issue 11).
+_LO = "('at://' || $1::text || '/')"
+_HI = "('at://' || $1::text || '0')"
+
+# Planner setting for the statements below, for the rest of the transaction: plan each
+# execution with its parameter values, even once the statement is prepared and cached.
+CUSTOM_PLANS = "SELECT set_config('plan_cache_mode', 'force_custom_plan', true)"
+
+
 def _purge_sql() -> str:
-    # Rows of deleted accounts ($1 did[]): found through the uri prefix 'at://<did>/' as a
-    # primary-key range ('0' follows '/' in byte order), so the typed tables need no did index.
+    # The rows of a deleted account ($1 did), in records and every typed table.
     ctes = [
-        "k AS MATERIALIZED (SELECT did, 'at://' || did || '/' AS lo, 'at://' || did || '0' AS hi"
-        " FROM unnest($1::text[]) AS k(did))"
+        f"p{i} AS (DELETE FROM {name} t"
+        f" WHERE t.uri >= {_LO} AND t.uri < {_HI} AND t.did = $1 RETURNING 1)"
+        for i, name in enumerate(REPO_TABLES)
     ]
-    for i, name in enumerate(REPO_TABLES):
-        ctes.append(
-            f"p{i} AS (DELETE FROM {name} t USING k"
-            " WHERE t.uri >= k.lo AND t.uri < k.hi AND t.did = k.did RETURNING 1)"
-        )
     return "WITH " + ",\n".join(ctes) + "\nSELECT (SELECT count(*) FROM p0) AS purged"
 
 
+# $1 did. Returns purged (records rows). After CUSTOM_PLANS (writer.purge_accounts).
 ACTOR_PURGE = _purge_sql()
 
 
@@ -416,13 +428,10 @@ def _prune_sql() -> str:
     # row to $2 even when its cid is unchanged; a newer live row keeps its newer rev). So the
     # rows of the repo ($1) still below $2 are exactly those the snapshot no longer has: they
     # are removed from records and every typed table, and tombstoned at $2 so that an older
-    # create (a replay, a late event) cannot bring them back (invariant 2). Rows are found
-    # through the uri range 'at://<did>/' .. 'at://<did>0' of the primary key (sql/002).
+    # create (a replay, a late event) cannot bring them back (invariant 2).
     ctes = [
-        "k AS MATERIALIZED (SELECT 'at://' || $1::text || '/' AS lo,"
-        " 'at://' || $1::text || '0' AS hi)",
-        "g AS MATERIALIZED (SELECT r.uri FROM records r, k"
-        " WHERE r.uri >= k.lo AND r.uri < k.hi AND r.did = $1 AND r.rev < $2)",
+        "g AS MATERIALIZED (SELECT r.uri FROM records r"
+        f" WHERE r.uri >= {_LO} AND r.uri < {_HI} AND r.did = $1 AND r.rev < $2)",
         "ts AS (INSERT INTO record_tombstones AS t (uri, did, rev, deleted_at)"
         " SELECT g.uri, $1, $2, now() FROM g"
         " ON CONFLICT (uri) DO UPDATE SET rev = EXCLUDED.rev, did = EXCLUDED.did,"
@@ -430,8 +439,8 @@ def _prune_sql() -> str:
     ]
     for i, name in enumerate(REPO_TABLES):
         ctes.append(
-            f"p{i} AS (DELETE FROM {name} t USING k"
-            " WHERE t.uri >= k.lo AND t.uri < k.hi AND t.did = $1 AND t.rev < $2 RETURNING 1)"
+            f"p{i} AS (DELETE FROM {name} t"
+            f" WHERE t.uri >= {_LO} AND t.uri < {_HI} AND t.did = $1 AND t.rev < $2 RETURNING 1)"
         )
     return (
         "WITH "
@@ -440,5 +449,6 @@ def _prune_sql() -> str:
     )
 
 
-# $1 did, $2 the snapshot's rev. Returns (removed: records rows, tombstones written).
+# $1 did, $2 the snapshot's rev. Returns (removed: records rows, tombstones written). After
+# CUSTOM_PLANS (writer.prune_repo).
 REPO_PRUNE = _prune_sql()

@@ -310,7 +310,7 @@ async def apply_prepared(
             )
             dead = [e.did for e in accounts if e.effective_status == "deleted"]
             if dead:
-                stats.purged += await conn.fetchval(queries.ACTOR_PURGE, dead)
+                stats.purged += await purge_accounts(conn, dead)
 
         # 2. Creates/updates: the guarded upserts of records and every typed table, records
         #    first, in one statement.
@@ -445,8 +445,22 @@ async def prune_repo(conn: Any, did: str, rev: str) -> int:
     """After every record of `did`'s snapshot at `rev` was written (`write_snapshot`): remove
     the repo's rows the snapshot no longer has, tombstoned at `rev` (see queries.REPO_PRUNE).
     The number of records rows removed."""
-    row = await conn.fetchrow(queries.REPO_PRUNE, did, rev)
+    async with conn.transaction():
+        await conn.execute(queries.CUSTOM_PLANS)
+        row = await conn.fetchrow(queries.REPO_PRUNE, did, rev)
     return int(row["removed"])
+
+
+async def purge_accounts(conn: Any, dids: Sequence[str]) -> int:
+    """Remove every row of the deleted accounts `dids` (records and typed tables), one
+    account at a time, each read through the primary key (see queries.CUSTOM_PLANS). The
+    number of records rows removed. In the caller's transaction, if any."""
+    purged = 0
+    async with conn.transaction():
+        await conn.execute(queries.CUSTOM_PLANS)
+        for did in dids:
+            purged += await conn.fetchval(queries.ACTOR_PURGE, did)
+    return purged
 
 
 async def load_cursor(conn: Any, service: str) -> int | None:
