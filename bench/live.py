@@ -65,6 +65,7 @@ from firehose.protocol.frames import decode_frame  # noqa: E402
 from firehose.settings import Settings  # noqa: E402
 from firehose.storage import queries  # noqa: E402
 from firehose.storage.embedded import start_embedded  # noqa: E402
+from firehose.storage.rows import with_record_json  # noqa: E402
 from firehose.storage.writer import prepare_batch, purge_accounts  # noqa: E402
 from firehose.worker import Worker  # noqa: E402
 
@@ -223,7 +224,7 @@ async def write_one_event(conn: asyncpg.Connection, batch: Batch) -> None:
             if e.effective_status == "deleted":
                 await purge_accounts(conn, [e.did])
         for record in rows.records:
-            await conn.execute(_RECORD_UPSERT, *record)
+            await conn.execute(_RECORD_UPSERT, *with_record_json(record))
         for name, typed in rows.typed.items():
             for row in typed:
                 await conn.execute(_TYPED_UPSERT[name], *row)

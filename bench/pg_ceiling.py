@@ -54,6 +54,7 @@ from firehose.model import Action, Batch  # noqa: E402
 from firehose.storage import queries  # noqa: E402
 from firehose.storage.embedded import start_embedded  # noqa: E402
 from firehose.storage.migrate import migrate  # noqa: E402
+from firehose.storage.rows import with_record_json  # noqa: E402
 from firehose.storage.writer import (  # noqa: E402
     ApplyStats,
     PreparedBatch,
@@ -82,7 +83,7 @@ def build(n: int, batch: int, shards: int) -> tuple[list[list[Chunk]], list[list
         for i in range(0, len(shard), batch):
             part = shard[i : i + batch]
             rows = prepare(Batch(writes=part), ApplyStats())
-            chunks.append((rows.records, rows.typed))
+            chunks.append(([with_record_json(r) for r in rows.records], rows.typed))
             prepared.append(prepare_batch(Batch(writes=part, cursor=i + len(part))))
         copies.append(chunks)
         applies.append(prepared)

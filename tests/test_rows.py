@@ -7,6 +7,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from firehose.model import Action, RecordWrite
 from firehose.storage import queries
@@ -20,7 +22,9 @@ from firehose.storage.rows import (
     rows_of,
     storable,
     typed_row,
+    with_record_json,
 )
+from firehose.storage.writer import records_json
 
 DID = "did:plc:alice"
 REF = {"uri": "at://did:plc:bob/app.bsky.feed.post/3k", "cid": "bafyref"}
@@ -226,7 +230,9 @@ def test_no_typed_row() -> None:
 def test_rows_of_matches_the_single_functions() -> None:
     write = w("app.bsky.feed.like", {"subject": REF, "createdAt": "2024-01-02T03:04:05Z"})
     both = rows_of(write, write.uri)
-    assert both == (records_row(write), typed_row(write))
+    assert both is not None
+    # rows_of keeps the record itself for the writer's one-call JSON of a batch.
+    assert (with_record_json(both[0]), both[1]) == (records_row(write), typed_row(write))
     row = records_row(write)
     assert row is not None and len(row) == len(queries.RECORDS_COLUMNS)
 
@@ -288,3 +294,43 @@ def test_storable() -> None:
     assert not storable(RecordWrite(DID, "c.o.l", "k", "", Action.CREATE, "c", {}))
     assert storable(w("app.bsky.feed.like", {}, rkey="ké"))  # non-ASCII but valid: slow path
     assert not storable(w("app.bsky.feed.like", {}, rkey="k\ud800"))
+
+
+# -- the writer's one-call JSON of a batch of records rows ------------------------------------
+
+_json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(alphabet=st.characters(codec=None, exclude_categories=()), max_size=8)
+)
+_records = st.dictionaries(
+    st.text(max_size=6),
+    st.recursive(
+        _json_scalars,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner),
+        max_leaves=8,
+    ),
+    max_size=4,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_records, min_size=1, max_size=4))
+def test_records_json_of_a_batch_equals_record_by_record(records: list[dict[str, Any]]) -> None:
+    # writer.records_json serializes a batch in one call and falls back to record_json per
+    # record when that call cannot be stored (surrogates, ints beyond 64 bits, \u0000): the
+    # stored JSON must be record_json's, record for record, whichever path was taken.
+    writes = [
+        RecordWrite("did:plc:a", "app.bsky.feed.post", f"r{i}", "3k2a", Action.CREATE, "bafy", r)
+        for i, r in enumerate(records)
+    ]
+    rows = [rows_of(w, w.uri) for w in writes]
+    text = records_json([r[0] for r in rows if r is not None])
+    assert "\\u0000" not in text.replace("\\\\", "")
+    stored = [row[6] for row in json.loads(text)]
+    assert stored == [json.loads(record_json(r)) for r in records]
+    assert [with_record_json(r[0])[6] for r in rows if r is not None] == [
+        record_json(r) for r in records
+    ]

@@ -350,27 +350,28 @@ def records_row(write: RecordWrite, created_at: datetime | None = _UNSET) -> Row
         return None
     if created_at is _UNSET:
         created_at = created_at_of(record)
-    return _records(write, write.uri, record, created_at)
+    return _records(write, write.uri, record_json(record), created_at)
 
 
-def _records(
-    write: RecordWrite, uri: str, record: dict[str, Any], created_at: datetime | None
-) -> Row:
-    return (
-        uri,
-        write.did,
-        write.collection,
-        write.rkey,
-        write.cid,
-        write.rev,
-        record_json(record),
-        created_at,
-    )
+def _records(write: RecordWrite, uri: str, record: Any, created_at: datetime | None) -> Row:
+    return (uri, write.did, write.collection, write.rkey, write.cid, write.rev, record, created_at)
+
+
+_RECORD = 6  # the record column of a `records` row (queries.RECORDS_COLUMNS)
+
+
+def with_record_json(row: Row) -> Row:
+    """A `rows_of` records row with its record column as JSON text (`record_json`)."""
+    return (*row[:_RECORD], record_json(row[_RECORD]), *row[_RECORD + 1 :])
 
 
 def rows_of(write: RecordWrite, uri: str) -> tuple[Row, tuple[str, Row] | None] | None:
     """Both rows of a create/update whose `uri` is already computed (the writer's hot path):
-    `(records row, (typed table, row) or None)`, or None if there is no record to store."""
+    `(records row, (typed table, row) or None)`, or None if there is no record to store.
+
+    The records row holds the record itself (a dict), not its JSON text: the writer turns a
+    whole batch of rows into JSON in one call (writer.records_json), falling back to
+    `record_json` per record for what that call refuses (`with_record_json`)."""
     record = write.record
     if not isinstance(record, dict) or write.cid is None:
         return None

@@ -48,6 +48,7 @@ from firehose.protocol.mst import (
 from firehose.protocol.syntax import is_did
 from firehose.storage.queries import TYPED_TABLES
 from firehose.storage.rows import MAX_ARRAY_ITEMS, rows_of
+from firehose.storage.writer import records_json
 
 TRIED: Counter[str] = Counter()
 TARGETS = ("frames", "car", "mst", "records", "rows", "window", "handles")
@@ -300,9 +301,10 @@ def check_rows(write: RecordWrite) -> None:
         return
     assert rows is not None
     record_row, typed = rows
-    text = record_row[6]
+    # What the writer sends: the batch's JSON (one call, or record_json per record).
+    text = records_json([record_row])
     text.encode("utf-8")  # strict: no lone surrogate reaches PostgreSQL
-    _no_nul(json.loads(text))  # jsonb refuses \u0000 (an escaped backslash before u0000 is fine)
+    _no_nul(json.loads(text)[0][6])  # jsonb refuses \u0000 (an escaped backslash is fine)
     created_at = record_row[7]
     assert created_at is None or (
         isinstance(created_at, datetime) and created_at.utcoffset() is not None
