@@ -55,7 +55,14 @@ from websockets.asyncio.client import connect
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import MachineLoad, claim, cpu_s, load_at_start, postgres_processes  # noqa: E402
+from bench.common import (  # noqa: E402
+    CpuTracker,
+    MachineLoad,
+    claim,
+    cpu_s,
+    load_at_start,
+    postgres_processes,
+)
 from bench.replay import cache_path, read_frames  # noqa: E402
 from bench.sqltiming import StatementTimes  # noqa: E402
 from firehose.live.batch import BatchBuilder  # noqa: E402
@@ -143,9 +150,10 @@ async def run_worker(
         if task.done():
             task.result()
     t0, base = time.perf_counter(), worker.state.events_committed
-    # Process lists are taken once the pool's backends exist; they live as long as the pool.
-    procs = {name: list_procs() for name, list_procs in cpu_procs.items()}
-    cpu0 = {name: cpu_s(ps) for name, ps in procs.items()}
+    # Processes are listed again while the run goes on: a backend the worker opens later (a
+    # second pool connection, the resync service's) counts as PostgreSQL, not as another
+    # process's load on the machine, which would make the figures unclaimed.
+    trackers = {name: CpuTracker(list_procs) for name, list_procs in cpu_procs.items()}
     load = MachineLoad()
     records0 = _ops_committed(worker)
     latency0 = len(worker.latency_samples)
@@ -155,7 +163,7 @@ async def run_worker(
         if task.done():
             task.result()
     elapsed = time.perf_counter() - t0
-    cpu = {name: cpu_s(ps) - cpu0[name] for name, ps in procs.items()}
+    cpu = {name: tracker.stop() for name, tracker in trackers.items()}
     load.stop(sum(cpu.values()))
     committed = worker.state.events_committed - base
     ops = _ops_committed(worker) - records0
