@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from firehose.model import RecordWrite
-from firehose.storage.queries import TYPED_TABLES
+from firehose.storage.queries import RECORDS_COLUMN_NAMES, TYPED_TABLES
 
 try:  # orjson is several times faster; the stdlib is the fallback.
     import orjson as _orjson
@@ -357,12 +357,13 @@ def _records(write: RecordWrite, uri: str, record: Any, created_at: datetime | N
     return (uri, write.did, write.collection, write.rkey, write.cid, write.rev, record, created_at)
 
 
-_RECORD = 6  # the record column of a `records` row (queries.RECORDS_COLUMNS)
+RECORD_COLUMN = RECORDS_COLUMN_NAMES.index("record")  # its place in a `records` row
 
 
 def with_record_json(row: Row) -> Row:
     """A `rows_of` records row with its record column as JSON text (`record_json`)."""
-    return (*row[:_RECORD], record_json(row[_RECORD]), *row[_RECORD + 1 :])
+    i = RECORD_COLUMN
+    return (*row[:i], record_json(row[i]), *row[i + 1 :])
 
 
 def rows_of(write: RecordWrite, uri: str) -> tuple[Row, tuple[str, Row] | None] | None:

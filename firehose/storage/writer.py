@@ -36,7 +36,7 @@ import orjson
 
 from firehose.model import Action, Batch, RecordWrite
 from firehose.storage import fresh, queries
-from firehose.storage.rows import record_json, rows_of, storable
+from firehose.storage.rows import RECORD_COLUMN, record_json, rows_of, storable
 
 # (did, rev, data_cid): the head of a repo after a commit. data_cid is the commit's MST root
 # when the caller knows it, else None.
@@ -194,7 +194,6 @@ def _last_per_did(events: Iterable[Any]) -> list[Any]:
 _ASYNC_COMMIT = "synchronous_commit = off"
 _dumps = orjson.dumps
 _Fragment = orjson.Fragment  # already-serialized JSON, embedded as is
-_RECORD = queries.RECORDS_COLUMN_NAMES.index("record")
 
 
 def _rows_json(rows: list[tuple[Any, ...]]) -> str:
@@ -216,7 +215,7 @@ def records_json(rows: list[tuple[Any, ...]]) -> str:
             return text.decode()
     except (TypeError, ValueError):
         pass
-    i = _RECORD
+    i = RECORD_COLUMN
     return _dumps([(*r[:i], _Fragment(record_json(r[i])), *r[i + 1 :]) for r in rows]).decode()
 
 
