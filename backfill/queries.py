@@ -58,7 +58,7 @@ UPDATE backfill_jobs
 # statement, guarded by the status: of several processes only one completes it. Each test
 # reads its partial index (the ORDER BY is the index's): a plain EXISTS over the states was
 # planned as a scan of the table expecting an early match, while near the end of a job, when
-# this runs, the few repos left (retries waiting out their delay) come last: 0.2 s per call
+# this runs, the few repos left (retries waiting out their delay) come last: 0.36 s per call
 # at 2 million rows, called every DISPATCH_POLL_S while the last repos wait.
 JOB_COMPLETE = """
 UPDATE backfill_jobs j

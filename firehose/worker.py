@@ -84,8 +84,8 @@ class Worker:
         }
         self._other_events = self.metrics.events.labels("other")
         # Events decoded by type name, moved into those counters at every commit and when the
-        # reader stops: a counter's inc() takes a lock (py-spy put 2.6% of the worker's
-        # samples in bench/live.py there, timeit 0.5 µs a call), a dict update does not.
+        # reader stops: a counter's inc() takes a lock (timeit: 0.5-0.8 µs a call against
+        # 0.1-0.2 µs for the dict update).
         self._events_decoded: dict[str, int] = {}
         self._invalid_counters: dict[str, Any] = {}
         self.metrics.lag_seconds.set_function(self._lag_seconds)

@@ -242,7 +242,7 @@ async def _big_job(conn: asyncpg.Connection, rows: int, last_pending: int) -> in
 async def test_completion_check_reads_the_partial_indexes(conn: asyncpg.Connection) -> None:
     # The planner's own choice on a queue big enough for a scan to look cheap: a plain
     # EXISTS over the states was a scan of the whole queue expecting an early match, while
-    # at the end of a job the repos left come last (0.2 s per call at 2 million rows).
+    # at the end of a job the repos left come last (0.36 s per call at 2 million rows).
     from backfill import queries
 
     job_id = await _big_job(conn, 100_000, 5)

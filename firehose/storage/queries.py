@@ -399,7 +399,7 @@ ON CONFLICT (did) DO UPDATE
 # and reads the range through the primary key. A bound that comes from a CTE or `unnest` is
 # unknown to the planner, which assumes it covers 0.5% of the table per did and, from three
 # dids on, preferred a hash join over a full scan of every repo table: each account deletion
-# read the whole `records` table (106 ms at 190,000 rows, growing with the table; issue 11).
+# read the whole `records` table (200 ms at 190,000 rows, growing with the table; issue 11).
 _LO = "('at://' || $1::text || '/')"
 _HI = "('at://' || $1::text || '0')"
 

@@ -204,11 +204,11 @@ def _rows_json(rows: list[tuple[Any, ...]]) -> str:
 
 def records_json(rows: list[tuple[Any, ...]]) -> str:
     """Like `_rows_json` for `rows.rows_of` records rows, whose record column is the record
-    itself: one orjson call for the whole batch (rows plus JSON 2.8 µs per record instead of
-    6.7 with one call per record, in a microbenchmark of synthetic records). A record that
-    call refuses (surrogates, integers beyond 64 bits, values JSON has no form for) or whose
-    text would hold \\u0000, which jsonb refuses, sends the batch through `rows.record_json`
-    record by record, which cleans them (DESIGN.md invariant 5)."""
+    itself: one orjson call for the whole batch (1.6-1.8 µs per record instead of 4.2-4.3
+    with one call per record, same output, in a microbenchmark of synthetic records). A
+    record that call refuses (surrogates, integers beyond 64 bits, values JSON has no form
+    for) or whose text would hold \\u0000, which jsonb refuses, sends the batch through
+    `rows.record_json` record by record, which cleans them (DESIGN.md invariant 5)."""
     try:
         text = _dumps(rows)
         if b"\\u0000" not in text:
