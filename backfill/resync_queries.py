@@ -7,7 +7,7 @@ from __future__ import annotations
 from firehose.storage.queries import RESYNC_REQUEST_CONFLICT
 
 # A request from outside the live stream (`firehose resync DID...`): $1 did[], $2 reason. Same
-# rules as the gate's requests (firehose.storage.queries.BATCH_FINISH): a pending row is kept,
+# rules as the gate's requests (firehose.storage.queries.BATCH_HEADS): a pending row is kept,
 # a running one is marked to run again, a done or failed one is re-armed.
 RESYNC_REQUEST = (
     """

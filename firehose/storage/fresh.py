@@ -15,14 +15,17 @@ repo's `actors` row, used as a per-repo lock that needs no shared lock-table ent
   or, for the next batch of the same snapshot, `FRESH_CONTINUE` (unchanged since our last
   batch). Either statement waits for a concurrent holder of the row and re-checks the newest
   version (READ COMMITTED re-evaluation), and takes no lock when the answer is no.
-* **Every other writer claims first** (`CLAIM`, run by `writer.apply_prepared` as its own
-  statement before any row of a batch): it inserts the missing `actors` rows of the repos it
-  writes or, on conflict, locks the newest version of the row, which waits for a load's
-  uncommitted insert or for a load holding the row; and it modifies every such row no live
-  commit has touched yet (`chain_rev IS NULL`, which includes every row a load wrote),
-  which ends that load's ownership by changing `xmin`. The writer's own statements after it
-  take their snapshots after the wait, so they see the load's rows: their guards then apply
-  against them as against any row.
+* **Every other writer claims first**, in its first statement, before any row of a batch
+  (`writer.apply_prepared`): a snapshot writer runs `CLAIM`; the live stream runs its repo
+  heads (queries.BATCH_HEADS with chain heads), which claim as well. Either inserts the
+  missing `actors` rows of the repos it writes or, on conflict, locks the newest version of
+  the row, which waits for a load's uncommitted insert or for a load holding the row; and
+  it modifies every such row no live commit has touched yet (`chain_rev IS NULL`, which
+  includes every row a load wrote), which ends that load's ownership by changing `xmin`.
+  The writer's own statements after it take their snapshots after the wait, so they see
+  the load's rows: their guards then apply against them as against any row. Taking the row
+  first is also the lock order of every writer (did order, `actors` before the rows), so
+  two writers of one repo wait for each other there and never deadlock further on.
 * Every writer of rows also advances the repo head (`actors.rev`) in the same transaction
   (writer.prepare adds the heads of written repos a caller left out), so a headless row
   really means "no rows, no tombstones".
@@ -37,7 +40,6 @@ tests/test_storage_fresh.py races loads with live batches on two connections.
 
 from __future__ import annotations
 
-import itertools
 from collections import OrderedDict
 
 from firehose.storage import queries
@@ -78,7 +80,7 @@ ON CONFLICT (did) DO NOTHING
 RETURNING xmin::text AS xmin),
 c AS (SELECT xmin FROM u UNION ALL SELECT xmin FROM i)"""
 # The next batch of a snapshot: the row is still the version our previous batch left
-# (`xmin`). The head never goes backwards, as in queries.BATCH_FINISH.
+# (`xmin`). The head never goes backwards, as in queries.BATCH_HEADS.
 _CONTINUE = f"""
 c AS (
 UPDATE actors AS a
@@ -149,38 +151,3 @@ class Loads:
         self._entries.move_to_end(key)
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
-
-
-# Repos whose actors row holds a chain head this process committed (the live stream's
-# batches, queries.BATCH_FINISH with chain heads): `chain_rev` never goes back to NULL and
-# no load ever claims such a row (FRESH_CLAIM wants it headless, FRESH_CONTINUE unchanged
-# since the load's own batch), so a batch need not claim them again. The claim costs
-# PostgreSQL a few µs per repo (an index probe and a row lock); in steady state a live
-# batch then claims only repos it has never committed. Bounded, oldest first out. Relies on
-# actors rows never being deleted (nothing in the product deletes one; emptying the tables by
-# hand needs a worker restart).
-SETTLED_MAX_ENTRIES = 200_000
-
-
-class Settled:
-    """The dids known settled (see SETTLED_MAX_ENTRIES)."""
-
-    def __init__(self, max_entries: int = SETTLED_MAX_ENTRIES) -> None:
-        self._max = max_entries
-        self._dids: dict[str, None] = {}
-
-    def __len__(self) -> int:
-        return len(self._dids)
-
-    def unsettled(self, dids: list[str]) -> list[str]:
-        known = self._dids
-        return [d for d in dids if d not in known]
-
-    def add(self, dids: list[str]) -> None:
-        known = self._dids
-        for did in dids:
-            known[did] = None
-        excess = len(known) - self._max
-        if excess > 0:
-            for did in list(itertools.islice(known, excess)):
-                del known[did]

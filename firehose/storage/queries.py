@@ -296,16 +296,17 @@ ON CONFLICT (did) DO UPDATE
  WHERE a.rev IS NULL OR a.rev < EXCLUDED.rev
 """
 
-# The end of a batch in one statement: the repo heads ($1..$3, may be empty arrays: ACTOR_HEADS,
+# A batch's bookkeeping in one statement (writer.apply_prepared runs it first or last): the
+# repo heads ($1..$3, may be empty arrays: ACTOR_HEADS,
 # and with $10 also the chain heads `chain_rev`/`chain_data_cid` of sql/005, each never
 # backwards), the cursor row ($4 service, $5 cursor, $6 last_event_time; nothing when $5 is
 # NULL), the resync requests of the gate ($8 did[], $9 reason[], one per did; the rules are
 # in sql/004_resync.sql) and, when $7, this transaction's synchronous_commit = off (it only
-# matters at COMMIT, which follows). Returns the number of heads advanced and of resync
+# matters at COMMIT). Returns the number of heads advanced and of resync
 # requests queued or re-armed.
 # A resync request (repo_resyncs, sql/004) for a row `q` already there: a pending one is kept
 # as it is, one being resynced runs once more afterwards (`again`), a done or failed one is
-# re-armed. Shared by BATCH_FINISH and backfill.resync_queries.RESYNC_REQUEST.
+# re-armed. Shared by BATCH_HEADS and backfill.resync_queries.RESYNC_REQUEST.
 RESYNC_REQUEST_CONFLICT = """
 ON CONFLICT (did) DO UPDATE
    SET state = CASE WHEN q.state = 'in_progress' THEN q.state ELSE 'pending' END,
@@ -319,7 +320,7 @@ ON CONFLICT (did) DO UPDATE
  WHERE q.state <> 'pending'
 RETURNING 1
 """
-BATCH_FINISH = (
+BATCH_HEADS = (
     """
 WITH q AS (
 INSERT INTO repo_resyncs AS q (did, reason)

@@ -190,7 +190,7 @@ def _last_per_did(events: Iterable[Any]) -> list[Any]:
 # worker reads the older cursor that survived and the relay replays the lost events, which
 # the rev guards make idempotent. A later synchronous commit (of any session) flushes the
 # earlier WAL too, so what a caller saw durably committed stays so.
-# Set by queries.BATCH_FINISH, the last statement before COMMIT (no round trip of its own).
+# Set by queries.BATCH_HEADS, the statement with the cursor (no round trip of its own).
 _ASYNC_COMMIT = "synchronous_commit = off"
 _dumps = orjson.dumps
 _Fragment = orjson.Fragment  # already-serialized JSON, embedded as is
@@ -295,12 +295,41 @@ async def apply_prepared(
 
     # Inside a caller's transaction (nested), durability is the caller's.
     async with conn.transaction():
-        # 0. Claim the repos written, before any of their rows: waits for (and ends) a fresh
-        #    load of one of them that is under way, so that the statements below see its rows
-        #    (firehose/storage/fresh.py).
-        claims = _settled.unsettled(prep.claims) if chain_heads else prep.claims
-        if claims:
-            await conn.execute(fresh.CLAIM, claims)
+        # 0. Every writer takes the `actors` rows of the repos it writes, in did order, before
+        #    any of their rows: two writers of one repo (a live batch and a backfill or resync
+        #    batch) then wait for each other at that row and never deadlock on the rows
+        #    behind it. It also waits for (and ends) a fresh load of one of them under way, so
+        #    that the statements below see its rows (firehose/storage/fresh.py). The live
+        #    stream takes the rows with its heads and cursor, which also claim (they write
+        #    every row no live commit has touched yet); snapshot writers claim (fresh.CLAIM),
+        #    since a head that is not newer leaves a loader's row as it is.
+        resyncs = prepared.resyncs
+
+        async def finish(heads: Sequence[RepoHead], cursor: bool, resyncs: Any) -> None:
+            """queries.BATCH_HEADS: `heads` (chain heads for the live stream); with `cursor`
+            the batch's cursor and, unless a caller's transaction is around us, the
+            asynchronous COMMIT (see _ASYNC_COMMIT); the gate's `resyncs`."""
+            row = await conn.fetchrow(
+                queries.BATCH_HEADS,
+                [h[0] for h in heads],
+                [h[1] for h in heads],
+                [h[2] for h in heads],
+                service,
+                batch.cursor if cursor else None,
+                batch.last_event_time,
+                cursor and not nested,
+                [r[0] for r in resyncs],
+                [r[1] for r in resyncs],
+                chain_heads,
+            )
+            stats.heads += row["heads"]
+            stats.resyncs += row["resyncs"]
+
+        if not chain_heads:
+            if prep.claims:
+                await conn.execute(fresh.CLAIM, prep.claims)
+        elif prep.heads or batch.cursor is not None or not nested:
+            await finish(prep.heads, True, ())
         # 1. Accounts first, so that writes of a deleted account in this very batch are refused
         #    by the actor guard, and writes after a reactivation are accepted.
         if identities:
@@ -341,35 +370,15 @@ async def apply_prepared(
             stats.tombstones += row["tombstones"]
             stats.deleted += row["deleted"]
 
-        # 4. Repo heads, never backwards, and 5. the cursor, in the same transaction as the
-        #    rows it covers (invariant 1), with the resync requests it passes: one statement,
-        #    which also makes the COMMIT asynchronous (see _ASYNC_COMMIT) unless a caller's
-        #    transaction is around us.
-        resyncs = prepared.resyncs
-        if prep.heads or batch.cursor is not None or resyncs or not nested:
-            heads = prep.heads
-            row = await conn.fetchrow(
-                queries.BATCH_FINISH,
-                [h[0] for h in heads],
-                [h[1] for h in heads],
-                [h[2] for h in heads],
-                service,
-                batch.cursor,
-                batch.last_event_time,
-                not nested,
-                [r[0] for r in resyncs],
-                [r[1] for r in resyncs],
-                chain_heads,
-            )
-            stats.heads += row["heads"]
-            stats.resyncs += row["resyncs"]
-    if chain_heads and not nested:  # committed: these repos have a chain head for good
-        _settled.add([h[0] for h in prep.heads])
+        # 4. Snapshot writers: the repo heads (never backwards) and the cursor if any. The
+        #    live stream: its gate's resync requests, in the transaction of the cursor that
+        #    passes the events that caused them.
+        if chain_heads:
+            if resyncs:
+                await finish((), False, resyncs)
+        elif prep.heads or batch.cursor is not None or resyncs or not nested:
+            await finish(prep.heads, True, resyncs)
     return stats
-
-
-# Per process: repos that need no claim any more (see fresh.Settled).
-_settled = fresh.Settled()
 
 
 async def write_snapshot(
