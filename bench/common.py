@@ -36,9 +36,17 @@ def cpu_s(procs: list[psutil.Process]) -> float:
     return total
 
 
+# How often a CpuTracker lists its processes again. A listing of PostgreSQL's walks /proc
+# through psutil in Python, in the benchmark's own process: at 0.2 s, py-spy put 3.4% of the
+# worker process's samples of bench/live.py there (its CPU counted as the worker's, its GIL
+# taken from it). A pool's backends live for the whole run, so a second is fine-grained
+# enough; `stop` takes a last reading.
+CPU_SAMPLE_S = 1.0
+
+
 class CpuTracker:
     """CPU seconds of a changing set of processes: each pid's latest reading, sampled in a
-    thread, summed over every pid seen since the tracker started."""
+    thread every CPU_SAMPLE_S, summed over every pid seen since the tracker started."""
 
     def __init__(self, procs: Callable[[], list[psutil.Process]]) -> None:
         self._procs = procs
@@ -58,7 +66,7 @@ class CpuTracker:
                     self._last[p.pid] = t.user + t.system
 
     def _run(self) -> None:
-        while not self._stop.wait(0.2):
+        while not self._stop.wait(CPU_SAMPLE_S):
             self._sample()
 
     def stop(self) -> float:
