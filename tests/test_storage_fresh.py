@@ -1,6 +1,8 @@
 """Fresh repos loaded without guards (firehose/storage/fresh.py) converge with live writes that race
 them: real PostgreSQL, two connections, each holding its transaction open while the other
-runs, in every order (invariant 2)."""
+runs, in every order (invariant 2). With a repo the live stream wrote before, the same races
+run against the guarded snapshot path: every writer takes the repo's `actors` row first, so
+none of them deadlocks."""
 
 from __future__ import annotations
 
@@ -113,6 +115,9 @@ def races(draw: st.DrawFn) -> dict[str, Any]:
         "holder": draw(st.sampled_from(["live", "load", "mid-live", "none"])),
         "at": draw(st.integers(0, len(loads) - 1)),
         "delay_ms": draw(st.integers(0, 30)),
+        # A repo the live stream committed before (a chain head, older than every op here):
+        # the snapshot then takes the guarded path, and both writers' lock order is tested.
+        "chained": draw(st.booleans()),
     }
 
 
@@ -211,9 +216,13 @@ async def test_fresh_load_and_live_batch_converge(conns: Any, race: dict[str, An
     a, b, c = conns
     await a.execute(f"TRUNCATE {TABLES}")
     await apply_batch(a, Batch(writes=[write(OTHER, 2, Action.CREATE, 1)]))
-    await asyncio.wait_for(run_race(a, b, c, race), 60)
+    earlier = [write(race["did"], 0, Action.CREATE, SNAPSHOT_REV - 2000)] if race["chained"] else []
+    if earlier:
+        await apply_batch(a, Batch(writes=earlier))
+    fresh = await asyncio.wait_for(run_race(a, b, c, race), 60)
+    assert not (fresh and race["chained"]), "a repo the live stream wrote is never fresh"
     snapshot = [w for batch in race["loads"] for w in batch]
-    await check_converged(a, race["did"], snapshot + race["live"])
+    await check_converged(a, race["did"], earlier + snapshot + race["live"])
 
 
 async def test_fresh_repo_is_loaded_unguarded_and_a_known_one_is_not(conns: Any) -> None:
