@@ -24,9 +24,12 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import gc
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 MIB = 1024 * 1024
 MEMORY_HIGH_RATIO = 0.90  # pause above 90 % of the limit ...
@@ -73,9 +76,17 @@ class MemoryGate:
 
 
 def process_rss_bytes() -> int:
+    """This process's resident memory. Read before every batch: the psutil handle is kept
+    (per pid, a forked child gets its own), since building one reads /proc as well: 90 µs a
+    call against 31 (timeit), about 1.5% of the backfill's own CPU per record."""
+    return int(_this_process(os.getpid()).memory_info().rss)
+
+
+@functools.cache
+def _this_process(pid: int) -> Any:
     import psutil
 
-    return int(psutil.Process().memory_info().rss)
+    return psutil.Process(pid)
 
 
 class Throttle:
