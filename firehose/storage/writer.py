@@ -305,10 +305,12 @@ async def apply_prepared(
         #    since a head that is not newer leaves a loader's row as it is.
         resyncs = prepared.resyncs
 
-        async def finish(heads: Sequence[RepoHead], cursor: bool, resyncs: Any) -> None:
+        async def finish(
+            heads: Sequence[RepoHead], cursor: bool, requests: Sequence[tuple[str, str]]
+        ) -> None:
             """queries.BATCH_HEADS: `heads` (chain heads for the live stream); with `cursor`
             the batch's cursor and, unless a caller's transaction is around us, the
-            asynchronous COMMIT (see _ASYNC_COMMIT); the gate's `resyncs`."""
+            asynchronous COMMIT (see _ASYNC_COMMIT); the gate's resync `requests`."""
             row = await conn.fetchrow(
                 queries.BATCH_HEADS,
                 [h[0] for h in heads],
@@ -318,8 +320,8 @@ async def apply_prepared(
                 batch.cursor if cursor else None,
                 batch.last_event_time,
                 cursor and not nested,
-                [r[0] for r in resyncs],
-                [r[1] for r in resyncs],
+                [r[0] for r in requests],
+                [r[1] for r in requests],
                 chain_heads,
             )
             stats.heads += row["heads"]
