@@ -386,8 +386,9 @@ class Worker:
         m = self.metrics
         m.batch_seconds.observe(elapsed_s)
         m.batch_events.observe(batch.events)
-        # One pass, labels per distinct (action, collection): 0.36 µs per write against 0.95
-        # for a Counter over label tuples plus a second pass for `sanitized` (timeit).
+        # One pass, labels per distinct (action, collection): 0.20 µs per write against 0.52
+        # for a Counter over label tuples plus a second pass for `sanitized` (timeit, load
+        # average 0.28).
         ops: dict[tuple[Any, str], int] = {}
         get = ops.get
         sanitized = 0

@@ -156,11 +156,12 @@ async def keep_session(conn: asyncpg.Connection) -> None:
     """A pooled connection goes back to the pool as it is: no reset query.
 
     asyncpg's default resets every released connection with a round trip of four statements
-    (`pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`): 42-50 µs of PostgreSQL's
-    CPU and 40-140 µs of ours per release (acquire + `SELECT 1` + release, 5,000 times, load
-    average 0.46-0.50). The backfill releases a connection a few times per repo (each batch,
-    done, progress; a history-model repo holds ~100 records) and the live stream once per
-    batch; bench/backfill.py moved within its run-to-run spread (four runs each way).
+    (`pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`): 24-52 µs of PostgreSQL's
+    CPU and 24-196 µs of ours per release (acquire + `SELECT 1` + release, 5,000 times, three
+    runs each way, load average 0.28-0.34). The backfill releases a connection a few times
+    per repo (each batch, done, progress; a history-model repo holds ~100 records) and the
+    live stream once per batch; bench/backfill.py moved within its run-to-run spread (four
+    runs each way).
     Nothing here leaves session state on a pooled connection: settings are
     transaction-local (`set_config(..., true)`), the migrations' advisory lock is taken on
     a connection of its own, and there are no LISTENs or cursors (tests/test_storage_pool.py
