@@ -41,8 +41,13 @@ PROGRESS_LOG_INTERVAL_S = 15.0
 STOP_DRAIN_S = 7.0  # SIGTERM → exit within 10 s, leaving room for closing the pool
 DB_RETRY_MIN_S = 0.5
 DB_RETRY_MAX_S = 10.0
-# Frames decoded between two yields to the event loop (~60 us each: ~1 ms of decoding).
-READ_YIELD_EVERY = 16
+# Decoding time between two yields of the reader to the event loop. The batch transaction
+# sends each of its statements (about eight round trips per batch) only when the loop runs,
+# and neither a buffered socket nor a non-full queue suspends the reader, so a long run of
+# decoding stretches every round trip of it. A yield costs a loop iteration. bench/live.py
+# (100,000 events, load average 0.44-0.58): yielding every 16 frames (~1 ms) 6,446-6,866
+# events/s, every 4 (~0.25 ms) 7,634-8,312, every frame 6,499-6,885.
+READ_YIELD_S = 0.00025
 _EVENT_TYPE = {
     "CommitEvent": "commit",
     "SyncEvent": "sync",
@@ -74,6 +79,10 @@ class Worker:
         self._stop = asyncio.Event()
         # Items are (read time, event), or _DONE once the reader has stopped.
         self._queue: asyncio.Queue[Any] = asyncio.Queue(settings.pipeline.queue_max_frames)
+        # The committer waiting for a batch: set by the reader once `_wanted` items (or its
+        # end) are queued (see _collect).
+        self._filled = asyncio.Event()
+        self._wanted = 0
         self._limits = FrameLimits(max_frame_bytes=settings.relay.max_frame_bytes)
         self._service = settings.worker.cursor_service
         self.metrics.queue_depth.set_function(self._queue.qsize)
@@ -217,8 +226,8 @@ class Worker:
     # -- read + decode ---------------------------------------------------------------
 
     async def _read(self, relay: RelayClient) -> None:
-        queue = self._queue
-        decoded = 0
+        clock = time.monotonic
+        yield_at = clock() + READ_YIELD_S
         try:
             async for frame in relay.frames(self._stop):
                 event = self._decode(frame)
@@ -227,16 +236,21 @@ class Worker:
                 if not relay.observe(event):
                     continue  # seq not increasing on this connection: dropped, counted
                 # bounded: a slow database slows the socket (back-pressure, invariant 4)
-                await queue.put((time.monotonic(), event))
-                decoded += 1
-                if decoded % READ_YIELD_EVERY == 0:
-                    # Neither a buffered socket nor a non-full queue suspends this loop, so
-                    # without this it could decode for tens of ms in a row while the
-                    # batch transaction waits to send its next statement.
-                    await asyncio.sleep(0)
+                read_at = clock()
+                await self._enqueue((read_at, event))
+                if read_at >= yield_at:
+                    await asyncio.sleep(0)  # see READ_YIELD_S
+                    yield_at = clock() + READ_YIELD_S
         finally:
             self._count_events()
-            await self._queue.put(_DONE)
+            await self._enqueue(_DONE)
+
+    async def _enqueue(self, item: Any) -> None:
+        """Queue an item for the committer, waking it when its batch is full (_collect)."""
+        queue = self._queue
+        await queue.put(item)
+        if 0 < self._wanted <= queue.qsize() or item is _DONE:
+            self._filled.set()
 
     def _decode(self, frame: bytes) -> Event | None:
         try:
@@ -314,24 +328,35 @@ class Worker:
 
     async def _collect(self, max_events: int, max_wait_s: float) -> tuple[list[Any], bool]:
         """Queued (read time, event) items until `max_events` or `max_wait_s` passed since
-        the first one. Returns them and whether the reader is done."""
-        item = await self._queue.get()
+        the first one. Returns them and whether the reader is done.
+
+        While the queue is short of a batch, it waits for the reader to signal that enough
+        items (or its end) are queued: one wake-up per batch, where waiting for each item
+        cost a task and a timer per event."""
+        queue = self._queue
+        item = await queue.get()
         deadline = time.monotonic() + max_wait_s
         items: list[Any] = []
         while item is not _DONE:
             items.append(item)
             if len(items) >= max_events:
                 break
-            try:
-                item = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
+            if queue.empty():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
+                self._filled.clear()
+                self._wanted = max_events - len(items)
                 try:
-                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                    async with asyncio.timeout(remaining):
+                        await self._filled.wait()
                 except TimeoutError:
+                    pass
+                finally:
+                    self._wanted = 0
+                if queue.empty():
                     break
+            item = queue.get_nowait()
         return items, item is _DONE
 
     async def _admit(self, builder: BatchBuilder, items: list[Any]) -> list[float]:
