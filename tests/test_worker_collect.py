@@ -36,7 +36,7 @@ class _Wakeups:
             self.count += 1
             return result
 
-        event.wait = counted  # type: ignore[method-assign]
+        event.wait = counted  # type: ignore[method-assign,assignment]
 
 
 async def test_a_full_queue_gives_a_batch_without_waiting() -> None:
