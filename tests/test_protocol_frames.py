@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
 from typing import Any
 
 import pytest
-from test_protocol_support import commit_bodies, dag_cbor, frame, relay_messages
+from test_protocol_support import (
+    b64decode_loose,
+    cid_bytes,
+    commit_bodies,
+    dag_cbor,
+    frame,
+    relay_messages,
+)
 
 from firehose.model import (
     AccountEvent,
@@ -19,6 +27,8 @@ from firehose.model import (
     InfoEvent,
     SyncEvent,
 )
+from firehose.protocol.car import read_car, read_car_lazily, read_varint
+from firehose.protocol.cid import CID_BYTES
 from firehose.protocol.errors import REASONS, ProtocolError
 from firehose.protocol.frames import FrameLimits, decode_frame
 
@@ -193,3 +203,81 @@ def test_sync_from_relay_scenario_has_root_commit() -> None:
     message = next(m for _, m in relay_messages() if m["frame"]["header"]["t"] == "#sync")
     event = decode_frame(frame(message["frame"]["header"], message["frame"]["body"]))
     assert isinstance(event, SyncEvent) and event.commit_cid.startswith("bafyrei")
+
+
+# --- blocks are hash-checked when read --------------------------------------------------------
+
+
+def _flip_block(body: dict[str, Any], pick: Any) -> dict[str, Any]:
+    """`body` with one byte flipped in the first block of its CAR that `pick(cid)` accepts,
+    its CID left as it was (so the block no longer matches it)."""
+    data = b64decode_loose(body["blocks"]["$bytes"])
+    length, pos = read_varint(data, 0)
+    pos += length  # past the header
+    while True:
+        length, pos = read_varint(data, pos)
+        if pick(data[pos : pos + CID_BYTES]):
+            break
+        pos += length
+    at = pos + CID_BYTES  # the block's first byte
+    flipped = data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :]
+    body = copy.deepcopy(body)
+    body["blocks"] = {"$bytes": base64.b64encode(flipped).decode().rstrip("=")}
+    return body
+
+
+def _links(body: dict[str, Any]) -> set[bytes]:
+    """The binary CIDs of the commit and of the ops' records: the blocks the decoder reads."""
+    links = {cid_bytes(body["commit"]["$link"])}
+    links.update(cid_bytes(op["cid"]["$link"]) for op in body["ops"] if op.get("cid"))
+    return links
+
+
+@pytest.mark.parametrize(("name", "body"), commit_bodies(), ids=lambda v: str(v)[:26])
+def test_a_corrupt_block_nobody_reads_does_not_spoil_the_commit(
+    name: str, body: dict[str, Any]
+) -> None:
+    # The MST nodes of the commit's proof: the live path never reads them, so they are not
+    # hash-checked (firehose.protocol.car.read_car_lazily) and cannot fail the frame.
+    read = _links(body)
+    if len(read) == len(_all_cids(body)):
+        pytest.skip("every block of this CAR is read")
+    intact = decode_frame(commit_frame(body))
+    event = decode_frame(commit_frame(_flip_block(body, lambda c: c not in read)))
+    assert isinstance(event, CommitEvent) and event.invalid_ops == ()
+    assert event == intact
+
+
+@pytest.mark.parametrize(("name", "body"), commit_bodies(), ids=lambda v: str(v)[:26])
+@pytest.mark.parametrize("which", ["commit", "record"])
+def test_a_corrupt_block_that_is_read_fails_the_frame(
+    name: str, body: dict[str, Any], which: str
+) -> None:
+    commit = cid_bytes(body["commit"]["$link"])
+    records = _links(body) - {commit}
+    if which == "record" and not records:
+        pytest.skip("no record block in this commit")
+    pick = (lambda c: c == commit) if which == "commit" else (lambda c: c in records)
+    with pytest.raises(ProtocolError) as err:
+        decode_frame(commit_frame(_flip_block(body, pick)))
+    assert err.value.reason == "block_hash"
+
+
+def _all_cids(body: dict[str, Any]) -> set[bytes]:
+    return set(read_car(b64decode_loose(body["blocks"]["$bytes"])).blocks)
+
+
+def test_lazy_car_checks_the_block_it_returns() -> None:
+    body = commit_body()
+    whole = read_car(b64decode_loose(body["blocks"]["$bytes"]))
+    lazy = read_car_lazily(b64decode_loose(body["blocks"]["$bytes"]))
+    assert lazy.root_cid == whole.root_cid and lazy.root == whole.root
+    for cid, block in whole.blocks.items():
+        assert lazy.block(cid) == block
+    assert lazy.block(hashlib.sha256(b"absent").digest()) is None
+    flipped = _flip_block(body, lambda c: True)
+    lazy = read_car_lazily(b64decode_loose(flipped["blocks"]["$bytes"]))
+    bad = next(iter(whole.blocks))  # the first block of the CAR: the one flipped
+    with pytest.raises(ProtocolError) as err:
+        lazy.block(bad)
+    assert err.value.reason == "block_hash"

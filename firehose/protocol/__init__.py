@@ -12,7 +12,8 @@ Invariants (each is tested, including by fuzzing in tests/test_fuzz_protocol.py)
 * Bounded time and memory: input sizes are capped (`FrameLimits`, `read_car` limits),
   DAG-CBOR nesting is capped (`cbor.MAX_RECORD_DEPTH`), nothing recurses on input depth
   beyond that cap, and work is linear in the input size.
-* Nothing unverified escapes: every CAR block's sha256 is checked against its CID.
+* Nothing unverified escapes: every CAR block is sha256-checked against its CID before it is
+  read (`car.read_car` checks all as it reads, `car.read_car_lazily` each one read).
 """
 
 from firehose.protocol.errors import REASONS, CarError, CborError, FrameError, ProtocolError

@@ -5,12 +5,16 @@ objects: a header ``{op, t}`` and a body. ``op = 1`` is a message whose type is 
 ``op = -1`` is an error whose body is ``{error, message?}``. Bodies follow the
 subscribeRepos lexicon (https://github.com/bluesky-social/atproto/blob/main/lexicons/com/atproto/sync/subscribeRepos.json).
 
-For ``#commit`` the ``blocks`` CAR is read with every block hash-checked, the commit object
-is found and must name the same DID as the frame (a relay bug or forgery otherwise), and
-each op becomes a `RecordWrite`. A bad op (record block missing, bad path, undecodable
-record) does not spoil the frame: it goes to ``invalid_ops`` and the other ops are kept,
-because dropping a whole commit would silently lose its valid writes. A bad frame
-(header, body fields, CAR, commit) raises `ProtocolError`.
+For ``#commit`` the ``blocks`` CAR is read, the commit object is found and must name the
+same DID as the frame (a relay bug or forgery otherwise), and each op becomes a
+`RecordWrite`. The blocks read (the commit, each op's record) are hash-checked as they are
+read (`read_car_lazily`); the MST nodes of the commit's proof, which nothing here reads, are
+not. A bad op (record block missing, bad path, undecodable record) does not spoil the
+frame: it goes to ``invalid_ops`` and the other ops are kept, because dropping a whole
+commit would silently lose its valid writes. A bad frame (header, body fields, CAR, commit,
+a block read that does not match its CID) raises `ProtocolError`: a record block that
+fails its hash is a forgery or a corruption of the commit itself, and skipping the whole
+commit leaves the repo's chain broken at the next one, which queues a resync.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from firehose.model import (
     RecordWrite,
     SyncEvent,
 )
-from firehose.protocol.car import Car, read_car
+from firehose.protocol.car import LazyCar, read_car_lazily
 from firehose.protocol.cbor import decode_block, decode_multi, decode_record
 from firehose.protocol.cid import CID_BYTES, SUPPORTED_PREFIXES, cid_str_from_bytes
 from firehose.protocol.cid import _encode_cid as _encode_cid
@@ -73,6 +77,7 @@ _OP_ERROR = -1
 _ACTIONS = {"create": Action.CREATE, "update": Action.UPDATE, "delete": Action.DELETE}
 _CREATE = Action.CREATE
 _UPDATE = Action.UPDATE
+_BLOCK_HASH = "block_hash"
 _MAX_PATH_CHARS = 1024  # NSID (317) + "/" + record key (512), rounded up
 # Validated collection NSIDs and repo DIDs: a handful of collections and a working set of
 # active accounts cover almost every op, and a dict hit (~50 ns) replaces a regex match
@@ -192,18 +197,21 @@ def _rev(body: dict[str, Any], key: str = "rev") -> str:
     return rev
 
 
-def _read_blocks(body: dict[str, Any], limits: FrameLimits) -> Car:
+def _read_blocks(body: dict[str, Any], limits: FrameLimits) -> LazyCar:
     blocks = body.get("blocks")
     if type(blocks) is not bytes:
         raise FrameError("field 'blocks' must be bytes")
     if len(blocks) > limits.max_blocks_bytes:
         raise FrameError(f"blocks CAR of {len(blocks)} bytes", "too_large")
-    return read_car(blocks, max_block_bytes=limits.max_block_bytes, max_blocks=limits.max_blocks)
+    return read_car_lazily(
+        blocks, max_block_bytes=limits.max_block_bytes, max_blocks=limits.max_blocks
+    )
 
 
-def _commit_object(car: Car, commit_cid: bytes, did: str) -> dict[str, Any]:
-    """The signed commit object (https://atproto.com/specs/repository#commit-objects)."""
-    block = car.blocks.get(commit_cid)
+def _commit_object(car: LazyCar, commit_cid: bytes, did: str) -> tuple[dict[str, Any], bytes]:
+    """The signed commit object (https://atproto.com/specs/repository#commit-objects) and its
+    hash-checked block."""
+    block = car.block(commit_cid)
     if block is None:
         raise FrameError("commit block is not in the CAR", "missing_block")
     commit = decode_block(block)
@@ -211,7 +219,7 @@ def _commit_object(car: Car, commit_cid: bytes, did: str) -> dict[str, Any]:
         raise FrameError("commit object is not a map")
     if commit.get("did") != did:
         raise FrameError(f"commit is for {str(commit.get('did'))[:60]!r}, frame for {did!r}")
-    return commit
+    return commit, block
 
 
 # --- message types ---
@@ -230,16 +238,17 @@ def _commit(body: dict[str, Any], limits: FrameLimits) -> CommitEvent:
         raise FrameError(f"{len(ops)} ops", "too_large")
     too_big = body.get("tooBig") is True
     car = _read_blocks(body, limits)
-    commit = _commit_object(car, commit_cid, did)
+    commit, commit_block = _commit_object(car, commit_cid, did)
     if commit.get("rev", rev) != rev:
         raise FrameError("commit object rev differs from the frame rev")
-    blocks = car.blocks
     writes: list[RecordWrite] = []
     invalid: list[tuple[str, str]] = []
     for op in ops:
         try:
-            writes.append(_record_write(op, did, rev, blocks))
+            writes.append(_record_write(op, did, rev, car))
         except ProtocolError as exc:
+            if exc.reason == _BLOCK_HASH:
+                raise  # the frame is forged or corrupted: see the module docstring
             path = op.get("path") if type(op) is dict else None
             where = path[:120] if type(path) is str else "?"
             invalid.append((exc.reason, f"{where}: {exc.detail}"[:200]))
@@ -255,7 +264,7 @@ def _commit(body: dict[str, Any], limits: FrameLimits) -> CommitEvent:
         too_big=too_big,
         invalid_ops=tuple(invalid),
         data_cid=_data_cid(commit),
-        commit_block=car.blocks[commit_cid],
+        commit_block=commit_block,
     )
 
 
@@ -267,7 +276,7 @@ def _data_cid(commit: dict[str, Any]) -> str | None:
     return None
 
 
-def _record_write(op: Any, did: str, rev: str, blocks: dict[bytes, bytes]) -> RecordWrite:
+def _record_write(op: Any, did: str, rev: str, car: LazyCar) -> RecordWrite:
     if type(op) is not dict:
         raise FrameError("op is not a map", "bad_op")
     raw_action = op.get("action")
@@ -285,7 +294,7 @@ def _record_write(op: Any, did: str, rev: str, blocks: dict[bytes, bytes]) -> Re
     cid = op.get("cid")
     if type(cid) is not bytes or len(cid) != CID_BYTES or cid[:4] not in SUPPORTED_PREFIXES:
         raise FrameError(f"{action.value} without a valid record cid", "bad_op")
-    block = blocks.get(cid)
+    block = car.block(cid)
     if block is None:
         raise FrameError("record block is not in the CAR", "missing_block")
     record, sanitized = decode_record(block)
@@ -298,7 +307,7 @@ def _sync(body: dict[str, Any], limits: FrameLimits) -> SyncEvent:
     rev = _rev(body)
     car = _read_blocks(body, limits)
     # The #sync CAR holds just the commit block, and its root is that commit.
-    commit = _commit_object(car, car.root_cid, did)
+    commit, commit_block = _commit_object(car, car.root_cid, did)
     if commit.get("rev", rev) != rev:
         raise FrameError("commit object rev differs from the frame rev")
     return SyncEvent(
@@ -307,7 +316,7 @@ def _sync(body: dict[str, Any], limits: FrameLimits) -> SyncEvent:
         rev=rev,
         commit_cid=car.root,
         time=_time(body),
-        commit_block=car.blocks[car.root_cid],
+        commit_block=commit_block,
     )
 
 
