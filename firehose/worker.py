@@ -346,7 +346,9 @@ class Worker:
                 if remaining <= 0:
                     break
                 self._filled.clear()
-                self._wanted = max_events - len(items)
+                # A queue shorter than the batch (QUEUE_MAX_FRAMES < BATCH_MAX_EVENTS) signals
+                # when full: the reader is blocked then, and the batch fills in turns.
+                self._wanted = min(max_events - len(items), queue.maxsize)
                 try:
                     async with asyncio.timeout(remaining):
                         await self._filled.wait()

@@ -16,9 +16,9 @@ from firehose.settings import Settings
 from firehose.worker import _DONE, Worker
 
 
-def _worker() -> Worker:
+def _worker(**env: str) -> Worker:
     settings = Settings.from_env(
-        {"DATABASE_URL": "postgresql://unused/db", "RELAY_URL": "ws://127.0.0.1:9"}
+        {"DATABASE_URL": "postgresql://unused/db", "RELAY_URL": "ws://127.0.0.1:9", **env}
     )
     return Worker(settings, CollectorRegistry())
 
@@ -111,3 +111,20 @@ async def test_a_late_reader_end_after_a_wait_is_seen(queued: int) -> None:
     items, done = await asyncio.wait_for(collect, 30)
     assert [event for _, event in items] == ["first", *range(queued)]
     assert done
+
+
+async def test_a_queue_shorter_than_the_batch_still_fills_it() -> None:
+    # QUEUE_MAX_FRAMES=10 with batches of 50: the reader blocks on the full queue, so the
+    # committer must take what is queued without waiting out its hour-long limit.
+    worker = _worker(QUEUE_MAX_FRAMES="10")
+    assert worker._queue.maxsize == 10
+
+    async def reader() -> None:
+        for i in range(50):
+            await worker._enqueue((0.0, i))
+
+    task = asyncio.create_task(reader())
+    items, done = await asyncio.wait_for(worker._collect(50, 3600), 30)
+    await task
+    assert [event for _, event in items] == list(range(50))
+    assert not done
