@@ -12,10 +12,10 @@ Duplicate sections are allowed (old repo exports repeat blocks); the last copy w
   used (a getRecord proof, whose MST nodes are walked).
 * `read_car_lazily` checks a block when it is read (`LazyCar.block`). A firehose commit's
   CAR holds the commit, its records and the MST nodes of its proof (about 2.6 of 4.5 blocks
-  per devnet commit, more on the network); the live path reads only the first two, and
-  hashing blocks it never reads cost the worker ~13 µs per event (bench/live.py with and
-  without hashing: 116.0-116.6 against 128.7-129.8 µs of worker CPU per event, load
-  average 0.56-0.57).
+  per devnet commit, more on the network); the live path reads only the first two.
+  Hashing every block cost the worker ~13 µs per event (bench/live.py with all hashing
+  and with none: 128.7-129.8 against 116.0-116.6 µs of worker CPU per event, load average
+  0.56-0.57), of which this reader keeps the part for blocks nobody reads.
 
 Both walk the sections in one loop (local names, single-byte varint fast path: the hot
 path). `CarStreamReader` does the same over chunks, so a backfill can verify a multi-GB repo
@@ -27,7 +27,13 @@ from __future__ import annotations
 import hashlib
 
 from firehose.protocol.cbor import decode_block
-from firehose.protocol.cid import CID_BYTES, SUPPORTED_PREFIXES, cid_str_from_bytes, explain_bad_cid
+from firehose.protocol.cid import (
+    CID_BYTES,
+    SUPPORTED_PREFIXES,
+    cid_str_from_bytes,
+    explain_bad_cid,
+    verify_block,
+)
 from firehose.protocol.errors import CarError
 
 # Records are at most 1 MiB of DAG-CBOR in practice (the reference PDS caps record size well
@@ -145,7 +151,7 @@ class LazyCar:
         """The block of binary `cid` (its last copy), hash-checked; None when the CAR has
         none. Raises CarError (reason ``block_hash``) when it does not match its CID."""
         block = self._blocks.get(cid)
-        if block is not None and _sha256(block).digest() != cid[4:]:
+        if block is not None and not verify_block(cid, block):
             raise _hash_mismatch(cid)
         return block
 
