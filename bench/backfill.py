@@ -23,11 +23,12 @@ both write paths run after run.
 
     python bench/backfill.py [--repos 1000] [--records 500] [--seed 5] [--profile-name P]
                              [--history-model N] [--guarded]
-                             [--subprocess] [--cprofile FILE] [--statements]
+                             [--subprocess] [--cprofile FILE] [--statements] [--waits]
 
 `--cprofile FILE` runs the in-process backfill under cProfile (slower; stats saved to FILE,
 top printed); `--statements` times every SQL call of the backfill by its first words (wall
-time, which on this loopback is mostly PostgreSQL's own).
+time, which on this loopback is mostly PostgreSQL's own); `--waits` samples what
+PostgreSQL's backends run and wait on while the clock runs (bench/pgwaits.py).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from bench.common import (  # noqa: E402
     postgres_processes,
     start_history_devnet,
 )
+from bench.pgwaits import PgWaits  # noqa: E402
 from bench.sqltiming import StatementTimes  # noqa: E402
 from firehose.storage.embedded import start_embedded  # noqa: E402
 
@@ -145,6 +147,9 @@ def main() -> None:
     parser.add_argument("--cprofile", metavar="FILE", help="cProfile the backfill into FILE")
     parser.add_argument("--statements", action="store_true", help="time each SQL statement")
     parser.add_argument(
+        "--waits", action="store_true", help="sample what PostgreSQL's backends wait on"
+    )
+    parser.add_argument(
         "--history-model", type=int, default=0, metavar="N", help="N history-model repos"
     )
     parser.add_argument("--guarded", action="store_true", help="no COPY load of fresh repos")
@@ -191,6 +196,7 @@ def main() -> None:
             pg_cpu = CpuTracker(pg_procs)
             devnet_cpu0 = cpu_s([devnet_proc])
             load = MachineLoad()
+            waits = PgWaits(pg.dsn).start() if args.waits else None
             started = time.monotonic()
             if args.subprocess:
                 log = tmp / "backfill.log"
@@ -224,6 +230,8 @@ def main() -> None:
                     profiler.dump_stats(args.cprofile)
                 cpu_backfill = cpu_s([me]) - cpu_self0
             elapsed = time.monotonic() - started
+            if waits is not None:
+                waits.stop()
             peak = sampler.stop()
             cpu = {
                 "backfill": cpu_backfill,
@@ -276,6 +284,8 @@ def main() -> None:
     )
     if statements is not None:
         report_statements(statements, elapsed)
+    if waits is not None:
+        waits.report()
     if args.cprofile:
         pstats.Stats(args.cprofile).sort_stats("tottime").print_stats(25)
     print(json.dumps({"bench": "backfill", **result}))

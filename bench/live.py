@@ -24,11 +24,12 @@ during the run): otherwise a warning is printed in its place. CPU per event is p
 either way, with the load.
 
     python bench/live.py [--events 200000] [--accounts 1000] [--seed 3] [--no-cache]
-                         [--baseline-events 10000] [--profile FILE] [--statements]
+                         [--baseline-events 10000] [--profile FILE] [--statements] [--waits]
 
 `--profile FILE` runs the worker under cProfile (slower; stats saved to FILE, top printed);
 `--statements` times every SQL call of the worker by its first words (wall time, which on
-this loopback is mostly PostgreSQL's own).
+this loopback is mostly PostgreSQL's own); `--waits` samples what PostgreSQL's backends run
+and wait on while the worker's clock runs (bench/pgwaits.py).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from bench.common import (  # noqa: E402
     load_at_start,
     postgres_processes,
 )
+from bench.pgwaits import PgWaits  # noqa: E402
 from bench.replay import cache_path, read_frames  # noqa: E402
 from bench.sqltiming import StatementTimes  # noqa: E402
 from firehose.live.batch import BatchBuilder  # noqa: E402
@@ -134,7 +136,11 @@ def report_statements(times: StatementTimes, events: int) -> None:
 
 
 async def run_worker(
-    dsn: str, relay_url: str, events: int, cpu_procs: dict[str, Callable[[], list[psutil.Process]]]
+    dsn: str,
+    relay_url: str,
+    events: int,
+    cpu_procs: dict[str, Callable[[], list[psutil.Process]]],
+    waits: PgWaits | None = None,
 ) -> tuple[dict[str, float], MachineLoad]:
     settings = Settings.from_env(
         {"DATABASE_URL": dsn, "RELAY_URL": relay_url, "START_CURSOR": "0", "METRICS_PORT": "0"}
@@ -155,6 +161,8 @@ async def run_worker(
     # process's load on the machine, which would make the figures unclaimed.
     trackers = {name: CpuTracker(list_procs) for name, list_procs in cpu_procs.items()}
     load = MachineLoad()
+    if waits is not None:
+        waits.start()
     records0 = _ops_committed(worker)
     latency0 = len(worker.latency_samples)
     while (worker.state.cursor or 0) < events:
@@ -163,6 +171,8 @@ async def run_worker(
         if task.done():
             task.result()
     elapsed = time.perf_counter() - t0
+    if waits is not None:
+        waits.stop()
     cpu = {name: tracker.stop() for name, tracker in trackers.items()}
     load.stop(sum(cpu.values()))
     committed = worker.state.events_committed - base
@@ -322,6 +332,9 @@ def main() -> None:
     )
     parser.add_argument("--profile", metavar="FILE", help="cProfile the worker into FILE")
     parser.add_argument("--statements", action="store_true", help="time each SQL statement")
+    parser.add_argument(
+        "--waits", action="store_true", help="sample what PostgreSQL's backends wait on"
+    )
     args = parser.parse_args()
     load_at_start()  # before the bench loads the machine itself
     statements = StatementTimes() if args.statements else None
@@ -341,7 +354,8 @@ def main() -> None:
             profiler = cProfile.Profile() if args.profile else None
             if profiler is not None:
                 profiler.enable()
-            result, load = uvloop.run(run_worker(pg.dsn, url, args.events, cpu_procs))
+            waits = PgWaits(pg.dsn) if args.waits else None
+            result, load = uvloop.run(run_worker(pg.dsn, url, args.events, cpu_procs, waits))
             if profiler is not None:
                 profiler.disable()
                 profiler.dump_stats(args.profile)
@@ -390,6 +404,8 @@ def main() -> None:
         print(claim(both, f"ratio to the baseline: {result['ratio_to_baseline']:.1f}x"))
     if statements is not None:
         report_statements(statements, int(result["events"]))
+    if waits is not None:
+        waits.report()
     if args.profile:
         pstats.Stats(args.profile).sort_stats("tottime").print_stats(25)
     fields = {k: round(v, 2) for k, v in result.items()}
