@@ -1,4 +1,5 @@
-"""Embedded PostgreSQL (pgserver): database `atproto` created, data survives a restart."""
+"""Embedded PostgreSQL (pgserver): database `atproto` created, data survives a restart, the
+server runs at a lower CPU priority than the worker."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import asyncio
 from pathlib import Path
 
 import asyncpg
+import psutil
 import pytest
 
-from firehose.storage.embedded import DATABASE_NAME, start_embedded
+from firehose.storage.embedded import DATABASE_NAME, EMBEDDED_NICE, start_embedded
 
 
 @pytest.mark.slow
@@ -21,6 +23,11 @@ async def test_embedded_restart_keeps_data(tmp_path: Path) -> None:
         try:
             assert await conn.fetchval("SELECT current_database()") == "atproto"
             await conn.execute("CREATE TABLE kept (x int); INSERT INTO kept VALUES (7)")
+            # A backend forked after the start inherits the postmaster's priority; the
+            # worker (this process) keeps its own.
+            backend = psutil.Process(conn.get_server_pid())
+            assert backend.nice() == EMBEDDED_NICE == backend.parent().nice()
+            assert psutil.Process().nice() < EMBEDDED_NICE
         finally:
             await conn.close()
     finally:
