@@ -1,9 +1,9 @@
 """What PostgreSQL's backends do while a benchmark runs: the benchmarks' `--waits` option.
 
 Every WAITS_SAMPLE_S a thread of the benchmark reads `pg_stat_activity` on a connection of its
-own and counts the other client backends by state, wait event and the statement's first
-words. The report is the average number of backends in each, per sample, which says where a
-pipeline's time goes on the server side:
+own and counts the other client backends of its database by state, wait event and the
+statement's first words. The report is the average number of backends in each, per sample,
+which says where a pipeline's time goes on the server side:
 
 * `active` with no wait event: running on a CPU (or waiting for one);
 * `active` with a wait event: waiting for a lock (`Lock:extend`, `Lock:transactionid`), for
@@ -27,11 +27,13 @@ import asyncpg
 
 WAITS_SAMPLE_S = 0.02
 
-# The other client backends of the server (the sampler's own is left out).
+# The other client backends of the database (the sampler's own is left out, and so are
+# other databases' on a shared server).
 ACTIVITY = """
 SELECT state, wait_event_type, wait_event, left(query, 200) AS query
   FROM pg_stat_activity
  WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
+   AND datname = current_database()
 """
 
 Key = tuple[str, str, str]

@@ -15,8 +15,9 @@ pgserver notes that shape this module:
   * as root it runs PostgreSQL as a dedicated `pgserver` user;
   * the import is lazy: pgserver is only loaded when no DATABASE_URL is given.
 
-The embedded server runs at a lower CPU priority than the worker (`EMBEDDED_NICE`): it
-shares the machine's cores with the process that feeds it (see `lower_priority`).
+The embedded server runs at a lower CPU priority than the worker that starts it
+(`EMBEDDED_NICE_BELOW`): it shares the machine's cores with the process that feeds it (see
+`lower_priority`).
 """
 
 from __future__ import annotations
@@ -31,14 +32,16 @@ log = logging.getLogger("firehose.db")
 
 DATABASE_NAME = "atproto"
 
-# The embedded server's processes run at this nice value (the worker keeps its own, 0). The
-# worker's one Python thread feeds every transaction the server runs: when the backends it
-# feeds preempt it on a small machine, the pipeline drains. bench/backfill.py with the
-# server at nice 10 against 0, six pairs alternating (1,000 x 500 repos, load average
-# 0.38-0.44): 11,612-15,109 against 10,788-13,589 records/s, higher in every pair (+1 to
-# +17 %, +9 % on average); bench/live.py: 7,187 and 7,393 against 7,052 and 7,081 events/s.
-# The server still gets any core the worker leaves idle: nice only weighs who runs first.
-EMBEDDED_NICE = 10
+# The embedded server's processes run this much nicer than the process that starts them (at
+# most 19, the lowest priority). The worker's one Python thread feeds every transaction the
+# server runs: when the backends it feeds preempt it on a small machine, the pipeline
+# drains. bench/backfill.py with the server at nice 10 against 0, six pairs alternating
+# (1,000 x 500 repos, load average 0.38-0.44): 11,612-15,109 against 10,788-13,589
+# records/s, higher in every pair (+1 to +17 %, +9 % on average); bench/live.py: 7,187 and
+# 7,393 against 7,052 and 7,081 events/s. The server still gets any core the worker leaves
+# idle: nice only weighs who runs first.
+EMBEDDED_NICE_BELOW = 10
+_LOWEST_PRIORITY_NICE = 19
 
 
 class EmbeddedPostgres:
@@ -140,14 +143,16 @@ def start_embedded(data_dir: Path | str, *, database: str = DATABASE_NAME) -> Em
     return EmbeddedPostgres(server, path, database)
 
 
-def lower_priority(data_dir: Path, nice: int = EMBEDDED_NICE) -> int:
-    """Set the nice value of the server running in `data_dir` (its postmaster first, whose
-    later backends inherit it, then the processes it already has). Best effort: the number
-    of processes changed (0 where the platform or the permissions do not allow it)."""
+def lower_priority(data_dir: Path, below: int = EMBEDDED_NICE_BELOW) -> int:
+    """Set the nice value of the server running in `data_dir` to `below` more than this
+    process's own (its postmaster first, whose later backends inherit it, then the processes
+    it already has). Best effort: the number of processes changed (0 where the platform or
+    the permissions do not allow it)."""
     import psutil
 
     changed = 0
     try:
+        nice = min(_LOWEST_PRIORITY_NICE, psutil.Process().nice() + below)
         pid = int((data_dir / "postmaster.pid").read_text().split()[0])
         postmaster = psutil.Process(pid)
         postmaster.nice(nice)
