@@ -25,6 +25,8 @@ from collections import Counter
 
 import asyncpg
 
+from bench.sqltiming import statement_words
+
 WAITS_SAMPLE_S = 0.02
 
 # The other client backends of the database (the sampler's own is left out, and so are
@@ -37,11 +39,6 @@ SELECT state, wait_event_type, wait_event, left(query, 200) AS query
 """
 
 Key = tuple[str, str, str]
-
-
-def statement_words(query: str, words: int = 5) -> str:
-    """A statement's first words, whitespace folded: the key it is reported under."""
-    return " ".join(query.split()[:words])[:60]
 
 
 class PgWaits:

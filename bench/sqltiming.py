@@ -13,6 +13,12 @@ from typing import Any
 METHODS = ("execute", "executemany", "fetch", "fetchrow", "fetchval", "copy_records_to_table")
 
 
+def statement_words(query: str, words: int = 5) -> str:
+    """A statement's first words, whitespace folded: the key it is reported under (here and
+    in bench/pgwaits.py)."""
+    return " ".join(query.split()[:words])[:70]
+
+
 class StatementTimes:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
@@ -32,7 +38,7 @@ class StatementTimes:
         async def timed(conn: Any, *args: Any, **kwargs: Any) -> Any:
             first = str(args[0]) if args else ""
             if name != "copy_records_to_table":  # its first argument is the table name
-                first = " ".join(first.split()[:5])[:70]
+                first = statement_words(first)
             key = f"{name}: {first}"
             t0 = time.perf_counter()
             try:

@@ -12,7 +12,8 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.pgwaits import ACTIVITY, PgWaits, statement_words
+from bench.pgwaits import ACTIVITY, PgWaits
+from bench.sqltiming import statement_words
 
 INSERT = "INSERT INTO actors (did) VALUES ('did:plc:pgwaits') ON CONFLICT DO NOTHING"
 KEY_WORDS = "INSERT INTO actors (did) VALUES"

@@ -22,6 +22,7 @@ The embedded server runs at a lower CPU priority than the worker that starts it
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -143,26 +144,20 @@ def start_embedded(data_dir: Path | str, *, database: str = DATABASE_NAME) -> Em
     return EmbeddedPostgres(server, path, database)
 
 
-def lower_priority(data_dir: Path, below: int = EMBEDDED_NICE_BELOW) -> int:
+def lower_priority(data_dir: Path, below: int = EMBEDDED_NICE_BELOW) -> None:
     """Set the nice value of the server running in `data_dir` to `below` more than this
     process's own (its postmaster first, whose later backends inherit it, then the processes
-    it already has). Best effort: the number of processes changed (0 where the platform or
-    the permissions do not allow it)."""
+    it already has). Best effort: where the platform or the permissions do not allow it, the
+    server keeps its priority."""
     import psutil
 
-    changed = 0
     try:
         nice = min(_LOWEST_PRIORITY_NICE, psutil.Process().nice() + below)
         pid = int((data_dir / "postmaster.pid").read_text().split()[0])
         postmaster = psutil.Process(pid)
         postmaster.nice(nice)
-        changed = 1
         for child in postmaster.children(recursive=True):
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):  # a backend that has just exited
                 child.nice(nice)
-                changed += 1
-            except psutil.NoSuchProcess:  # a backend that has just exited
-                pass
     except (OSError, ValueError, IndexError, psutil.Error):
         log.debug("could not lower the priority of embedded PostgreSQL", exc_info=True)
-    return changed
