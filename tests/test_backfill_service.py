@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from backfill_support import WholeSnapshot
+from backfill_support import WholeSnapshot, wait_until
 from prometheus_client import CollectorRegistry
 
 from backfill.download import SkippedRecord
@@ -286,7 +286,9 @@ async def test_memory_throttle_pauses_and_resumes(db_dsn: str) -> None:
     async with service_pool(db_dsn) as pool:
         service = make(FAST, pool, net, rss_reader=lambda: rss["now"])
         task = asyncio.create_task(service.run(asyncio.Event()))
-        await asyncio.sleep(0.5)
+        # Waits for the first fetch (polled: a fixed sleep raced the service's start-up on a
+        # loaded CI machine and saw none).
+        await wait_until(lambda: sum(net.fetches.values()) >= 1, 30, "a first fetch")
         # Above 90 %: one repo at a time (never a stall, never more), ...
         assert sum(net.fetches.values()) >= 1 and net.max_in_flight == 1
         rss["now"] = int(limit * 0.85)
