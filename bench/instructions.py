@@ -1,0 +1,213 @@
+"""CPU instructions per frame, event and record: a ruler that this machine's noise cannot bend.
+
+Throughput on these 2 shared cores moves ±10-20 % between runs of the same code (see
+docs/performance.md), so a change worth 5 % of CPU cannot be seen in records/s. This bench
+counts the instructions the worker's pure work executes, under valgrind's callgrind, which
+does not depend on load, caches or the clock: run it before and after a change to the hot
+path, and compare.
+
+Each workload runs twice in a child `python` under callgrind, with no items and with
+`--items N`; the difference divided by N is the count per item (start-up and imports
+cancel out). `PYTHONHASHSEED=0` keeps dict layouts, and so the counts, the same run to run.
+
+* ``decode``: `decode_frame` over recorded devnet frames (bench/replay.py's cache): per frame;
+* ``batch``: those events through `BatchBuilder` and `prepare_batch` (rows, JSON) in batches
+  of 1,000, the worker's pure work after decoding: per event;
+* ``car``: a real repository CAR streamed through `CarStreamReader`, its MST walked and each
+  record decoded, the backfill's pure work before the rows: per record.
+
+These are instructions, not time: a cache miss costs none here and hundreds of cycles on
+the machine, and valgrind runs SHA-256 without the CPU's SHA instructions, so hashing counts
+more than it costs. Compare the same workload before and after, never workloads or machines.
+
+    python bench/instructions.py [--workloads decode,batch,car] [--items 2000]
+
+Prints a line per workload and a JSON line:
+
+    {"bench": "instructions", "decode_per_item": ..., "batch_per_item": ..., ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from firehose.model import Event
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+FRAMES = (10_000, 500, 3)  # bench/replay.py cache: events, accounts, seed
+BATCH_EVENTS = 1000
+CHUNK_BYTES = 64 * 1024  # the backfill reads its download in chunks like these
+REPO_CAR = ROOT.parent / "shared/atproto-vectors/indigo/testing/testdata/paul_staging.repo.car"
+FIXTURE_CAR = (
+    ROOT / "tests/fixtures/indigo/atproto/repo/testdata/bnewbold.robocracy.org.20250310005405.car"
+)
+WORKLOADS = ("decode", "batch", "car")
+WARM_FRAMES = 200
+_COLLECTED = re.compile(rb"Collected : (\d+)")
+
+
+# --- the workloads (run inside the measured child) ----------------------------------------
+
+
+def frames(count: int) -> list[bytes]:
+    from bench.replay import ensure_cache, read_frames
+
+    return read_frames(ensure_cache(*FRAMES), count)
+
+
+def run_decode(frame_list: list[bytes]) -> int:
+    from firehose.protocol.frames import decode_frame
+
+    for frame in frame_list:
+        decode_frame(frame)
+    return len(frame_list)
+
+
+def run_batch(events: list[Event]) -> int:
+    from firehose.live.batch import BatchBuilder
+    from firehose.storage.writer import prepare_batch
+
+    builder = BatchBuilder()
+    for event in events:
+        builder.add(event)
+        if len(builder) >= BATCH_EVENTS:
+            batch = builder.take()
+            prepare_batch(batch, batch.heads)
+    if len(builder):
+        batch = builder.take()
+        prepare_batch(batch, batch.heads)
+    return len(events)
+
+
+def run_car(car: bytes, records: int) -> int:
+    """Stream `car` through the backfill's reader and walker until `records` are decoded."""
+    from firehose.protocol.car import CarStreamReader
+    from firehose.protocol.cbor import decode_block, decode_record
+    from firehose.protocol.mst import walk_mst
+
+    done = 0
+    while done < records:
+        reader = CarStreamReader()
+        blocks: dict[bytes, bytes] = {}
+        for start in range(0, len(car), CHUNK_BYTES):
+            for cid, block in reader.feed(car[start : start + CHUNK_BYTES]):
+                blocks[cid] = block
+        reader.close()
+        assert reader.root_cid is not None
+        commit = decode_block(blocks[reader.root_cid])
+        for _key, cid in walk_mst(commit["data"], blocks.get):
+            decode_record(blocks[cid])
+            done += 1
+            if done == records:
+                break
+    return done
+
+
+def repo_car() -> bytes:
+    return (REPO_CAR if REPO_CAR.exists() else FIXTURE_CAR).read_bytes()
+
+
+def inner(workload: str, items: int, prepared: int) -> int:
+    """The measured run: the set-up, the same in both runs (`prepared` frames read, and for
+    `batch` decoded), then `items` items of `workload`."""
+    from firehose.gctune import tune_gc
+
+    tune_gc()  # as in the worker and the backfill
+    if workload == "car":
+        car = repo_car()
+        run_car(car, 1)  # warm: the same imports and caches in both runs
+        return run_car(car, items) if items else 0
+    frame_list = frames(WARM_FRAMES + prepared)
+    run_decode(frame_list[:WARM_FRAMES])  # warm the DID and NSID caches in both runs
+    if workload == "decode":
+        return run_decode(frame_list[WARM_FRAMES : WARM_FRAMES + items])
+    from firehose.protocol.frames import decode_frame
+
+    events = [decode_frame(f) for f in frame_list[WARM_FRAMES:]]
+    run_batch(events[:WARM_FRAMES])
+    return run_batch(events[:items])
+
+
+# --- the runner -----------------------------------------------------------------------------
+
+
+def instructions(
+    workload: str,
+    items: int,
+    prepared: int,
+    run: Callable[..., subprocess.CompletedProcess[bytes]],
+) -> int:
+    """Instructions callgrind counted for one child run of `workload` with `items` items."""
+    proc = run(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--inner",
+            workload,
+            "--items",
+            str(items),
+            "--prepared",
+            str(prepared),
+        ],
+        capture_output=True,
+        env={**os.environ, "PYTHONHASHSEED": "0"},
+        check=False,
+    )
+    found = _COLLECTED.findall(proc.stderr)
+    if proc.returncode != 0 or not found:
+        tail = proc.stderr.decode(errors="replace")[-2000:]
+        raise RuntimeError(f"{workload} under callgrind failed ({proc.returncode}): {tail}")
+    return int(found[-1])
+
+
+def per_item(workload: str, items: int) -> float:
+    run = subprocess.run
+    prepared = max(items, WARM_FRAMES)
+    with_items = instructions(workload, items, prepared, run)
+    return (with_items - instructions(workload, 0, prepared, run)) / items
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--items", type=int, default=2000)
+    parser.add_argument("--inner", choices=WORKLOADS, help=argparse.SUPPRESS)
+    parser.add_argument("--prepared", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inner:
+        inner(args.inner, args.items, args.prepared)
+        return
+    if shutil.which("valgrind") is None:
+        sys.exit("bench/instructions.py needs valgrind (Debian: apt-get install valgrind)")
+    chosen = [w for w in args.workloads.split(",") if w]
+    unknown = sorted(set(chosen) - set(WORKLOADS))
+    limit = FRAMES[0] - WARM_FRAMES
+    if unknown or not 1 <= args.items <= limit:
+        sys.exit(f"workloads are {', '.join(WORKLOADS)}, and --items 1 to {limit}")
+    unit = {"decode": "frame", "batch": "event", "car": "record"}
+    result: dict[str, float] = {"items": args.items}
+    for workload in chosen:
+        count = per_item(workload, args.items)
+        result[f"{workload}_per_item"] = round(count)
+        print(f"{workload}: {count:,.0f} instructions per {unit[workload]} ({args.items:,} items)")
+    print(f"load average (not needed for these counts): {os.getloadavg()[0]:.2f}")
+    print(json.dumps({"bench": "instructions", **result}))
+
+
+if __name__ == "__main__":
+    main()
