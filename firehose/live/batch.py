@@ -51,13 +51,12 @@ class BatchBuilder:
         if not self._advance(event):
             return  # #info and error frames carry no seq and change no rows
         batch = self._batch
-        if not isinstance(event, CommitEvent | IdentityEvent | AccountEvent):
-            # #sync resynchronisation is the backfill path's job (a later issue); legacy
-            # #migrate and unknown types change nothing.
-            return
-        if self._owns_did is not None and not self._owns_did(event.did):
-            return
+        owns = self._owns_did
+        # One isinstance per type, commits first (most events): a check against the union
+        # of the three types cost more than the three.
         if isinstance(event, CommitEvent):
+            if owns is not None and not owns(event.did):
+                return
             batch.heads.append((event.did, event.rev, event.data_cid))
             if self._wanted:
                 batch.writes.extend(
@@ -66,9 +65,12 @@ class BatchBuilder:
             else:
                 batch.writes.extend(event.writes)
         elif isinstance(event, IdentityEvent):
-            batch.identities.append(event)
-        elif isinstance(event, AccountEvent):
+            if owns is None or owns(event.did):
+                batch.identities.append(event)
+        elif isinstance(event, AccountEvent) and (owns is None or owns(event.did)):
             batch.accounts.append(event)
+        # Anything else changes no rows: #sync resynchronisation is the backfill path's job,
+        # legacy #migrate and unknown types change nothing.
 
     def skip(self, event: Event) -> None:
         """An event the gate dropped: it moves the cursor and changes no rows."""
