@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 
+import libipld
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from test_protocol_support import FIXTURES, PARTIAL_CAR, REPO_CARS, from_json_form
 
 from firehose.protocol.car import CarStreamReader, read_car
@@ -153,3 +157,45 @@ def test_key_heights() -> None:
     assert len(cases) == 9
     for case in cases:
         assert mst_key_height(case["key"]) == case["height"]
+
+
+# Keys out of order: walk_mst compares the decoded str keys, which must give the spec's
+# UTF-8 byte order (https://atproto.com/specs/repository#mst-structure).
+_VALUE = cid_bytes_from_str(cid_for_dag_cbor(b"\xa0"))  # any record CID: never fetched
+
+
+def _one_node_tree(*keys: str) -> tuple[bytes, dict[bytes, bytes]]:
+    """An MST of one node holding `keys` in the given order (no prefix compression)."""
+    node = {"l": None, "e": [{"p": 0, "k": k.encode(), "v": _VALUE, "t": None} for k in keys]}
+    block = libipld.encode_dag_cbor(node)
+    cid = cid_bytes_from_str(cid_for_dag_cbor(block))
+    return cid, {cid: block}
+
+
+def test_keys_out_of_order_or_repeated_are_refused() -> None:
+    root, blocks = _one_node_tree("app.bsky.feed.post/a", "app.bsky.feed.post/b")
+    assert [k for k, _ in walk_mst(root, blocks.get)] == [
+        "app.bsky.feed.post/a",
+        "app.bsky.feed.post/b",
+    ]
+    for keys in (("b/1", "a/1"), ("a/1", "a/1")):
+        root, blocks = _one_node_tree(*keys)
+        with pytest.raises(ProtocolError, match="out of order"):
+            list(walk_mst(root, blocks.get))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(st.characters(exclude_categories=["Cs"]), min_size=1), min_size=2))
+# UTF-16 order (surrogates below U+E000) would put these two the other way round.
+@example(["\uff61", "\U00010000"])
+@example(["\U00010000", "\uff61"])
+def test_key_order_is_utf8_byte_order(keys: list[str]) -> None:
+    root, blocks = _one_node_tree(*keys)
+    encoded = [k.encode() for k in keys]
+    increasing = all(a < b for a, b in itertools.pairwise(encoded))
+    try:
+        walked = [k for k, _ in walk_mst(root, blocks.get)]
+    except ProtocolError as exc:
+        assert not increasing and "out of order" in exc.detail
+    else:
+        assert increasing and walked == keys

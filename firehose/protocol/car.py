@@ -285,6 +285,8 @@ class CarStreamReader:
         max_section = self._max_section
         prefixes = _PREFIX_TUPLE
         sha256 = _sha256
+        count = self.blocks_read  # a local in the loop, stored back in `finally`
+        max_blocks = self._max_blocks
         try:
             while pos < n:
                 start = pos
@@ -328,12 +330,13 @@ class CarStreamReader:
                 block = data[cid_end:end]
                 if sha256(block).digest() != cid[4:]:
                     raise _hash_mismatch(cid)
-                self.blocks_read += 1
-                if self.blocks_read > self._max_blocks:
-                    raise CarError(f"more than {self._max_blocks} blocks", "too_large")
+                count += 1
+                if count > max_blocks:
+                    raise CarError(f"more than {max_blocks} blocks", "too_large")
                 out.append((cid, block))
                 pos = end
         finally:
+            self.blocks_read = count
             del buf[:pos]
         return out
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from firehose.protocol.car import Car
 from firehose.protocol.cbor import decode_block, decode_record
@@ -54,8 +54,12 @@ def _link(value: Any, what: str, nullable: bool) -> bytes | None:
     if value is None and nullable:
         return None
     if type(value) is not bytes or len(value) != CID_BYTES or value[:4] not in SUPPORTED_PREFIXES:
-        raise ProtocolError("body", f"MST {what} is not a CID link")
+        _not_a_link(what)
     return value
+
+
+def _not_a_link(what: str) -> NoReturn:
+    raise ProtocolError("body", f"MST {what} is not a CID link")
 
 
 def walk_mst(
@@ -74,15 +78,17 @@ def walk_mst(
         root_cid = cid_bytes_from_str(root_cid)
     # Stack items: bytes = a subtree to expand; tuple = an entry (key, value cid) to yield.
     stack: list[bytes | tuple[str, bytes]] = [root_cid]
-    last_key: bytes | None = None
+    # Keys are compared as str: they were decoded from strict UTF-8, whose byte order is
+    # the code point order, so this is the spec's byte order without encoding each key again.
+    last_key: str | None = None
     nodes = 0
     while stack:
         item = stack.pop()
         if type(item) is tuple:
-            key_bytes = item[0].encode("utf-8")
-            if last_key is not None and key_bytes <= last_key:
-                raise ProtocolError("body", f"MST keys out of order at {item[0][:100]!r}")
-            last_key = key_bytes
+            key = item[0]
+            if last_key is not None and key <= last_key:
+                raise ProtocolError("body", f"MST keys out of order at {key[:100]!r}")
+            last_key = key
             yield item
             continue
         assert isinstance(item, bytes)
@@ -115,6 +121,7 @@ def _node_items(block: bytes, *, below_root: bool) -> list[bytes | tuple[str, by
         # reused one repeats a key and fails the order check at once.
         raise ProtocolError("body", "empty MST node below the root")
     prev = b""
+    prefixes = SUPPORTED_PREFIXES
     for entry in node["e"]:
         if type(entry) is not dict:
             raise ProtocolError("body", "MST entry is not a map")
@@ -127,15 +134,19 @@ def _node_items(block: bytes, *, below_root: bool) -> list[bytes | tuple[str, by
         key = prev[:prefix_len] + suffix
         if len(key) > MAX_KEY_BYTES:
             raise ProtocolError("too_large", "MST key too long")
-        value = _link(entry.get("v"), "v", False)
-        assert value is not None
+        # The `_link` checks inline: this loop runs once per record of every repo.
+        value = entry.get("v")
+        if type(value) is not bytes or len(value) != CID_BYTES or value[:4] not in prefixes:
+            _not_a_link("v")
         try:
             key_str = key.decode("utf-8")
         except UnicodeDecodeError:
             raise ProtocolError("body", "MST key is not UTF-8") from None
         pending.append((key_str, value))
-        right = _link(entry.get("t"), "t", True)
+        right = entry.get("t")
         if right is not None:
+            if type(right) is not bytes or len(right) != CID_BYTES or right[:4] not in prefixes:
+                _not_a_link("t")
             pending.append(right)
         prev = key
     return pending
@@ -168,17 +179,16 @@ def walk_mst_partial(
         root_cid = cid_bytes_from_str(root_cid)
     # Stack items: (subtree cid, key before it, key after it), or an entry (key, value cid).
     stack: list[tuple[bytes, str | None, str | None] | tuple[str, bytes]] = [(root_cid, None, None)]
-    last_key: bytes | None = None
+    last_key: str | None = None  # compared as str, as in walk_mst
     nodes = 0
     while stack:
         item = stack.pop()
         if len(item) == 2:
             key_str = item[0]
             assert isinstance(key_str, str)
-            key_bytes = key_str.encode("utf-8")
-            if last_key is not None and key_bytes <= last_key:
+            if last_key is not None and key_str <= last_key:
                 raise ProtocolError("body", f"MST keys out of order at {key_str[:100]!r}")
-            last_key = key_bytes
+            last_key = key_str
             yield item
             continue
         cid, after, before = item
