@@ -13,8 +13,10 @@ cancel out). `PYTHONHASHSEED=0` keeps dict layouts, and so the counts, the same 
 * ``decode``: `decode_frame` over recorded devnet frames (bench/replay.py's cache): per frame;
 * ``batch``: those events through `BatchBuilder` and `prepare_batch` (rows, JSON) in batches
   of 1,000, the worker's pure work after decoding: per event;
-* ``car``: a real repository CAR streamed through `CarStreamReader`, its MST walked and each
-  record decoded, the backfill's pure work before the rows: per record.
+* ``car``: a real repository CAR (indigo's ``paul_staging.repo.car`` from
+  ``../shared/atproto-vectors``, else the tests' fixture repo) streamed through
+  `CarStreamReader`, its MST walked and each record decoded, again and again, the
+  backfill's pure work before the rows: per record.
 
 These are instructions, not time: a cache miss costs none here and hundreds of cycles on
 the machine, and valgrind runs SHA-256 without the CPU's SHA instructions, so hashing counts
