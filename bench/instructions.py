@@ -38,7 +38,6 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -145,14 +144,9 @@ def inner(workload: str, items: int, prepared: int) -> int:
 # --- the runner -----------------------------------------------------------------------------
 
 
-def instructions(
-    workload: str,
-    items: int,
-    prepared: int,
-    run: Callable[..., subprocess.CompletedProcess[bytes]],
-) -> int:
+def instructions(workload: str, items: int, prepared: int) -> int:
     """Instructions callgrind counted for one child run of `workload` with `items` items."""
-    proc = run(
+    proc = subprocess.run(
         [
             "valgrind",
             "--tool=callgrind",
@@ -178,10 +172,9 @@ def instructions(
 
 
 def per_item(workload: str, items: int) -> float:
-    run = subprocess.run
     prepared = max(items, WARM_FRAMES)
-    with_items = instructions(workload, items, prepared, run)
-    return (with_items - instructions(workload, 0, prepared, run)) / items
+    with_items = instructions(workload, items, prepared)
+    return (with_items - instructions(workload, 0, prepared)) / items
 
 
 def main() -> None:

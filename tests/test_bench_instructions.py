@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -37,11 +36,10 @@ def test_workloads_do_the_items_asked() -> None:
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind")
 def test_counts_are_the_same_run_to_run_and_grow_with_the_items() -> None:
-    run = subprocess.run
     prepared = 200
-    none = instructions("car", 0, prepared, run)
-    some = instructions("car", 20, prepared, run)
-    again = instructions("car", 20, prepared, run)
+    none = instructions("car", 0, prepared)
+    some = instructions("car", 20, prepared)
+    again = instructions("car", 20, prepared)
     assert some == again  # PYTHONHASHSEED=0: the ruler does not move
     # A record costs thousands of instructions (stream, hash, walk, decode), not millions.
     assert 1_000 < (some - none) / 20 < 1_000_000
@@ -50,4 +48,4 @@ def test_counts_are_the_same_run_to_run_and_grow_with_the_items() -> None:
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind")
 def test_a_failed_child_is_an_error_with_its_output() -> None:
     with pytest.raises(RuntimeError, match="invalid choice"):
-        instructions("no-such-workload", 1, 200, subprocess.run)
+        instructions("no-such-workload", 1, 200)
