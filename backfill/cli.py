@@ -1,4 +1,4 @@
-"""`firehose backfill status|pause|resume|retry-failed|add|run`.
+"""`firehose backfill status|pause|resume|retry-failed|add|run|helper`.
 
 Control acts through the job row, so a running worker (this machine or another) notices
 within seconds; nothing talks to the worker process directly. Exit status: 0 done, 1 the
@@ -42,6 +42,10 @@ def add_subcommands(subparsers: Any) -> None:
     run.add_argument(
         "--dry-run", action="store_true", help="fetch and count, write nothing (BACKFILL_DRY_RUN)"
     )
+    sub.add_parser(
+        "helper",
+        help="(internal) a helper process, started by a backfill with BACKFILL_PROCESSES > 1",
+    )
 
 
 def handle(args: argparse.Namespace, settings: Settings) -> int:
@@ -52,6 +56,7 @@ def handle(args: argparse.Namespace, settings: Settings) -> int:
         "retry-failed": _retry_failed,
         "add": _add,
         "run": _run,
+        "helper": _helper,
     }
     return asyncio.run(handlers[args.backfill_command](args, settings))
 
@@ -185,8 +190,54 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             worker_id=settings.worker.worker_id,
             live_pressure=None,
             wanted_collections=settings.pipeline.wanted_collections,
+            dsn=db.dsn,
         )
         await service.run(stop)
     finally:
+        await db.close()
+    return EXIT_OK
+
+
+async def _helper(args: argparse.Namespace, settings: Settings) -> int:
+    """A helper of a backfill (backfill/helpers.py): the settings come from the parent."""
+    from prometheus_client import CollectorRegistry
+
+    from backfill.helpers import ParentLink, helper_env_fd
+    from backfill.service import BackfillService
+    from firehose.gctune import tune_gc
+    from firehose.settings import DatabaseSettings
+    from firehose.storage.database import Database
+
+    link = ParentLink(sys.stdin.buffer, helper_env_fd())
+    start = link.read_start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    tune_gc()
+    database = DatabaseSettings(start.dsn, settings.database.data_dir, start.pool_size)
+    db = await Database.open(database)
+    follow = asyncio.create_task(link.follow(stop))
+    done = asyncio.Event()
+    try:
+        service = BackfillService(
+            start.backfill,
+            db.pool,
+            CollectorRegistry(),
+            relay_url=start.relay_url,
+            worker_id=start.worker_id,
+            live_pressure=link.pressure if start.live else None,
+            wanted_collections=start.wanted_collections,
+            join_job=start.job_id,
+        )
+        report = asyncio.create_task(link.report(service.progress.total, done))
+        try:
+            await service.run(stop)
+        finally:
+            done.set()
+            await report
+    finally:
+        follow.cancel()
         await db.close()
     return EXIT_OK

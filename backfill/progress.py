@@ -83,6 +83,11 @@ class Progress:
         self.total.add(delta)
         self.unsaved.add(delta)
 
+    def add_helpers(self, delta: Counts) -> None:
+        """Counts of this backfill's helper processes: in the totals and the progress line,
+        not in `unsaved` (each helper saves its own to the job row)."""
+        self.total.add(delta)
+
     def save_due(self) -> bool:
         return self.unsaved.received >= SAVE_EVERY_RECORDS
 

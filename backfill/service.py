@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -26,14 +27,15 @@ from backfill import jobs, queue
 from backfill.context import Context
 from backfill.enumeration import enumerate_until_done
 from backfill.handles import HandleMetrics, verify_handles
+from backfill.helpers import Helpers, HelperStart
 from backfill.jobs import Job
 from backfill.metrics import BackfillMetrics
 from backfill.network import Network, open_http_network
-from backfill.progress import Progress, config_lines, start_line
+from backfill.progress import Counts, Progress, config_lines, start_line
 from backfill.repo_task import RepoTask, save_progress
 from backfill.settings import BackfillSettings
 from backfill.status import job_status
-from backfill.throttle import LivePressure, Throttle, process_rss_bytes
+from backfill.throttle import LivePressure, Throttle, live_behind, process_rss_bytes
 from firehose.storage.database import QUERY_RETRY_ERRORS, TRANSIENT_DB_ERRORS
 
 __all__ = ["BackfillService", "LivePressure", "should_run"]
@@ -83,15 +85,24 @@ class BackfillService:
         rss_reader: Callable[[], int] = process_rss_bytes,
         wanted_collections: tuple[str, ...] = (),
         lease_s: float | None = None,
+        dsn: str | None = None,
+        join_job: int | None = None,
     ) -> None:
+        """`dsn`: the database's, for helper processes (BACKFILL_PROCESSES > 1; none
+        without it). `join_job`: this service is a helper (backfill/helpers.py) of the
+        process running that job: it joins only that job while it is active, logs no start
+        or progress lines, and never completes the job."""
         self.settings = settings
+        # This process's part of the limits when helpers share them (settings.process_share).
+        own = settings.process_share(0) if settings.processes > 1 else settings
+        self.own = own
         self.pool = pool
         self.metrics = BackfillMetrics.create(registry)
         self.handle_metrics = HandleMetrics.create(registry)
         self.relay_url = relay_url
         self.worker_id = worker_id
         self.throttle = Throttle(
-            max_memory_mb=settings.max_memory_mb,
+            max_memory_mb=own.max_memory_mb,
             use_idle=settings.use_idle,
             rss_reader=rss_reader,
             live_pressure=live_pressure,
@@ -101,9 +112,14 @@ class BackfillService:
         self._network = network
         self._wanted = wanted_collections
         self._lease_s = lease_s
+        self._dsn = dsn
+        self._live_pressure = live_pressure
+        self._join_job = join_job
+        self.helper = join_job is not None
+        self.helpers: Helpers | None = None
         self._ctx: Context | None = None
         self._status: dict[str, Any] = {"state": "starting"}
-        self.metrics.memory_limit_bytes.set(settings.max_memory_mb * 1024 * 1024)
+        self.metrics.memory_limit_bytes.set(own.max_memory_mb * 1024 * 1024)
 
     # -- the table of contents -------------------------------------------------------------
 
@@ -149,6 +165,7 @@ class BackfillService:
             if job is None:
                 return
             ctx = self._context(job, net)
+            self.helpers = self._helpers(ctx)
             await self._recover_stuck_work(ctx, at_start=True)
             await self._queue_priority_repos(ctx)
             try:
@@ -159,6 +176,8 @@ class BackfillService:
                     tg.create_task(self._control(ctx))
                     tg.create_task(enumerate_until_done(ctx))
                     tg.create_task(self._dispatch(ctx))
+                    if self.helpers is not None:
+                        tg.create_task(self.helpers.run(ctx.halt))
             finally:
                 await self._save_on_exit(ctx)
 
@@ -168,12 +187,54 @@ class BackfillService:
     # -- start ---------------------------------------------------------------------------
 
     def _announce(self) -> None:
+        if self.helper:
+            return
         s = self.settings
         log.info(start_line(s.days, self.worker_id))
         lines = config_lines(
             s.batch_size, s.batch_delay_ms, s.max_concurrent, s.max_memory_mb, s.use_idle
         )
         log.info("\n".join(lines))
+
+    def _helpers(self, ctx: Context) -> Helpers | None:
+        """The helper processes of this backfill (BACKFILL_PROCESSES), not started yet."""
+        n = self.settings.processes
+        if n <= 1 or self.helper or self.settings.dry_run:
+            return None
+        if self._dsn is None:
+            log.warning("[BACKFILL] BACKFILL_PROCESSES=%d: no database URL to give helpers; "
+                        "running in this process only", n)  # fmt: skip
+            return None
+        log.info(
+            "[BACKFILL] Running in %d processes (this one and %d helpers), each with up to "
+            "%d repos in flight and %dMB of memory",
+            n, n - 1, self.own.max_concurrent, self.own.max_memory_mb,
+        )  # fmt: skip
+        pressure = self._live_pressure
+        start = functools.partial(
+            HelperStart,
+            job_id=ctx.job.id,
+            dsn=self._dsn,
+            pool_size=self.pool.get_max_size(),
+            relay_url=self.relay_url,
+            worker_id=self.worker_id,
+            wanted_collections=self._wanted,
+            live=pressure is not None,
+        )
+        return Helpers(
+            lambda i: start(index=i, backfill=self.settings.process_share(i)),
+            n,
+            behind=(lambda: False) if pressure is None else (lambda: live_behind(pressure())),
+            on_counts=self._helper_counts,
+        )
+
+    def _helper_counts(self, delta: Counts) -> None:
+        m = self.metrics
+        m.records.labels("received").inc(delta.received)
+        m.records.labels("processed").inc(delta.processed)
+        m.records.labels("skipped").inc(delta.skipped)
+        m.bytes_downloaded.inc(delta.bytes)
+        self.progress.add_helpers(delta)
 
     @contextlib.asynccontextmanager
     async def _open_network(self) -> AsyncIterator[Network]:
@@ -184,6 +245,10 @@ class BackfillService:
             yield net
 
     async def _open_job(self) -> Job | None:
+        if self._join_job is not None:
+            async with self.pool.acquire() as conn:
+                job = await jobs.load_job(conn, self._join_job)
+            return job if job is not None and job.active else None
         now = datetime.now(UTC)
         async with self.pool.acquire() as conn:
             decision = await jobs.ensure_job(conn, self.settings.days, self.relay_url, now)
@@ -273,7 +338,7 @@ class BackfillService:
     async def _dispatch(self, ctx: Context) -> None:
         """Claim repos while there are free slots and no throttle holds; complete the job
         when every repo is finished."""
-        limit = self.settings.max_concurrent
+        limit = self.own.max_concurrent
         slots = asyncio.Semaphore(limit)
         runner = RepoTask(ctx, slots)
         tasks: set[asyncio.Task[None]] = set()
@@ -309,7 +374,8 @@ class BackfillService:
     async def _try_complete(self, ctx: Context) -> bool:
         async with ctx.conn() as conn:
             await save_progress(ctx, conn, force=True)
-            done = await jobs.try_complete(conn, ctx.job.id)
+            # A helper leaves completing to its parent, which logs the summary.
+            done = None if self.helper else await jobs.try_complete(conn, ctx.job.id)
             if done is None:
                 current = await jobs.load_job(conn, ctx.job.id)
                 # Completed (or failed) by another process or the enumerator: stop too.
@@ -360,7 +426,7 @@ class BackfillService:
             if now - last_reclaim >= RECLAIM_EVERY_S:
                 last_reclaim = now
                 await self._recover_stuck_work(ctx, at_start=False)
-            if self.progress.log_due():
+            if self.progress.log_due() and not self.helper:
                 self.progress.log(self.throttle.rss_bytes, self.settings.max_memory_mb)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ctx.halt.wait(), CONTROL_POLL_S)
@@ -401,7 +467,7 @@ class BackfillService:
                 await save_progress(ctx, conn, force=True)
         except QUERY_RETRY_ERRORS as exc:
             log.warning("[BACKFILL] could not save progress on exit: %s", exc)
-        if self._status.get("state") != "completed":
+        if self._status.get("state") != "completed" and not self.helper:
             self.progress.log(self.throttle.rss_bytes, self.settings.max_memory_mb)
             log.info("[BACKFILL] Stopped; progress saved (job %d)", ctx.job.id)
 

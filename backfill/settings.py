@@ -13,12 +13,14 @@ not import firehose.settings (which imports it to build `Settings.backfill`).
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from backfill.handle_rules import HandleSettings
-from firehose.envparse import Env, boolean, choice, int_range
+from firehose.envparse import ConfigError, Env, boolean, choice, int_range
 from firehose.protocol.syntax import is_did
 
 DEFAULT_PLC_URL = "https://plc.directory"
@@ -31,6 +33,7 @@ class Profile:
     max_concurrent: int  # repos in flight (download + write)
     max_memory_mb: int  # RSS above which the backfill pauses
     use_idle: bool  # yield while the live stream is behind
+    processes: int = 1  # processes running the backfill (backfill/helpers.py); 0: auto
 
 
 PROFILES: dict[str, Profile] = {
@@ -38,10 +41,17 @@ PROFILES: dict[str, Profile] = {
     "conservative": Profile(5, 2000, 2, 512, True),
     "moderate": Profile(20, 500, 5, 1024, True),
     "aggressive": Profile(100, 100, 10, 2048, True),
-    # A dedicated backfill machine: no delay, big batches; the memory limit still holds.
-    "unthrottled": Profile(5000, 0, 32, 2048, False),
+    # A dedicated backfill machine: no delay, big batches, a process per core; the memory
+    # limit still holds (split between the processes).
+    "unthrottled": Profile(5000, 0, 32, 2048, False, processes=0),
 }
 DEFAULT_PROFILE = "conservative"
+
+# BACKFILL_PROCESSES: each process needs this much of BACKFILL_MAX_MEMORY_MB at least (an
+# idle backfill process is ~80 MB resident), and `auto` takes at most this many.
+MIN_PROCESS_MEMORY_MB = 128
+AUTO_PROCESSES_MAX = 8
+AUTO = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +63,9 @@ class BackfillSettings:
     max_concurrent: int = 2
     max_memory_mb: int = 512
     use_idle: bool = True
+    # Processes that run this backfill: this one and `processes - 1` helpers, which split
+    # max_concurrent and max_memory_mb with it (`process_share`; backfill/helpers.py).
+    processes: int = 1
     max_repo_mb: int = 512  # a repo CAR larger than this fails (non-transient)
     max_attempts: int = 5  # transient failures of one repo before it is failed
     dids: tuple[str, ...] = ()  # priority repos, claimed before enumerated ones
@@ -85,12 +98,29 @@ class BackfillSettings:
     def runs_on(self, worker_id: int) -> bool:
         return self.enabled and (worker_id == 0 or self.on_all_workers)
 
+    def process_share(self, index: int) -> BackfillSettings:
+        """The limits process `index` of `processes` runs with (0: the one that starts the
+        helpers): BACKFILL_MAX_CONCURRENT split as evenly as it goes, BACKFILL_MAX_MEMORY_MB
+        in equal parts, so the totals stay what the user set. A helper (index > 0) starts
+        no helper, queues no BACKFILL_DIDS (its parent did) and runs no final VACUUM."""
+        n = self.processes
+        if not 0 <= index < n:
+            raise ValueError(f"process {index} of {n}")
+        share = dataclasses.replace(
+            self,
+            max_concurrent=self.max_concurrent // n + (index < self.max_concurrent % n),
+            max_memory_mb=self.max_memory_mb // n,
+        )
+        if index == 0:
+            return share
+        return dataclasses.replace(share, processes=1, dids=(), vacuum=False)
+
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> BackfillSettings:
         e = Env(env)
         profile_name = e.get("BACKFILL_PROFILE", DEFAULT_PROFILE, choice(tuple(PROFILES)))
         p = PROFILES[profile_name]
-        return cls(
+        settings = cls(
             days=e.get("BACKFILL_DAYS", 0, _days),
             profile=profile_name,
             batch_size=e.get("BACKFILL_BATCH_SIZE", p.batch_size, int_range(1, 100_000)),
@@ -117,6 +147,45 @@ class BackfillSettings:
             resync_max_attempts=e.get("RESYNC_MAX_ATTEMPTS", 5, int_range(1, 100)),
             handles=HandleSettings.from_env(env),
         )
+        processes = e.get("BACKFILL_PROCESSES", p.processes or AUTO, _processes)
+        return dataclasses.replace(settings, processes=_resolve_processes(processes, settings))
+
+
+def _processes(raw: str) -> int | str:
+    if raw.lower() == AUTO:
+        return AUTO
+    try:
+        return int_range(1, 64)(raw)
+    except ValueError:
+        raise ValueError("expected auto or an integer between 1 and 64") from None
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _resolve_processes(value: int | str, s: BackfillSettings) -> int:
+    """`auto`: one per usable core, at most AUTO_PROCESSES_MAX, and no more than the repos
+    in flight or the memory limit allow. A number: as given, if those allow it."""
+    by_memory = s.max_memory_mb // MIN_PROCESS_MEMORY_MB
+    if value == AUTO:
+        return max(1, min(usable_cores(), AUTO_PROCESSES_MAX, s.max_concurrent, by_memory))
+    assert isinstance(value, int)
+    if value > s.max_concurrent:
+        raise ConfigError(
+            f"BACKFILL_PROCESSES={value} is more than BACKFILL_MAX_CONCURRENT="
+            f"{s.max_concurrent}: each process needs at least one repo in flight"
+        )
+    if value > max(1, by_memory):
+        raise ConfigError(
+            f"BACKFILL_PROCESSES={value} leaves {s.max_memory_mb // value}MB of "
+            f"BACKFILL_MAX_MEMORY_MB={s.max_memory_mb} to each process; each needs "
+            f"{MIN_PROCESS_MEMORY_MB}MB"
+        )
+    return value
 
 
 def _days(raw: str) -> int:

@@ -8,8 +8,13 @@ exactly as `firehose backfill run` builds it, so cProfile can look inside) or as
 `python -m firehose backfill run` subprocess (`--subprocess`). The clock runs from the start
 of the service to the job's completion.
 
-Printed: records/s and repos/s committed, peak RSS of the backfill process (psutil, every
-0.1 s), CPU seconds of the backfill process, PostgreSQL and the devnet and CPU µs per record
+`--processes N` sets BACKFILL_PROCESSES (default: the profile's; `unthrottled` takes one
+process per core, backfill/helpers.py): the backfill's figures then include its helper
+processes.
+
+Printed: records/s and repos/s committed, peak RSS of the backfill process and its helpers
+together (psutil, every 0.1 s), CPU seconds of the backfill (helpers included), PostgreSQL
+and the devnet and CPU µs per record
 of the backfill and PostgreSQL, the machine's load; then one JSON line {"bench": "backfill",
 ...}. Throughput is claimed only on a quiet machine (bench.common.MachineLoad: at most 1 core
 busy just before the bench started, at most 0.25 cores of other processes during the run);
@@ -22,7 +27,7 @@ COPY load of fresh repos off (firehose/storage/fresh.py), so that one machine ca
 both write paths run after run.
 
     python bench/backfill.py [--repos 1000] [--records 500] [--seed 5] [--profile-name P]
-                             [--history-model N] [--guarded]
+                             [--history-model N] [--guarded] [--processes N]
                              [--subprocess] [--cprofile FILE] [--statements] [--waits]
 
 `--cprofile FILE` runs the in-process backfill under cProfile (slower; stats saved to FILE,
@@ -55,10 +60,12 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from backfill.settings import BackfillSettings  # noqa: E402
 from bench.common import (  # noqa: E402
     CpuTracker,
     MachineLoad,
     backfill_env,
+    children_cpu_s,
     claim,
     cpu_s,
     load_at_start,
@@ -73,7 +80,8 @@ RSS_SAMPLE_S = 0.1
 
 
 class PeakRss:
-    """Peak RSS of one process, sampled in a thread."""
+    """Peak RSS of one process and its backfill helper processes together (BACKFILL_PROCESSES,
+    backfill/helpers.py), sampled in a thread."""
 
     def __init__(self, pid: int) -> None:
         self.proc = psutil.Process(pid)
@@ -85,15 +93,24 @@ class PeakRss:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.peak = max(self.peak, self.proc.memory_info().rss)
+                rss = self.proc.memory_info().rss
             except psutil.Error:
                 return
+            for child in self.proc.children():
+                with contextlib.suppress(psutil.Error):
+                    if _is_helper(child):
+                        rss += child.memory_info().rss
+            self.peak = max(self.peak, rss)
             self._stop.wait(RSS_SAMPLE_S)
 
     def stop(self) -> int:
         self._stop.set()
         self._thread.join()
         return self.peak
+
+
+def _is_helper(proc: psutil.Process) -> bool:
+    return proc.cmdline()[-2:] == ["backfill", "helper"]
 
 
 def report_statements(times: StatementTimes, elapsed_s: float) -> None:
@@ -131,6 +148,7 @@ async def run_in_process(env: dict[str, str]) -> None:
             relay_url=settings.relay.url,
             worker_id=0,
             live_pressure=None,
+            dsn=db.dsn,  # helper processes with BACKFILL_PROCESSES > 1 (unthrottled: auto)
         )
         await service.run(asyncio.Event())
     finally:
@@ -143,6 +161,7 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=500)
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--profile-name", default="unthrottled", help="BACKFILL_PROFILE")
+    parser.add_argument("--processes", help="BACKFILL_PROCESSES (default: the profile's)")
     parser.add_argument("--subprocess", action="store_true", help="firehose backfill run")
     parser.add_argument("--cprofile", metavar="FILE", help="cProfile the backfill into FILE")
     parser.add_argument("--statements", action="store_true", help="time each SQL statement")
@@ -191,6 +210,9 @@ def main() -> None:
         pg = start_embedded(tmp / "pg")
         try:
             env = backfill_env(pg.dsn, urls, -1, args.profile_name)
+            if args.processes:
+                env["BACKFILL_PROCESSES"] = args.processes
+            processes = BackfillSettings.from_env(env).processes
             pg_procs: Callable[[], list[psutil.Process]] = lambda: postgres_processes(tmp / "pg")  # noqa: E731
             devnet_proc = psutil.Process(devnet.pid)
             pg_cpu = CpuTracker(pg_procs)
@@ -210,7 +232,8 @@ def main() -> None:
                 bf_cpu = 0.0
                 while proc.poll() is None:
                     with contextlib.suppress(psutil.Error):
-                        bf_cpu = cpu_s([bf])
+                        t = bf.cpu_times()  # with its helpers that have exited
+                        bf_cpu = t.user + t.system + t.children_user + t.children_system
                     time.sleep(0.2)
                 if proc.returncode != 0:
                     raise SystemExit(
@@ -220,7 +243,7 @@ def main() -> None:
             else:
                 sampler = PeakRss(os.getpid())
                 me = psutil.Process()
-                cpu_self0 = cpu_s([me])
+                cpu_self0 = cpu_s([me]) + children_cpu_s()
                 profiler = cProfile.Profile() if args.cprofile else None
                 if profiler is not None:
                     profiler.enable()
@@ -228,7 +251,8 @@ def main() -> None:
                 if profiler is not None:
                     profiler.disable()
                     profiler.dump_stats(args.cprofile)
-                cpu_backfill = cpu_s([me]) - cpu_self0
+                # With its helper processes, waited for when the job ended.
+                cpu_backfill = cpu_s([me]) + children_cpu_s() - cpu_self0
             elapsed = time.monotonic() - started
             if waits is not None:
                 waits.stop()
@@ -251,6 +275,7 @@ def main() -> None:
         "history_model": bool(args.history_model),
         "write_path": "guarded" if args.guarded else "fresh",
         "profile": args.profile_name,
+        "processes": processes,
         "mode": "subprocess" if args.subprocess else "in-process",
         "status": job["status"],
         "repos_done": int(job["repos_done"]),
@@ -273,7 +298,8 @@ def main() -> None:
     print(load.describe())
     print(claim(load, f"records/s committed: {result['records_per_s']:,}"))
     print(claim(load, f"repos/s: {result['repos_per_s']}"))
-    print(f"peak RSS (backfill process): {result['peak_rss_mb']} MB")
+    print(f"backfill processes (BACKFILL_PROCESSES): {processes}")
+    print(f"peak RSS (backfill processes together): {result['peak_rss_mb']} MB")
     print(
         f"CPU s: backfill {cpu['backfill']:.1f}, postgres {cpu['postgres']:.1f}, "
         f"devnet {cpu['devnet']:.1f} (wall {elapsed:.1f} s, {os.cpu_count()} cores)"

@@ -24,6 +24,13 @@ def postgres_processes(pg_dir: Path) -> list[psutil.Process]:
     return [main, *main.children(recursive=True)]
 
 
+def children_cpu_s() -> float:
+    """CPU seconds of this process's children that have exited and been waited for (a
+    backfill's helper processes, backfill/helpers.py, once the job is done)."""
+    t = os.times()
+    return t.children_user + t.children_system
+
+
 def cpu_s(procs: list[psutil.Process]) -> float:
     """User + system CPU seconds of `procs` so far (a process that exited counts 0)."""
     total = 0.0

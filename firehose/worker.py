@@ -460,6 +460,7 @@ class Worker:
                 self._lag_seconds(), self._queue.qsize(), self._queue.maxsize
             ),
             wanted_collections=self.settings.pipeline.wanted_collections,
+            dsn=db.dsn,
         )
         if self.ops is not None:
             self.ops.backfill = service
