@@ -11,4 +11,8 @@ failure a `FetchError` with a bounded reason and a transient flag; `download.fet
 streams ``getRepo`` through the hash-checking CAR reader into a disk spool, so memory per
 repo is an index of 16 bytes per block, never the CAR, and checks the commit's DID and that
 every MST node and record block is present before returning a snapshot.
+
+`helpers` spreads one backfill over BACKFILL_PROCESSES processes on the same job: the
+limits are split between them, so the totals the user set still hold, and a helper never
+outlives the process that started it.
 """

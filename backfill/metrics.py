@@ -53,7 +53,8 @@ class BackfillMetrics:
             ),
             records=Counter(
                 "backfill_records_total",
-                "Records by stage, this process: received = read from repos, processed = "
+                "Records by stage, this process and its helper processes (BACKFILL_PROCESSES): "
+                "received = read from repos, processed = "
                 "written, skipped = outside the window, filtered or invalid. rate(received) "
                 "is the backfill speed.",
                 ["stage"],
@@ -61,7 +62,7 @@ class BackfillMetrics:
             ),
             bytes_downloaded=Counter(
                 "backfill_bytes_downloaded_total",
-                "Bytes of repo CARs downloaded (getRepo), this process.",
+                "Bytes of repo CARs downloaded (getRepo), this process and its helpers.",
                 registry=registry,
             ),
             fetch_seconds=Histogram(
@@ -98,7 +99,8 @@ class BackfillMetrics:
             ),
             memory_limit_bytes=Gauge(
                 "backfill_memory_limit_bytes",
-                "BACKFILL_MAX_MEMORY_MB in bytes; the backfill pauses above 90% of it.",
+                "This process's part of BACKFILL_MAX_MEMORY_MB in bytes (all of it unless "
+                "BACKFILL_PROCESSES > 1); the backfill pauses above 90% of it.",
                 registry=registry,
             ),
             job_status=Gauge(
