@@ -30,7 +30,7 @@ The link, per helper: its stdin, and one more pipe back.
 A helper logs where its parent logs (stdout and stderr are inherited), without the start and
 progress lines. It never completes the job: it stops when the job is no longer active (the
 parent completed it, or it was superseded). One that exits with an error is started again
-after HELPER_RESTART_S.
+after HELPER_RESTART_S (longer while it keeps failing).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import math
 import os
 import pickle
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -56,7 +57,9 @@ log = logging.getLogger("backfill")
 
 PRESSURE_EVERY_S = 1.0
 COUNTS_EVERY_S = 1.0
-HELPER_RESTART_S = 5.0
+HELPER_RESTART_S = 5.0  # a failed helper's first restart; doubles while it keeps failing
+HELPER_RESTART_MAX_S = 120.0
+HELPER_HEALTHY_S = 60.0  # a helper that ran this long failed anew: the delay starts over
 HELPER_STOP_S = 30.0  # a helper hands its repos back on stop; after this it is killed
 COUNTS_FD_ENV = "FIREHOSE_BACKFILL_HELPER_FD"  # the pipe a helper writes its counts to
 _BEHIND, _NOT_BEHIND = b"1", b"0"
@@ -128,16 +131,28 @@ class Helpers:
                 tg.create_task(self._keep(index, halt))
 
     async def _keep(self, index: int, halt: asyncio.Event) -> None:
+        """Run helper `index` until `halt`; start it again when it fails (exits non-zero, or
+        cannot be started), after HELPER_RESTART_S doubling up to HELPER_RESTART_MAX_S while
+        it keeps failing within HELPER_HEALTHY_S. A failed helper never stops the backfill:
+        this process goes on with its own share."""
+        delay_s = HELPER_RESTART_S
         while not halt.is_set():
-            code = await self._run_one(index, halt)
+            started = time.monotonic()
+            try:
+                code: int | str = await self._run_one(index, halt)
+            except Exception as exc:  # e.g. OSError: cannot start a process here
+                code = f"{type(exc).__name__}: {exc}"[:200]
             if code == 0 or halt.is_set():
                 return
+            if time.monotonic() - started >= HELPER_HEALTHY_S:
+                delay_s = HELPER_RESTART_S
             log.warning(
                 "[BACKFILL] helper %d exited with status %s; starting it again in %.0f s",
-                index, code, HELPER_RESTART_S,
+                index, code, delay_s,
             )  # fmt: skip
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(halt.wait(), HELPER_RESTART_S)
+                await asyncio.wait_for(halt.wait(), delay_s)
+            delay_s = min(delay_s * 2, HELPER_RESTART_MAX_S)
 
     async def _run_one(self, index: int, halt: asyncio.Event) -> int:
         read_fd, write_fd = os.pipe()

@@ -117,6 +117,7 @@ class BackfillService:
         self._join_job = join_job
         self.helper = join_job is not None
         self.helpers: Helpers | None = None
+        self._completed: Job | None = None  # the job this run completed
         self._ctx: Context | None = None
         self._status: dict[str, Any] = {"state": "starting"}
         self.metrics.memory_limit_bytes.set(own.max_memory_mb * 1024 * 1024)
@@ -180,6 +181,9 @@ class BackfillService:
                         tg.create_task(self.helpers.run(ctx.halt))
             finally:
                 await self._save_on_exit(ctx)
+            if self._completed is not None:
+                # After the helpers stopped: their last counts are in the progress line.
+                await self._finish(ctx, self._completed)
 
     def status(self) -> dict[str, Any]:
         return dict(self._status)
@@ -380,13 +384,16 @@ class BackfillService:
                 current = await jobs.load_job(conn, ctx.job.id)
                 # Completed (or failed) by another process or the enumerator: stop too.
                 return current is None or not current.active
+        self._completed = done  # the summary comes once the helpers are done (_finish)
+        return True
+
+    async def _finish(self, ctx: Context, done: Job) -> None:
         self._log_summary(done)
         if self.settings.vacuum:
             log.info("[BACKFILL] BACKFILL_VACUUM=true: VACUUM ANALYZE of the touched tables...")
             async with ctx.conn() as conn:
                 tables = await jobs.vacuum_analyze(conn)
             log.info("[BACKFILL] VACUUM ANALYZE done: %s", ", ".join(tables))
-        return True
 
     def _log_summary(self, job: Job) -> None:
         self.progress.log(
@@ -467,7 +474,7 @@ class BackfillService:
                 await save_progress(ctx, conn, force=True)
         except QUERY_RETRY_ERRORS as exc:
             log.warning("[BACKFILL] could not save progress on exit: %s", exc)
-        if self._status.get("state") != "completed" and not self.helper:
+        if self._completed is None and not self.helper:
             self.progress.log(self.throttle.rss_bytes, self.settings.max_memory_mb)
             log.info("[BACKFILL] Stopped; progress saved (job %d)", ctx.job.id)
 

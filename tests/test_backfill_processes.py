@@ -67,8 +67,8 @@ def test_explicit_number() -> None:
         ({"BACKFILL_PROCESSES": "two"}, "auto or an integer between 1 and 64"),
         ({"BACKFILL_PROCESSES": "3"}, "more than BACKFILL_MAX_CONCURRENT=2"),
         (
-            {"BACKFILL_PROCESSES": "3", "BACKFILL_MAX_CONCURRENT": "9"},
-            "leaves 170MB of BACKFILL_MAX_MEMORY_MB=512",
+            {"BACKFILL_PROCESSES": "5", "BACKFILL_MAX_CONCURRENT": "9"},
+            "leaves 102MB of BACKFILL_MAX_MEMORY_MB=512",
         ),
     ],
 )
