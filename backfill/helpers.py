@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -51,7 +52,7 @@ from typing import BinaryIO
 
 from backfill.progress import Counts
 from backfill.settings import BackfillSettings
-from backfill.throttle import LivePressure
+from backfill.throttle import LivePressure, live_behind
 
 log = logging.getLogger("backfill")
 
@@ -105,6 +106,52 @@ def decode_counts(line: bytes) -> Counts:
 
 
 # --- the parent's side ------------------------------------------------------------------
+
+
+def plan_helpers(
+    settings: BackfillSettings,
+    *,
+    dsn: str | None,
+    job_id: int,
+    pool_size: int,
+    relay_url: str,
+    worker_id: int,
+    wanted_collections: tuple[str, ...],
+    live_pressure: Callable[[], LivePressure] | None,
+    on_counts: Callable[[Counts], None],
+) -> Helpers | None:
+    """The helpers of a backfill of job `job_id` with `settings`, not started yet; None when
+    it runs alone (BACKFILL_PROCESSES=1, or no database URL to give them)."""
+    n = settings.processes
+    if n <= 1:
+        return None
+    if dsn is None:
+        log.warning("[BACKFILL] BACKFILL_PROCESSES=%d: no database URL to give helpers; "
+                    "running in this process only", n)  # fmt: skip
+        return None
+    own = settings.process_share(0)
+    log.info(
+        "[BACKFILL] Running in %d processes (this one and %d helpers), each with up to "
+        "%d repos in flight and %dMB of memory",
+        n, n - 1, own.max_concurrent, own.max_memory_mb,
+    )  # fmt: skip
+    start = functools.partial(
+        HelperStart,
+        job_id=job_id,
+        dsn=dsn,
+        pool_size=pool_size,
+        relay_url=relay_url,
+        worker_id=worker_id,
+        wanted_collections=wanted_collections,
+        live=live_pressure is not None,
+    )
+    pressure = live_pressure
+    return Helpers(
+        lambda i: start(index=i, backfill=settings.process_share(i)),
+        n,
+        behind=(lambda: False) if pressure is None else (lambda: live_behind(pressure())),
+        on_counts=on_counts,
+    )
 
 
 class Helpers:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import time
@@ -27,7 +26,7 @@ from backfill import jobs, queue
 from backfill.context import Context
 from backfill.enumeration import enumerate_until_done
 from backfill.handles import HandleMetrics, verify_handles
-from backfill.helpers import Helpers, HelperStart
+from backfill.helpers import Helpers, plan_helpers
 from backfill.jobs import Job
 from backfill.metrics import BackfillMetrics
 from backfill.network import Network, open_http_network
@@ -35,7 +34,7 @@ from backfill.progress import Counts, Progress, config_lines, start_line
 from backfill.repo_task import RepoTask, save_progress
 from backfill.settings import BackfillSettings
 from backfill.status import job_status
-from backfill.throttle import LivePressure, Throttle, live_behind, process_rss_bytes
+from backfill.throttle import LivePressure, Throttle, process_rss_bytes
 from firehose.storage.database import QUERY_RETRY_ERRORS, TRANSIENT_DB_ERRORS
 
 __all__ = ["BackfillService", "LivePressure", "should_run"]
@@ -202,33 +201,17 @@ class BackfillService:
 
     def _helpers(self, ctx: Context) -> Helpers | None:
         """The helper processes of this backfill (BACKFILL_PROCESSES), not started yet."""
-        n = self.settings.processes
-        if n <= 1 or self.helper or self.settings.dry_run:
+        if self.helper or self.settings.dry_run:
             return None
-        if self._dsn is None:
-            log.warning("[BACKFILL] BACKFILL_PROCESSES=%d: no database URL to give helpers; "
-                        "running in this process only", n)  # fmt: skip
-            return None
-        log.info(
-            "[BACKFILL] Running in %d processes (this one and %d helpers), each with up to "
-            "%d repos in flight and %dMB of memory",
-            n, n - 1, self.own.max_concurrent, self.own.max_memory_mb,
-        )  # fmt: skip
-        pressure = self._live_pressure
-        start = functools.partial(
-            HelperStart,
-            job_id=ctx.job.id,
+        return plan_helpers(
+            self.settings,
             dsn=self._dsn,
+            job_id=ctx.job.id,
             pool_size=self.pool.get_max_size(),
             relay_url=self.relay_url,
             worker_id=self.worker_id,
             wanted_collections=self._wanted,
-            live=pressure is not None,
-        )
-        return Helpers(
-            lambda i: start(index=i, backfill=self.settings.process_share(i)),
-            n,
-            behind=(lambda: False) if pressure is None else (lambda: live_behind(pressure())),
+            live_pressure=self._live_pressure,
             on_counts=self._helper_counts,
         )
 
