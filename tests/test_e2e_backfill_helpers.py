@@ -185,3 +185,29 @@ async def test_a_killed_parent_takes_its_helper_down_and_the_next_start_finishes
         again.terminate()
     assert "[BACKFILL] Resuming job" in again.log()
     await check_window_truth(db_dsn, devnet)
+
+
+async def test_the_unified_worker_stops_its_helper_and_resumes_with_it(
+    devnet: HistoryDevnet, db_dsn: str, tmp_path: Path
+) -> None:
+    """Worker 0 (the live stream and the backfill in one process) with BACKFILL_PROCESSES=2:
+    SIGTERM while the helper holds repos stops the worker and its helper, every repo handed
+    back; the next start finishes the job with the window's truth."""
+    worker = BackfillProcess.start(tmp_path, db_dsn, devnet, worker=True, env=TWO_PROCESSES)
+    try:
+        helper = await wait_for_helper_lease(db_dsn, worker)
+        assert worker.terminate(timeout_s=40) == 0, worker.log()[-3000:]
+    finally:
+        worker.terminate()
+    assert gone(helper)
+    assert not await lease_pids(db_dsn)  # both handed their repos back
+    again = BackfillProcess.start(tmp_path, db_dsn, devnet, worker=True, env=TWO_PROCESSES)
+    try:
+        await wait_for_helper_lease(db_dsn, again)
+        await wait_job(db_dsn, timeout_s=90, procs=(again,))
+        assert again.terminate(timeout_s=40) == 0, again.log()[-3000:]
+    finally:
+        again.terminate()
+    log = worker.log() + again.log()
+    assert "[BACKFILL] Running in 2 processes" in log
+    await check_window_truth(db_dsn, devnet)
