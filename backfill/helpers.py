@@ -172,6 +172,16 @@ class Helpers:
         self._on_counts = on_counts
         self.pids: dict[int, int] = {}  # helper index -> pid of its current process
 
+    def rss_bytes(self) -> int:
+        """The resident memory of the helpers running now (best effort: one may be gone)."""
+        import psutil
+
+        total = 0
+        for pid in list(self.pids.values()):
+            with contextlib.suppress(psutil.Error):
+                total += psutil.Process(pid).memory_info().rss
+        return total
+
     async def run(self, halt: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tg:
             for index in range(1, self._count):

@@ -215,6 +215,12 @@ class BackfillService:
             on_counts=self._helper_counts,
         )
 
+    def _rss_bytes(self) -> int:
+        """The backfill's resident memory for the memory line, against BACKFILL_MAX_MEMORY_MB:
+        this process's, and its helpers' (each held to its own part by its own throttle)."""
+        own = self.throttle.rss_bytes or process_rss_bytes()
+        return own + (self.helpers.rss_bytes() if self.helpers is not None else 0)
+
     def _helper_counts(self, delta: Counts) -> None:
         m = self.metrics
         m.records.labels("received").inc(delta.received)
@@ -379,9 +385,7 @@ class BackfillService:
             log.info("[BACKFILL] VACUUM ANALYZE done: %s", ", ".join(tables))
 
     def _log_summary(self, job: Job) -> None:
-        self.progress.log(
-            self.throttle.rss_bytes or process_rss_bytes(), self.settings.max_memory_mb
-        )
+        self.progress.log(self._rss_bytes(), self.settings.max_memory_mb)
         log.info("[BACKFILL] Completed job %d: %s", job.id, json.dumps(job.summary, default=str))
         self.metrics.set_status("completed")
         self._status = {"state": "completed", "job_id": job.id, "summary": job.summary}
@@ -417,7 +421,7 @@ class BackfillService:
                 last_reclaim = now
                 await self._recover_stuck_work(ctx, at_start=False)
             if self.progress.log_due() and not self.helper:
-                self.progress.log(self.throttle.rss_bytes, self.settings.max_memory_mb)
+                self.progress.log(self._rss_bytes(), self.settings.max_memory_mb)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ctx.halt.wait(), CONTROL_POLL_S)
 
@@ -458,7 +462,7 @@ class BackfillService:
         except QUERY_RETRY_ERRORS as exc:
             log.warning("[BACKFILL] could not save progress on exit: %s", exc)
         if self._completed is None and not self.helper:
-            self.progress.log(self.throttle.rss_bytes, self.settings.max_memory_mb)
+            self.progress.log(self._rss_bytes(), self.settings.max_memory_mb)
             log.info("[BACKFILL] Stopped; progress saved (job %d)", ctx.job.id)
 
 

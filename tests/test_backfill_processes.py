@@ -200,3 +200,23 @@ async def test_parent_link_over_real_pipes() -> None:
     lines = os.read(from_helper_r, 65536).splitlines()
     os.close(from_helper_r)
     assert [decode_counts(x) for x in lines] == [Counts(received=3, processed=3, bytes=100)]
+
+
+def test_helpers_rss_counts_the_running_helpers_only() -> None:
+    """The memory line adds the helpers' RSS to the parent's: a running process counts, a
+    pid that is gone counts nothing (a helper between two starts)."""
+    import subprocess
+    import sys
+
+    from backfill.helpers import Helpers
+
+    helpers = Helpers(lambda i: None, 2, behind=lambda: False, on_counts=lambda c: None)  # type: ignore[arg-type, return-value]
+    assert helpers.rss_bytes() == 0
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        helpers.pids[1] = child.pid
+        assert helpers.rss_bytes() > 0
+    finally:
+        child.kill()
+        child.wait()
+    assert helpers.rss_bytes() == 0
