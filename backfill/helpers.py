@@ -1,11 +1,12 @@
 """Helper processes: one backfill spread over BACKFILL_PROCESSES processes.
 
 Why: a backfill process is one Python thread that downloads, hash-checks, walks and maps
-every record and feeds every PostgreSQL transaction. Measured on 2 cores (1,000 repos x 500
-records, `unthrottled`, docs/performance.md, issue 11 session 9), one process kept 1.37 of
-the cores busy: its thread and the database wait for each other in turns. Two processes on
-the same job kept 1.70 busy, for 11-27 % more records/s; on more cores the thread is the
-bound, and more processes lift it.
+every record and feeds every PostgreSQL transaction. Measured on 2 cores (bench/backfill.py,
+1,000 repos x 500 records, `unthrottled`, four alternating pairs: docs/performance.md,
+issue 11 session 9), one process kept 1.39-1.46 of the cores busy (with PostgreSQL and the
+devnet), its thread and the database waiting for each other in turns, at 12,716-14,225
+records/s; two processes on the same job kept 1.80-1.82 busy, at 15,752-18,214. On more cores the one thread is the bound, and more
+processes lift it.
 
 What: the process that runs the backfill (worker 0, or `firehose backfill run`) with
 BACKFILL_PROCESSES=N > 1 starts N-1 helpers, `python -m firehose backfill helper`. Each
