@@ -280,6 +280,20 @@ def assert_records_equal(got: dict[str, str], want: dict[str, str]) -> None:
     assert not wrong, f"{len(wrong)} records with another cid, e.g. {wrong[:3]}"
 
 
+async def check_window_truth(dsn: str, devnet: HistoryDevnet) -> dict[str, object]:
+    """The completed job, after checking that the tables hold exactly the window's records of
+    the devnet's truth and every repo is done."""
+    job = await job_row(dsn)
+    assert job is not None and job["status"] == "completed", job
+    assert job["repos_failed"] == 0, job
+    want = expected_in_window(devnet.truth(), job["cutoff"])
+    assert want
+    assert_records_equal(await records_map(dsn), want)
+    rows = await repo_rows(dsn)
+    assert rows and all(r["state"] == "done" for r in rows.values())
+    return job
+
+
 def backfill_cli(dsn: str, *args: str, timeout_s: float = 30) -> subprocess.CompletedProcess[str]:
     """`python -m firehose backfill ARGS` against `dsn`."""
     return subprocess.run(

@@ -17,11 +17,9 @@ import pytest
 from backfill_support import (
     BackfillProcess,
     HistoryDevnet,
-    assert_records_equal,
-    expected_in_window,
+    check_window_truth,
     get_repo_counts,
     job_row,
-    records_map,
     repo_rows,
     wait_job,
 )
@@ -96,18 +94,6 @@ async def wait_for_helper_lease(dsn: str, proc: BackfillProcess, timeout_s: floa
             return helpers[0]
         await asyncio.sleep(0.05)
     raise AssertionError(f"no helper held a lease in {timeout_s} s:\n{proc.log()[-3000:]}")
-
-
-async def check_window_truth(dsn: str, devnet: HistoryDevnet) -> dict[str, object]:
-    job = await job_row(dsn)
-    assert job is not None and job["status"] == "completed", job
-    assert job["repos_failed"] == 0, job
-    want = expected_in_window(devnet.truth(), job["cutoff"])
-    assert want
-    assert_records_equal(await records_map(dsn), want)
-    rows = await repo_rows(dsn)
-    assert rows and all(r["state"] == "done" for r in rows.values())
-    return job
 
 
 async def test_two_processes_write_the_window_each_repo_once(

@@ -21,6 +21,7 @@ from backfill_support import (
     RssSampler,
     assert_records_equal,
     backfill_cli,
+    check_window_truth,
     expected_in_window,
     get_repo_counts,
     job_row,
@@ -58,18 +59,6 @@ def devnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HistoryDevnet]:
     net = HistoryDevnet.start(tmp_path_factory.mktemp("devnet"), *HISTORY_FLAGS)
     yield net
     net.stop()
-
-
-async def check_window_truth(dsn: str, devnet: HistoryDevnet) -> dict[str, object]:
-    job = await job_row(dsn)
-    assert job is not None and job["status"] == "completed", job
-    assert job["repos_failed"] == 0, job
-    want = expected_in_window(devnet.truth(), job["cutoff"])
-    assert want
-    assert_records_equal(await records_map(dsn), want)
-    rows = await repo_rows(dsn)
-    assert rows and all(r["state"] == "done" for r in rows.values())
-    return job
 
 
 def last_processed(log: str) -> int:
