@@ -228,13 +228,12 @@ def main() -> None:
                     stderr=subprocess.STDOUT,
                 )  # fmt: skip
                 sampler = PeakRss(proc.pid)
-                bf = psutil.Process(proc.pid)
-                bf_cpu = 0.0
+                # Once it is waited for, its CPU and its helpers' (which it waited for) is in
+                # this process's children times: exact, where sampling would lose the end.
+                children0 = children_cpu_s()
                 while proc.poll() is None:
-                    with contextlib.suppress(psutil.Error):
-                        t = bf.cpu_times()  # with its helpers that have exited
-                        bf_cpu = t.user + t.system + t.children_user + t.children_system
                     time.sleep(0.2)
+                bf_cpu = children_cpu_s() - children0
                 if proc.returncode != 0:
                     raise SystemExit(
                         f"backfill exited {proc.returncode}: {log.read_text()[-3000:]}"
