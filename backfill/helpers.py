@@ -5,8 +5,8 @@ every record and feeds every PostgreSQL transaction. Measured on 2 cores (bench/
 1,000 repos x 500 records, `unthrottled`, four alternating pairs: docs/performance.md,
 issue 11 session 9), one process kept 1.39-1.46 of the cores busy (with PostgreSQL and the
 devnet), its thread and the database waiting for each other in turns, at 12,716-14,225
-records/s; two processes on the same job kept 1.80-1.82 busy, at 15,752-18,214. On more cores the one thread is the bound, and more
-processes lift it.
+records/s; two processes on the same job kept 1.80-1.82 busy, at 15,752-18,214. On more
+cores the one thread is the bound, and more processes lift it.
 
 What: the process that runs the backfill (worker 0, or `firehose backfill run`) with
 BACKFILL_PROCESSES=N > 1 starts N-1 helpers, `python -m firehose backfill helper`. Each
