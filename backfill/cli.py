@@ -159,6 +159,16 @@ async def _add(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def _stop_on_signals() -> asyncio.Event:
+    """An event SIGTERM and SIGINT set: the backfill then stops, handing its repos back."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
     import dataclasses
 
@@ -174,11 +184,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     if not bf.enabled:
         print("firehose: BACKFILL_DAYS is 0 (off): set BACKFILL_DAYS=N or -1", file=sys.stderr)
         return EXIT_CONFIG
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+    stop = _stop_on_signals()
     tune_gc()  # this process is the backfill's own, as the worker's is (firehose/gctune.py)
     db = await Database.open(settings.database)
     try:
@@ -210,11 +216,7 @@ async def _helper(args: argparse.Namespace, settings: Settings) -> int:
 
     link = ParentLink(sys.stdin.buffer, helper_env_fd())
     start = link.read_start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+    stop = _stop_on_signals()
     tune_gc()
     database = DatabaseSettings(start.dsn, settings.database.data_dir, start.pool_size)
     db = await Database.open(database)

@@ -71,7 +71,6 @@ _BEHIND, _NOT_BEHIND = b"1", b"0"
 class HelperStart:
     """What a helper runs with: its share of the settings and its parent's connections."""
 
-    index: int
     job_id: int
     backfill: BackfillSettings
     dsn: str  # holds the password: never logged
@@ -146,11 +145,10 @@ def plan_helpers(
         wanted_collections=wanted_collections,
         live=live_pressure is not None,
     )
-    pressure = live_pressure
     return Helpers(
-        lambda i: start(index=i, backfill=settings.process_share(i)),
+        lambda i: start(backfill=settings.process_share(i)),
         n,
-        behind=(lambda: False) if pressure is None else (lambda: live_behind(pressure())),
+        behind=(lambda: False) if live_pressure is None else (lambda: live_behind(live_pressure())),
         on_counts=on_counts,
     )
 

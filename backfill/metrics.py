@@ -8,10 +8,14 @@ reasons. Help text says how to read each.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from backfill.window_metrics import WindowMetrics
+
+if TYPE_CHECKING:
+    from backfill.progress import Counts
 
 REPO_STATES = ("pending", "in_progress", "done", "failed")
 RECORD_STAGES = ("received", "processed", "skipped")
@@ -156,6 +160,12 @@ class BackfillMetrics:
             m.job_status.labels(status)
         m.eta_seconds.set(-1)
         return m
+
+    def count_records(self, counts: Counts) -> None:
+        """Add `counts` (this process's repos, or a helper's report) to backfill_records_total."""
+        self.records.labels("received").inc(counts.received)
+        self.records.labels("processed").inc(counts.processed)
+        self.records.labels("skipped").inc(counts.skipped)
 
     def set_throttle(self, state: dict[str, bool]) -> None:
         for reason, holds in state.items():

@@ -166,10 +166,7 @@ class RepoTask:
 
     def _count(self, counts: Counts) -> None:
         """Move `counts` into the process totals (and metrics), then zero it."""
-        m = self.ctx.metrics
-        m.records.labels("received").inc(counts.received)
-        m.records.labels("processed").inc(counts.processed)
-        m.records.labels("skipped").inc(counts.skipped)
+        self.ctx.metrics.count_records(counts)
         self.ctx.progress.add(counts)
         counts.received = counts.processed = counts.skipped = counts.bytes = 0
 

@@ -92,9 +92,8 @@ class BackfillService:
         process running that job: it joins only that job while it is active, logs no start
         or progress lines, and never completes the job."""
         self.settings = settings
-        # This process's part of the limits when helpers share them (settings.process_share).
-        own = settings.process_share(0) if settings.processes > 1 else settings
-        self.own = own
+        # This process's part of the limits (all of them with BACKFILL_PROCESSES=1).
+        self.own = own = settings.process_share(0)
         self.pool = pool
         self.metrics = BackfillMetrics.create(registry)
         self.handle_metrics = HandleMetrics.create(registry)
@@ -222,11 +221,8 @@ class BackfillService:
         return own + (self.helpers.rss_bytes() if self.helpers is not None else 0)
 
     def _helper_counts(self, delta: Counts) -> None:
-        m = self.metrics
-        m.records.labels("received").inc(delta.received)
-        m.records.labels("processed").inc(delta.processed)
-        m.records.labels("skipped").inc(delta.skipped)
-        m.bytes_downloaded.inc(delta.bytes)
+        self.metrics.count_records(delta)
+        self.metrics.bytes_downloaded.inc(delta.bytes)
         self.progress.add_helpers(delta)
 
     @contextlib.asynccontextmanager

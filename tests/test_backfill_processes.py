@@ -113,7 +113,6 @@ def test_shares_add_up_to_the_totals(concurrent: int, memory: int, processes: in
 def test_start_and_counts_round_trip() -> None:
     s = BackfillSettings.from_env({"BACKFILL_PROCESSES": "2", "BACKFILL_MAX_CONCURRENT": "4"})
     start = HelperStart(
-        index=1,
         job_id=7,
         backfill=s.process_share(1),
         dsn="postgresql://u:secret@db/atproto",
