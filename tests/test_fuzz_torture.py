@@ -89,6 +89,22 @@ def test_peak_memory_is_bounded(torture_run: dict) -> None:
     assert 0 < torture_run["rss_growth_mb"] < MAX_RSS_GROWTH_MB
 
 
+def test_peak_rss_is_the_childs_own_after_a_large_parent_forks() -> None:
+    """The regression behind a zero growth in CI: ru_maxrss inherited the parent's peak."""
+    ballast = b"\x01" * (300 * 1024 * 1024)  # touched pages: this process's RSS grows 300 MB
+    proc = subprocess.run(
+        [sys.executable, "-c", "from fuzz.torture import peak_rss_kb; print(peak_rss_kb())"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=lambda: None,  # forces fork + exec, as the torture fixture does
+        cwd=Path(__file__).parent,
+        check=True,
+    )
+    del ballast
+    assert 0 < int(proc.stdout) < 150 * 1024, proc.stdout
+
+
 def _link(cid: bytes) -> cbor2.CBORTag:
     return cbor2.CBORTag(42, b"\x00" + cid)
 
