@@ -143,8 +143,29 @@ class IgnoredEvent:
     time: datetime | None = None
 
 
+@dataclass(slots=True)
+class OtherShardEvent:
+    """A repo's event that belongs to another worker's shard (``WORKER_COUNT`` > 1).
+
+    Read only as far as its seq and time: it moves this worker's cursor and lag, and changes
+    no rows here. `event_type` names the event it would have decoded to (``CommitEvent``...),
+    so that firehose_events_total still counts what was read from the relay by type.
+    """
+
+    seq: int
+    event_type: str
+    time: datetime | None = None
+
+
 Event = (
-    CommitEvent | SyncEvent | IdentityEvent | AccountEvent | InfoEvent | ErrorFrame | IgnoredEvent
+    CommitEvent
+    | SyncEvent
+    | IdentityEvent
+    | AccountEvent
+    | InfoEvent
+    | ErrorFrame
+    | IgnoredEvent
+    | OtherShardEvent
 )
 
 

@@ -27,7 +27,7 @@ from firehose.live.gate import Gate, GateMetrics, Screen
 from firehose.live.relay import RelayClient
 from firehose.live.verify import SignatureScreen
 from firehose.metrics import LiveMetrics, ops_collection_label
-from firehose.model import Batch, CommitEvent, Event
+from firehose.model import Batch, CommitEvent, Event, OtherShardEvent
 from firehose.ops import WorkerOps, WorkerState
 from firehose.protocol.errors import ProtocolError
 from firehose.protocol.frames import FrameLimits, decode_frame
@@ -84,6 +84,8 @@ class Worker:
         self._filled = asyncio.Event()
         self._wanted = 0
         self._limits = FrameLimits(max_frame_bytes=settings.relay.max_frame_bytes)
+        # Other shards' events are read only as far as their seq (decode_frame).
+        self._owns_did = shard_filter(settings.worker)
         self._service = settings.worker.cursor_service
         self.metrics.queue_depth.set_function(self._queue.qsize)
         # Labelled children built once: labels() costs a lock and a dict lookup.
@@ -142,7 +144,7 @@ class Worker:
     def _screens(self, db: Database) -> list[Screen]:
         """The gate's steps, in order: signatures before chain checks (see gate.py)."""
         screens: list[Screen] = []
-        owns = shard_filter(self.settings.worker)  # other shards' repos are not judged
+        owns = self._owns_did  # other shards' repos are not judged
         if self.settings.verify_signatures:
             backfill = self.settings.backfill  # PLC_URL and ALLOW_PRIVATE_NETWORK are shared
             self._signatures = SignatureScreen.open(
@@ -254,13 +256,14 @@ class Worker:
 
     def _decode(self, frame: bytes) -> Event | None:
         try:
-            event = decode_frame(frame, self._limits)
+            event = decode_frame(frame, self._limits, self._owns_did)
         except ProtocolError as err:
             self._invalid(err.reason).inc()
             log.warning("skipping malformed frame (%s): %s", err.reason, err.detail)
             return None
         counts = self._events_decoded
-        name = type(event).__name__
+        # Another shard's event counts as the type it is on the wire (what was read).
+        name = event.event_type if type(event) is OtherShardEvent else type(event).__name__
         counts[name] = counts.get(name, 0) + 1
         if isinstance(event, CommitEvent) and event.invalid_ops:
             for reason, detail in event.invalid_ops:
@@ -284,7 +287,7 @@ class Worker:
 
     async def _commit(self, db: Database) -> None:
         pipeline = self.settings.pipeline
-        builder = BatchBuilder(pipeline.wanted_collections, shard_filter(self.settings.worker))
+        builder = BatchBuilder(pipeline.wanted_collections, self._owns_did)
         max_wait_s = pipeline.batch_max_wait_ms / 1000
         reader_done = False
         drain_deadline: float | None = None

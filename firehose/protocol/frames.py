@@ -19,6 +19,7 @@ commit leaves the repo's chain broken at the next one, which queues a resync.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ from firehose.model import (
     IdentityEvent,
     IgnoredEvent,
     InfoEvent,
+    OtherShardEvent,
     RecordWrite,
     SyncEvent,
 )
@@ -111,8 +113,19 @@ def _did_ok(did: str) -> bool:
     return True
 
 
-def decode_frame(data: bytes, limits: FrameLimits = DEFAULT_LIMITS) -> Event:
-    """Decode one binary websocket message. Raises ProtocolError (only) on bad input."""
+def decode_frame(
+    data: bytes,
+    limits: FrameLimits = DEFAULT_LIMITS,
+    owns_did: Callable[[str], bool] | None = None,
+) -> Event:
+    """Decode one binary websocket message. Raises ProtocolError (only) on bad input.
+
+    With `owns_did` (a sharded worker's filter), a repo's event whose DID it refuses is read
+    only as far as its seq and time (`OtherShardEvent`): its blocks, records and fields are
+    the owning worker's to decode and check, so each event is decoded in full once across
+    the shards instead of once per shard. A DID field that is missing or not a string is
+    left to the full decoder, which reports the malformed body.
+    """
     if len(data) > limits.max_frame_bytes:
         raise FrameError(f"frame of {len(data)} bytes", "too_large")
     parts = decode_multi(data)
@@ -131,6 +144,11 @@ def decode_frame(data: bytes, limits: FrameLimits = DEFAULT_LIMITS) -> Event:
         handler = _HANDLERS.get(kind)
         if handler is None:
             return _ignored(kind, body)
+        if owns_did is not None and kind in _REPO_EVENTS:
+            field, event_type = _REPO_EVENTS[kind]
+            did = body.get(field)
+            if type(did) is str and not owns_did(did):
+                return OtherShardEvent(_req_int(body, "seq"), event_type, _time(body))
         return handler(body, limits)
     if op == _OP_ERROR and type(op) is int:
         return ErrorFrame(_req_str(body, "error"), _opt_str(body, "message"))
@@ -391,6 +409,17 @@ def _ignored(kind: str, body: dict[str, Any]) -> IgnoredEvent:
         time=_time(body),
     )
 
+
+# The repo events a shard filter applies to: the body field naming the repo, and the event
+# type the full decode gives (what firehose_events_total counts it as).
+_REPO_EVENTS = {
+    "#commit": ("repo", "CommitEvent"),
+    "#sync": ("did", "SyncEvent"),
+    "#identity": ("did", "IdentityEvent"),
+    "#handle": ("did", "IdentityEvent"),
+    "#account": ("did", "AccountEvent"),
+    "#tombstone": ("did", "AccountEvent"),
+}
 
 _HANDLERS: dict[str, Any] = {
     "#commit": _commit,
