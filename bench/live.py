@@ -25,11 +25,15 @@ either way, with the load.
 
     python bench/live.py [--events 200000] [--accounts 1000] [--seed 3] [--no-cache]
                          [--baseline-events 10000] [--profile FILE] [--statements] [--waits]
+                         [--shards N]
 
 `--profile FILE` runs the worker under cProfile (slower; stats saved to FILE, top printed);
 `--statements` times every SQL call of the worker by its first words (wall time, which on
 this loopback is mostly PostgreSQL's own); `--waits` samples what PostgreSQL's backends run
-and wait on while the worker's clock runs (bench/pgwaits.py).
+and wait on while the worker's clock runs (bench/pgwaits.py). `--shards N` follows the
+stream with N sharded worker processes (`python -m firehose run`, `WORKER_COUNT=N`) instead
+of one in-process worker; `--shards 1` is one such process, to compare with
+(bench/live_shards.py; the profile, statement and latency figures are then not taken).
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ from bench.common import (  # noqa: E402
     load_at_start,
     postgres_processes,
 )
+from bench.live_shards import run_shards  # noqa: E402
 from bench.pgwaits import PgWaits  # noqa: E402
 from bench.replay import cache_path, read_frames  # noqa: E402
 from bench.sqltiming import StatementTimes  # noqa: E402
@@ -335,7 +340,16 @@ def main() -> None:
     parser.add_argument(
         "--waits", action="store_true", help="sample what PostgreSQL's backends wait on"
     )
+    parser.add_argument(
+        "--shards",
+        type=int,
+        help="N worker processes, WORKER_COUNT=N (1: one `firehose run`, not in-process)",
+    )
     args = parser.parse_args()
+    if args.shards is not None and not 1 <= args.shards <= 64:
+        parser.error("--shards is 1 to 64")
+    if args.shards is not None and (args.profile or args.statements):
+        parser.error("--profile and --statements measure the in-process worker: not with --shards")
     load_at_start()  # before the bench loads the machine itself
     statements = StatementTimes() if args.statements else None
     if statements is not None:
@@ -355,7 +369,12 @@ def main() -> None:
             if profiler is not None:
                 profiler.enable()
             waits = PgWaits(pg.dsn) if args.waits else None
-            result, load = uvloop.run(run_worker(pg.dsn, url, args.events, cpu_procs, waits))
+            if args.shards is not None:
+                result, load = uvloop.run(
+                    run_shards(tmp, pg.dsn, url, args.events, args.shards, cpu_procs)
+                )
+            else:
+                result, load = uvloop.run(run_worker(pg.dsn, url, args.events, cpu_procs, waits))
             if profiler is not None:
                 profiler.disable()
                 profiler.dump_stats(args.profile)
@@ -382,8 +401,13 @@ def main() -> None:
     print(load.describe())
     print(claim(load, f"events/s committed: {result['events_per_s']:,.0f}"))
     print(claim(load, f"records/s committed: {result['records_per_s']:,.0f}"))
-    print(f"read->commit latency: p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms")
-    print(f"peak RSS (worker process): {result['peak_rss_mb']:.0f} MB")
+    if "p50_ms" in result:
+        p50, p99 = result["p50_ms"], result["p99_ms"]
+        print(f"read->commit latency: p50 {p50:.0f} ms, p99 {p99:.0f} ms")
+        print(f"peak RSS (worker process): {result['peak_rss_mb']:.0f} MB")
+    else:
+        rss = result["peak_rss_mb"]
+        print(f"peak RSS ({args.shards} worker process(es) together): {rss:.0f} MB")
     print(
         "CPU µs per event: "
         + ", ".join(
