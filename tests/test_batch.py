@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from firehose.live.batch import BatchBuilder, shard_filter, shard_of
 from firehose.model import (
     AccountEvent,
@@ -62,6 +65,21 @@ def test_shards_partition_dids() -> None:
     for d in dids:
         assert sum(1 for f in filters if f is not None and f(d)) == 1
     assert shard_filter(WorkerSettings(0, 1)) is None
+
+
+@given(
+    dids=st.lists(st.text(min_size=1, max_size=40), min_size=1, max_size=60),
+    count=st.integers(min_value=2, max_value=5),
+    cache_max=st.integers(min_value=1, max_value=8),
+)
+def test_shard_filter_answers_as_shard_of_through_its_bounded_cache(
+    dids: list[str], count: int, cache_max: int
+) -> None:
+    """The memo never changes an answer, whether hit, missed or just cleared."""
+    filters = [shard_filter(WorkerSettings(i, count), cache_max) for i in range(count)]
+    for did in dids + dids[::-1] + [did + "x" * 2048 for did in dids[:3]]:
+        answers = [f(did) for f in filters if f is not None]
+        assert answers == [shard_of(did, count) == i for i in range(count)]
 
 
 def test_shard_filter_covers_every_event_kind_and_cursor_moves() -> None:

@@ -27,11 +27,35 @@ def shard_of(did: str, worker_count: int) -> int:
     return int.from_bytes(digest[:8], "big") % worker_count
 
 
-def shard_filter(worker: WorkerSettings) -> Callable[[str], bool] | None:
+# A sharded worker asks whether it owns a repo several times per event (the decoder, the
+# gate, the batch): a dict hit (~50 ns) instead of a SHA-256 (~0.7 µs), which had cost 8 %
+# of a shard's CPU. Bounded like the decoder's caches: cleared when full, and a string longer
+# than any DID (2 KB, https://atproto.com/specs/did) is never kept, so hostile input can
+# neither grow it nor pin large strings in it.
+SHARD_CACHE_MAX_DIDS = 100_000
+_MAX_DID_CHARS = 2048
+
+
+def shard_filter(
+    worker: WorkerSettings, cache_max_dids: int = SHARD_CACHE_MAX_DIDS
+) -> Callable[[str], bool] | None:
+    """Whether this worker's shard holds a repo (None: one worker holds every repo)."""
     if worker.worker_count == 1:
         return None
     count, mine = worker.worker_count, worker.worker_id
-    return lambda did: shard_of(did, count) == mine
+    owned: dict[str, bool] = {}
+
+    def owns(did: str) -> bool:
+        known = owned.get(did)
+        if known is None:
+            known = shard_of(did, count) == mine
+            if len(did) <= _MAX_DID_CHARS:
+                if len(owned) >= cache_max_dids:
+                    owned.clear()
+                owned[did] = known
+        return known
+
+    return owns
 
 
 class BatchBuilder:
