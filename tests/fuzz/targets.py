@@ -31,7 +31,16 @@ from backfill.hosts import FetchError
 from backfill.record_fetch import verify_record_car
 from backfill.since import PROFILE_COLLECTION, PROFILE_RKEY, SinceSuspect
 from backfill.window import Window
-from firehose.model import Action, CommitEvent, RecordWrite
+from firehose.live.batch import shard_filter, shard_of
+from firehose.model import (
+    AccountEvent,
+    Action,
+    CommitEvent,
+    IdentityEvent,
+    OtherShardEvent,
+    RecordWrite,
+    SyncEvent,
+)
 from firehose.protocol.car import Car, CarStreamReader, read_car
 from firehose.protocol.cbor import MAX_RECORD_DEPTH, _strict_decode, decode_json_form, decode_record
 from firehose.protocol.errors import MAX_DETAIL_CHARS, REASONS, ProtocolError
@@ -46,6 +55,7 @@ from firehose.protocol.mst import (
     walk_mst_partial,
 )
 from firehose.protocol.syntax import is_did
+from firehose.settings import WorkerSettings
 from firehose.storage.queries import TYPED_TABLES
 from firehose.storage.rows import MAX_ARRAY_ITEMS, rows_of
 from firehose.storage.writer import records_json
@@ -75,8 +85,13 @@ def attempt(fn: Callable[[bytes], T], data: bytes) -> T | ProtocolError:
 # --- frames ------------------------------------------------------------------------------
 
 
+SHARDS = 2
+_SHARD_FILTERS = [shard_filter(WorkerSettings(i, SHARDS)) for i in range(SHARDS)]
+
+
 def fuzz_frame(data: bytes) -> None:
-    """subscribeRepos frame -> event; a commit's records -> storable rows."""
+    """subscribeRepos frame -> event; a commit's records -> storable rows; the same frame
+    through each sharded worker's decoder."""
     TRIED["frames"] += 1
     event = attempt(decode_frame, data)
     if isinstance(event, CommitEvent):
@@ -84,6 +99,25 @@ def fuzz_frame(data: bytes) -> None:
             check_rows(write)
         for reason, detail in event.invalid_ops:
             assert reason in REASONS and len(detail) <= MAX_DETAIL_CHARS
+    check_shards(data, event)
+
+
+def check_shards(data: bytes, full: object) -> None:
+    """A shard decodes its own repos' events exactly as one worker does; another shard's it
+    reads no further than their seq and time, and a frame refused whole stays refused."""
+    got = [attempt(lambda d, o=owns: decode_frame(d, owns_did=o), data) for owns in _SHARD_FILTERS]
+    if isinstance(full, ProtocolError):
+        for one in got:
+            assert isinstance(one, OtherShardEvent) or (
+                isinstance(one, ProtocolError) and one.reason == full.reason
+            ), (one, full)
+    elif isinstance(full, CommitEvent | SyncEvent | IdentityEvent | AccountEvent):
+        owner = shard_of(full.did, SHARDS)
+        for i, one in enumerate(got):
+            foreign = OtherShardEvent(full.seq, type(full).__name__, full.time)
+            assert one == (full if i == owner else foreign), (i, one, full)
+    else:
+        assert all(one == full for one in got), (got, full)
 
 
 # --- CAR ---------------------------------------------------------------------------------
