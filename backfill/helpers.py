@@ -47,7 +47,7 @@ import os
 import pickle
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -259,19 +259,25 @@ class Helpers:
         stdin.close()
 
     async def _read_counts(self, fd: int) -> None:
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
-        )
-        try:
+        async with _pipe_reader(os.fdopen(fd, "rb", buffering=0)) as reader:
             while line := await reader.readline():
                 try:
                     self._on_counts(decode_counts(line))
                 except (ValueError, KeyError, TypeError) as exc:
                     log.warning("[BACKFILL] a helper sent a bad counts line: %s", exc)
-        finally:
-            transport.close()
+
+
+@contextlib.asynccontextmanager
+async def _pipe_reader(pipe: BinaryIO) -> AsyncIterator[asyncio.StreamReader]:
+    """`pipe` read through the event loop (either end of the link), closed on the way out."""
+    reader = asyncio.StreamReader()
+    transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), pipe
+    )
+    try:
+        yield reader
+    finally:
+        transport.close()
 
 
 async def _kill(proc: asyncio.subprocess.Process) -> None:
@@ -303,16 +309,11 @@ class ParentLink:
 
     async def follow(self, stop: asyncio.Event) -> None:
         """Read the pressure until end of file (the parent is gone), then set `stop`."""
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), self._stdin
-        )
         try:
-            while data := await reader.read(4096):
-                self.behind = data[-1:] == _BEHIND
+            async with _pipe_reader(self._stdin) as reader:
+                while data := await reader.read(4096):
+                    self.behind = data[-1:] == _BEHIND
         finally:
-            transport.close()
             stop.set()
 
     def send(self, counts: Counts) -> None:
@@ -328,16 +329,11 @@ class ParentLink:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), COUNTS_EVERY_S)
-            delta = _minus(total, sent)
+            delta = total.minus(sent)
             self.send(delta)
             sent.add(delta)
             if stop.is_set():
                 return
-
-
-def _minus(a: Counts, b: Counts) -> Counts:
-    return Counts(a.received - b.received, a.processed - b.processed, a.skipped - b.skipped,
-                  a.bytes - b.bytes)  # fmt: skip
 
 
 def helper_env_fd() -> int:

@@ -33,6 +33,15 @@ class Counts:
         self.skipped += other.skipped
         self.bytes += other.bytes
 
+    def minus(self, other: Counts) -> Counts:
+        """What these counts gained since `other` (an earlier copy of them)."""
+        return Counts(
+            self.received - other.received,
+            self.processed - other.processed,
+            self.skipped - other.skipped,
+            self.bytes - other.bytes,
+        )
+
     @property
     def empty(self) -> bool:
         return not (self.received or self.processed or self.skipped or self.bytes)
