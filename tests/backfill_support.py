@@ -44,6 +44,12 @@ _RELAY = re.compile(r"devnet relay listening on (ws://\S+)")
 _PLC = re.compile(r"devnet PLC directory on (http://\S+)")
 _PDS = re.compile(r"devnet PDS (\d+) on (http://\S+)")
 _GENERATED = re.compile(r"devnet generated (\d+) events")
+_PROGRESS = re.compile(r"\[BACKFILL\] Progress: (\d+) received, (\d+) processed")
+
+
+def processed_counts(log: str) -> list[int]:
+    """The `processed` figure of each `[BACKFILL] Progress:` line of `log`, in order."""
+    return [int(processed) for _, processed in _PROGRESS.findall(log)]
 
 
 @dataclass

@@ -7,7 +7,6 @@ its helper down with it, and the next start finishes the job."""
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from backfill_support import (
     check_window_truth,
     get_repo_counts,
     job_row,
+    processed_counts,
     repo_rows,
     wait_job,
 )
@@ -42,7 +42,6 @@ TWO_PROCESSES = {
     "BACKFILL_MAX_CONCURRENT": "4",
     "BACKFILL_PROCESSES": "2",
 }
-PROGRESS = re.compile(r"\[BACKFILL\] Progress: (\d+) received, (\d+) processed")
 HELPER_GONE_S = 20.0
 
 
@@ -122,7 +121,7 @@ async def test_two_processes_write_the_window_each_repo_once(
     after = get_repo_counts(devnet.stats())
     fetched = {d: after.get(d, 0) - before.get(d, 0) for d in await repo_rows(db_dsn)}
     assert set(fetched.values()) == {1}, {d: n for d, n in fetched.items() if n != 1}
-    processed = [int(m[1]) for m in PROGRESS.findall(log)]
+    processed = processed_counts(log)
     assert processed and processed[-1] == job["records_processed"] > 0, (processed, job)
     assert all(gone(pid) for pid in helpers)
 

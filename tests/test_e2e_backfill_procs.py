@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from backfill_support import (
     expected_in_window,
     get_repo_counts,
     job_row,
+    processed_counts,
     records_map,
     repo_rows,
     wait_job,
@@ -51,7 +51,6 @@ SLOW_BACKFILL = {
     "BACKFILL_BATCH_DELAY_MS": "100",
     "BACKFILL_MAX_CONCURRENT": "3",
 }
-PROGRESS = re.compile(r"\[BACKFILL\] Progress: (\d+) received, (\d+) processed")
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +61,8 @@ def devnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HistoryDevnet]:
 
 
 def last_processed(log: str) -> int:
-    found = PROGRESS.findall(log)
-    return int(found[-1][1]) if found else 0
+    found = processed_counts(log)
+    return found[-1] if found else 0
 
 
 async def test_kill9_three_times_resumes_and_never_refetches_done_repos(
