@@ -113,7 +113,6 @@ class BackfillService:
         self._dsn = dsn
         self._live_pressure = live_pressure
         self._join_job = join_job
-        self.helper = join_job is not None
         self.helpers: Helpers | None = None
         self._completed: Job | None = None  # the job this run completed
         self._ctx: Context | None = None
@@ -182,6 +181,11 @@ class BackfillService:
             if self._completed is not None:
                 # After the helpers stopped: their last counts are in the progress line.
                 await self._finish(ctx, self._completed)
+
+    @property
+    def helper(self) -> bool:
+        """Whether this service is a helper process of another's job (`join_job`)."""
+        return self._join_job is not None
 
     def status(self) -> dict[str, Any]:
         return dict(self._status)
