@@ -283,6 +283,16 @@ async def test_copy_refusal_falls_back_to_the_guarded_path(conns: Any) -> None:
         assert again.fresh == 0 and again.upserted == 0  # identical replays: skipped
     await check_converged(a, did, snap)
 
+    # Outside a transaction the load is one implicit transaction: the refused statement
+    # leaves nothing of itself (not the new record, not the head) and the connection idle.
+    did = "did:plc:freshdup2"
+    snap = [write(did, k, Action.CREATE, SNAPSHOT_REV) for k in range(4)]
+    assert (await write_snapshot(a, snap[:3])).fresh == 3
+    rest = await write_snapshot(a, snap[2:])  # uri 2 again, in the load's next batch
+    assert (rest.fresh, rest.upserted) == (0, 1)
+    assert not a.is_in_transaction()
+    await check_converged(a, did, snap)
+
 
 async def test_races_take_both_paths(conns: Any) -> None:
     """The property above is not vacuous: in every kind of race (each holder, the live batch
