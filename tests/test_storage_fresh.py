@@ -284,7 +284,8 @@ async def test_copy_refusal_falls_back_to_the_guarded_path(conns: Any) -> None:
     await check_converged(a, did, snap)
 
     # Outside a transaction the load is one implicit transaction: the refused statement
-    # leaves nothing of itself (not the new record, not the head) and the connection idle.
+    # leaves none of its rows (the guarded path then writes the new record, upserted 1) and
+    # the connection idle.
     did = "did:plc:freshdup2"
     snap = [write(did, k, Action.CREATE, SNAPSHOT_REV) for k in range(4)]
     assert (await write_snapshot(a, snap[:3])).fresh == 3
