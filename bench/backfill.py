@@ -77,7 +77,7 @@ from bench.sqltiming import StatementTimes  # noqa: E402
 from firehose.storage.embedded import start_embedded  # noqa: E402
 
 RSS_SAMPLE_S = 0.1
-# Listing a process's children reads every /proc/<pid>/stat on the machine (1.3 ms with 67
+# Listing a process's children reads every /proc/<pid>/stat on the machine (1.7 ms with 65
 # processes): ten times a second, in the measured process, it took the backfill's own thread
 # a few % of its CPU and the GIL (py-spy). The helpers start with the job and live until its
 # end, so the list is refreshed only this often; their RSS is still read every RSS_SAMPLE_S.

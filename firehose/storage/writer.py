@@ -447,7 +447,7 @@ async def _load_fresh(conn: Any, prepared: PreparedBatch, head: RepoHead) -> App
     # none (a refused row rolls it back), without the two round trips of BEGIN and COMMIT
     # (for repos of ~100 records, loaded in one batch each, those were half of the backfill's
     # statements). Its set_config(..., true) still makes that commit asynchronous: a local
-    # setting lasts until the implicit transaction ends (measured: 157 against 343 µs per
+    # setting lasts until the implicit transaction ends (measured: ~190 against ~300 µs per
     # one-row statement with fsync on). A claim that finds the repo not ours writes nothing:
     # every insert of the statement is conditioned on the claim (fresh.py).
     try:
