@@ -41,13 +41,18 @@ PROGRESS_LOG_INTERVAL_S = 15.0
 STOP_DRAIN_S = 7.0  # SIGTERM → exit within 10 s, leaving room for closing the pool
 DB_RETRY_MIN_S = 0.5
 DB_RETRY_MAX_S = 10.0
-# Decoding time between two yields of the reader to the event loop. The batch transaction
-# sends each of its statements (about eight round trips per batch) only when the loop runs,
-# and neither a buffered socket nor a non-full queue suspends the reader, so a long run of
-# decoding stretches every round trip of it. A yield costs a loop iteration. bench/live.py
-# (100,000 events, load average 0.44-0.58): yielding every 16 frames (~1 ms) 6,446-6,866
-# events/s, every 4 (~0.25 ms) 7,634-8,312, every frame 6,499-6,885.
-READ_YIELD_S = 0.00025
+# The longest run of CPU work on the event loop between two yields, for the reader's decoding
+# and the committer's preparing of the next batch. The batch transaction sends each of its
+# statements (five to eight round trips per batch) only when the loop runs, and neither a
+# buffered socket nor a non-full queue suspends the reader, so a long run of work stretches
+# every round trip of it. A yield costs a loop iteration. bench/live.py (100,000 events, load
+# average 0.44-0.58), for the reader: yielding every 16 frames (~1 ms) 6,446-6,866 events/s,
+# every 4 (~0.25 ms) 7,634-8,312, every frame 6,499-6,885. For the committer: a new batch
+# transaction's BEGIN used to wait until the next batch was prepared in one run (gate, rows,
+# JSON: 9.5 ms of a 55 ms cycle per 1,000 events, traced); preparing in slices, 200,000
+# events, seven pairs alternating (load average 0.41-0.44): faster in every pair, 139,932
+# against 131,280 events/s summed (docs/performance.md, issue 11 session 12).
+LOOP_SLICE_S = 0.00025
 _EVENT_TYPE = {
     "CommitEvent": "commit",
     "SyncEvent": "sync",
@@ -229,7 +234,7 @@ class Worker:
 
     async def _read(self, relay: RelayClient) -> None:
         clock = time.monotonic
-        yield_at = clock() + READ_YIELD_S
+        yield_at = clock() + LOOP_SLICE_S
         try:
             async for frame in relay.frames(self._stop):
                 event = self._decode(frame)
@@ -241,8 +246,8 @@ class Worker:
                 read_at = clock()
                 await self._enqueue((read_at, event))
                 if read_at >= yield_at:
-                    await asyncio.sleep(0)  # see READ_YIELD_S
-                    yield_at = clock() + READ_YIELD_S
+                    await asyncio.sleep(0)  # see LOOP_SLICE_S
+                    yield_at = clock() + LOOP_SLICE_S
         finally:
             self._count_events()
             await self._enqueue(_DONE)
@@ -305,8 +310,7 @@ class Worker:
                     drain_deadline = time.monotonic() + STOP_DRAIN_S
                 prepared = None
                 if len(builder):
-                    batch = builder.take()
-                    prepared = writer.prepare_batch(batch, batch.heads)
+                    prepared = await self._prepare(builder.take())
                 if in_flight is not None:
                     await in_flight
                     in_flight = None
@@ -314,6 +318,8 @@ class Worker:
                     in_flight = asyncio.create_task(
                         self._apply(db, prepared, drain_deadline, read_times)
                     )
+                    # Its BEGIN goes out now, not after the next batch's first slice.
+                    await asyncio.sleep(0)
                 if drain_deadline is not None and time.monotonic() > drain_deadline:
                     if in_flight is not None:  # started already; its retries obey the deadline
                         await in_flight
@@ -364,12 +370,29 @@ class Worker:
             item = queue.get_nowait()
         return items, item is _DONE
 
+    async def _prepare(self, batch: Batch) -> writer.PreparedBatch:
+        """writer.prepare_steps on the loop, yielding every LOOP_SLICE_S: the transaction in
+        flight meanwhile gets its round trips through."""
+        clock = time.monotonic
+        steps = writer.prepare_steps(batch, batch.heads)
+        yield_at = clock() + LOOP_SLICE_S
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                prepared: writer.PreparedBatch = done.value
+                return prepared
+            if clock() >= yield_at:
+                await asyncio.sleep(0)
+                yield_at = clock() + LOOP_SLICE_S
+
     async def _admit(self, builder: BatchBuilder, items: list[Any]) -> list[float]:
         """Screen the items through the gate (firehose.live.gate) and add them to the batch:
         kept events with their rows, dropped ones as a cursor move only, resync requests
         alongside. Returns the items' read times."""
         events = [event for _, event in items]
         verdict = await self._gate.screen(events)
+        await asyncio.sleep(0)  # see LOOP_SLICE_S
         dropped = verdict.dropped
         for i, event in enumerate(events):
             if i in dropped:

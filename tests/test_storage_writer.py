@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,11 +13,15 @@ from firehose.devnet.tid import tid_of_value as tid
 from firehose.model import AccountEvent, Action, Batch, IdentityEvent, RecordWrite
 from firehose.storage import queries
 from firehose.storage.writer import (
+    PREPARE_STEP_WRITES,
     ApplyStats,
     apply_batch,
     dedupe,
     heads_from_writes,
     load_cursor,
+    prepare_batch,
+    prepare_steps,
+    records_json,
     save_cursor,
     write_snapshot,
 )
@@ -303,3 +308,30 @@ def test_stats_add() -> None:
     a, b = ApplyStats(upserted=1, skipped=2), ApplyStats(upserted=3, purged=1)
     a.add(b)
     assert (a.upserted, a.skipped, a.purged) == (4, 2, 1)
+
+
+def test_prepare_steps_suspends_and_builds_the_same_batch() -> None:
+    # The worker runs prepare_steps on the event loop that carries the previous batch's
+    # transaction: it must suspend every PREPARE_STEP_WRITES writes (rows, then JSON parts),
+    # and the JSON built in parts must be the one-call JSON of all the rows.
+    n = PREPARE_STEP_WRITES * 5 + 3
+    writes = [post(ALICE, f"p{i:05}", 1 + i % 7, f"t{i}") for i in range(n)]
+    writes += [like(BOB, f"l{i:05}", 2) for i in range(n)]
+    writes.append(RecordWrite(ALICE, POST, "nul", tid(9), Action.CREATE, "c", {"text": "a\x00"}))
+    steps = prepare_steps(Batch(writes=writes))
+    suspensions = 0
+    while True:
+        try:
+            next(steps)
+            suspensions += 1
+        except StopIteration as done:
+            prepared = done.value
+            break
+    # the dedupe pass, the rows pass and the JSON parts each suspend every PREPARE_STEP_WRITES
+    assert suspensions >= 3 * (len(writes) // PREPARE_STEP_WRITES) - 1
+    whole = prepare_batch(Batch(writes=writes))
+    assert prepared.records == whole.records == records_json(whole.rows.records)
+    stored = {row[3]: row[6] for row in json.loads(prepared.records)}
+    assert stored["nul"] == {"text": "a\ufffd"}  # its part took record_json's fallback
+    assert prepared.typed == whole.typed and prepared.stats == whole.stats
+    assert len(prepared.rows.records) == 2 * n + 1
