@@ -254,8 +254,9 @@ class PreparedBatch:
 
 
 def prepare_batch(batch: Batch, heads: Sequence[RepoHead] | None = None) -> PreparedBatch:
-    """The pure half of `apply_batch` (no I/O)."""
-    return _drain(prepare_steps(batch, heads))
+    """The pure half of `apply_batch` (no I/O). The records' JSON in one call (no parts)."""
+    stats = ApplyStats()
+    return _drain(_statement_args(batch, stats, prepare(batch, stats, heads), part_rows=None))
 
 
 def prepare_steps(
@@ -267,7 +268,7 @@ def prepare_steps(
     lets that transaction's round trips through between steps (worker.LOOP_SLICE_S)."""
     stats = ApplyStats()
     prep = yield from _prepare_steps(batch, stats, heads)
-    return (yield from _statement_args(batch, stats, prep))
+    return (yield from _statement_args(batch, stats, prep, PREPARE_STEP_WRITES))
 
 
 def _drain(steps: Generator[None, None, _T]) -> _T:
@@ -280,14 +281,15 @@ def _drain(steps: Generator[None, None, _T]) -> _T:
 
 
 def _statement_args(
-    batch: Batch, stats: ApplyStats, prep: _Prepared
+    batch: Batch, stats: ApplyStats, prep: _Prepared, part_rows: int | None
 ) -> Generator[None, None, PreparedBatch]:
     records = None
     if prep.records:
-        # One JSON array in parts of PREPARE_STEP_WRITES rows: the parts' elements joined.
+        # One JSON array in parts of `part_rows` rows (None: one part): their elements joined.
+        step = part_rows or len(prep.records)
         parts = []
-        for i in range(0, len(prep.records), PREPARE_STEP_WRITES):
-            parts.append(records_json(prep.records[i : i + PREPARE_STEP_WRITES]))
+        for i in range(0, len(prep.records), step):
+            parts.append(records_json(prep.records[i : i + step]))
             yield
         records = parts[0] if len(parts) == 1 else "[" + ",".join(p[1:-1] for p in parts) + "]"
     return PreparedBatch(
