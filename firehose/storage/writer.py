@@ -271,6 +271,13 @@ def prepare_steps(
     return (yield from _statement_args(batch, stats, prep, PREPARE_STEP_WRITES))
 
 
+def bulky_lists(prepared: PreparedBatch) -> list[list[Any]]:
+    """The lists that hold most of a prepared batch's objects (its writes, its rows), for a
+    caller that drops them a slice at a time (worker._prepare) once the batch committed."""
+    rows = prepared.rows
+    return [prepared.batch.writes, rows.records, *rows.typed.values()]
+
+
 def _drain(steps: Generator[None, None, _T]) -> _T:
     """Run a generator of `*_steps` to its end: its return value."""
     while True:
