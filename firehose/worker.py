@@ -326,12 +326,17 @@ class Worker:
                     trash.extend(writer.bulky_lists(flying))
                     flying = None
                 if prepared is not None:
+                    rows_sent = asyncio.Event()
                     in_flight = asyncio.create_task(
-                        self._apply(db, prepared, drain_deadline, read_times)
+                        self._apply(db, prepared, drain_deadline, read_times, rows_sent)
                     )
                     flying = prepared
-                    # Its BEGIN goes out now, not after the next batch's first slice.
-                    await asyncio.sleep(0)
+                    # The transaction's short statements first (BEGIN, heads, accounts), with
+                    # no batch work of ours in their way; the next batch is collected and
+                    # prepared while the server writes the rows. (Traced: those round trips
+                    # waited on our slices, 12.6 of a 55.6 ms cycle; bench/live.py 4 pairs
+                    # alternating, loads 0.41-0.44: faster in every pair, 1.097x summed.)
+                    await rows_sent.wait()
                 if drain_deadline is not None and time.monotonic() > drain_deadline:
                     if in_flight is not None:  # started already; its retries obey the deadline
                         await in_flight
@@ -429,13 +434,29 @@ class Worker:
         prepared: writer.PreparedBatch,
         deadline: float | None,
         read_times: list[float],
+        rows_sent: asyncio.Event,
+    ) -> None:
+        try:
+            await self._apply_until_committed(db, prepared, deadline, read_times, rows_sent)
+        finally:
+            rows_sent.set()  # failed, cancelled, or no rows to write: never leave it unset
+
+    async def _apply_until_committed(
+        self,
+        db: Database,
+        prepared: writer.PreparedBatch,
+        deadline: float | None,
+        read_times: list[float],
+        rows_sent: asyncio.Event,
     ) -> None:
         batch = prepared.batch
         delay_s = DB_RETRY_MIN_S
         while True:
             started = time.perf_counter()
             try:
-                await db.run(writer.apply_prepared, prepared, service=self._service)
+                await db.run(
+                    writer.apply_prepared, prepared, service=self._service, rows_sent=rows_sent
+                )
             except QUERY_RETRY_ERRORS as exc:
                 # Nothing was committed (one transaction): retrying the same batch is safe,
                 # and the rev guards make it idempotent anyway.

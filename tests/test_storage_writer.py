@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime
 from typing import Any
@@ -16,6 +17,7 @@ from firehose.storage.writer import (
     PREPARE_STEP_WRITES,
     ApplyStats,
     apply_batch,
+    apply_prepared,
     dedupe,
     heads_from_writes,
     load_cursor,
@@ -335,3 +337,25 @@ def test_prepare_steps_suspends_and_builds_the_same_batch() -> None:
     assert stored["nul"] == {"text": "a\ufffd"}  # its part took record_json's fallback
     assert prepared.typed == whole.typed and prepared.stats == whole.stats
     assert len(prepared.rows.records) == 2 * n + 1
+
+
+async def test_rows_sent_is_set_while_the_transaction_is_open(conn: asyncpg.Connection) -> None:
+    # The worker prepares its next batch once `rows_sent` is set: that must happen while the
+    # batch's transaction still runs (a waiter wakes before any reply to the rows statement
+    # can resume the transaction), and for a batch without rows as well.
+    rows_sent = asyncio.Event()
+    seen: list[bool] = []
+
+    async def look() -> None:
+        await rows_sent.wait()
+        seen.append(conn.is_in_transaction())
+
+    watcher = asyncio.create_task(look())
+    prepared = prepare_batch(Batch(writes=[post(ALICE, "a", 1)], cursor=5))
+    await apply_prepared(conn, prepared, rows_sent=rows_sent)
+    await watcher
+    assert seen == [True]
+    assert not conn.is_in_transaction() and len(await rows(conn, "records")) == 1
+    cursor_only = asyncio.Event()
+    await apply_prepared(conn, prepare_batch(Batch(cursor=6)), rows_sent=cursor_only)
+    assert cursor_only.is_set() and await load_cursor(conn, "firehose") == 6

@@ -26,6 +26,7 @@ from the transaction (`apply_prepared`) so that the worker can overlap them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass, fields, replace
@@ -341,9 +342,18 @@ async def apply_batch(
 
 
 async def apply_prepared(
-    conn: Any, prepared: PreparedBatch, *, service: str = "firehose", chain_heads: bool = True
+    conn: Any,
+    prepared: PreparedBatch,
+    *,
+    service: str = "firehose",
+    chain_heads: bool = True,
+    rows_sent: asyncio.Event | None = None,
 ) -> ApplyStats:
-    """The database half of `apply_batch`: one transaction (see the module docstring)."""
+    """The database half of `apply_batch`: one transaction (see the module docstring).
+
+    `rows_sent` is set as the statements that write the batch's rows (the long ones) are
+    sent: a caller with CPU work to do on the same event loop waits for it, so that the short
+    round trips before them (the claim, heads, accounts) are not held up by that work."""
     batch, prep = prepared.batch, prepared.rows
     stats = replace(prepared.stats)  # a copy: a retried transaction must not count twice
     identities, accounts = prepared.identities, prepared.accounts
@@ -409,6 +419,8 @@ async def apply_prepared(
             if dead:
                 stats.purged += await purge_accounts(conn, dead)
 
+        if rows_sent is not None:
+            rows_sent.set()  # the statement below goes out before the waiter runs
         # 2. Creates/updates: the guarded upserts of records and every typed table, records
         #    first, in one statement.
         if prepared.records is not None or prepared.typed:
