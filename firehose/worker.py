@@ -297,8 +297,9 @@ class Worker:
         reader_done = False
         drain_deadline: float | None = None
         # Pipelining: batch N's transaction runs on the server (a task) while this loop
-        # collects and prepares batch N+1 (pure CPU), so the worker's CPU and PostgreSQL's
-        # work overlap. Transactions stay strictly one after the other (N+1 starts after N
+        # collects and prepares batch N+1 (pure CPU, in slices), from the moment N's rows
+        # statement is sent until N commits, so the worker's CPU and PostgreSQL's work
+        # overlap. Transactions stay strictly one after the other (N+1 starts after N
         # committed), which keeps per-repo order (invariant 3) and the cursor order; at most
         # two batches are held besides the bounded queue (invariant 4).
         in_flight: asyncio.Task[None] | None = None

@@ -576,8 +576,10 @@ async def test_kill9_twenty_times_during_live_and_backfill(tmp_path: Path, db_ds
     )  # fmt: skip
     rng = random.Random(20)
     kills: list[dict[str, Any]] = []
-    # Not yielding to the live stream: both paths write at every kill.
-    env = {**SLOW_BACKFILL, "BACKFILL_USE_IDLE": "false"}
+    # Not yielding to the live stream: both paths write at every kill. Batches 250 ms apart,
+    # so that the job outlasts most of the kills on a fast machine too: at 100 ms it had all
+    # 60 repos done by the 9th kill (2026-12-02), and mid_backfill below fell short.
+    env = {**SLOW_BACKFILL, "BACKFILL_USE_IDLE": "false", "BACKFILL_BATCH_DELAY_MS": "250"}
     worker = BackfillProcess.start(tmp_path, db_dsn, net, worker=True, env=env, START_CURSOR="0")
     try:
         # The first run must commit once: later runs resume from the saved cursor (with none
