@@ -438,43 +438,33 @@ class Worker:
         rows_sent: asyncio.Event,
     ) -> None:
         try:
-            await self._apply_until_committed(db, prepared, deadline, read_times, rows_sent)
+            batch = prepared.batch
+            delay_s = DB_RETRY_MIN_S
+            while True:
+                started = time.perf_counter()
+                try:
+                    await db.run(
+                        writer.apply_prepared, prepared, service=self._service, rows_sent=rows_sent
+                    )
+                except QUERY_RETRY_ERRORS as exc:
+                    # Nothing was committed (one transaction): retrying the same batch is safe,
+                    # and the rev guards make it idempotent anyway.
+                    self.metrics.db_errors.inc()
+                    log.error("batch commit failed, retrying in %.1f s: %s", delay_s, exc)
+                    if deadline is not None and time.monotonic() + delay_s > deadline:
+                        raise
+                    await asyncio.sleep(delay_s)
+                    delay_s = min(delay_s * 2, DB_RETRY_MAX_S)
+                    continue
+                self._committed(batch, time.perf_counter() - started)
+                if prepared.stats.invalid:
+                    # Writes the tables cannot index (an AT-URI over MAX_INDEXED_TEXT_CHARS, i.e. a
+                    # DID of ~1000 chars): the writer skips them so the batch commits; count them.
+                    self._invalid("too_large").inc(prepared.stats.invalid)
+                self._observe_latency(read_times)
+                return
         finally:
             rows_sent.set()  # failed, cancelled, or no rows to write: never leave it unset
-
-    async def _apply_until_committed(
-        self,
-        db: Database,
-        prepared: writer.PreparedBatch,
-        deadline: float | None,
-        read_times: list[float],
-        rows_sent: asyncio.Event,
-    ) -> None:
-        batch = prepared.batch
-        delay_s = DB_RETRY_MIN_S
-        while True:
-            started = time.perf_counter()
-            try:
-                await db.run(
-                    writer.apply_prepared, prepared, service=self._service, rows_sent=rows_sent
-                )
-            except QUERY_RETRY_ERRORS as exc:
-                # Nothing was committed (one transaction): retrying the same batch is safe,
-                # and the rev guards make it idempotent anyway.
-                self.metrics.db_errors.inc()
-                log.error("batch commit failed, retrying in %.1f s: %s", delay_s, exc)
-                if deadline is not None and time.monotonic() + delay_s > deadline:
-                    raise
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, DB_RETRY_MAX_S)
-                continue
-            self._committed(batch, time.perf_counter() - started)
-            if prepared.stats.invalid:
-                # Writes the tables cannot index (an AT-URI over MAX_INDEXED_TEXT_CHARS, i.e. a
-                # DID of ~1000 chars): the writer skips them so the batch commits; count them.
-                self._invalid("too_large").inc(prepared.stats.invalid)
-            self._observe_latency(read_times)
-            return
 
     def _committed(self, batch: Batch, elapsed_s: float) -> None:
         self._count_events()
