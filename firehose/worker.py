@@ -319,7 +319,9 @@ class Worker:
                 if len(builder):
                     prepared = await self._prepare(builder.take(), trash)
                 else:
-                    trash.clear()  # no seq in these items (#info): little to drop
+                    # No event with a seq (#info frames only, rare): nothing to prepare, so
+                    # whatever is in the trash (with the previous batch's rows) goes at once.
+                    trash.clear()
                 if in_flight is not None:
                     await in_flight
                     in_flight = None
