@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from backfill import queries
+from backfill.progress import Counts
 
 RETRY_BASE_S = 1.0  # first retry after 1 s, doubling
 RETRY_MAX_S = 3600.0  # never wait more than an hour between attempts
@@ -112,10 +113,30 @@ async def save_repo_progress(
 
 
 async def mark_done(
-    conn: Any, job_id: int, did: str, owner: str, *, rev: str | None, records: int, bytes_: int
+    conn: Any,
+    job_id: int,
+    did: str,
+    owner: str,
+    *,
+    rev: str | None,
+    records: int,
+    bytes_: int,
+    progress: Counts | None = None,
 ) -> bool:
-    changed = await conn.fetchval(queries.REPO_DONE, job_id, did, owner, rev, records, bytes_)
-    return bool(changed)
+    """The repo done, `progress` (this process's unsaved counters) added to the job and the
+    'backfill' cursor row touched, in one statement; False if the lease was lost.
+
+    Outside a transaction the statement commits asynchronously, as the repo's rows did
+    (firehose/storage/fresh.py): the WAL is one sequential log, so a server crash that loses
+    this commit also loses nothing older than it, and one that keeps it kept the rows. A lost
+    mark only means the repo is claimed and written again, which the rev guards make
+    idempotent; the counters are lost with it and counted again."""
+    p = progress or Counts()
+    row = await conn.fetchrow(
+        queries.REPO_DONE, job_id, did, owner, rev, records, bytes_,
+        p.received, p.processed, p.skipped, p.bytes, not conn.is_in_transaction(),
+    )  # fmt: skip
+    return bool(row["changed"])
 
 
 async def mark_failed(conn: Any, job_id: int, did: str, owner: str, error: str) -> bool:

@@ -112,12 +112,18 @@ class RepoTask:
             return
         finally:
             snap.close()
-        async with ctx.conn() as conn:
-            await queue.mark_done(
-                conn, ctx.job.id, c.did, ctx.owner,
-                rev=snap.rev or None, records=written, bytes_=snap.bytes_downloaded,
-            )  # fmt: skip
-            await self._save(conn, force=True)
+        # Done and this process's counters saved: one statement (queue.mark_done).
+        delta = ctx.progress.take_unsaved()
+        try:
+            async with ctx.conn() as conn:
+                await queue.mark_done(
+                    conn, ctx.job.id, c.did, ctx.owner,
+                    rev=snap.rev or None, records=written, bytes_=snap.bytes_downloaded,
+                    progress=delta,
+                )  # fmt: skip
+        except BaseException:
+            ctx.progress.unsaved.add(delta)  # not saved: keep it for the next try
+            raise
 
     async def _write(self, c: Claimed, snap: Any) -> int:
         """Write the snapshot's in-window records; the number written."""

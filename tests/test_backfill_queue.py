@@ -9,7 +9,8 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from backfill import jobs, queue
+from backfill import jobs, queries, queue
+from backfill.progress import Counts
 
 NOW = datetime(2026, 1, 31, 12, 0, tzinfo=UTC)
 RELAY = "wss://relay.example"
@@ -122,6 +123,52 @@ async def test_lost_lease_cannot_finish(conn: asyncpg.Connection) -> None:
     (c,) = await queue.claim(conn, job.id, "a", 5, 60)
     assert not await queue.mark_done(conn, job.id, c.did, "b", rev="r", records=0, bytes_=0)
     assert not await queue.mark_failed(conn, job.id, c.did, "b", "x")
+
+
+async def test_done_saves_progress_and_touches_the_cursor_in_one_statement(
+    conn: asyncpg.Connection,
+) -> None:
+    await conn.execute("SET synchronous_commit = on")  # the test server may run with it off
+    job = (await jobs.ensure_job(conn, 30, RELAY, NOW)).job
+    await queue.enqueue(conn, job.id, dids(2), 0)
+    first, second = await queue.claim(conn, job.id, "a", 5, 60)
+    await conn.execute(
+        "INSERT INTO firehose_cursor (service, updated_at) VALUES ('backfill', $1)"
+        " ON CONFLICT (service) DO UPDATE SET updated_at = EXCLUDED.updated_at",
+        NOW - timedelta(days=400),
+    )
+    done = await queue.mark_done(
+        conn, job.id, first.did, "a", rev="r", records=4, bytes_=100,
+        progress=Counts(received=5, processed=4, skipped=1, bytes=100),
+    )  # fmt: skip
+    assert done
+    # A lost lease finishes nothing, but the records were written: their counts are saved.
+    lost = await queue.mark_done(
+        conn, job.id, second.did, "b", rev="r", records=2, bytes_=10,
+        progress=Counts(received=2, processed=2, skipped=0, bytes=10),
+    )  # fmt: skip
+    assert not lost
+    row = await conn.fetchrow("SELECT * FROM backfill_jobs WHERE id = $1", job.id)
+    assert (row["repos_done"], row["records_received"], row["records_processed"]) == (1, 7, 6)
+    assert (row["records_skipped"], row["bytes_downloaded"]) == (1, 110)
+    touched = await conn.fetchval(
+        "SELECT updated_at FROM firehose_cursor WHERE service = 'backfill'"
+    )
+    assert touched > NOW - timedelta(days=1)
+    # Inside a caller's transaction the caller's commit stays synchronous.
+    async with conn.transaction():
+        await queue.mark_done(conn, job.id, second.did, "a", rev="r", records=2, bytes_=10)
+        assert await conn.fetchval("SHOW synchronous_commit") == "on"
+    assert await queue.counts_by_state(conn, job.id) == {
+        "pending": 0, "in_progress": 0, "done": 2, "failed": 0,
+    }  # fmt: skip
+    # On its own the statement commits asynchronously (set for its implicit transaction).
+    sync = await conn.fetchval(
+        queries.REPO_DONE, job.id, "did:plc:none", "a", None, 0, 0, 0, 0, 0, 0, True,
+        column=1,
+    )  # fmt: skip
+    assert sync == "off"
+    assert await conn.fetchval("SHOW synchronous_commit") == "on"
 
 
 async def test_expired_lease_is_reclaimed(conn: asyncpg.Connection) -> None:
