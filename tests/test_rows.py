@@ -327,7 +327,7 @@ def test_records_json_of_a_batch_equals_record_by_record(records: list[dict[str,
         for i, r in enumerate(records)
     ]
     rows = [rows_of(w, w.uri) for w in writes]
-    text = records_json([r[0] for r in rows if r is not None])
+    text = records_json([r[0] for r in rows if r is not None]).decode()  # strict UTF-8
     assert "\\u0000" not in text.replace("\\\\", "")
     stored = [row[6] for row in json.loads(text)]
     assert stored == [json.loads(record_json(r)) for r in records]

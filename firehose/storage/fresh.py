@@ -56,12 +56,13 @@ ON CONFLICT (did) DO UPDATE SET updated_at = now() WHERE a.chain_rev IS NULL
 """
 
 # The rows of a fresh batch come as in queries.UPSERTS_APPLY: $1 the records rows, $2.. the
-# rows of each typed table in queries.TYPED_ORDER ('[]' when none), each one jsonb array of
-# row arrays. They are INSERTed as they are (no guard, no ON CONFLICT), only if the claim CTE
-# `c` made the repo ours: the claim runs (and waits) to completion first, as the InitPlan of
-# every insert. (Binary COPY costs PostgreSQL a little less but this process about five times
-# more per record, in asyncpg's encoding of datetimes and lists; the backfill is one Python
-# thread, so its own CPU per record bounds its rate.) _N is the first parameter after the rows.
+# rows of each typed table in queries.TYPED_ORDER (b'[]' when none), each one JSON array of
+# row arrays (queries.rows_param). They are INSERTed as they are (no guard, no ON CONFLICT),
+# only if the claim CTE `c` made the repo ours: the claim runs (and waits) to completion
+# first, as the InitPlan of every insert. (Binary COPY costs PostgreSQL a little less but this
+# process about five times more per record, in asyncpg's encoding of datetimes and lists; the
+# backfill is one Python thread, so its own CPU per record bounds its rate.) _N is the first
+# parameter after the rows.
 _N = 2 + len(queries.TYPED_ORDER)
 _DID, _REV, _DATA_CID, _ASYNC, _XMIN = (f"${_N + i}" for i in range(5))
 
@@ -96,7 +97,8 @@ def _insert(table: str, columns: tuple[tuple[str, str], ...], param: int) -> str
     values = ", ".join(queries.column_value(i, t) for i, (_, t) in enumerate(columns))
     return (
         f"INSERT INTO {table} ({names}) SELECT {values}"
-        f" FROM jsonb_array_elements(${param}::jsonb) AS u WHERE EXISTS (SELECT 1 FROM c)"
+        f" FROM jsonb_array_elements({queries.rows_param(param)}) AS u"
+        " WHERE EXISTS (SELECT 1 FROM c)"
     )
 
 

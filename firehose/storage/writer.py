@@ -214,13 +214,17 @@ _dumps = orjson.dumps
 _Fragment = orjson.Fragment  # already-serialized JSON, embedded as is
 
 
-def _rows_json(rows: list[tuple[Any, ...]]) -> str:
-    """Rows -> the one jsonb parameter of queries.*_UPSERT: a JSON array of row arrays.
-    Datetimes become RFC 3339 strings (aware, so with their offset), lists JSON arrays."""
-    return _dumps(rows).decode()
+_NO_ROWS = b"[]"
 
 
-def records_json(rows: list[tuple[Any, ...]]) -> str:
+def _rows_json(rows: list[tuple[Any, ...]]) -> bytes:
+    """Rows -> the one rows parameter of queries.*_UPSERT (queries.rows_param): a JSON array
+    of row arrays, UTF-8. Datetimes become RFC 3339 strings (aware, so with their offset),
+    lists JSON arrays."""
+    return _dumps(rows)
+
+
+def records_json(rows: list[tuple[Any, ...]]) -> bytes:
     """Like `_rows_json` for `rows.rows_of` records rows, whose record column is the record
     itself: one orjson call for the whole batch (1.6-1.8 µs per record instead of 4.2-4.3
     with one call per record, same output, in a microbenchmark of synthetic records). A
@@ -230,11 +234,11 @@ def records_json(rows: list[tuple[Any, ...]]) -> str:
     try:
         text = _dumps(rows)
         if b"\\u0000" not in text:
-            return text.decode()
+            return text
     except (TypeError, ValueError):
         pass
     i = RECORD_COLUMN
-    return _dumps([(*r[:i], _Fragment(record_json(r[i])), *r[i + 1 :]) for r in rows]).decode()
+    return _dumps([(*r[:i], _Fragment(record_json(r[i])), *r[i + 1 :]) for r in rows])
 
 
 @dataclass(slots=True)
@@ -248,9 +252,9 @@ class PreparedBatch:
     rows: _Prepared
     identities: list[Any]
     accounts: list[Any]
-    # the jsonb parameters: records rows, and (table, rows) per typed table
-    records: str | None
-    typed: list[tuple[str, str]]
+    # the rows parameters (queries.rows_param): records rows, and (table, rows) per typed table
+    records: bytes | None
+    typed: list[tuple[str, bytes]]
     resyncs: list[tuple[str, str]]  # (did, reason), one per did (the first), in did order
 
 
@@ -299,7 +303,7 @@ def _statement_args(
         for i in range(0, len(prep.records), step):
             parts.append(records_json(prep.records[i : i + step]))
             yield
-        records = parts[0] if len(parts) == 1 else "[" + ",".join(p[1:-1] for p in parts) + "]"
+        records = parts[0] if len(parts) == 1 else b"[" + b",".join(p[1:-1] for p in parts) + b"]"
     return PreparedBatch(
         batch=batch,
         stats=stats,
@@ -427,8 +431,8 @@ async def apply_prepared(
             typed = dict(prepared.typed)
             row = await conn.fetchrow(
                 queries.UPSERTS_APPLY,
-                prepared.records or "[]",
-                *[typed.get(name, "[]") for name in queries.TYPED_ORDER],
+                prepared.records or _NO_ROWS,
+                *[typed.get(name, _NO_ROWS) for name in queries.TYPED_ORDER],
             )
             stats.upserted += row["upserted"]
             stats.skipped += len(prep.records) - row["upserted"]
@@ -501,7 +505,7 @@ async def _load_fresh(conn: Any, prepared: PreparedBatch, head: RepoHead) -> App
     if known and xmin is None:
         return None
     typed = dict(prepared.typed)
-    rows = [prepared.records or "[]", *[typed.get(name, "[]") for name in queries.TYPED_ORDER]]
+    rows = [prepared.records or _NO_ROWS, *[typed.get(n, _NO_ROWS) for n in queries.TYPED_ORDER]]
     nested = conn.is_in_transaction()
     sql = fresh.FRESH_CLAIM if xmin is None else fresh.FRESH_CONTINUE
     args = [*rows, did, rev, data_cid, not nested]

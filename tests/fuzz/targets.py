@@ -336,8 +336,7 @@ def check_rows(write: RecordWrite) -> None:
     assert rows is not None
     record_row, typed = rows
     # What the writer sends: the batch's JSON (one call, or record_json per record).
-    text = records_json([record_row])
-    text.encode("utf-8")  # strict: no lone surrogate reaches PostgreSQL
+    text = records_json([record_row]).decode("utf-8")  # strict: no lone surrogate reaches PG
     _no_nul(json.loads(text)[0][6])  # jsonb refuses \u0000 (an escaped backslash is fine)
     created_at = record_row[7]
     assert created_at is None or (
