@@ -7,6 +7,8 @@ skewed clocks still agree on when a lease expired.
 
 from __future__ import annotations
 
+from firehose.storage.queries import async_commit_if
+
 ACTIVE_STATUSES = ("running", "paused", "paused_rate_limited")
 TERMINAL_STATUSES = ("completed", "failed")
 
@@ -200,7 +202,8 @@ UPDATE backfill_repos
 # the records were written either way) and the 'backfill' cursor row's updated_at. Nothing
 # of the repo's row changes if the lease was lost. $11: commit asynchronously (see
 # queue.mark_done).
-REPO_DONE = """
+REPO_DONE = (
+    """
 WITH r AS (
     UPDATE backfill_repos
        SET state = 'done', rev = $4, records = $5, bytes = $6, error = NULL,
@@ -218,9 +221,11 @@ UPDATE backfill_jobs
        bytes_downloaded = bytes_downloaded + $10,
        updated_at = now()
  WHERE id = $1
-RETURNING (SELECT count(*) FROM r) AS changed,
-          CASE WHEN $11::bool THEN set_config('synchronous_commit', 'off', true) END AS sync
+RETURNING (SELECT count(*) FROM r) AS changed, """
+    + async_commit_if("$11")
+    + """ AS sync
 """
+)
 # Back to pending after `delay_s`; attempts grows by $5 (0 for a rate-limit pause, which is
 # the host's state, not the repo's fault).
 REPO_RETRY = """

@@ -116,8 +116,7 @@ def _load_sql(claim: str) -> str:
         + ",\n".join(ctes)
         + "\nSELECT (SELECT xmin FROM c) AS xmin, (SELECT count(*) FROM r) AS inserted,"
         + f" {typed} AS typed,"
-        + f" CASE WHEN {_ASYNC}::bool THEN set_config('synchronous_commit', 'off', true) END"
-        + " AS sync"
+        + f" {queries.async_commit_if(_ASYNC)} AS sync"
     )
 
 

@@ -307,6 +307,16 @@ ON CONFLICT (did) DO UPDATE
  WHERE a.rev IS NULL OR a.rev < EXCLUDED.rev
 """
 
+
+def async_commit_if(param: str) -> str:
+    """A statement's output column that, when the bool parameter `param` is true, makes its
+    transaction commit asynchronously (`synchronous_commit = off`, local to the transaction:
+    for a statement on its own, its implicit one). An output column runs exactly once. Pass
+    false inside a caller's transaction: that commit is the caller's. Why it is safe where it
+    is used: writer._ASYNC_COMMIT."""
+    return f"CASE WHEN {param}::bool THEN set_config('synchronous_commit', 'off', true) END"
+
+
 # A batch's bookkeeping in one statement (writer.apply_prepared runs it first or last): the
 # repo heads ($1..$3, may be empty arrays: ACTOR_HEADS,
 # and with $10 also the chain heads `chain_rev`/`chain_data_cid` of sql/005, each never
@@ -365,8 +375,9 @@ ON CONFLICT (service) DO UPDATE
        updated_at = now()
 RETURNING 1)
 SELECT (SELECT count(*) FROM h) AS heads, (SELECT count(*) FROM c) AS cursors,
-       (SELECT count(*) FROM q) AS resyncs,
-       CASE WHEN $7::bool THEN set_config('synchronous_commit', 'off', true) END AS sync
+       (SELECT count(*) FROM q) AS resyncs, """
+    + async_commit_if("$7")
+    + """ AS sync
 """
 )
 
