@@ -8,9 +8,10 @@ events"), when a repo finishes, and when the service stops.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 log = logging.getLogger("backfill")
@@ -100,9 +101,15 @@ class Progress:
     def save_due(self) -> bool:
         return self.unsaved.received >= SAVE_EVERY_RECORDS
 
-    def take_unsaved(self) -> Counts:
+    @contextlib.contextmanager
+    def saving(self) -> Iterator[Counts]:
+        """The unsaved counts, taken for a save; given back if the save fails, for the next."""
         taken, self.unsaved = self.unsaved, Counts()
-        return taken
+        try:
+            yield taken
+        except BaseException:
+            self.unsaved.add(taken)
+            raise
 
     def log_due(self) -> bool:
         return self._clock() - self._last_log_at >= LOG_EVERY_S

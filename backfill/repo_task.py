@@ -113,17 +113,13 @@ class RepoTask:
         finally:
             snap.close()
         # Done and this process's counters saved: one statement (queue.mark_done).
-        delta = ctx.progress.take_unsaved()
-        try:
+        with ctx.progress.saving() as delta:
             async with ctx.conn() as conn:
                 await queue.mark_done(
                     conn, ctx.job.id, c.did, ctx.owner,
                     rev=snap.rev or None, records=written, bytes_=snap.bytes_downloaded,
                     progress=delta,
                 )  # fmt: skip
-        except BaseException:
-            ctx.progress.unsaved.add(delta)  # not saved: keep it for the next try
-            raise
 
     async def _write(self, c: Claimed, snap: Any) -> int:
         """Write the snapshot's in-window records; the number written."""
@@ -249,13 +245,9 @@ async def save_progress(ctx: Context, conn: Any, *, force: bool) -> None:
     """Add this process's unsaved counters to the job row (every 1000 records, or now)."""
     if not (force or ctx.progress.save_due()) or ctx.progress.unsaved.empty:
         return
-    delta = ctx.progress.take_unsaved()
-    try:
+    with ctx.progress.saving() as delta:
         await jobs.add_records(
             conn, ctx.job.id, received=delta.received, processed=delta.processed,
             skipped=delta.skipped, bytes_=delta.bytes,
         )  # fmt: skip
         await conn.execute(queries.BACKFILL_CURSOR_TOUCH)
-    except BaseException:
-        ctx.progress.unsaved.add(delta)  # not saved: keep it for the next try
-        raise

@@ -160,6 +160,20 @@ def test_helper_counts_reach_totals_not_unsaved() -> None:
     assert progress.unsaved.received == 5  # the helper saves its own to the job row
 
 
+def test_a_failed_save_gives_the_counts_back() -> None:
+    progress = Progress()
+    progress.add(Counts(received=5, processed=4, skipped=1, bytes=9))
+    with pytest.raises(OSError), progress.saving() as taken:
+        assert taken == Counts(received=5, processed=4, skipped=1, bytes=9)
+        assert progress.unsaved.empty
+        progress.add(Counts(received=2))  # counted meanwhile, by another repo
+        raise OSError("connection lost")
+    assert progress.unsaved == Counts(received=7, processed=4, skipped=1, bytes=9)
+    with progress.saving() as taken:
+        assert taken.received == 7
+    assert progress.unsaved.empty
+
+
 async def test_parent_link_over_real_pipes() -> None:
     """The helper side: the pressure bytes set `behind`, end of file sets `stop` (the
     parent is gone), and `report` sends what the totals gained, a last time at the end."""
