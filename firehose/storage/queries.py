@@ -201,9 +201,10 @@ def rows_param(n: int) -> str:
     """Parameter `n`, one batch's rows as the UTF-8 bytes of a JSON array of row arrays
     (writer.records_json), as jsonb. Sent as bytea, the bytes orjson made go out as they are:
     as a jsonb parameter they had to be a str, decoded from those bytes and encoded back by
-    asyncpg, which cost ~1 µs of our CPU per record of a batch with text outside Latin-1 (an
-    emoji: a UCS-4 str; tmp micro-benchmark, 100 batches of 500 records, two runs each way:
-    2.05-2.22 -> 1.05-1.22 µs per record in fetchrow alone). PostgreSQL checks the UTF-8 in
+    asyncpg, which cost up to ~1 µs of our CPU per record of a batch with text outside
+    Latin-1 (an emoji: a UCS-4 str; micro-benchmark, 100 batches of 500 records, two runs
+    each way, load average 0.43-0.44: 0.84 -> 0.63 and 1.58 -> 0.42 µs per record in
+    fetchrow alone, the decode not counted). PostgreSQL checks the UTF-8 in
     convert_from, as it did in jsonb's input."""
     return f"convert_from(${n}::bytea, 'UTF8')::jsonb"
 
