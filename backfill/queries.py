@@ -195,6 +195,11 @@ UPDATE backfill_repos
        lease_until = now() + make_interval(secs => $7::float8), updated_at = now()
  WHERE job_id = $1 AND did = $2 AND lease_owner = $3 AND state = 'in_progress'
 """
+# The 'backfill' cursor row's updated_at: the backfill's progress was saved (alone, and
+# inside REPO_DONE).
+BACKFILL_CURSOR_TOUCH = """
+UPDATE firehose_cursor SET updated_at = now() WHERE service = 'backfill'
+"""
 # Done, with everything else a finished repo saves, in one statement and one commit (issue
 # 11: three autocommit statements with a synchronous commit each had cost ~0.3 ms of CPU and
 # three WAL flushes per repo, most of the fixed cost of a small repo): the job's repos_done,
@@ -211,7 +216,9 @@ WITH r AS (
      WHERE job_id = $1 AND did = $2 AND lease_owner = $3 AND state = 'in_progress'
     RETURNING 1
 ), touched AS (
-    UPDATE firehose_cursor SET updated_at = now() WHERE service = 'backfill' RETURNING 1
+    """
+    + BACKFILL_CURSOR_TOUCH.strip()
+    + """ RETURNING 1
 )
 UPDATE backfill_jobs
    SET repos_done = repos_done + (SELECT count(*) FROM r),
@@ -294,9 +301,6 @@ SELECT DISTINCT lease_owner FROM backfill_repos
  WHERE job_id = $1 AND state = 'in_progress' AND starts_with(lease_owner, $2)
 UNION
 SELECT enum_owner FROM backfill_jobs WHERE id = $1 AND starts_with(enum_owner, $2)
-"""
-BACKFILL_CURSOR_TOUCH = """
-UPDATE firehose_cursor SET updated_at = now() WHERE service = 'backfill'
 """
 REPOS_IN_PROGRESS = """
 SELECT count(*) FROM backfill_repos WHERE job_id = $1 AND state = 'in_progress'
