@@ -19,6 +19,7 @@ from typing import Any
 
 from backfill import jobs, queue
 from backfill.status import job_status, render
+from firehose import eventloop
 from firehose.protocol.syntax import is_did
 from firehose.settings import Settings
 
@@ -58,7 +59,7 @@ def handle(args: argparse.Namespace, settings: Settings) -> int:
         "run": _run,
         "helper": _helper,
     }
-    return asyncio.run(handlers[args.backfill_command](args, settings))
+    return eventloop.run(handlers[args.backfill_command](args, settings))
 
 
 @contextlib.asynccontextmanager

@@ -9,7 +9,6 @@ a message naming the variable (design invariant 6).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import logging
 import sys
@@ -17,7 +16,7 @@ import time
 from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
-from firehose import __version__, logs
+from firehose import __version__, eventloop, logs
 from firehose.settings import ConfigError, Settings
 
 if TYPE_CHECKING:
@@ -117,11 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_async(coro: Coroutine[Any, Any, None]) -> int:
     try:
-        import uvloop
-
-        uvloop.run(coro)
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
-        asyncio.run(coro)
+        eventloop.run(coro)
     except KeyboardInterrupt:
         return 130
     return 0
