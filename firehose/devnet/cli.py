@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 from datetime import UTC, datetime
 
+from firehose import eventloop
 from firehose.devnet.generator import DEFAULT_START_TIME_US
 from firehose.devnet.httpfaults import HttpFaults
 from firehose.devnet.model import MODELS
@@ -280,4 +281,4 @@ def main(argv: list[str] | None = None) -> None:
     add_arguments(parser)
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is the normal way to stop it
-        asyncio.run(run(args))
+        eventloop.run(run(args))
