@@ -1,5 +1,5 @@
 """Embedded PostgreSQL (pgserver): database `atproto` created, data survives a restart, the
-server runs at a lower CPU priority than the worker."""
+server runs at a lower CPU priority than the worker, with EMBEDDED_SETTINGS."""
 
 from __future__ import annotations
 
@@ -10,7 +10,12 @@ import asyncpg
 import psutil
 import pytest
 
-from firehose.storage.embedded import DATABASE_NAME, EMBEDDED_NICE_BELOW, start_embedded
+from firehose.storage.embedded import (
+    DATABASE_NAME,
+    EMBEDDED_NICE_BELOW,
+    EMBEDDED_SETTINGS,
+    start_embedded,
+)
 
 
 @pytest.mark.slow
@@ -30,6 +35,8 @@ async def test_embedded_restart_keeps_data(tmp_path: Path) -> None:
             assert backend.nice() == min(19, own + EMBEDDED_NICE_BELOW)
             assert backend.nice() > own or own == 19  # 19: already the lowest priority
             assert backend.parent().nice() == backend.nice()
+            for name, value in EMBEDDED_SETTINGS.items():
+                assert await conn.fetchval(f"SHOW {name}") == value
         finally:
             await conn.close()
     finally:
@@ -41,6 +48,7 @@ async def test_embedded_restart_keeps_data(tmp_path: Path) -> None:
         conn = await asyncpg.connect(pg.dsn)
         try:
             assert await conn.fetchval("SELECT x FROM kept") == 7
+            assert await conn.fetchval("SHOW wal_init_zero") == "off"  # set again, still off
         finally:
             await conn.close()
     finally:
