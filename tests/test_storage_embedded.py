@@ -48,7 +48,8 @@ async def test_embedded_restart_keeps_data(tmp_path: Path) -> None:
         conn = await asyncpg.connect(pg.dsn)
         try:
             assert await conn.fetchval("SELECT x FROM kept") == 7
-            assert await conn.fetchval("SHOW wal_init_zero") == "off"  # set again, still off
+            for name, value in EMBEDDED_SETTINGS.items():  # set again at the restart
+                assert await conn.fetchval(f"SHOW {name}") == value
         finally:
             await conn.close()
     finally:

@@ -43,6 +43,7 @@ DATABASE_NAME = "atproto"
 # 7,393 against 7,052 and 7,081 events/s. The server still gets any core the worker leaves
 # idle: nice only weighs who runs first.
 EMBEDDED_NICE_BELOW = 10
+_LOWEST_PRIORITY_NICE = 19
 
 # Server settings of the embedded server (ALTER SYSTEM; a server of one's own is never touched).
 # wal_init_zero=off: PostgreSQL fills every new 16 MB WAL segment with zeros before it
@@ -62,7 +63,6 @@ EMBEDDED_NICE_BELOW = 10
 # pair, 268,286 against 228,672 records/s summed; its server log shows no `checkpoint
 # starting: wal` during the run any more. pg_wal may hold up to about 4 GB.
 EMBEDDED_SETTINGS: dict[str, str] = {"wal_init_zero": "off", "max_wal_size": "4GB"}
-_LOWEST_PRIORITY_NICE = 19
 
 
 class EmbeddedPostgres:
