@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from firehose.devnet.tid import tid_of_value as tid
 from firehose.model import Action, Batch, RecordWrite
+from firehose.storage import queries
 from firehose.storage.writer import ApplyStats, apply_batch, write_snapshot
 
 # (collection, rkey): a few uris over two typed tables.
@@ -354,3 +355,73 @@ async def test_live_batch_and_snapshot_of_a_chained_repo_do_not_deadlock(conns: 
     await tr.commit()
     await asyncio.wait_for(asyncio.gather(live_task, snapshot_task), 60)
     await check_converged(a, did, [write(did, 0, Action.CREATE, 1), *live, *snapshot])
+
+
+# One record of every typed table (and one of no typed table), with the fields they map.
+_REF = {"uri": "at://did:plc:bob/app.bsky.feed.post/3k", "cid": "bafyref"}
+_EVERY_COLLECTION: list[tuple[str, str, dict[str, Any]]] = [
+    ("app.bsky.actor.profile", "self", {"displayName": "Al \u00e9", "description": "d"}),
+    ("app.bsky.feed.generator", "gen", {"did": "did:web:f.example", "displayName": "F"}),
+    ("app.bsky.feed.like", "3kl", {"subject": _REF}),
+    (
+        "app.bsky.feed.post",
+        "3kp",
+        {
+            "text": 'tab\there \\ "q" \U0001f98b',
+            "langs": ["en", "fr"],
+            "reply": {"root": _REF, "parent": _REF},
+            "tags": ["x"],
+        },
+    ),
+    ("app.bsky.feed.repost", "3kr", {"subject": _REF}),
+    ("app.bsky.graph.block", "3kb", {"subject": "did:plc:bob"}),
+    ("app.bsky.graph.follow", "3kf", {"subject": "did:plc:bob"}),
+    ("app.bsky.graph.list", "3kli", {"name": "L", "purpose": "app.bsky.graph.defs#modlist"}),
+    ("app.bsky.graph.listitem", "3klt", {"list": "at://l", "subject": "did:plc:b"}),
+    ("app.bsky.graph.starterpack", "3ks", {"name": "S", "list": "at://l"}),
+    ("com.example.note", "n1", {"text": "no typed table"}),
+]
+
+
+async def test_fresh_load_stores_what_the_guarded_path_stores(
+    conns: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh load sends rows without uri and did (fresh.FRESH_SKIPPED_COLUMNS) and builds
+    them in SQL: every column of every table must come out as the guarded path writes it."""
+    import firehose.storage.writer as writer
+
+    a = conns[0]
+    fresh_did, guarded_did = "did:plc:" + "f" * 24, "did:plc:" + "g" * 24
+
+    def snapshot(did: str) -> list[RecordWrite]:
+        return [
+            RecordWrite(
+                did,
+                c,
+                rkey,
+                tid(SNAPSHOT_REV),
+                Action.CREATE,
+                f"bafy{rkey}",
+                {"$type": c, "createdAt": "2024-01-01T00:00:00.5+02:00", **record},
+            )
+            for c, rkey, record in _EVERY_COLLECTION
+        ]
+
+    loaded = await write_snapshot(a, snapshot(fresh_did))
+    assert loaded.fresh == len(_EVERY_COLLECTION) and loaded.typed == len(_EVERY_COLLECTION) - 1
+    with monkeypatch.context() as m:
+        m.setattr(writer, "_fresh_candidate", lambda prep: None)
+        guarded = await write_snapshot(a, snapshot(guarded_did))
+    assert guarded.fresh == 0 and guarded.upserted == len(_EVERY_COLLECTION)
+
+    tables = ["records", "actors", *(t.name for t in queries.TYPED_TABLES.values())]
+    for table in tables:
+        sql = (
+            f"SELECT coalesce(jsonb_agg(to_jsonb(t) - 'indexed_at' - 'updated_at' ORDER BY"
+            f" t.did), '[]')::text FROM {table} t WHERE did = $1"
+        )
+        got = await a.fetchval(sql, fresh_did)
+        want = await a.fetchval(sql, guarded_did)
+        assert got == want.replace(guarded_did, fresh_did), table
+        if table != "actors":
+            assert got != "[]", table
