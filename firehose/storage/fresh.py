@@ -55,21 +55,14 @@ INSERT INTO actors AS a (did) SELECT d FROM unnest($1::text[]) AS d ORDER BY d
 ON CONFLICT (did) DO UPDATE SET updated_at = now() WHERE a.chain_rev IS NULL
 """
 
-# The rows of a fresh batch come as in queries.UPSERTS_APPLY ($1 the records rows, $2.. the
-# rows of each typed table in queries.TYPED_ORDER, b'[]' when none, each one JSON array of
-# row arrays: queries.rows_param), but without their first two columns, `uri` and `did`
-# (`FRESH_SKIPPED_COLUMNS`): a fresh batch is one repo's, so `did` is the statement's
-# parameter and `uri` is at://<did>/<collection>/<rkey>, built here (`rev` stays: a window's
-# profile record, fetched with getRecord, has its own commit's rev). That is 757 -> 539 bytes
-# per record of the devnet's repos; a micro-benchmark of the statement alone, on a variant
-# that left out `rev` as well (300 repos x 500 records, three pairs: docs/performance.md,
-# session 17), gave PostgreSQL 16.46 -> 15.53 µs of CPU per record, the stored rows the same
-# (tests/test_storage_fresh.py compares every column with the guarded path's). They are
-# INSERTed as they are (no guard, no ON CONFLICT), only if the claim CTE `c` made the repo
-# ours: the claim runs (and waits) to completion first, as the InitPlan of every insert.
-# (Binary COPY costs PostgreSQL a little less but this process about five times more per
-# record, in asyncpg's encoding of datetimes and lists; the backfill is one Python thread,
-# so its own CPU per record bounds its rate.) _N is the first parameter after the rows.
+# The rows of a fresh batch come as in queries.UPSERTS_APPLY: $1 the records rows, $2.. the
+# rows of each typed table in queries.TYPED_ORDER (b'[]' when none), each one JSON array of
+# row arrays (queries.rows_param). They are INSERTed as they are (no guard, no ON CONFLICT),
+# only if the claim CTE `c` made the repo ours: the claim runs (and waits) to completion
+# first, as the InitPlan of every insert. (Binary COPY costs PostgreSQL a little less but this
+# process about five times more per record, in asyncpg's encoding of datetimes and lists; the
+# backfill is one Python thread, so its own CPU per record bounds its rate.) _N is the first
+# parameter after the rows.
 _N = 2 + len(queries.TYPED_ORDER)
 _DID, _REV, _DATA_CID, _ASYNC, _XMIN = (f"${_N + i}" for i in range(5))
 
@@ -99,22 +92,9 @@ UPDATE actors AS a
 RETURNING a.xmin::text AS xmin)"""
 
 
-# The columns a fresh row leaves out: the leading (uri, did) of every records and typed row.
-FRESH_SKIPPED_COLUMNS = 2
-assert all(
-    tuple(c for c, _ in columns[:FRESH_SKIPPED_COLUMNS]) == ("uri", "did")
-    for columns in (queries.RECORDS_COLUMNS, queries.COMMON_TYPED_COLUMNS)
-)
-
-
-def _insert(table: str, columns: tuple[tuple[str, str], ...], param: int, uri: str) -> str:
-    """INSERT of a fresh rows parameter into `table`; `uri` is the SQL of the row's uri."""
+def _insert(table: str, columns: tuple[tuple[str, str], ...], param: int) -> str:
     names = ", ".join(c for c, _ in columns)
-    rest = columns[FRESH_SKIPPED_COLUMNS:]
-    values = ", ".join(
-        [f'({uri}) COLLATE "C"', f"{_DID}::text"]
-        + [queries.column_value(i, t) for i, (_, t) in enumerate(rest)]
-    )
+    values = ", ".join(queries.column_value(i, t) for i, (_, t) in enumerate(columns))
     return (
         f"INSERT INTO {table} ({names}) SELECT {values}"
         f" FROM jsonb_array_elements({queries.rows_param(param)}) AS u"
@@ -122,22 +102,13 @@ def _insert(table: str, columns: tuple[tuple[str, str], ...], param: int, uri: s
     )
 
 
-def _uri(columns: tuple[tuple[str, str], ...], collection: str | None = None) -> str:
-    """SQL of the uri of a fresh row of `columns`: its own collection column, or the typed
-    table's `collection` (a constant NSID of queries.TYPED_TABLES)."""
-    names = [c for c, _ in columns[FRESH_SKIPPED_COLUMNS:]]
-    rkey = f"(u->>{names.index('rkey')})"
-    if collection:
-        return f"'at://' || {_DID}::text || '/{collection}/' || {rkey}"
-    return f"'at://' || {_DID}::text || '/' || (u->>{names.index('collection')}) || '/' || {rkey}"
-
-
 def _load_sql(claim: str) -> str:
-    records = _insert("records", queries.RECORDS_COLUMNS, 1, _uri(queries.RECORDS_COLUMNS))
-    ctes = [claim.strip(), "r AS (" + records + " RETURNING 1)"]
+    ctes = [
+        claim.strip(),
+        "r AS (" + _insert("records", queries.RECORDS_COLUMNS, 1) + " RETURNING 1)",
+    ]
     for i, t in enumerate(queries.TYPED_TABLES.values()):
-        columns = queries.COMMON_TYPED_COLUMNS + t.columns
-        sql = _insert(t.name, columns, i + 2, _uri(columns, t.collection))
+        sql = _insert(t.name, queries.COMMON_TYPED_COLUMNS + t.columns, i + 2)
         ctes.append(f"t{i} AS (" + sql + " RETURNING 1)")
     typed = " + ".join(f"(SELECT count(*) FROM t{i})" for i in range(len(queries.TYPED_TABLES)))
     return (
