@@ -386,10 +386,9 @@ _EVERY_COLLECTION: list[tuple[str, str, dict[str, Any]]] = [
 async def test_fresh_load_stores_what_the_guarded_path_stores(
     conns: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A fresh load sends rows without uri and did (fresh.FRESH_SKIPPED_COLUMNS) and builds
-    them in SQL: every column of every table must come out as the guarded path writes it."""
-    import firehose.storage.writer as writer
-
+    """The fresh load's statement (fresh.FRESH_CLAIM: its own INSERTs, no guards) stores
+    every column of every table as the guarded path writes it, for a record of every typed
+    table and one of none."""
     a = conns[0]
     fresh_did, guarded_did = "did:plc:" + "f" * 24, "did:plc:" + "g" * 24
 
@@ -410,15 +409,17 @@ async def test_fresh_load_stores_what_the_guarded_path_stores(
     loaded = await write_snapshot(a, snapshot(fresh_did))
     assert loaded.fresh == len(_EVERY_COLLECTION) and loaded.typed == len(_EVERY_COLLECTION) - 1
     with monkeypatch.context() as m:
-        m.setattr(writer, "_fresh_candidate", lambda prep: None)
+        m.setattr("firehose.storage.writer._fresh_candidate", lambda prep: None)
         guarded = await write_snapshot(a, snapshot(guarded_did))
     assert guarded.fresh == 0 and guarded.upserted == len(_EVERY_COLLECTION)
 
-    tables = ["records", "actors", *(t.name for t in queries.TYPED_TABLES.values())]
-    for table in tables:
+    # (table, its key): rows compared in key order, a repo's records being several rows.
+    tables = [("records", "uri"), ("actors", "did")]
+    tables += [(t.name, "uri") for t in queries.TYPED_TABLES.values()]
+    for table, key in tables:
         sql = (
             f"SELECT coalesce(jsonb_agg(to_jsonb(t) - 'indexed_at' - 'updated_at' ORDER BY"
-            f" t.did), '[]')::text FROM {table} t WHERE did = $1"
+            f" t.{key}), '[]')::text FROM {table} t WHERE did = $1"
         )
         got = await a.fetchval(sql, fresh_did)
         want = await a.fetchval(sql, guarded_did)
