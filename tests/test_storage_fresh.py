@@ -7,7 +7,9 @@ none of them deadlocks."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -17,7 +19,8 @@ from hypothesis import strategies as st
 
 from firehose.devnet.tid import tid_of_value as tid
 from firehose.model import Action, Batch, RecordWrite
-from firehose.storage import queries
+from firehose.storage import copy_text, queries, writer
+from firehose.storage.fresh import Loads
 from firehose.storage.writer import ApplyStats, apply_batch, write_snapshot
 
 # (collection, rkey): a few uris over two typed tables.
@@ -119,7 +122,29 @@ def races(draw: st.DrawFn) -> dict[str, Any]:
         # A repo the live stream committed before (a chain head, older than every op here):
         # the snapshot then takes the guarded path, and both writers' lock order is tested.
         "chained": draw(st.booleans()),
+        # the load's records rows sent by COPY (writer.FRESH_COPY_MIN_RECORDS) or in its
+        # statement
+        "copy": draw(st.booleans()),
     }
+
+
+@contextlib.contextmanager
+def records_by_copy(on: bool) -> Iterator[list[int]]:
+    """Fresh loads send their records rows by COPY (every batch) or in the load's statement
+    (none); yields the list of COPY sizes, one per batch sent by COPY, to show which path ran.
+    The process's memory of loads under way (writer._fresh_loads) starts empty, as the
+    database does: a test run twice must not find its dids' loads of the first run."""
+    sizes: list[int] = []
+
+    def counted(rows: list[Any]) -> bytes:
+        sizes.append(len(rows))
+        return copy_text.records_copy(rows)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(writer, "FRESH_COPY_MIN_RECORDS", 1 if on else 10**9)
+        m.setattr(writer, "records_copy", counted)
+        m.setattr(writer, "_fresh_loads", Loads())
+        yield sizes
 
 
 async def _load(conn: asyncpg.Connection, did: str, batch: list[RecordWrite], last: bool) -> Any:
@@ -220,14 +245,24 @@ async def test_fresh_load_and_live_batch_converge(conns: Any, race: dict[str, An
     earlier = [write(race["did"], 0, Action.CREATE, SNAPSHOT_REV - 2000)] if race["chained"] else []
     if earlier:
         await apply_batch(a, Batch(writes=earlier))
-    fresh = await asyncio.wait_for(run_race(a, b, c, race), 60)
+    with records_by_copy(race["copy"]):
+        fresh = await asyncio.wait_for(run_race(a, b, c, race), 60)
     assert not (fresh and race["chained"]), "a repo the live stream wrote is never fresh"
     snapshot = [w for batch in race["loads"] for w in batch]
     await check_converged(a, race["did"], earlier + snapshot + race["live"])
 
 
-async def test_fresh_repo_is_loaded_unguarded_and_a_known_one_is_not(conns: Any) -> None:
+@pytest.mark.parametrize("by_copy", [False, True])
+async def test_fresh_repo_is_loaded_unguarded_and_a_known_one_is_not(
+    conns: Any, by_copy: bool
+) -> None:
     """The unguarded path is taken exactly when the repo is fresh and still ours."""
+    with records_by_copy(by_copy) as sizes:
+        await _loaded_unguarded_or_not(conns)
+    assert bool(sizes) == by_copy
+
+
+async def _loaded_unguarded_or_not(conns: Any) -> None:
     a = conns[0]
     new = "did:plc:freshnew"
     snap = [write(new, k, Action.CREATE, SNAPSHOT_REV) for k in range(len(KEYS))]
@@ -271,10 +306,17 @@ async def test_fresh_repo_is_loaded_unguarded_and_a_known_one_is_not(conns: Any)
     assert dead.fresh == 0 and dead.upserted == 0
 
 
-async def test_copy_refusal_falls_back_to_the_guarded_path(conns: Any) -> None:
+@pytest.mark.parametrize("by_copy", [False, True])
+async def test_copy_refusal_falls_back_to_the_guarded_path(conns: Any, by_copy: bool) -> None:
     """A row the tables refuse (the same uri in a second batch of a load, which no well-formed MST
     gives) rolls the attempt back; the guarded path writes the batch, inside a caller's
     transaction too."""
+    with records_by_copy(by_copy) as sizes:
+        await _refused_then_guarded(conns)
+    assert bool(sizes) == by_copy
+
+
+async def _refused_then_guarded(conns: Any) -> None:
     a = conns[0]
     did = "did:plc:freshdup"
     snap = [write(did, k, Action.CREATE, SNAPSHOT_REV) for k in range(3)]
@@ -318,7 +360,8 @@ async def test_races_take_both_paths(conns: Any) -> None:
             "did": did, "loads": loads, "live": live,
             "holder": ("live", "load", "mid-live")[i % 3], "at": (i // 3) % 2, "delay_ms": 5,
         }  # fmt: skip
-        n = await asyncio.wait_for(run_race(a, b, c, race), 60)
+        with records_by_copy(bool(i // 6)):
+            n = await asyncio.wait_for(run_race(a, b, c, race), 60)
         loaded += n > 0
         refused += n < 3
         await check_converged(a, did, loads[0] + loads[1] + live)
@@ -383,12 +426,13 @@ _EVERY_COLLECTION: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 
+@pytest.mark.parametrize("by_copy", [False, True])
 async def test_fresh_load_stores_what_the_guarded_path_stores(
-    conns: Any, monkeypatch: pytest.MonkeyPatch
+    conns: Any, monkeypatch: pytest.MonkeyPatch, by_copy: bool
 ) -> None:
-    """The fresh load's statement (fresh.FRESH_CLAIM: its own INSERTs, no guards) stores
-    every column of every table as the guarded path writes it, for a record of every typed
-    table and one of none."""
+    """The fresh load (fresh.FRESH_CLAIM: its own INSERTs, no guards, the records rows in
+    the statement or by COPY) stores every column of every table as the guarded path writes
+    it, for a record of every typed table and one of none."""
     a = conns[0]
     fresh_did, guarded_did = "did:plc:" + "f" * 24, "did:plc:" + "g" * 24
 
@@ -406,7 +450,9 @@ async def test_fresh_load_stores_what_the_guarded_path_stores(
             for c, rkey, record in _EVERY_COLLECTION
         ]
 
-    loaded = await write_snapshot(a, snapshot(fresh_did))
+    with records_by_copy(by_copy) as sizes:
+        loaded = await write_snapshot(a, snapshot(fresh_did))
+    assert sizes == ([len(_EVERY_COLLECTION)] if by_copy else [])
     assert loaded.fresh == len(_EVERY_COLLECTION) and loaded.typed == len(_EVERY_COLLECTION) - 1
     with monkeypatch.context() as m:
         m.setattr("firehose.storage.writer._fresh_candidate", lambda prep: None)

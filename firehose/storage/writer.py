@@ -38,12 +38,19 @@ import orjson
 
 from firehose.model import Action, Batch, RecordWrite
 from firehose.storage import fresh, queries
+from firehose.storage.copy_text import COPY_COLUMNS, records_copy
 from firehose.storage.rows import RECORD_COLUMN, record_json, rows_of, storable
 
 # Writes turned into rows (or JSON) between two suspensions of `prepare_steps`: about 0.2 ms
 # of work (rows_of and the JSON cost 3-6 µs per write).
 PREPARE_STEP_WRITES = 64
 _T = TypeVar("_T")
+
+# A fresh batch of at least this many records sends its records rows by COPY (copy_text.py)
+# instead of in the load's statement: about a quarter less of PostgreSQL's CPU per record,
+# for four round trips more (BEGIN, the COPY's two, COMMIT) than the one statement.
+FRESH_COPY_MIN_RECORDS = 128
+_TYPED_ORDER = queries.TYPED_ORDER
 
 # (did, rev, data_cid): the head of a repo after a commit. data_cid is the commit's MST root
 # when the caller knows it, else None.
@@ -472,12 +479,15 @@ async def write_snapshot(
     nobody else having written the repo since) is inserted without the guards, which could
     only say yes (firehose/storage/fresh.py); any other batch takes the guarded path.
     """
-    prepared = prepare_batch(Batch(writes=writes), heads)
-    head = _fresh_candidate(prepared.rows)
+    batch = Batch(writes=writes)
+    stats = ApplyStats()
+    rows = prepare(batch, stats, heads)
+    head = _fresh_candidate(rows)
     if head is not None:
-        loaded = await _load_fresh(conn, prepared, head)
+        loaded = await _load_fresh(conn, stats, rows, head)
         if loaded is not None:
             return loaded
+    prepared = _drain(_statement_args(batch, stats, rows, part_rows=None))
     return await apply_prepared(conn, prepared, chain_heads=False)
 
 
@@ -496,7 +506,9 @@ def _fresh_candidate(prep: _Prepared) -> RepoHead | None:
     return prep.heads[0]
 
 
-async def _load_fresh(conn: Any, prepared: PreparedBatch, head: RepoHead) -> ApplyStats | None:
+async def _load_fresh(
+    conn: Any, stats: ApplyStats, prep: _Prepared, head: RepoHead
+) -> ApplyStats | None:
     """Insert the batch unguarded if its repo is fresh and ours (fresh.py): the stats, else
     None (nothing written; the caller takes the guarded path)."""
     did, rev, data_cid = head
@@ -504,38 +516,60 @@ async def _load_fresh(conn: Any, prepared: PreparedBatch, head: RepoHead) -> App
     known, xmin = _fresh_loads.get(key)
     if known and xmin is None:
         return None
-    typed = dict(prepared.typed)
-    rows = [prepared.records or _NO_ROWS, *[typed.get(n, _NO_ROWS) for n in queries.TYPED_ORDER]]
+    copy = _records_copy(prep.records)
+    records = records_json(prep.records) if prep.records and copy is None else _NO_ROWS
+    typed = [_rows_json(prep.typed[n]) if n in prep.typed else _NO_ROWS for n in _TYPED_ORDER]
     nested = conn.is_in_transaction()
     sql = fresh.FRESH_CLAIM if xmin is None else fresh.FRESH_CONTINUE
-    args = [*rows, did, rev, data_cid, not nested]
+    args = [records, *typed, did, rev, data_cid, not nested]
     if xmin is not None:
         args.append(xmin)
     # Inside a caller's transaction the load is a savepoint, so a refusal rolls back only it.
-    # Otherwise it is ONE statement, hence its own implicit transaction: all of it commits or
-    # none (a refused row rolls it back), without the two round trips of BEGIN and COMMIT
-    # (for repos of ~100 records, loaded in one batch each, those were half of the backfill's
-    # statements). Its set_config(..., true) still makes that commit asynchronous: a local
-    # setting lasts until the implicit transaction ends (measured: ~190 against ~300 µs per
-    # one-row statement with fsync on). A claim that finds the repo not ours writes nothing:
-    # every insert of the statement is conditioned on the claim (fresh.py).
+    # Otherwise, without a COPY, it is ONE statement, hence its own implicit transaction: all
+    # of it commits or none (a refused row rolls it back), without the two round trips of
+    # BEGIN and COMMIT (for repos of ~100 records, loaded in one batch each, those were half
+    # of the backfill's statements). Its set_config(..., true) still makes that commit
+    # asynchronous: a local setting lasts until the transaction ends (measured: ~190 against
+    # ~300 µs per one-row statement with fsync on). A claim that finds the repo not ours
+    # writes nothing: every insert of the statement is conditioned on the claim (fresh.py),
+    # and the COPY of the records rows is sent only after it, in the same transaction.
+    own = nested or copy is not None
     try:
-        async with conn.transaction() if nested else contextlib.nullcontext():
+        async with conn.transaction() if own else contextlib.nullcontext():
             row = await conn.fetchrow(sql, *args)
             if row["xmin"] is None:
                 raise _NotFresh
+            inserted = row["inserted"]
+            if copy is not None:
+                # A memoryview: asyncpg sends a buffer as it is (bytes it would take for a
+                # path, a file object it would read on a thread).
+                status = await conn.copy_to_table(
+                    "records", source=memoryview(copy), columns=COPY_COLUMNS, format="text"
+                )
+                inserted = int(status.rpartition(" ")[2])
     except (_NotFresh, asyncpg.IntegrityConstraintViolationError, asyncpg.DataError):
         # Not fresh, or a row the table refuses (a uri twice, which a well-formed MST never
         # yields): the guarded path decides, row by row.
         _fresh_loads.put(key, None)
         return None
     _fresh_loads.put(key, row["xmin"])
-    out = replace(prepared.stats)
-    out.upserted += row["inserted"]
-    out.fresh += row["inserted"]
+    out = replace(stats)
+    out.upserted += inserted
+    out.fresh += inserted
     out.typed += row["typed"]
     out.heads += 1
     return out
+
+
+def _records_copy(rows: list[tuple[Any, ...]]) -> bytes | None:
+    """The COPY text of a fresh batch's records rows (copy_text.py), or None: a batch below
+    FRESH_COPY_MIN_RECORDS, or a value the COPY text cannot hold."""
+    if len(rows) < FRESH_COPY_MIN_RECORDS:
+        return None
+    try:
+        return records_copy(rows)
+    except ValueError:  # UnicodeEncodeError (a lone surrogate) included
+        return None
 
 
 async def prune_repo(conn: Any, did: str, rev: str) -> int:
