@@ -5,8 +5,10 @@ head. For such a repo the rev guards of the upserts (queries.UPSERTS_APPLY) can 
 yes, yet they cost PostgreSQL about twice what a raw binary COPY costs (bench/pg_ceiling.py).
 So `writer.write_snapshot` loads a fresh repo with plain INSERTs straight into `records` and
 the typed tables (no guard, no ON CONFLICT: `FRESH_CLAIM`, one statement with the claim
-below), and keeps convergence with every other writer (DESIGN.md invariant 2) through the
-repo's `actors` row, used as a per-repo lock that needs no shared lock-table entry:
+below; a batch of at least writer.FRESH_COPY_MIN_RECORDS records sends its `records` rows by
+COPY instead, after that statement and only if it claimed, in the same transaction:
+copy_text.py), and keeps convergence with every other writer (DESIGN.md invariant 2) through
+the repo's `actors` row, used as a per-repo lock that needs no shared lock-table entry:
 
 * **Ownership.** A load owns a repo while it holds the repo's `actors` row and that row is
   exactly the version its own previous batch left (`xmin` = that batch's transaction id).
@@ -59,10 +61,11 @@ ON CONFLICT (did) DO UPDATE SET updated_at = now() WHERE a.chain_rev IS NULL
 # rows of each typed table in queries.TYPED_ORDER (b'[]' when none), each one JSON array of
 # row arrays (queries.rows_param). They are INSERTed as they are (no guard, no ON CONFLICT),
 # only if the claim CTE `c` made the repo ours: the claim runs (and waits) to completion
-# first, as the InitPlan of every insert. (Binary COPY costs PostgreSQL a little less but this
-# process about five times more per record, in asyncpg's encoding of datetimes and lists; the
-# backfill is one Python thread, so its own CPU per record bounds its rate.) _N is the first
-# parameter after the rows.
+# first, as the InitPlan of every insert. (asyncpg's binary COPY cost this process about five
+# times more per record, in its encoding of datetimes and lists; the text COPY of the records
+# rows that a big batch sends after this statement (writer._load_fresh, its records parameter
+# then b'[]') is built by copy_text.py at ~1.3 µs per record.) _N is the first parameter
+# after the rows.
 _N = 2 + len(queries.TYPED_ORDER)
 _DID, _REV, _DATA_CID, _ASYNC, _XMIN = (f"${_N + i}" for i in range(5))
 
