@@ -472,3 +472,37 @@ async def test_fresh_load_stores_what_the_guarded_path_stores(
         assert got == want.replace(guarded_did, fresh_did), table
         if table != "actors":
             assert got != "[]", table
+
+
+@pytest.mark.parametrize("by_copy", [False, True])
+async def test_a_load_cancelled_while_it_waits_writes_nothing(conns: Any, by_copy: bool) -> None:
+    """A backfill halted (its task cancelled) while the load's rows wait for a lock, in the
+    statement or in the COPY: the transaction rolls back whole, the connection is usable,
+    and the repo is still fresh for the next attempt, which loads all of it."""
+    a, b, c = conns
+    await a.execute(f"TRUNCATE {TABLES}")
+    did = f"did:plc:freshhalt{int(by_copy)}"
+    snap = [write(did, k, Action.CREATE, SNAPSHOT_REV) for k in range(len(KEYS))]
+    # `c` holds an uncommitted row of one of the load's uris (no claim: a raw insert), so the
+    # load's insert of that uri waits for `c` to end.
+    tr = c.transaction()
+    await tr.start()
+    await c.execute(
+        "INSERT INTO records (uri, did, collection, rkey, cid, rev, record)"
+        " VALUES ($1, $2, $3, $4, 'bafyc', 'r', '{}')",
+        snap[-1].uri, did, snap[-1].collection, snap[-1].rkey,
+    )  # fmt: skip
+    with records_by_copy(by_copy) as sizes:
+        task = asyncio.create_task(_load(b, did, snap, True))
+        await wait_for(lambda: waiting(a, b), "the load waiting for the held uri")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await tr.rollback()
+        assert await b.fetchval("SELECT 1") == 1 and not b.is_in_transaction()
+        assert await a.fetchval("SELECT count(*) FROM records WHERE did = $1", did) == 0
+        assert await a.fetchval("SELECT count(*) FROM actors WHERE did = $1", did) == 0
+        again = await _load(b, did, snap, True)
+    assert again.fresh == len(snap)
+    assert sizes == ([len(snap)] * 2 if by_copy else [])
+    await check_converged(a, did, snap)
