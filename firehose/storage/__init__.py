@@ -2,7 +2,9 @@
 
 Owns: the numbered migrations and their runner (migrate.py), the embedded server used when no
 DATABASE_URL is given (embedded.py), the pure record -> row mapping (rows.py), the named SQL
-(queries.py) and the batch writer (writer.py).
+(queries.py), the batch writer (writer.py), the unguarded load of a repo the database has
+never seen (fresh.py) and the pure rows -> COPY text transform of its big batches
+(copy_text.py).
 
 Invariants kept here (DESIGN.md):
   1. the cursor is written in the same transaction as the rows it covers (writer.apply_batch);
