@@ -1,9 +1,11 @@
 """`records` rows -> the data of a `COPY records FROM STDIN` (PostgreSQL's text format).
 
 A pure transform (rows in, bytes out) for the fresh load of a big batch (fresh.py): a COPY
-costs PostgreSQL about a quarter less per record than the same rows INSERTed from one JSON
-parameter (heap_multi_insert writes a page of rows per WAL record, and a bulk insert extends
-the table by up to 64 pages at a time without writing zeros first), see docs/performance.md.
+costs PostgreSQL less per record than the same rows INSERTed from one JSON parameter
+(heap_multi_insert writes a page of rows per WAL record, and a bulk insert extends the table
+by up to 64 pages at a time without writing zeros first): 10.5 % less of its CPU in
+bench/backfill.py's alternated pairs, a gain of a few percent end to end, see
+docs/performance.md (session 18).
 
 Text format (https://www.postgresql.org/docs/16/sql-copy.html#id-1.9.3.55.9.2): one line per
 row, columns separated by a tab, `\\N` for NULL, and a backslash, tab, newline or carriage

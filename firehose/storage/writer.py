@@ -47,10 +47,11 @@ PREPARE_STEP_WRITES = 64
 _T = TypeVar("_T")
 
 # A fresh batch of at least this many records sends its records rows by COPY (copy_text.py)
-# instead of in the load's statement: about a quarter less of PostgreSQL's CPU per record,
-# for four round trips more (BEGIN, the COPY's two, COMMIT) than the one statement.
+# instead of in the load's statement: less of PostgreSQL's CPU per record (-10.5 % in
+# bench/backfill.py's pairs), for four round trips more (BEGIN, the COPY's two, COMMIT) than
+# the one statement, ~200 µs of our CPU per batch. Where between 128 and ~500 records the
+# COPY starts to pay was not resolved on the test machine (docs/performance.md, session 18).
 FRESH_COPY_MIN_RECORDS = 128
-_TYPED_ORDER = queries.TYPED_ORDER
 
 # (did, rev, data_cid): the head of a repo after a commit. data_cid is the commit's MST root
 # when the caller knows it, else None.
@@ -518,7 +519,9 @@ async def _load_fresh(
         return None
     copy = _records_copy(prep.records)
     records = records_json(prep.records) if prep.records and copy is None else _NO_ROWS
-    typed = [_rows_json(prep.typed[n]) if n in prep.typed else _NO_ROWS for n in _TYPED_ORDER]
+    typed = [
+        _rows_json(prep.typed[n]) if n in prep.typed else _NO_ROWS for n in queries.TYPED_ORDER
+    ]
     nested = conn.is_in_transaction()
     sql = fresh.FRESH_CLAIM if xmin is None else fresh.FRESH_CONTINUE
     args = [records, *typed, did, rev, data_cid, not nested]
