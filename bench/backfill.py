@@ -140,7 +140,10 @@ async def job_numbers(dsn: str) -> dict[str, Any]:
     try:
         row = await conn.fetchrow("SELECT * FROM backfill_jobs ORDER BY id DESC LIMIT 1")
         count = await conn.fetchval("SELECT count(*) FROM records")
-        return {**dict(row), "records_in_table": count} if row else {}
+        # What the run wrote to the WAL (new database: the migrations' few kB included), and
+        # how much of it was full-page images (a page's first change after a checkpoint).
+        wal = await conn.fetchrow("SELECT wal_records, wal_fpi, wal_bytes FROM pg_stat_wal")
+        return {**dict(row), **dict(wal), "records_in_table": count} if row else {}
     finally:
         await conn.close()
 
@@ -306,6 +309,8 @@ def main() -> None:
         "cpu_s_devnet": round(cpu["devnet"], 1),
         "cpu_us_per_record_backfill": round(cpu["backfill"] / max(records, 1) * 1e6, 1),
         "cpu_us_per_record_postgres": round(cpu["postgres"] / max(records, 1) * 1e6, 1),
+        "wal_bytes_per_record": round(int(job["wal_bytes"]) / max(records, 1)),
+        "wal_fpi": int(job["wal_fpi"]),
         **load.fields(),
     }
     done = result["repos_done"]
@@ -322,6 +327,10 @@ def main() -> None:
     print(
         f"CPU µs per record: backfill {result['cpu_us_per_record_backfill']}, "
         f"postgres {result['cpu_us_per_record_postgres']} ({result['write_path']})"
+    )
+    print(
+        f"WAL: {int(job['wal_bytes']) / 2**20:,.0f} MB, {result['wal_bytes_per_record']:,} bytes "
+        f"per record, {result['wal_fpi']:,} full-page images"
     )
     if statements is not None:
         report_statements(statements, elapsed)

@@ -13,6 +13,11 @@ cancel out). `PYTHONHASHSEED=0` keeps dict layouts, and so the counts, the same 
 * ``decode``: `decode_frame` over recorded devnet frames (bench/replay.py's cache): per frame;
 * ``batch``: those events through `BatchBuilder` and `prepare_batch` (rows, JSON) in batches
   of 1,000, the worker's pure work after decoding: per event;
+* ``apply``: those events through `BatchBuilder`, `prepare_steps` and `apply_prepared` in
+  batches of 1,000 against an embedded PostgreSQL (a new database for each child run,
+  started outside valgrind): per event, the worker's client side of its transactions
+  (preparing the batch, asyncpg encoding the parameters and reading the results, the event
+  loop); PostgreSQL's own work is not counted;
 * ``car``: a real repository CAR (indigo's ``paul_staging.repo.car`` from
   ``../shared/atproto-vectors``, else the tests' fixture repo) streamed through
   `CarStreamReader`, its MST walked and each record decoded, again and again, the
@@ -22,7 +27,7 @@ These are instructions, not time: a cache miss costs none here and hundreds of c
 the machine, and valgrind runs SHA-256 without the CPU's SHA instructions, so hashing counts
 more than it costs. Compare the same workload before and after, never workloads or machines.
 
-    python bench/instructions.py [--workloads decode,batch,car] [--items 2000]
+    python bench/instructions.py [--workloads decode,batch,apply,car] [--items 2000]
 
 Prints a line per workload and a JSON line:
 
@@ -32,6 +37,7 @@ Prints a line per workload and a JSON line:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import re
@@ -54,7 +60,7 @@ REPO_CAR = ROOT.parent / "shared/atproto-vectors/indigo/testing/testdata/paul_st
 FIXTURE_CAR = (
     ROOT / "tests/fixtures/indigo/atproto/repo/testdata/bnewbold.robocracy.org.20250310005405.car"
 )
-WORKLOADS = ("decode", "batch", "car")
+WORKLOADS = ("decode", "batch", "apply", "car")
 WARM_FRAMES = 200
 _COLLECTED = re.compile(rb"Collected : (\d+)")
 
@@ -90,6 +96,37 @@ def run_batch(events: list[Event]) -> int:
         batch = builder.take()
         prepare_batch(batch, batch.heads)
     return len(events)
+
+
+def run_apply(dsn: str, events: list[Event]) -> int:
+    """`events` written as the worker writes them, in batches of BATCH_EVENTS, after one
+    warm batch (the same events again: asyncpg's statement cache and the first round trips
+    in both runs)."""
+    import asyncpg
+    import uvloop
+
+    from firehose.live.batch import BatchBuilder
+    from firehose.storage import writer
+
+    async def apply(conn: asyncpg.Connection, chunk: list[Event]) -> None:
+        builder = BatchBuilder()
+        for event in chunk:
+            builder.add(event)
+        batch = builder.take()
+        prepared = writer._drain(writer.prepare_steps(batch, batch.heads))
+        await writer.apply_prepared(conn, prepared)
+
+    async def run() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await apply(conn, events[:WARM_FRAMES])
+            for start in range(WARM_FRAMES, len(events), BATCH_EVENTS):
+                await apply(conn, events[start : start + BATCH_EVENTS])
+        finally:
+            await conn.close()
+
+    uvloop.run(run())
+    return len(events) - WARM_FRAMES
 
 
 def run_car(car: bytes, records: int) -> int:
@@ -129,14 +166,23 @@ def inner(workload: str, items: int, prepared: int) -> int:
     if workload == "car":
         car = repo_car()
         run_car(car, 1)  # warm: the same imports and caches in both runs
+        gc.freeze()
         return run_car(car, items) if items else 0
     frame_list = frames(WARM_FRAMES + prepared)
     run_decode(frame_list[:WARM_FRAMES])  # warm the DID and NSID caches in both runs
     if workload == "decode":
+        gc.freeze()
         return run_decode(frame_list[WARM_FRAMES : WARM_FRAMES + items])
     from firehose.protocol.frames import decode_frame
 
     events = [decode_frame(f) for f in frame_list[WARM_FRAMES:]]
+    # The set-up's objects (thousands of decoded events) out of the collector's sight, as
+    # the worker's start-up objects are (tune_gc). Otherwise a full collection over them
+    # falls inside the measured part or not depending on every allocation a change adds:
+    # ~100 more small objects per batch once read as +1,850 instructions per event.
+    gc.freeze()
+    if workload == "apply":
+        return run_apply(os.environ["INSTRUCTIONS_DSN"], events[: WARM_FRAMES + items])
     run_batch(events[:WARM_FRAMES])
     return run_batch(events[:items])
 
@@ -145,7 +191,35 @@ def inner(workload: str, items: int, prepared: int) -> int:
 
 
 def instructions(workload: str, items: int, prepared: int) -> int:
-    """Instructions callgrind counted for one child run of `workload` with `items` items."""
+    """Instructions callgrind counted for one child run of `workload` with `items` items;
+    for ``apply``, against a new embedded PostgreSQL of its own."""
+    if workload != "apply":
+        return _count(workload, items, prepared, {})
+    import asyncio
+    import tempfile
+
+    import asyncpg
+
+    from firehose.storage.embedded import start_embedded
+    from firehose.storage.migrate import migrate
+
+    async def migrated(dsn: str) -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pg = start_embedded(Path(tmp) / "pg")
+        try:
+            asyncio.run(migrated(pg.dsn))
+            return _count(workload, items, prepared, {"INSTRUCTIONS_DSN": pg.dsn})
+        finally:
+            pg.stop()
+
+
+def _count(workload: str, items: int, prepared: int, env: dict[str, str]) -> int:
     proc = subprocess.run(
         [
             "valgrind",
@@ -161,7 +235,7 @@ def instructions(workload: str, items: int, prepared: int) -> int:
             str(prepared),
         ],
         capture_output=True,
-        env={**os.environ, "PYTHONHASHSEED": "0"},
+        env={**os.environ, **env, "PYTHONHASHSEED": "0"},
         check=False,
     )
     found = _COLLECTED.findall(proc.stderr)
@@ -172,7 +246,7 @@ def instructions(workload: str, items: int, prepared: int) -> int:
 
 
 def per_item(workload: str, items: int) -> float:
-    prepared = max(items, WARM_FRAMES)
+    prepared = max(items, WARM_FRAMES) + (WARM_FRAMES if workload == "apply" else 0)
     with_items = instructions(workload, items, prepared)
     return (with_items - instructions(workload, 0, prepared)) / items
 
@@ -191,14 +265,14 @@ def main() -> None:
         sys.exit("bench/instructions.py needs valgrind (Debian: apt-get install valgrind)")
     chosen = [w for w in args.workloads.split(",") if w]
     unknown = sorted(set(chosen) - set(WORKLOADS))
-    limit = FRAMES[0] - WARM_FRAMES
+    limit = FRAMES[0] - 2 * WARM_FRAMES  # apply: warm frames, then a warm batch
     if unknown or not 1 <= args.items <= limit:
         sys.exit(f"workloads are {', '.join(WORKLOADS)}, and --items 1 to {limit}")
-    if {"decode", "batch"} & set(chosen):
+    if {"decode", "batch", "apply"} & set(chosen):
         # Built here, not in the first measured child: generating the cache (~0.6 ms per
         # event) counted in that child once gave "8,199,710 instructions per frame".
         frames(1)
-    unit = {"decode": "frame", "batch": "event", "car": "record"}
+    unit = {"decode": "frame", "batch": "event", "apply": "event", "car": "record"}
     result: dict[str, float] = {"items": args.items}
     for workload in chosen:
         count = per_item(workload, args.items)

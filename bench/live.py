@@ -238,12 +238,11 @@ async def write_one_event(conn: asyncpg.Connection, batch: Batch) -> None:
     p = prepare_batch(batch, batch.heads)
     rows = p.rows
     async with conn.transaction():
-        for e in p.identities:
-            await conn.execute(queries.ACTOR_IDENTITIES, [e.did], [e.handle], [e.seq])
+        if p.identities:
+            await conn.execute(queries.ACTOR_IDENTITIES, p.identities_json)
+        if p.accounts:
+            await conn.execute(queries.ACTOR_ACCOUNTS, p.accounts_json)
         for e in p.accounts:
-            await conn.execute(
-                queries.ACTOR_ACCOUNTS, [e.did], [e.effective_status], [e.active], [e.seq]
-            )
             if e.effective_status == "deleted":
                 await purge_accounts(conn, [e.did])
         for record in rows.records:
@@ -251,8 +250,8 @@ async def write_one_event(conn: asyncpg.Connection, batch: Batch) -> None:
         for name, typed in rows.typed.items():
             for row in typed:
                 await conn.execute(_TYPED_UPSERT[name], *row)
-        if rows.deletes[0]:
-            await conn.execute(queries.DELETES_APPLY, *rows.deletes)
+        if p.deletes is not None:
+            await conn.execute(queries.DELETES_APPLY, p.deletes)
         if rows.heads:
             await conn.execute(
                 queries.ACTOR_HEADS,

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import sys
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.instructions import FIXTURE_CAR, instructions, run_batch, run_car, run_decode
+from bench.instructions import (
+    FIXTURE_CAR,
+    WARM_FRAMES,
+    instructions,
+    run_apply,
+    run_batch,
+    run_car,
+    run_decode,
+)
 from firehose.devnet import Generator
 from firehose.model import CommitEvent
 from firehose.protocol.frames import decode_frame
@@ -32,6 +42,15 @@ def test_workloads_do_the_items_asked() -> None:
     car = FIXTURE_CAR.read_bytes()
     # More records than the repo holds: it is streamed and walked again.
     assert run_car(car, FIXTURE_RECORDS + 5) == FIXTURE_RECORDS + 5
+
+
+async def test_apply_writes_the_events_it_counts(db_dsn: str, conn: asyncpg.Connection) -> None:
+    events = [decode_frame(f) for f in _frames(WARM_FRAMES + 60)]
+    # uvloop.run, as in the child: on a thread of its own, beside the test's loop.
+    assert await asyncio.to_thread(run_apply, db_dsn, events) == 60
+    cursor = await conn.fetchval("SELECT cursor FROM firehose_cursor WHERE service = 'firehose'")
+    assert cursor == max(e.seq for e in events if hasattr(e, "seq"))
+    assert await conn.fetchval("SELECT count(*) FROM records") > 0
 
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind")

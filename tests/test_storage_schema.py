@@ -137,6 +137,7 @@ async def test_generated_sql_is_valid(conn: asyncpg.Connection) -> None:
         await conn.prepare(sql)
     for sql in (
         queries.DELETES_APPLY,
+        queries.BATCH_HEADS,
         queries.ACTOR_PURGE,
         queries.ACTOR_HEADS,
         queries.ACTOR_ACCOUNTS,

@@ -264,6 +264,12 @@ class PreparedBatch:
     records: bytes | None
     typed: list[tuple[str, bytes]]
     resyncs: list[tuple[str, str]]  # (did, reason), one per did (the first), in did order
+    # The per-row parameters of the other statements, as JSON (queries.json_id): the heads,
+    # the deletes (None when there are none), the identities' and the accounts' rows.
+    heads: bytes
+    deletes: bytes | None
+    identities_json: bytes
+    accounts_json: bytes
 
 
 def prepare_batch(batch: Batch, heads: Sequence[RepoHead] | None = None) -> PreparedBatch:
@@ -312,15 +318,21 @@ def _statement_args(
             parts.append(records_json(prep.records[i : i + step]))
             yield
         records = parts[0] if len(parts) == 1 else b"[" + b",".join(p[1:-1] for p in parts) + b"]"
+    identities = _last_per_did(batch.identities)
+    accounts = _last_per_did(batch.accounts)
     return PreparedBatch(
         batch=batch,
         stats=stats,
         rows=prep,
-        identities=_last_per_did(batch.identities),
-        accounts=_last_per_did(batch.accounts),
+        identities=identities,
+        accounts=accounts,
         records=records,
         typed=[(name, _rows_json(rows)) for name, rows in prep.typed.items()],
         resyncs=_first_per_did(batch.resyncs),
+        heads=_rows_json(prep.heads),
+        deletes=_rows_json(list(zip(*prep.deletes, strict=True))) if prep.deletes[0] else None,
+        identities_json=_rows_json([(e.did, e.handle, e.seq) for e in identities]),
+        accounts_json=_rows_json([(e.did, e.effective_status, e.active, e.seq) for e in accounts]),
     )
 
 
@@ -383,17 +395,13 @@ async def apply_prepared(
         #    since a head that is not newer leaves a loader's row as it is.
         resyncs = prepared.resyncs
 
-        async def finish(
-            heads: Sequence[RepoHead], cursor: bool, requests: Sequence[tuple[str, str]]
-        ) -> None:
-            """queries.BATCH_HEADS: `heads` (chain heads for the live stream); with `cursor`
-            the batch's cursor and, unless a caller's transaction is around us, the
+        async def finish(heads: bytes, cursor: bool, requests: Sequence[tuple[str, str]]) -> None:
+            """queries.BATCH_HEADS: the `heads` JSON (chain heads for the live stream); with
+            `cursor` the batch's cursor and, unless a caller's transaction is around us, the
             asynchronous COMMIT (see _ASYNC_COMMIT); the gate's resync `requests`."""
             row = await conn.fetchrow(
                 queries.BATCH_HEADS,
-                [h[0] for h in heads],
-                [h[1] for h in heads],
-                [h[2] for h in heads],
+                heads,
                 service,
                 batch.cursor if cursor else None,
                 batch.last_event_time,
@@ -409,24 +417,13 @@ async def apply_prepared(
             if prep.claims:
                 await conn.execute(fresh.CLAIM, prep.claims)
         elif prep.heads or batch.cursor is not None or not nested:
-            await finish(prep.heads, True, ())
+            await finish(prepared.heads, True, ())
         # 1. Accounts first, so that writes of a deleted account in this very batch are refused
         #    by the actor guard, and writes after a reactivation are accepted.
         if identities:
-            await conn.execute(
-                queries.ACTOR_IDENTITIES,
-                [e.did for e in identities],
-                [e.handle for e in identities],
-                [e.seq for e in identities],
-            )
+            await conn.execute(queries.ACTOR_IDENTITIES, prepared.identities_json)
         if accounts:
-            await conn.execute(
-                queries.ACTOR_ACCOUNTS,
-                [e.did for e in accounts],
-                [e.effective_status for e in accounts],
-                [e.active for e in accounts],
-                [e.seq for e in accounts],
-            )
+            await conn.execute(queries.ACTOR_ACCOUNTS, prepared.accounts_json)
             dead = [e.did for e in accounts if e.effective_status == "deleted"]
             if dead:
                 stats.purged += await purge_accounts(conn, dead)
@@ -447,8 +444,8 @@ async def apply_prepared(
             stats.typed += row["typed"]
 
         # 3. Deletes: tombstones + guarded deletes, one statement.
-        if prep.deletes[0]:
-            row = await conn.fetchrow(queries.DELETES_APPLY, *prep.deletes)
+        if prepared.deletes is not None:
+            row = await conn.fetchrow(queries.DELETES_APPLY, prepared.deletes)
             stats.tombstones += row["tombstones"]
             stats.deleted += row["deleted"]
 
@@ -457,9 +454,9 @@ async def apply_prepared(
         #    passes the events that caused them.
         if chain_heads:
             if resyncs:
-                await finish((), False, resyncs)
+                await finish(_NO_ROWS, False, resyncs)
         elif prep.heads or batch.cursor is not None or resyncs or not nested:
-            await finish(prep.heads, True, resyncs)
+            await finish(prepared.heads, True, resyncs)
     return stats
 
 
