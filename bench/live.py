@@ -250,8 +250,8 @@ async def write_one_event(conn: asyncpg.Connection, batch: Batch) -> None:
         for name, typed in rows.typed.items():
             for row in typed:
                 await conn.execute(_TYPED_UPSERT[name], *row)
-        if p.deletes is not None:
-            await conn.execute(queries.DELETES_APPLY, p.deletes)
+        if rows.deletes[0]:
+            await conn.execute(queries.DELETES_APPLY, *rows.deletes)
         if rows.heads:
             await conn.execute(
                 queries.ACTOR_HEADS,

@@ -123,10 +123,15 @@ async def test_purge_accounts_removes_exactly_their_rows(conn: asyncpg.Connectio
     await _fill_records(conn, [dids[0] + "x"], 5)
     async with conn.transaction():
         purged = await purge_accounts(conn, dids[:3])
+        # The rest of the caller's transaction keeps its prepared statements' plans.
+        assert await conn.fetchval("SHOW plan_cache_mode") == "auto"
+        await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        await purge_accounts(conn, [dids[29]])
+        assert await conn.fetchval("SHOW plan_cache_mode") == "force_generic_plan"
     assert purged == 60
     left = await conn.fetch("SELECT did, count(*) AS n FROM records GROUP BY did")
     counts = {r["did"]: r["n"] for r in left}
-    assert counts == {**{d: 20 for d in dids[3:]}, dids[0] + "x": 5}
+    assert counts == {**{d: 20 for d in dids[3:29]}, dids[0] + "x": 5}
     # Outside a transaction too (the setting lives only as long as its own transaction).
     assert await purge_accounts(conn, [dids[3]]) == 20
     assert await conn.fetchval("SHOW plan_cache_mode") == "auto"

@@ -261,31 +261,34 @@ UPSERTS_APPLY = _upserts_sql()
 TYPED_ORDER: tuple[str, ...] = tuple(t.name for t in TYPED_TABLES.values())
 
 # --- deletes ----------------------------------------------------------------------------------
-# One statement for all deletes of a batch: $1 is their rows (rows_param: a JSON array of
-# [uri, did, collection, rev]), deduplicated by uri. Upsert the tombstone keeping the greatest
-# rev, then delete the row from records and from the typed table of its collection where
-# stored rev <= delete rev. Data-modifying CTEs on different tables run in one statement (one
-# round trip); the join on the rows is a primary-key probe per deleted uri. (Four text[]
-# parameters cost asyncpg ~1 µs of our CPU per element to encode: see json_id.)
+# One statement for all deletes of a batch: $1..$4 are parallel arrays (uri, did, collection,
+# rev), deduplicated by uri. Upsert the tombstone keeping the greatest rev, then delete the row
+# from records and from the typed table of its collection where stored rev <= delete rev.
+# Data-modifying CTEs on different tables run in one statement (one round trip); the join on
+# the unnested arrays is a primary-key probe per deleted uri. (Arrays, not one JSON parameter
+# as for the heads (json_id): PostgreSQL plans `unnest` of a parameter at 10 rows and
+# `jsonb_array_elements` at 100, and with 100 its cached generic plan joined `d` to records
+# by hashing a scan of the whole table: 7.3 -> 26.7 ms of SQL per 1,000 live events. The
+# heads' and the accounts' statements are inserts, whose conflicts are index probes whatever
+# the estimate.)
 
 
 def json_id(i: int, row: str = "j") -> str:
     """Element `i` of the jsonb row array `row` as text in the id columns' collation. Small
-    per-row parameters (heads, deletes) go as one JSON array of row arrays like the rows
-    (rows_param), not as parallel text[] parameters: asyncpg encoded those at ~1 µs of our
-    CPU per element (isinstance checks against the collections ABCs for every element, to
-    find nested arrays), orjson the same rows at ~0.15 µs, and PostgreSQL read them in about
-    the same time either way (micro-benchmark, 200 x 1,000 heads of three columns, three
-    runs each: 2.83-3.13 against 0.39-0.47 µs of our CPU per head, 1.4 against 1.1 µs of
-    PostgreSQL's wall time)."""
+    per-row parameters of inserts (heads, identities, accounts) go as one JSON array of row
+    arrays like the rows (rows_param), not as parallel text[] parameters: asyncpg encoded
+    those at ~1 µs of our CPU per element (isinstance checks against the collections ABCs
+    for every element, to find nested arrays), orjson the same rows at ~0.15 µs, and
+    PostgreSQL read them in about the same time either way (micro-benchmark, 200 x 1,000
+    heads of three columns, three runs each: 2.83-3.13 against 0.39-0.47 µs of our CPU per
+    head, 1.4 against 1.1 µs of PostgreSQL's wall time)."""
     return f'({row}->>{i}) COLLATE "C"'
 
 
 def _delete_sql() -> str:
     ctes = [
-        f"d AS MATERIALIZED (SELECT {json_id(0)} AS uri, {json_id(1)} AS did,"
-        f" {json_id(2)} AS collection, {json_id(3)} AS rev"
-        f" FROM jsonb_array_elements({rows_param(1)}) AS j)",
+        "d AS MATERIALIZED (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])"
+        " AS d(uri, did, collection, rev))",
         "ts AS (INSERT INTO record_tombstones AS t (uri, did, rev, deleted_at)"
         " SELECT uri, did, rev, now() FROM d"
         " ON CONFLICT (uri) DO UPDATE SET rev = EXCLUDED.rev, did = EXCLUDED.did,"
@@ -447,7 +450,17 @@ _HI = "('at://' || $1::text || '0')"
 
 # Planner setting for the statements below, for the rest of the transaction: plan each
 # execution with its parameter values, even once the statement is prepared and cached.
-CUSTOM_PLANS = "SELECT set_config('plan_cache_mode', 'force_custom_plan', true)"
+# Returns the setting it replaced (read first: the CTE's row exists before the outer select
+# list runs), for RESTORE_PLANS.
+CUSTOM_PLANS = """
+WITH p AS MATERIALIZED (SELECT current_setting('plan_cache_mode') AS previous)
+SELECT p.previous, set_config('plan_cache_mode', 'force_custom_plan', true) FROM p
+"""
+# $1 the setting CUSTOM_PLANS returned, for the rest of the transaction. A live batch that
+# purged an account would otherwise plan its big statements (UPSERTS_APPLY, DELETES_APPLY) at
+# every execution for the rest of its transaction: 2.0-2.4 and 0.6-1.6 ms more per call, empty
+# (micro-benchmark, 100 calls each way, twice).
+RESTORE_PLANS = "SELECT set_config('plan_cache_mode', $1, true)"
 
 
 def _purge_sql() -> str:

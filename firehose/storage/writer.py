@@ -264,10 +264,9 @@ class PreparedBatch:
     records: bytes | None
     typed: list[tuple[str, bytes]]
     resyncs: list[tuple[str, str]]  # (did, reason), one per did (the first), in did order
-    # The per-row parameters of the other statements, as JSON (queries.json_id): the heads,
-    # the deletes (None when there are none), the identities' and the accounts' rows.
+    # The per-row parameters of the other inserts, as JSON (queries.json_id): the heads, the
+    # identities' and the accounts' rows.
     heads: bytes
-    deletes: bytes | None
     identities_json: bytes
     accounts_json: bytes
 
@@ -330,7 +329,6 @@ def _statement_args(
         typed=[(name, _rows_json(rows)) for name, rows in prep.typed.items()],
         resyncs=_first_per_did(batch.resyncs),
         heads=_rows_json(prep.heads),
-        deletes=_rows_json(list(zip(*prep.deletes, strict=True))) if prep.deletes[0] else None,
         identities_json=_rows_json([(e.did, e.handle, e.seq) for e in identities]),
         accounts_json=_rows_json([(e.did, e.effective_status, e.active, e.seq) for e in accounts]),
     )
@@ -444,8 +442,8 @@ async def apply_prepared(
             stats.typed += row["typed"]
 
         # 3. Deletes: tombstones + guarded deletes, one statement.
-        if prepared.deletes is not None:
-            row = await conn.fetchrow(queries.DELETES_APPLY, prepared.deletes)
+        if prep.deletes[0]:
+            row = await conn.fetchrow(queries.DELETES_APPLY, *prep.deletes)
             stats.tombstones += row["tombstones"]
             stats.deleted += row["deleted"]
 
@@ -588,9 +586,12 @@ async def purge_accounts(conn: Any, dids: Sequence[str]) -> int:
     number of records rows removed. In the caller's transaction, if any."""
     purged = 0
     async with conn.transaction():
-        await conn.execute(queries.CUSTOM_PLANS)
+        previous = await conn.fetchval(queries.CUSTOM_PLANS)
         for did in dids:
             purged += await conn.fetchval(queries.ACTOR_PURGE, did)
+        # The caller's next statements in this transaction are planned as before (see
+        # queries.RESTORE_PLANS).
+        await conn.execute(queries.RESTORE_PLANS, previous)
     return purged
 
 
