@@ -157,7 +157,7 @@ def repo_car() -> bytes:
     return (REPO_CAR if REPO_CAR.exists() else FIXTURE_CAR).read_bytes()
 
 
-def inner(workload: str, items: int, prepared: int) -> int:
+def inner(workload: str, items: int, prepared: int, dsn: str = "") -> int:
     """The measured run: the set-up, the same in both runs (`prepared` frames read, and for
     `batch` decoded), then `items` items of `workload`."""
     from firehose.gctune import tune_gc
@@ -182,7 +182,7 @@ def inner(workload: str, items: int, prepared: int) -> int:
     # ~100 more small objects per batch once read as +1,850 instructions per event.
     gc.freeze()
     if workload == "apply":
-        return run_apply(os.environ["INSTRUCTIONS_DSN"], events[: WARM_FRAMES + items])
+        return run_apply(dsn, events[: WARM_FRAMES + items])
     run_batch(events[:WARM_FRAMES])
     return run_batch(events[:items])
 
@@ -194,7 +194,7 @@ def instructions(workload: str, items: int, prepared: int) -> int:
     """Instructions callgrind counted for one child run of `workload` with `items` items;
     for ``apply``, against a new embedded PostgreSQL of its own."""
     if workload != "apply":
-        return _count(workload, items, prepared, {})
+        return _count(workload, items, prepared, [])
     import asyncio
     import tempfile
 
@@ -214,12 +214,12 @@ def instructions(workload: str, items: int, prepared: int) -> int:
         pg = start_embedded(Path(tmp) / "pg")
         try:
             asyncio.run(migrated(pg.dsn))
-            return _count(workload, items, prepared, {"INSTRUCTIONS_DSN": pg.dsn})
+            return _count(workload, items, prepared, ["--dsn", pg.dsn])
         finally:
             pg.stop()
 
 
-def _count(workload: str, items: int, prepared: int, env: dict[str, str]) -> int:
+def _count(workload: str, items: int, prepared: int, extra: list[str]) -> int:
     proc = subprocess.run(
         [
             "valgrind",
@@ -233,9 +233,10 @@ def _count(workload: str, items: int, prepared: int, env: dict[str, str]) -> int
             str(items),
             "--prepared",
             str(prepared),
+            *extra,
         ],
         capture_output=True,
-        env={**os.environ, **env, "PYTHONHASHSEED": "0"},
+        env={**os.environ, "PYTHONHASHSEED": "0"},
         check=False,
     )
     found = _COLLECTED.findall(proc.stderr)
@@ -257,9 +258,10 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=2000)
     parser.add_argument("--inner", choices=WORKLOADS, help=argparse.SUPPRESS)
     parser.add_argument("--prepared", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--dsn", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:
-        inner(args.inner, args.items, args.prepared)
+        inner(args.inner, args.items, args.prepared, args.dsn)
         return
     if shutil.which("valgrind") is None:
         sys.exit("bench/instructions.py needs valgrind (Debian: apt-get install valgrind)")
