@@ -45,7 +45,6 @@ MAX_HEADER_BYTES = 1024
 _MAX_VARINT_BYTES = 9  # unsigned-varint spec: at most 9 bytes (63 bits)
 
 _sha256 = hashlib.sha256
-_PREFIX_TUPLE = tuple(SUPPORTED_PREFIXES)
 
 
 class Car:
@@ -86,6 +85,10 @@ _HEADER_HEAD = bytes.fromhex("a265726f6f747381d82a582500")
 _HEADER_TAIL = bytes.fromhex("6776657273696f6e01")
 _HEADER_BYTES = len(_HEADER_HEAD) + CID_BYTES + len(_HEADER_TAIL)
 _HEADER_CID_AT = 1 + len(_HEADER_HEAD)  # after the one-byte length varint
+_HEADER_PREFIX_END = _HEADER_CID_AT + 4
+_HEADER_TAIL_AT = _HEADER_CID_AT + CID_BYTES
+# Prefixes are checked as a slice in a frozenset: bytes.startswith(tuple, pos) parses its
+# arguments with PyArg_ParseTuple and cost ~2x as much per call (0.22 against 0.13 µs).
 
 
 def read_varint(data: bytes | bytearray, pos: int) -> tuple[int, int]:
@@ -180,10 +183,9 @@ def _read_sections(
         raise CarError("empty CAR")
     if (
         data[0] == _HEADER_BYTES
-        and n >= 1 + _HEADER_BYTES
-        and data.startswith(_HEADER_HEAD, 1)
-        and data.startswith(_HEADER_TAIL, _HEADER_CID_AT + CID_BYTES)
-        and data.startswith(_PREFIX_TUPLE, _HEADER_CID_AT)
+        and data[1:_HEADER_CID_AT] == _HEADER_HEAD
+        and data[_HEADER_TAIL_AT : 1 + _HEADER_BYTES] == _HEADER_TAIL
+        and data[_HEADER_CID_AT:_HEADER_PREFIX_END] in SUPPORTED_PREFIXES
     ):
         # Fast path: byte-for-byte the canonical one-root header (what parse_header accepts
         # for this spelling, without decoding it).
@@ -200,7 +202,7 @@ def _read_sections(
     blocks: dict[bytes, bytes] = {}
     max_section = CID_BYTES + max_block_bytes
     count = 0
-    prefixes = _PREFIX_TUPLE
+    prefixes = SUPPORTED_PREFIXES
     sha256 = _sha256
     while pos < n:
         # Section length varint: one byte up to 127, two bytes up to 16383 (most blocks).
@@ -215,11 +217,11 @@ def _read_sections(
         end = pos + length
         if length > max_section or end > n or length < CID_BYTES:
             _bad_section(length, max_section, end > n)
-        if not data.startswith(prefixes, pos):
-            raise explain_bad_cid(data[pos:end])
         cid_end = pos + CID_BYTES
-        block = data[cid_end:end]
         cid = data[pos:cid_end]
+        if cid[:4] not in prefixes:
+            raise explain_bad_cid(data[pos:end])
+        block = data[cid_end:end]
         if verify and sha256(block).digest() != cid[4:]:
             raise _hash_mismatch(cid)
         blocks[cid] = block
@@ -278,13 +280,13 @@ class CarStreamReader:
         buf += chunk
         self.bytes_read += len(chunk)
         # One immutable copy per chunk: slices of it are single copies (a bytearray slice
-        # wrapped in bytes() is two), and bytes.startswith checks a CID prefix in place.
+        # wrapped in bytes() is two).
         data = bytes(buf)
         n = len(data)
         out: list[tuple[bytes, bytes]] = []
         pos = 0
         max_section = self._max_section
-        prefixes = _PREFIX_TUPLE
+        prefixes = SUPPORTED_PREFIXES
         sha256 = _sha256
         count = self.blocks_read  # a local in the loop, stored back in `finally`
         max_blocks = self._max_blocks
@@ -324,10 +326,10 @@ class CarStreamReader:
                 if end > n:
                     pos = start
                     break
-                if not data.startswith(prefixes, pos):
-                    raise explain_bad_cid(data[pos:end])
                 cid_end = pos + CID_BYTES
                 cid = data[pos:cid_end]
+                if cid[:4] not in prefixes:
+                    raise explain_bad_cid(data[pos:end])
                 block = data[cid_end:end]
                 if sha256(block).digest() != cid[4:]:
                     raise _hash_mismatch(cid)
