@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from hypothesis import given
 from hypothesis import strategies as st
 
+from firehose.devnet.dagcbor import cid_for_block
 from firehose.live.batch import BatchBuilder, shard_filter, shard_of
 from firehose.model import (
     AccountEvent,
@@ -19,6 +20,7 @@ from firehose.model import (
 )
 from firehose.settings import WorkerSettings
 
+COMMIT = cid_for_block(b"a commit")  # a binary CID (CommitEvent.commit)
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
@@ -27,7 +29,7 @@ def commit(seq: int, did: str, *collections: str) -> CommitEvent:
         RecordWrite(did, c, f"3k{seq}{i}", "3kaaaaaaaaaa2", Action.CREATE, "bafy", {})
         for i, c in enumerate(collections)
     )
-    return CommitEvent(seq, did, "3kaaaaaaaaaa2", None, "bafyc", None, T0, writes)
+    return CommitEvent(seq, did, "3kaaaaaaaaaa2", None, COMMIT, None, T0, writes)
 
 
 def test_order_and_cursor() -> None:

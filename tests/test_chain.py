@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from firehose.devnet.dagcbor import cid_for_block
 from firehose.live.batch import BatchBuilder
 from firehose.live.chain import ChainScreen, RepoState, judge, load_repo_states
 from firehose.live.gate import Verdict
@@ -25,6 +26,7 @@ from firehose.model import (
 )
 from firehose.storage.writer import apply_batch, write_snapshot
 
+COMMIT = cid_for_block(b"a commit")  # a binary CID (CommitEvent.commit)
 DIDS = ("did:plc:aaa", "did:plc:bbb", "did:plc:ccc")
 
 
@@ -47,9 +49,7 @@ def commit(
     data_cid: str | None = None,
     writes: tuple[RecordWrite, ...] = (),
 ) -> CommitEvent:
-    return CommitEvent(
-        seq, did, rev_, since, f"commit{seq}", prev_data, None, writes, data_cid=data_cid
-    )
+    return CommitEvent(seq, did, rev_, since, COMMIT, prev_data, None, writes, data_cid=data_cid)
 
 
 # -- the pure rules, property-based -------------------------------------------------------------

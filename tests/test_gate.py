@@ -7,14 +7,17 @@ from collections.abc import Sequence
 import pytest
 from prometheus_client import CollectorRegistry
 
+from firehose.devnet.dagcbor import cid_for_block
 from firehose.live.batch import BatchBuilder
 from firehose.live.gate import DROP_REASONS, RESYNC_REASONS, Gate, GateMetrics, Verdict
 from firehose.model import Action, CommitEvent, Event, IdentityEvent, RecordWrite
 
+COMMIT = cid_for_block(b"a commit")  # a binary CID (CommitEvent.commit)
+
 
 def _commit(seq: int, did: str, rkey: str) -> CommitEvent:
     w = RecordWrite(did, "app.bsky.feed.like", rkey, f"rev{seq:04d}", Action.CREATE, "cid", {})
-    return CommitEvent(seq, did, f"rev{seq:04d}", None, "commitcid", None, None, (w,))
+    return CommitEvent(seq, did, f"rev{seq:04d}", None, COMMIT, None, None, (w,))
 
 
 class DropDid:

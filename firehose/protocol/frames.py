@@ -275,7 +275,7 @@ def _commit(body: dict[str, Any], limits: FrameLimits) -> CommitEvent:
         did=did,
         rev=rev,
         since=since,
-        commit_cid=_encode_cid(commit_cid),
+        commit=commit_cid,
         prev_data=_opt_link_str(body, "prevData"),
         time=_time(body),
         writes=tuple(writes),
