@@ -21,7 +21,7 @@ from firehose.model import (
 from firehose.settings import WorkerSettings
 
 COMMIT = cid_for_block(b"a commit")  # a binary CID (CommitEvent.commit)
-T0 = datetime(2026, 1, 1, tzinfo=UTC)
+T0 = "2026-01-01T00:00:00.000Z"  # an event's time, as the frame sends it
 
 
 def commit(seq: int, did: str, *collections: str) -> CommitEvent:
@@ -47,6 +47,21 @@ def test_order_and_cursor() -> None:
     assert [w.collection for w in batch.writes][1:] == ["app.bsky.feed.like", "app.bsky.feed.post"]
     assert len(batch.identities) == 1 and len(batch.accounts) == 1
     assert len(b) == 0 and b.take().cursor is None
+
+
+def test_last_event_time_is_the_last_valid_one_parsed() -> None:
+    b = BatchBuilder()
+    b.add(IdentityEvent(1, "did:plc:a", "2026-01-01T00:00:01.000Z", "a.test"))
+    b.add(commit(2, "did:plc:a", "app.bsky.feed.post"))  # T0
+    b.skip(AccountEvent(3, "did:plc:a", "2026-13-01T00:00:00Z", active=True))  # no such month
+    b.add(IgnoredEvent(4, "#migrate"))  # no time
+    assert b.take().last_event_time == datetime(2026, 1, 1, tzinfo=UTC)
+    # A batch with no valid time leaves it unknown (the cursor row keeps the stored one);
+    # the texts of the batch before do not leak into the next one.
+    b.add(IdentityEvent(5, "did:plc:a", "yesterday", "a.test"))
+    assert b.take().last_event_time is None
+    b.add(IdentityEvent(6, "did:plc:a", "2026-01-01T00:00:02+02:00", "a.test"))
+    assert b.take().last_event_time == datetime(2025, 12, 31, 22, 0, 2, tzinfo=UTC)
 
 
 def test_wanted_collections_filter_but_cursor_moves() -> None:

@@ -166,7 +166,11 @@ def test_other_message_types() -> None:
     assert isinstance(acct, AccountEvent) and acct.effective_status == "takendown"
     assert simple("#info", {"name": "OutdatedCursor"}) == InfoEvent("OutdatedCursor", None)
     handle = simple("#handle", {"seq": 7, "did": DID, "handle": "b.example.com", "time": "bad"})
-    assert handle == IdentityEvent(7, DID, None, "b.example.com")
+    # The time as sent, even when it is none: a batch parses only its last valid one. One
+    # longer than any datetime is dropped: the event would keep it alive in the queue.
+    assert handle == IdentityEvent(7, DID, "bad", "b.example.com")
+    long = simple("#identity", {"seq": 8, "did": DID, "time": TIME + " " * 1_000_000})
+    assert isinstance(long, IdentityEvent) and long.time is None
     tomb = simple("#tombstone", {"seq": 8, "did": DID, "time": TIME})
     assert isinstance(tomb, AccountEvent) and tomb.effective_status == "deleted"
     migrate = simple("#migrate", {"seq": 9, "did": DID, "migrateTo": None, "time": TIME})

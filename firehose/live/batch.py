@@ -18,6 +18,7 @@ from firehose.model import (
     Event,
     IdentityEvent,
 )
+from firehose.protocol.syntax import parse_datetime
 from firehose.settings import WorkerSettings, collection_wanted
 
 
@@ -67,6 +68,7 @@ class BatchBuilder:
         self._wanted = wanted_collections
         self._owns_did = owns_did
         self._batch = Batch()
+        self._times: list[str] = []  # the batch's events' `time` texts, parsed in `take`
 
     def __len__(self) -> int:
         return self._batch.events
@@ -113,9 +115,17 @@ class BatchBuilder:
         batch.cursor = seq
         event_time = getattr(event, "time", None)
         if event_time is not None:
-            batch.last_event_time = event_time
+            self._times.append(event_time)
         return True
 
     def take(self) -> Batch:
         batch, self._batch = self._batch, Batch()
+        times, self._times = self._times, []
+        # The last event's time that is a valid atproto datetime (an invalid one is no time):
+        # one parse per batch where the decoder parsed every event (firehose.model).
+        for text in reversed(times):
+            parsed = parse_datetime(text)
+            if parsed is not None:
+                batch.last_event_time = parsed
+                break
         return batch

@@ -43,13 +43,13 @@ from firehose.protocol.cid import CID_BYTES, SUPPORTED_PREFIXES, cid_str_from_by
 from firehose.protocol.cid import _encode_cid as _encode_cid
 from firehose.protocol.errors import FrameError, ProtocolError
 from firehose.protocol.syntax import (
+    DATETIME_MAX_CHARS,
     is_did,
     is_handle,
     is_nsid,
     is_record_key,
     is_tid,
     is_token,
-    parse_datetime,
 )
 
 MIB = 1024 * 1024
@@ -202,9 +202,12 @@ def _opt_link_str(body: dict[str, Any], key: str) -> str | None:
     return cid_str_from_bytes(value)
 
 
-def _time(body: dict[str, Any]) -> Any:
+def _time(body: dict[str, Any]) -> str | None:
+    """The event's `time` as sent (firehose.model's docstring): a batch parses its last one.
+    A text longer than any atproto datetime is no time, so that a hostile frame cannot keep a
+    big string alive in the queue with its event."""
     value = body.get("time")
-    return parse_datetime(value) if type(value) is str else None
+    return value if type(value) is str and len(value) <= DATETIME_MAX_CHARS else None
 
 
 def _rev(body: dict[str, Any], key: str = "rev") -> str:
