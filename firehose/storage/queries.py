@@ -209,14 +209,18 @@ def rows_param(n: int) -> str:
     return f"convert_from(${n}::bytea, 'UTF8')::jsonb"
 
 
+def rows_select(columns: tuple[tuple[str, str], ...], n: int = 1) -> str:
+    """A SELECT of parameter `n`'s rows (rows_param) as the named, typed `columns`."""
+    values = ", ".join(f"{_column_value(i, t)} AS {c}" for i, (c, t) in enumerate(columns))
+    return f"SELECT {values} FROM jsonb_array_elements({rows_param(n)}) AS u"
+
+
 def _upsert_sql(table: str, columns: tuple[tuple[str, str], ...], guard: str) -> str:
     names = [c for c, _ in columns]
     cols = ", ".join(names)
-    values = ", ".join(f"{_column_value(i, t)} AS {c}" for i, (c, t) in enumerate(columns))
     sets = ", ".join(f"{c} = EXCLUDED.{c}" for c in names if c != "uri")
     return (
-        f"INSERT INTO {table} AS t ({cols}) SELECT {cols} FROM "
-        f"(SELECT {values} FROM jsonb_array_elements({rows_param(1)}) AS u) s{guard}"
+        f"INSERT INTO {table} AS t ({cols}) SELECT {cols} FROM ({rows_select(columns)}) s{guard}"
         f"ON CONFLICT (uri) DO UPDATE SET {sets}, indexed_at = now() "
         "WHERE t.rev < EXCLUDED.rev OR (t.rev = EXCLUDED.rev AND t.cid <> EXCLUDED.cid)"
     )
@@ -266,23 +270,11 @@ TYPED_ORDER: tuple[str, ...] = tuple(t.name for t in TYPED_TABLES.values())
 # from records and from the typed table of its collection where stored rev <= delete rev.
 # Data-modifying CTEs on different tables run in one statement (one round trip); the join on
 # the unnested arrays is a primary-key probe per deleted uri. (Arrays, not one JSON parameter
-# as for the heads (json_id): PostgreSQL plans `unnest` of a parameter at 10 rows and
+# as for the heads (PER_ROW_JSON): PostgreSQL plans `unnest` of a parameter at 10 rows and
 # `jsonb_array_elements` at 100, and with 100 its cached generic plan joined `d` to records
 # by hashing a scan of the whole table: 7.3 -> 26.7 ms of SQL per 1,000 live events. The
 # heads' and the accounts' statements are inserts, whose conflicts are index probes whatever
 # the estimate.)
-
-
-def json_id(i: int, row: str = "j") -> str:
-    """Element `i` of the jsonb row array `row` as text in the id columns' collation. Small
-    per-row parameters of inserts (heads, identities, accounts) go as one JSON array of row
-    arrays like the rows (rows_param), not as parallel text[] parameters: asyncpg encoded
-    those at ~1 µs of our CPU per element (isinstance checks against the collections ABCs
-    for every element, to find nested arrays), orjson the same rows at ~0.15 µs, and
-    PostgreSQL read them in about the same time either way (micro-benchmark, 200 x 1,000
-    heads of three columns, three runs each: 2.83-3.13 against 0.39-0.47 µs of our CPU per
-    head, 1.4 against 1.1 µs of PostgreSQL's wall time)."""
-    return f'({row}->>{i}) COLLATE "C"'
 
 
 def _delete_sql() -> str:
@@ -335,8 +327,17 @@ def async_commit_if(param: str) -> str:
     return f"CASE WHEN {param}::bool THEN set_config('synchronous_commit', 'off', true) END"
 
 
+# PER_ROW_JSON: the small per-row parameters of inserts (heads, identities, accounts) go as
+# one JSON array of row arrays like the rows (rows_param, rows_select), not as parallel text[]
+# parameters: asyncpg encoded those at ~1 µs of our CPU per element (isinstance checks
+# against the collections ABCs for every element, to find nested arrays), orjson the same
+# rows at ~0.15 µs, and PostgreSQL read them in about the same time either way
+# (micro-benchmark, 200 x 1,000 heads of three columns, three runs each: 2.83-3.13 against
+# 0.39-0.47 µs of our CPU per head, 1.4 against 1.1 µs of PostgreSQL's wall time).
+HEAD_COLUMNS: tuple[tuple[str, str], ...] = (("did", _ID), ("rev", _ID), ("data_cid", _ID))
+
 # A batch's bookkeeping in one statement (writer.apply_prepared runs it first or last): the
-# repo heads ($1, rows_param: a JSON array of [did, rev, data_cid], may be empty; see json_id),
+# repo heads ($1, rows_param: HEAD_COLUMNS, may be empty; see PER_ROW_JSON),
 # as ACTOR_HEADS, and with $8 also the chain heads `chain_rev`/`chain_data_cid` of sql/005,
 # each never backwards), the cursor row ($2 service, $3 cursor, $4 last_event_time; nothing
 # when $3 is NULL), the resync requests of the gate ($6 did[], $7 reason[], one per did; the
@@ -371,8 +372,7 @@ h AS (
 INSERT INTO actors AS a (did, rev, data_cid, chain_rev, chain_data_cid, updated_at)
 SELECT h.did, h.rev, h.data_cid, CASE WHEN $8::bool THEN h.rev END,
        CASE WHEN $8::bool THEN h.data_cid END, now()
-  FROM (SELECT {json_id(0)} AS did, {json_id(1)} AS rev, {json_id(2)} AS data_cid
-          FROM jsonb_array_elements({rows_param(1)}) AS j) h
+  FROM ({rows_select(HEAD_COLUMNS)}) h
 ON CONFLICT (did) DO UPDATE
    SET rev = CASE WHEN a.rev IS NULL OR a.rev < EXCLUDED.rev THEN EXCLUDED.rev ELSE a.rev END,
        data_cid = CASE WHEN a.rev IS NULL OR a.rev < EXCLUDED.rev
@@ -410,27 +410,24 @@ SELECT did, chain_rev AS rev, chain_data_cid AS data_cid, active AND status <> '
   FROM actors WHERE did = ANY($1::text[])
 """
 
-# #identity: $1 rows (rows_param, see json_id) [did, handle (null keeps the stored handle),
-# seq]. A handle is stamped handle_at = now(): a verified backfill handle observed before that
-# moment never overwrites it (sql/007_handle_at.sql, backfill/handles.py).
+# #identity: $1 rows (rows_param, see PER_ROW_JSON) [did, handle (null keeps the stored
+# handle), seq]. A handle is stamped handle_at = now(): a verified backfill handle observed
+# before that moment never overwrites it (sql/007_handle_at.sql, backfill/handles.py).
 ACTOR_IDENTITIES = f"""
 INSERT INTO actors AS a (did, handle, handle_at, seq, updated_at)
 SELECT i.did, i.handle, CASE WHEN i.handle IS NOT NULL THEN now() END, i.seq, now()
-  FROM (SELECT {json_id(0)} AS did, j->>1 AS handle, (j->>2)::bigint AS seq
-          FROM jsonb_array_elements({rows_param(1)}) AS j) i
+  FROM ({rows_select((("did", _ID), ("handle", "text"), ("seq", "bigint")))}) i
 ON CONFLICT (did) DO UPDATE
    SET handle = coalesce(EXCLUDED.handle, a.handle),
        handle_at = CASE WHEN EXCLUDED.handle IS NOT NULL THEN now() ELSE a.handle_at END,
        seq = EXCLUDED.seq, updated_at = now()
 """
 
-# #account: $1 rows (rows_param, see json_id) [did, status, active, seq].
+# #account: $1 rows (rows_param, see PER_ROW_JSON) [did, status, active, seq].
 ACTOR_ACCOUNTS = f"""
 INSERT INTO actors AS a (did, status, active, seq, updated_at)
 SELECT e.did, e.status, e.active, e.seq, now()
-  FROM (SELECT {json_id(0)} AS did, j->>1 AS status, (j->>2)::bool AS active,
-               (j->>3)::bigint AS seq
-          FROM jsonb_array_elements({rows_param(1)}) AS j) e
+  FROM ({rows_select((("did", _ID), ("status", "text"), ("active", "bool"), ("seq", "bigint")))}) e
 ON CONFLICT (did) DO UPDATE
    SET status = EXCLUDED.status, active = EXCLUDED.active, seq = EXCLUDED.seq,
        updated_at = now()

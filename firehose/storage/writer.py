@@ -264,9 +264,9 @@ class PreparedBatch:
     records: bytes | None
     typed: list[tuple[str, bytes]]
     resyncs: list[tuple[str, str]]  # (did, reason), one per did (the first), in did order
-    # The per-row parameters of the other inserts, as JSON (queries.json_id): the heads, the
-    # identities' and the accounts' rows.
-    heads: bytes
+    # The per-row parameters of the other inserts, as JSON (queries.PER_ROW_JSON): the heads,
+    # the identities' and the accounts' rows.
+    heads_json: bytes
     identities_json: bytes
     accounts_json: bytes
 
@@ -328,7 +328,7 @@ def _statement_args(
         records=records,
         typed=[(name, _rows_json(rows)) for name, rows in prep.typed.items()],
         resyncs=_first_per_did(batch.resyncs),
-        heads=_rows_json(prep.heads),
+        heads_json=_rows_json(prep.heads),
         identities_json=_rows_json([(e.did, e.handle, e.seq) for e in identities]),
         accounts_json=_rows_json([(e.did, e.effective_status, e.active, e.seq) for e in accounts]),
     )
@@ -415,7 +415,7 @@ async def apply_prepared(
             if prep.claims:
                 await conn.execute(fresh.CLAIM, prep.claims)
         elif prep.heads or batch.cursor is not None or not nested:
-            await finish(prepared.heads, True, ())
+            await finish(prepared.heads_json, True, ())
         # 1. Accounts first, so that writes of a deleted account in this very batch are refused
         #    by the actor guard, and writes after a reactivation are accepted.
         if identities:
@@ -454,7 +454,7 @@ async def apply_prepared(
             if resyncs:
                 await finish(_NO_ROWS, False, resyncs)
         elif prep.heads or batch.cursor is not None or resyncs or not nested:
-            await finish(prepared.heads, True, resyncs)
+            await finish(prepared.heads_json, True, resyncs)
     return stats
 
 
