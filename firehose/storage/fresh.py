@@ -97,10 +97,8 @@ RETURNING a.xmin::text AS xmin)"""
 
 def _insert(table: str, columns: tuple[tuple[str, str], ...], param: int) -> str:
     names = ", ".join(c for c, _ in columns)
-    values = ", ".join(queries.column_value(i, t) for i, (_, t) in enumerate(columns))
     return (
-        f"INSERT INTO {table} ({names}) SELECT {values}"
-        f" FROM jsonb_array_elements({queries.rows_param(param)}) AS u"
+        f"INSERT INTO {table} ({names}) {queries.rows_select(columns, param)}"
         " WHERE EXISTS (SELECT 1 FROM c)"
     )
 

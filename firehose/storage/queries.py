@@ -193,10 +193,6 @@ def _column_value(i: int, pgtype: str) -> str:
     return f"(u->>{i})::{pgtype}"
 
 
-# Public name: fresh.py inserts rows of the same jsonb shape.
-column_value = _column_value
-
-
 def rows_param(n: int) -> str:
     """Parameter `n`, one batch's rows as the UTF-8 bytes of a JSON array of row arrays
     (writer.records_json), as jsonb. Sent as bytea, the bytes orjson made go out as they are:
@@ -210,7 +206,8 @@ def rows_param(n: int) -> str:
 
 
 def rows_select(columns: tuple[tuple[str, str], ...], n: int = 1) -> str:
-    """A SELECT of parameter `n`'s rows (rows_param) as the named, typed `columns`."""
+    """A SELECT of parameter `n`'s rows (rows_param) as the named, typed `columns`: the
+    upserts here, the fresh load's inserts (fresh.py) and the per-row JSON parameters."""
     values = ", ".join(f"{_column_value(i, t)} AS {c}" for i, (c, t) in enumerate(columns))
     return f"SELECT {values} FROM jsonb_array_elements({rows_param(n)}) AS u"
 
