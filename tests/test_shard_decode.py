@@ -93,9 +93,10 @@ def test_another_shards_commit_is_not_parsed_its_owner_still_refuses_it() -> Non
     assert event.time == body["time"]  # as sent: a batch parses its last one
 
 
-def test_another_shards_event_still_needs_an_integer_seq() -> None:
+@pytest.mark.parametrize("seq", ["12", 2**63, -1])
+def test_another_shards_event_still_needs_a_bigint_seq(seq: object) -> None:
     body = _commit_body()
-    body["seq"] = "12"
+    body["seq"] = seq
     data = frame({"op": 1, "t": "#commit"}, body)
     owner, other = _owner_and_other(body["repo"])
     assert _decoded(data, other) == _decoded(data, owner) == "error:body"

@@ -148,7 +148,7 @@ def decode_frame(
             field, event_type = _REPO_EVENTS[kind]
             did = body.get(field)
             if type(did) is str and not owns_did(did):
-                return OtherShardEvent(_req_int(body, "seq"), event_type, _time(body))
+                return OtherShardEvent(_req_seq(body), event_type, _time(body))
         return handler(body, limits)
     if op == _OP_ERROR and type(op) is int:
         return ErrorFrame(_req_str(body, "error"), _opt_str(body, "message"))
@@ -158,11 +158,19 @@ def decode_frame(
 # --- field helpers: a missing or mistyped field is a malformed body (reason "body") ---
 
 
-def _req_int(body: dict[str, Any], key: str) -> int:
-    value = body.get(key)
-    if type(value) is not int:
-        raise FrameError(f"field {key!r} must be an integer")
-    return value
+# A seq is a cursor: stored as PostgreSQL bigint and sent back as `?cursor=`. The data model
+# caps integers at signed 64 bits; a negative or larger one from a hostile relay would
+# otherwise decode and then fail the whole batch's statements on every replay.
+SEQ_MAX = 2**63 - 1
+
+
+def _req_seq(body: dict[str, Any]) -> int:
+    seq = body.get("seq")
+    if type(seq) is not int:
+        raise FrameError("field 'seq' must be an integer")
+    if not 0 <= seq <= SEQ_MAX:
+        raise FrameError(f"field 'seq' outside 0..2^63-1: {seq}"[:120])
+    return seq
 
 
 def _req_str(body: dict[str, Any], key: str) -> str:
@@ -247,7 +255,7 @@ def _commit_object(car: LazyCar, commit_cid: bytes, did: str) -> tuple[dict[str,
 
 
 def _commit(body: dict[str, Any], limits: FrameLimits) -> CommitEvent:
-    seq = _req_int(body, "seq")
+    seq = _req_seq(body)
     did = _req_did(body, "repo")
     rev = _rev(body)
     since = _opt_str(body, "since")
@@ -323,7 +331,7 @@ def _record_write(op: Any, did: str, rev: str, car: LazyCar) -> RecordWrite:
 
 
 def _sync(body: dict[str, Any], limits: FrameLimits) -> SyncEvent:
-    seq = _req_int(body, "seq")
+    seq = _req_seq(body)
     did = _req_did(body, "did")
     rev = _rev(body)
     car = _read_blocks(body, limits)
@@ -343,7 +351,7 @@ def _sync(body: dict[str, Any], limits: FrameLimits) -> SyncEvent:
 
 def _identity(body: dict[str, Any], limits: FrameLimits) -> IdentityEvent:
     return IdentityEvent(
-        seq=_req_int(body, "seq"),
+        seq=_req_seq(body),
         did=_req_did(body, "did"),
         time=_time(body),
         handle=_handle_or_none(_opt_str(body, "handle")),
@@ -365,7 +373,7 @@ def _status_or_none(status: str | None) -> str | None:
 def _handle(body: dict[str, Any], limits: FrameLimits) -> IdentityEvent:
     # Legacy #handle: {seq, did, handle, time}; superseded by #identity.
     return IdentityEvent(
-        seq=_req_int(body, "seq"),
+        seq=_req_seq(body),
         did=_req_did(body, "did"),
         time=_time(body),
         handle=_handle_or_none(_req_str(body, "handle")),
@@ -377,7 +385,7 @@ def _account(body: dict[str, Any], limits: FrameLimits) -> AccountEvent:
     if type(active) is not bool:
         raise FrameError("field 'active' must be a boolean")
     return AccountEvent(
-        seq=_req_int(body, "seq"),
+        seq=_req_seq(body),
         did=_req_did(body, "did"),
         time=_time(body),
         active=active,
@@ -388,7 +396,7 @@ def _account(body: dict[str, Any], limits: FrameLimits) -> AccountEvent:
 def _tombstone(body: dict[str, Any], limits: FrameLimits) -> AccountEvent:
     # Legacy #tombstone: the account was deleted (now #account active=false status=deleted).
     return AccountEvent(
-        seq=_req_int(body, "seq"),
+        seq=_req_seq(body),
         did=_req_did(body, "did"),
         time=_time(body),
         active=False,
@@ -406,7 +414,7 @@ def _ignored(kind: str, body: dict[str, Any]) -> IgnoredEvent:
     seq = body.get("seq")
     did = body.get("did", body.get("repo"))
     return IgnoredEvent(
-        seq=seq if type(seq) is int else None,
+        seq=seq if type(seq) is int and 0 <= seq <= SEQ_MAX else None,
         kind=kind[:64],
         did=did if type(did) is str and is_did(did) else None,
         time=_time(body),
