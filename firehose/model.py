@@ -30,6 +30,11 @@ class Action(StrEnum):
 ACCOUNT_STATUS_ACTIVE = "active"
 ACCOUNT_STATUS_DELETED = "deleted"
 
+# The greatest `seq`, hence cursor: the data model's integers are signed 64-bit, the cursor
+# columns are PostgreSQL `bigint`, and the cursor goes back to the relay as `?cursor=`. A
+# frame's seq outside 0..SEQ_MAX is malformed (firehose.protocol.frames); START_CURSOR too.
+SEQ_MAX = 2**63 - 1
+
 
 @dataclass(slots=True)
 class RecordWrite:

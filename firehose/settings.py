@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from backfill.settings import BackfillSettings
 from firehose.envparse import ConfigError, Env, boolean, choice, int_range
+from firehose.model import SEQ_MAX
 
 __all__ = ["ConfigError", "Settings", "collection_wanted"]
 
@@ -102,7 +103,7 @@ class Settings:
             ),
             relay=RelaySettings(
                 url=e.get("RELAY_URL", DEFAULT_RELAY_URL, _relay_url),
-                start_cursor=e.get("START_CURSOR", None, int_range(0, 2**63 - 1)),
+                start_cursor=e.get("START_CURSOR", None, int_range(0, SEQ_MAX)),
                 idle_timeout_s=e.get("RELAY_IDLE_TIMEOUT_S", 60.0, _seconds(1.0, 3600.0)),
             ),
             pipeline=PipelineSettings(

@@ -25,6 +25,7 @@ from typing import Any
 
 from firehose.model import (
     ACCOUNT_STATUS_DELETED,
+    SEQ_MAX,
     AccountEvent,
     Action,
     CommitEvent,
@@ -158,12 +159,8 @@ def decode_frame(
 # --- field helpers: a missing or mistyped field is a malformed body (reason "body") ---
 
 
-# A seq is a cursor: stored as PostgreSQL bigint and sent back as `?cursor=`. The data model
-# caps integers at signed 64 bits; a negative or larger one from a hostile relay would
-# otherwise decode and then fail the whole batch's statements on every replay.
-SEQ_MAX = 2**63 - 1
-
-
+# A seq outside 0..SEQ_MAX (firehose.model) from a hostile relay would otherwise decode and
+# then fail the whole batch's statements on every replay.
 def _req_seq(body: dict[str, Any]) -> int:
     seq = body.get("seq")
     if type(seq) is not int:
