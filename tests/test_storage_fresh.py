@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from firehose.devnet.tid import tid_of_value as tid
 from firehose.model import Action, Batch, RecordWrite
-from firehose.storage import copy_text, queries, writer
+from firehose.storage import copy_text, fresh, queries, writer
 from firehose.storage.fresh import Loads
 from firehose.storage.writer import ApplyStats, apply_batch, write_snapshot
 
@@ -426,15 +426,30 @@ _EVERY_COLLECTION: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 
+# The collections of a snapshot: all of them, and batches whose statement names only some
+# typed tables (fresh.load_tables): one everyday table, two, one of the others (which names
+# all the others), none.
+_SUBSETS = [
+    None,
+    ("app.bsky.actor.profile",),
+    ("app.bsky.feed.like", "app.bsky.feed.post"),
+    ("app.bsky.graph.block", "app.bsky.feed.repost"),
+    ("com.example.note",),
+]
+
+
 @pytest.mark.parametrize("by_copy", [False, True])
+@pytest.mark.parametrize("subset", _SUBSETS)
 async def test_fresh_load_stores_what_the_guarded_path_stores(
-    conns: Any, monkeypatch: pytest.MonkeyPatch, by_copy: bool
+    conns: Any, monkeypatch: pytest.MonkeyPatch, by_copy: bool, subset: tuple[str, ...] | None
 ) -> None:
-    """The fresh load (fresh.FRESH_CLAIM: its own INSERTs, no guards, the records rows in
+    """The fresh load (fresh.load_statement: its own INSERTs, no guards, the records rows in
     the statement or by COPY) stores every column of every table as the guarded path writes
-    it, for a record of every typed table and one of none."""
+    it, for a record of every typed table and one of none, or of some of them."""
     a = conns[0]
     fresh_did, guarded_did = "did:plc:" + "f" * 24, "did:plc:" + "g" * 24
+    chosen = [e for e in _EVERY_COLLECTION if subset is None or e[0] in subset]
+    n_typed = sum(c in queries.TYPED_TABLES for c, _, _ in chosen)
 
     def snapshot(did: str) -> list[RecordWrite]:
         return [
@@ -447,17 +462,17 @@ async def test_fresh_load_stores_what_the_guarded_path_stores(
                 f"bafy{rkey}",
                 {"$type": c, "createdAt": "2024-01-01T00:00:00.5+02:00", **record},
             )
-            for c, rkey, record in _EVERY_COLLECTION
+            for c, rkey, record in chosen
         ]
 
     with records_by_copy(by_copy) as sizes:
         loaded = await write_snapshot(a, snapshot(fresh_did))
-    assert sizes == ([len(_EVERY_COLLECTION)] if by_copy else [])
-    assert loaded.fresh == len(_EVERY_COLLECTION) and loaded.typed == len(_EVERY_COLLECTION) - 1
+    assert sizes == ([len(chosen)] if by_copy else [])
+    assert loaded.fresh == len(chosen) and loaded.typed == n_typed
     with monkeypatch.context() as m:
         m.setattr("firehose.storage.writer._fresh_candidate", lambda prep: None)
         guarded = await write_snapshot(a, snapshot(guarded_did))
-    assert guarded.fresh == 0 and guarded.upserted == len(_EVERY_COLLECTION)
+    assert guarded.fresh == 0 and guarded.upserted == len(chosen)
 
     # (table, its key): rows compared in key order, a repo's records being several rows.
     tables = [("records", "uri"), ("actors", "did")]
@@ -470,8 +485,32 @@ async def test_fresh_load_stores_what_the_guarded_path_stores(
         got = await a.fetchval(sql, fresh_did)
         want = await a.fetchval(sql, guarded_did)
         assert got == want.replace(guarded_did, fresh_did), table
-        if table != "actors":
-            assert got != "[]", table
+        typed = [queries.TYPED_TABLES[c].name for c, _, _ in chosen if c in queries.TYPED_TABLES]
+        assert (got != "[]") == (table in ("records", "actors", *typed)), table
+
+
+def test_a_first_batch_statement_names_the_tables_it_may_need() -> None:
+    """fresh.load_tables: the everyday tables a batch has rows for, the others all together
+    when it has rows for any of them, in queries.TYPED_ORDER; so few statements in all."""
+    assert fresh.load_tables([]) == ()
+    assert fresh.load_tables(["profiles"]) == ("profiles",)
+    assert fresh.load_tables(["likes", "posts"]) == ("posts", "likes")
+    others = tuple(n for n in queries.TYPED_ORDER if n not in fresh.PICKED_TABLES)
+    assert fresh.load_tables(["starter_packs"]) == others
+    assert fresh.load_tables(["likes", "blocks"]) == tuple(
+        n for n in queries.TYPED_ORDER if n == "likes" or n in others
+    )
+    assert fresh.load_tables(queries.TYPED_ORDER) == queries.TYPED_ORDER
+    shapes = {
+        fresh.load_tables(c)
+        for k in range(len(queries.TYPED_ORDER) + 1)
+        for c in itertools.combinations(queries.TYPED_ORDER, k)
+    }
+    assert len(shapes) == 2 ** (len(fresh.PICKED_TABLES) + 1)
+    # The statement's parameters follow the tables it names: records, each table, did, rev,
+    # data_cid, asynchronous commit (and the xmin when continuing).
+    sql = fresh.load_statement(("likes",), continuing=True)
+    assert "$7" in sql and "$8" not in sql and "INSERT INTO posts" not in sql
 
 
 @pytest.mark.parametrize("by_copy", [False, True])

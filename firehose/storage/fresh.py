@@ -42,7 +42,9 @@ tests/test_storage_fresh.py races loads with live batches on two connections.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
+from collections.abc import Iterable
 
 from firehose.storage import queries
 
@@ -58,40 +60,65 @@ ON CONFLICT (did) DO UPDATE SET updated_at = now() WHERE a.chain_rev IS NULL
 """
 
 # The rows of a fresh batch come as in queries.UPSERTS_APPLY: $1 the records rows, $2.. the
-# rows of each typed table in queries.TYPED_ORDER (b'[]' when none), each one JSON array of
-# row arrays (queries.rows_param). They are INSERTed as they are (no guard, no ON CONFLICT),
-# only if the claim CTE `c` made the repo ours: the claim runs (and waits) to completion
-# first, as the InitPlan of every insert. (asyncpg's binary COPY cost this process about five
-# times more per record, in its encoding of datetimes and lists; the text COPY of the records
-# rows that a big batch sends after this statement (writer._load_fresh, its records parameter
-# then b'[]') is built by copy_text.py at ~1.3 µs per record.) _N is the first parameter
-# after the rows.
-_N = 2 + len(queries.TYPED_ORDER)
-_DID, _REV, _DATA_CID, _ASYNC, _XMIN = (f"${_N + i}" for i in range(5))
+# rows of each typed table the statement names (`load_tables`), each one JSON array of row
+# arrays (queries.rows_param, b'[]' when none). They are INSERTed as they are (no guard, no
+# ON CONFLICT), only if the claim CTE `c` made the repo ours: the claim runs (and waits) to
+# completion first, as the InitPlan of every insert. (asyncpg's binary COPY cost this process
+# about five times more per record, in its encoding of datetimes and lists; the text COPY of
+# the records rows that a big batch sends after this statement (writer._load_fresh, its
+# records parameter then b'[]') is built by copy_text.py at ~1.3 µs per record.)
+#
+# A statement names only the typed tables its batch may need. Each insert it names costs
+# PostgreSQL its executor set-up, locks and plan-cache checks on every run, rows or not:
+# a one-record repo cost 410-415 µs of PostgreSQL's CPU with all ten tables named against
+# 246-262 with only its own, a ten-record repo 841-918 against 692-754 (one connection,
+# write_snapshot, 2,000 repos, alternating, loads 0.35-0.61; docs/performance.md, session
+# 21). Most repos of the network are that small. The everyday tables of the app
+# (`PICKED_TABLES`) are named when the batch has rows for them; the others all together when
+# it has rows for any of them: at most 2^5 x 2 first-batch statements, each prepared once per
+# pooled connection (asyncpg's statement cache holds 100). A snapshot's later batches
+# (FRESH_CONTINUE, the middle of a big repo) name every table.
+PICKED_TABLES = frozenset({"posts", "likes", "reposts", "follows", "profiles"})
+_OTHER_TABLES = tuple(n for n in queries.TYPED_ORDER if n not in PICKED_TABLES)
+_TYPED_BY_NAME = {t.name: t for t in queries.TYPED_TABLES.values()}
 
-# The claim of a repo not written yet: absent (inserted) or headless and not deleted
-# (updated). No row, and no lock taken, otherwise.
-_CLAIM = f"""
+
+def load_tables(present: Iterable[str]) -> tuple[str, ...]:
+    """The typed tables a first batch's statement names, in queries.TYPED_ORDER, for a batch
+    with rows for the tables `present`."""
+    names = set(present)
+    if not names.isdisjoint(_OTHER_TABLES):
+        names.update(_OTHER_TABLES)
+    return tuple(n for n in queries.TYPED_ORDER if n in names)
+
+
+def _claim(did: str, rev: str, data_cid: str) -> str:
+    """The claim of a repo not written yet: absent (inserted) or headless and not deleted
+    (updated). No row, and no lock taken, otherwise."""
+    return f"""
 u AS (
-UPDATE actors AS a SET rev = {_REV}::text, data_cid = {_DATA_CID}::text, updated_at = now()
- WHERE a.did = {_DID}::text AND a.rev IS NULL AND a.status <> 'deleted'
+UPDATE actors AS a SET rev = {rev}::text, data_cid = {data_cid}::text, updated_at = now()
+ WHERE a.did = {did}::text AND a.rev IS NULL AND a.status <> 'deleted'
 RETURNING a.xmin::text AS xmin),
 i AS (
 INSERT INTO actors (did, rev, data_cid, updated_at)
-SELECT {_DID}::text, {_REV}::text, {_DATA_CID}::text, now()
- WHERE NOT EXISTS (SELECT 1 FROM actors WHERE did = {_DID}::text)
+SELECT {did}::text, {rev}::text, {data_cid}::text, now()
+ WHERE NOT EXISTS (SELECT 1 FROM actors WHERE did = {did}::text)
 ON CONFLICT (did) DO NOTHING
 RETURNING xmin::text AS xmin),
 c AS (SELECT xmin FROM u UNION ALL SELECT xmin FROM i)"""
-# The next batch of a snapshot: the row is still the version our previous batch left
-# (`xmin`). The head never goes backwards, as in queries.BATCH_HEADS.
-_CONTINUE = f"""
+
+
+def _continue(did: str, rev: str, data_cid: str, xmin: str) -> str:
+    """The next batch of a snapshot: the row is still the version our previous batch left
+    (`xmin`). The head never goes backwards, as in queries.BATCH_HEADS."""
+    return f"""
 c AS (
 UPDATE actors AS a
-   SET rev = CASE WHEN a.rev < {_REV}::text THEN {_REV}::text ELSE a.rev END,
-       data_cid = CASE WHEN a.rev < {_REV}::text THEN {_DATA_CID}::text ELSE a.data_cid END,
+   SET rev = CASE WHEN a.rev < {rev}::text THEN {rev}::text ELSE a.rev END,
+       data_cid = CASE WHEN a.rev < {rev}::text THEN {data_cid}::text ELSE a.data_cid END,
        updated_at = now()
- WHERE a.did = {_DID}::text AND a.xmin = {_XMIN}::text::xid
+ WHERE a.did = {did}::text AND a.xmin = {xmin}::text::xid
 RETURNING a.xmin::text AS xmin)"""
 
 
@@ -103,29 +130,37 @@ def _insert(table: str, columns: tuple[tuple[str, str], ...], param: int) -> str
     )
 
 
-def _load_sql(claim: str) -> str:
+@functools.cache
+def load_statement(tables: tuple[str, ...], *, continuing: bool) -> str:
+    """The fresh load of a batch whose typed rows go to `tables` (`load_tables`, or
+    queries.TYPED_ORDER). Parameters: the records rows ($1), the rows of each of `tables`,
+    then did, rev, data_cid, asynchronous commit (see writer._ASYNC_COMMIT) and, when
+    `continuing` (FRESH_CONTINUE), the xmin our previous batch left. Returns xmin (NULL: not
+    ours, nothing written), inserted (records rows), typed. Bounded: 2^5 x 2 + 1 statements."""
+    n = 2 + len(tables)  # the first parameter after the rows
+    did, rev, data_cid, async_, xmin = (f"${n + i}" for i in range(5))
+    claim = _continue(did, rev, data_cid, xmin) if continuing else _claim(did, rev, data_cid)
     ctes = [
         claim.strip(),
         "r AS (" + _insert("records", queries.RECORDS_COLUMNS, 1) + " RETURNING 1)",
     ]
-    for i, t in enumerate(queries.TYPED_TABLES.values()):
+    for i, name in enumerate(tables):
+        t = _TYPED_BY_NAME[name]
         sql = _insert(t.name, queries.COMMON_TYPED_COLUMNS + t.columns, i + 2)
         ctes.append(f"t{i} AS (" + sql + " RETURNING 1)")
-    typed = " + ".join(f"(SELECT count(*) FROM t{i})" for i in range(len(queries.TYPED_TABLES)))
+    typed = " + ".join(f"(SELECT count(*) FROM t{i})" for i in range(len(tables))) or "0"
     return (
         "WITH "
         + ",\n".join(ctes)
         + "\nSELECT (SELECT xmin FROM c) AS xmin, (SELECT count(*) FROM r) AS inserted,"
         + f" {typed} AS typed,"
-        + f" {queries.async_commit_if(_ASYNC)} AS sync"
+        + f" {queries.async_commit_if(async_)} AS sync"
     )
 
 
-# Parameters: the rows ($1.., as above), then did, rev, data_cid, asynchronous commit (see
-# writer._ASYNC_COMMIT) and, for FRESH_CONTINUE, the xmin our previous batch left. Returns
-# xmin (NULL: not ours, nothing written), inserted (records rows), typed.
-FRESH_CLAIM = _load_sql(_CLAIM)
-FRESH_CONTINUE = _load_sql(_CONTINUE)
+# Every typed table named: a first batch with rows of every kind, and a snapshot's later batches.
+FRESH_CLAIM = load_statement(queries.TYPED_ORDER, continuing=False)
+FRESH_CONTINUE = load_statement(queries.TYPED_ORDER, continuing=True)
 
 # A snapshot's batches come one after another, each in its own transaction, possibly on
 # different pooled connections: the xmin each left is remembered per (did, snapshot rev).

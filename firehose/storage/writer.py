@@ -514,11 +514,11 @@ async def _load_fresh(
         return None
     copy = _records_copy(prep.records)
     records = records_json(prep.records) if prep.records and copy is None else _NO_ROWS
-    typed = [
-        _rows_json(prep.typed[n]) if n in prep.typed else _NO_ROWS for n in queries.TYPED_ORDER
-    ]
+    # A first batch's statement names only the typed tables it may need (fresh.load_tables).
+    tables = queries.TYPED_ORDER if xmin is not None else fresh.load_tables(prep.typed)
+    typed = [_rows_json(prep.typed[n]) if n in prep.typed else _NO_ROWS for n in tables]
     nested = conn.is_in_transaction()
-    sql = fresh.FRESH_CLAIM if xmin is None else fresh.FRESH_CONTINUE
+    sql = fresh.load_statement(tables, continuing=xmin is not None)
     args = [records, *typed, did, rev, data_cid, not nested]
     if xmin is not None:
         args.append(xmin)
