@@ -303,3 +303,63 @@ async def test_completion_check_reads_the_partial_indexes(conn: asyncpg.Connecti
     await conn.execute("UPDATE backfill_repos SET state = 'done', lease_owner = NULL")
     done = await jobs.try_complete(conn, job_id)
     assert done is not None and done.status == "completed"
+
+
+def _index_conds(plan: dict, table: str) -> list[str]:
+    """The index conditions of every index scan of `table` in an EXPLAIN (FORMAT JSON) plan."""
+    found = []
+    if plan.get("Index Name", "").startswith(table):
+        found.append(plan.get("Index Cond", ""))
+    for child in plan.get("Plans", []):
+        found += _index_conds(child, table)
+    return found
+
+
+async def test_a_statement_about_one_claimed_repo_reads_only_that_repo(
+    conn: asyncpg.Connection,
+) -> None:
+    # sql/008: with statistics taken while nothing was in flight (a queue just filled), the
+    # planner read the done mark's row through the lease index, keyed by lease_until: every
+    # entry any repo had left there since the last VACUUM, one more per repo done. Keyed by
+    # the row's own key, whichever index it takes finds the one repo.
+    import json
+
+    from backfill import resync_queries
+
+    job = (await jobs.ensure_job(conn, 30, RELAY, NOW)).job
+    await conn.execute("ALTER TABLE backfill_repos SET (autovacuum_enabled = false)")
+    await queue.enqueue(conn, job.id, [f"did:plc:{i:024d}" for i in range(3000)], 0)
+    await conn.execute("ANALYZE backfill_repos")
+    for _ in range(200):
+        for c in await queue.claim(conn, job.id, "h:w0:1", 10, 600):
+            await queue.mark_done(conn, job.id, c.did, "h:w0:1", rev=None, records=0, bytes_=0)
+    (c,) = await queue.claim(conn, job.id, "h:w0:1", 1, 600)
+    statements = [
+        (queries.REPO_PROGRESS, (job.id, c.did, "h:w0:1", 1, 2, None, 600.0)),
+        (queries.REPO_DONE, (job.id, c.did, "h:w0:1", None, 0, 0, 0, 0, 0, 0, True)),
+    ]
+    for sql, args in statements:
+        rows = await conn.fetch("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql, *args)
+        (plan,) = json.loads(rows[0][0])
+        conds = _index_conds(plan["Plan"], "backfill_repos")
+        assert conds and all("did" in cond for cond in conds), (sql, conds)
+        assert plan["Plan"]["Shared Hit Blocks"] < 60, plan  # 2,000 repos done: ~100 before
+    assert await conn.fetchval("SELECT state FROM backfill_repos WHERE did = $1", c.did) == "done"
+
+    # The resync queue's statements about one repo, the same way.
+    await conn.execute(
+        "INSERT INTO repo_resyncs (did, reason, state, lease_owner, lease_until)"
+        " SELECT 'did:plc:' || lpad(g::text, 24, '0'), 'x', 'done', NULL, now()"
+        " FROM generate_series(1, 2000) AS g"
+    )
+    await conn.execute(
+        "INSERT INTO repo_resyncs (did, reason, state, lease_owner, lease_until)"
+        " VALUES ('did:plc:r', 'x', 'in_progress', 'o', now() + interval '1 hour')"
+    )
+    await conn.execute("ANALYZE repo_resyncs")
+    rows = await conn.fetch(
+        "EXPLAIN (FORMAT JSON) " + resync_queries.RESYNC_FAIL,
+        "did:plc:r", "o", "e",
+    )  # fmt: skip
+    conds = _index_conds(json.loads(rows[0][0])[0]["Plan"], "repo_resyncs")
+    assert conds and all("did" in cond for cond in conds), conds
