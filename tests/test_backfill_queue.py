@@ -363,3 +363,17 @@ async def test_a_statement_about_one_claimed_repo_reads_only_that_repo(
     )  # fmt: skip
     conds = _index_conds(json.loads(rows[0][0])[0]["Plan"], "repo_resyncs")
     assert conds and all("did" in cond for cond in conds), conds
+
+
+async def test_the_queue_is_vacuumed_by_dead_rows_not_by_its_size(conn: asyncpg.Connection) -> None:
+    # sql/008 part 2: a claim reads past every claim-index entry left since the last VACUUM,
+    # so autovacuum comes every 200,000 dead rows of the queue, its indexes cleaned each time,
+    # not every 20 % of a 40-million-repo table.
+    options = await conn.fetchval(
+        "SELECT reloptions FROM pg_class WHERE relname = 'backfill_repos'"
+    )
+    assert set(options) == {
+        "autovacuum_vacuum_scale_factor=0",
+        "autovacuum_vacuum_threshold=200000",
+        "vacuum_index_cleanup=on",
+    }
