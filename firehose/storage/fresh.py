@@ -70,9 +70,9 @@ ON CONFLICT (did) DO UPDATE SET updated_at = now() WHERE a.chain_rev IS NULL
 #
 # A statement names only the typed tables its batch may need. Each insert it names costs
 # PostgreSQL its executor set-up, locks and plan-cache checks on every run, rows or not:
-# a one-record repo cost 410-415 µs of PostgreSQL's CPU with all ten tables named against
-# 246-262 with only its own, a ten-record repo 841-918 against 692-754 (one connection,
-# write_snapshot, 2,000 repos, alternating, loads 0.35-0.61; docs/performance.md, session
+# a one-record repo cost 410-467 µs of PostgreSQL's CPU with all ten tables named against
+# 236-297 with only its own, a ten-record repo 810-918 against 646-754 (one connection,
+# write_snapshot, 2,000 repos, alternating, loads 0.35-0.63; docs/performance.md, session
 # 21). Most repos of the network are that small. The everyday tables of the app
 # (`PICKED_TABLES`) are named when the batch has rows for them; the others all together when
 # it has rows for any of them: at most 2^5 x 2 first-batch statements, each prepared once per
