@@ -426,9 +426,9 @@ _EVERY_COLLECTION: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 
-# The collections of a snapshot: all of them, and batches whose statement names only some
-# typed tables (fresh.load_tables): one everyday table, two, one of the others (which names
-# all the others), none.
+# The collections of a snapshot: all of them, and batches whose statements name only some
+# typed tables (queries.statement_tables): one everyday table, two, one of the others (which
+# names all the others), none.
 _SUBSETS = [
     None,
     ("app.bsky.actor.profile",),
@@ -445,9 +445,11 @@ async def test_fresh_load_stores_what_the_guarded_path_stores(
 ) -> None:
     """The fresh load (fresh.load_statement: its own INSERTs, no guards, the records rows in
     the statement or by COPY) stores every column of every table as the guarded path writes
-    it, for a record of every typed table and one of none, or of some of them."""
+    it, for a record of every typed table and one of none, or of some of them; and both as
+    the live stream's statement, which names every table, does."""
     a = conns[0]
     fresh_did, guarded_did = "did:plc:" + "f" * 24, "did:plc:" + "g" * 24
+    live_did = "did:plc:" + "l" * 24
     chosen = [e for e in _EVERY_COLLECTION if subset is None or e[0] in subset]
     n_typed = sum(c in queries.TYPED_TABLES for c, _, _ in chosen)
 
@@ -473,6 +475,8 @@ async def test_fresh_load_stores_what_the_guarded_path_stores(
         m.setattr("firehose.storage.writer._fresh_candidate", lambda prep: None)
         guarded = await write_snapshot(a, snapshot(guarded_did))
     assert guarded.fresh == 0 and guarded.upserted == len(chosen)
+    live = await apply_batch(a, Batch(writes=snapshot(live_did)))
+    assert live.upserted == len(chosen) and live.typed == n_typed
 
     # (table, its key): rows compared in key order, a repo's records being several rows.
     tables = [("records", "uri"), ("actors", "did")]
@@ -485,32 +489,38 @@ async def test_fresh_load_stores_what_the_guarded_path_stores(
         got = await a.fetchval(sql, fresh_did)
         want = await a.fetchval(sql, guarded_did)
         assert got == want.replace(guarded_did, fresh_did), table
+        if table != "actors":  # the live stream's head is a chain head (sql/005)
+            assert got == (await a.fetchval(sql, live_did)).replace(live_did, fresh_did), table
         typed = [queries.TYPED_TABLES[c].name for c, _, _ in chosen if c in queries.TYPED_TABLES]
         assert (got != "[]") == (table in ("records", "actors", *typed)), table
 
 
-def test_a_first_batch_statement_names_the_tables_it_may_need() -> None:
-    """fresh.load_tables: the everyday tables a batch has rows for, the others all together
-    when it has rows for any of them, in queries.TYPED_ORDER; so few statements in all."""
-    assert fresh.load_tables([]) == ()
-    assert fresh.load_tables(["profiles"]) == ("profiles",)
-    assert fresh.load_tables(["likes", "posts"]) == ("posts", "likes")
-    others = tuple(n for n in queries.TYPED_ORDER if n not in fresh.PICKED_TABLES)
-    assert fresh.load_tables(["starter_packs"]) == others
-    assert fresh.load_tables(["likes", "blocks"]) == tuple(
+def test_a_repo_statement_names_the_tables_it_may_need() -> None:
+    """queries.statement_tables: the everyday tables a batch has rows for, the others all
+    together when it has rows for any of them, in queries.TYPED_ORDER; so few statements."""
+    assert queries.statement_tables([]) == ()
+    assert queries.statement_tables(["profiles"]) == ("profiles",)
+    assert queries.statement_tables(["likes", "posts"]) == ("posts", "likes")
+    others = tuple(n for n in queries.TYPED_ORDER if n not in queries.PICKED_TABLES)
+    assert queries.statement_tables(["starter_packs"]) == others
+    assert queries.statement_tables(["likes", "blocks"]) == tuple(
         n for n in queries.TYPED_ORDER if n == "likes" or n in others
     )
-    assert fresh.load_tables(queries.TYPED_ORDER) == queries.TYPED_ORDER
+    assert queries.statement_tables(queries.TYPED_ORDER) == queries.TYPED_ORDER
     shapes = {
-        fresh.load_tables(c)
+        queries.statement_tables(c)
         for k in range(len(queries.TYPED_ORDER) + 1)
         for c in itertools.combinations(queries.TYPED_ORDER, k)
     }
-    assert len(shapes) == 2 ** (len(fresh.PICKED_TABLES) + 1)
+    assert len(shapes) == 2 ** (len(queries.PICKED_TABLES) + 1)
     # The statement's parameters follow the tables it names: records, each table, did, rev,
     # data_cid, asynchronous commit (and the xmin when continuing).
     sql = fresh.load_statement(("likes",), continuing=True)
     assert "$7" in sql and "$8" not in sql and "INSERT INTO posts" not in sql
+    # The guarded upserts: records, then each table.
+    sql = queries.upserts_statement(("likes", "follows"))
+    assert "$3" in sql and "$4" not in sql and "INTO posts" not in sql and "INTO follows" in sql
+    assert queries.upserts_statement(queries.TYPED_ORDER) == queries.UPSERTS_APPLY
 
 
 @pytest.mark.parametrize("by_copy", [False, True])

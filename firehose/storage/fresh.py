@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from collections.abc import Iterable
 
 from firehose.storage import queries
 
@@ -60,7 +59,7 @@ ON CONFLICT (did) DO UPDATE SET updated_at = now() WHERE a.chain_rev IS NULL
 """
 
 # The rows of a fresh batch come as in queries.UPSERTS_APPLY: $1 the records rows, $2.. the
-# rows of each typed table the statement names (`load_tables`), each one JSON array of row
+# rows of each typed table the statement names (below), each one JSON array of row
 # arrays (queries.rows_param, b'[]' when none). They are INSERTed as they are (no guard, no
 # ON CONFLICT), only if the claim CTE `c` made the repo ours: the claim runs (and waits) to
 # completion first, as the InitPlan of every insert. (asyncpg's binary COPY cost this process
@@ -68,28 +67,12 @@ ON CONFLICT (did) DO UPDATE SET updated_at = now() WHERE a.chain_rev IS NULL
 # the records rows that a big batch sends after this statement (writer._load_fresh, its
 # records parameter then b'[]') is built by copy_text.py at ~1.3 µs per record.)
 #
-# A statement names only the typed tables its batch may need. Each insert it names costs
-# PostgreSQL its executor set-up, locks and plan-cache checks on every run, rows or not:
-# a one-record repo cost 410-467 µs of PostgreSQL's CPU with all ten tables named against
-# 236-297 with only its own, a ten-record repo 810-918 against 646-754 (one connection,
-# write_snapshot, 2,000 repos, alternating, loads 0.35-0.63; docs/performance.md, session
-# 21). Most repos of the network are that small. The everyday tables of the app
-# (`PICKED_TABLES`) are named when the batch has rows for them; the others all together when
-# it has rows for any of them: at most 2^5 x 2 first-batch statements, each prepared once per
-# pooled connection (asyncpg's statement cache holds 100). A snapshot's later batches
-# (FRESH_CONTINUE, the middle of a big repo) name every table.
-PICKED_TABLES = frozenset({"posts", "likes", "reposts", "follows", "profiles"})
-_OTHER_TABLES = tuple(n for n in queries.TYPED_ORDER if n not in PICKED_TABLES)
-_TYPED_BY_NAME = {t.name: t for t in queries.TYPED_TABLES.values()}
-
-
-def load_tables(present: Iterable[str]) -> tuple[str, ...]:
-    """The typed tables a first batch's statement names, in queries.TYPED_ORDER, for a batch
-    with rows for the tables `present`."""
-    names = set(present)
-    if not names.isdisjoint(_OTHER_TABLES):
-        names.update(_OTHER_TABLES)
-    return tuple(n for n in queries.TYPED_ORDER if n in names)
+# A first batch's statement names only the typed tables it may need
+# (queries.statement_tables): a one-record repo cost 410-467 µs of PostgreSQL's CPU with all
+# ten tables named against 236-297 with only its own, a ten-record repo 810-918 against
+# 646-754 (one connection, write_snapshot, 2,000 repos, alternating, loads 0.35-0.63;
+# docs/performance.md, session 21). Most repos of the network are that small. A snapshot's
+# later batches (FRESH_CONTINUE, the middle of a big repo) name every table.
 
 
 def _claim(did: str, rev: str, data_cid: str) -> str:
@@ -132,8 +115,8 @@ def _insert(table: str, columns: tuple[tuple[str, str], ...], param: int) -> str
 
 @functools.cache
 def load_statement(tables: tuple[str, ...], *, continuing: bool) -> str:
-    """The fresh load of a batch whose typed rows go to `tables` (`load_tables`, or
-    queries.TYPED_ORDER). Parameters: the records rows ($1), the rows of each of `tables`,
+    """The fresh load of a batch whose typed rows go to `tables` (queries.statement_tables,
+    or queries.TYPED_ORDER). Parameters: the records rows ($1), the rows of each of `tables`,
     then did, rev, data_cid, asynchronous commit (see writer._ASYNC_COMMIT) and, when
     `continuing` (FRESH_CONTINUE), the xmin our previous batch left. Returns xmin (NULL: not
     ours, nothing written), inserted (records rows), typed. Bounded: 2^5 x 2 + 1 statements."""
@@ -145,7 +128,7 @@ def load_statement(tables: tuple[str, ...], *, continuing: bool) -> str:
         "r AS (" + _insert("records", queries.RECORDS_COLUMNS, 1) + " RETURNING 1)",
     ]
     for i, name in enumerate(tables):
-        t = _TYPED_BY_NAME[name]
+        t = queries.TYPED_TABLES_BY_NAME[name]
         sql = _insert(t.name, queries.COMMON_TYPED_COLUMNS + t.columns, i + 2)
         ctes.append(f"t{i} AS (" + sql + " RETURNING 1)")
     typed = " + ".join(f"(SELECT count(*) FROM t{i})" for i in range(len(tables))) or "0"

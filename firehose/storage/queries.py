@@ -18,6 +18,8 @@ looks big.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 # --- migrations -------------------------------------------------------------------------------
@@ -245,12 +247,38 @@ _FRESH_MIRROR_GUARD = """
 """
 
 
-def _upserts_sql() -> str:
+TYPED_ORDER: tuple[str, ...] = tuple(t.name for t in TYPED_TABLES.values())
+TYPED_TABLES_BY_NAME = {t.name: t for t in TYPED_TABLES.values()}
+
+# A statement that writes a repo's rows may name only the typed tables its batch needs. Each
+# insert or upsert it names costs PostgreSQL its executor set-up, locks and plan-cache checks
+# on every run, rows or not: most of what a small repo costs (docs/performance.md, session
+# 21). The everyday tables of the app are named when the batch has rows for them, the others
+# all together when it has rows for any of them (`statement_tables`): at most 2^5 x 2 shapes
+# of each such statement, each prepared once per pooled connection.
+PICKED_TABLES = frozenset({"posts", "likes", "reposts", "follows", "profiles"})
+_OTHER_TABLES = tuple(n for n in TYPED_ORDER if n not in PICKED_TABLES)
+
+
+def statement_tables(present: Iterable[str]) -> tuple[str, ...]:
+    """The typed tables a statement names, in TYPED_ORDER, for a batch with rows for the
+    tables `present`."""
+    names = set(present)
+    if not names.isdisjoint(_OTHER_TABLES):
+        names.update(_OTHER_TABLES)
+    return tuple(n for n in TYPED_ORDER if n in names)
+
+
+@functools.cache
+def upserts_statement(tables: tuple[str, ...]) -> str:
+    """The guarded upserts of records ($1) and of the typed `tables` ($2.., in that order) as
+    one statement. Returns (upserted, typed)."""
     ctes = ["r AS (" + RECORDS_UPSERT + " RETURNING t.uri)"]
-    for i, t in enumerate(TYPED_TABLES.values()):
+    for i, name in enumerate(tables):
+        t = TYPED_TABLES_BY_NAME[name]
         sql = _upsert_sql(t.name, COMMON_TYPED_COLUMNS + t.columns, _FRESH_MIRROR_GUARD)
         ctes.append(f"t{i} AS (" + sql.replace(rows_param(1), rows_param(i + 2)) + " RETURNING 1)")
-    typed = " + ".join(f"(SELECT count(*) FROM t{i})" for i in range(len(TYPED_TABLES)))
+    typed = " + ".join(f"(SELECT count(*) FROM t{i})" for i in range(len(tables))) or "0"
     return (
         "WITH "
         + ",\n".join(ctes)
@@ -258,8 +286,7 @@ def _upserts_sql() -> str:
     )
 
 
-UPSERTS_APPLY = _upserts_sql()
-TYPED_ORDER: tuple[str, ...] = tuple(t.name for t in TYPED_TABLES.values())
+UPSERTS_APPLY = upserts_statement(TYPED_ORDER)
 
 # --- deletes ----------------------------------------------------------------------------------
 # One statement for all deletes of a batch: $1..$4 are parallel arrays (uri, did, collection,

@@ -430,12 +430,15 @@ async def apply_prepared(
             rows_sent.set()  # the statement below goes out before the waiter runs
         # 2. Creates/updates: the guarded upserts of records and every typed table, records
         #    first, in one statement.
+        #    A snapshot writer's batch (one repo, often small) names only the typed tables it
+        #    needs (queries.statement_tables); the live stream's, of many repos, all of them.
         if prepared.records is not None or prepared.typed:
             typed = dict(prepared.typed)
+            tables = queries.TYPED_ORDER if chain_heads else queries.statement_tables(typed)
             row = await conn.fetchrow(
-                queries.UPSERTS_APPLY,
+                queries.upserts_statement(tables),
                 prepared.records or _NO_ROWS,
-                *[typed.get(name, _NO_ROWS) for name in queries.TYPED_ORDER],
+                *[typed.get(name, _NO_ROWS) for name in tables],
             )
             stats.upserted += row["upserted"]
             stats.skipped += len(prep.records) - row["upserted"]
@@ -514,8 +517,8 @@ async def _load_fresh(
         return None
     copy = _records_copy(prep.records)
     records = records_json(prep.records) if prep.records and copy is None else _NO_ROWS
-    # A first batch's statement names only the typed tables it may need (fresh.load_tables).
-    tables = queries.TYPED_ORDER if xmin is not None else fresh.load_tables(prep.typed)
+    # A first batch's statement names only the typed tables it may need.
+    tables = queries.TYPED_ORDER if xmin is not None else queries.statement_tables(prep.typed)
     typed = [_rows_json(prep.typed[n]) if n in prep.typed else _NO_ROWS for n in tables]
     nested = conn.is_in_transaction()
     sql = fresh.load_statement(tables, continuing=xmin is not None)
