@@ -1,10 +1,10 @@
-"""bench/queue.py: what claiming a repo and marking it done cost as a job goes on."""
+"""bench/backfill_queue.py: what claiming a repo and marking it done cost as a job goes on."""
 
 from __future__ import annotations
 
 import asyncpg
 
-from bench.queue import _measure
+from bench.backfill_queue import _measure
 
 
 async def test_the_queue_bench_works_through_its_share_and_reads_few_buffers(
@@ -23,3 +23,13 @@ async def test_the_queue_bench_works_through_its_share_and_reads_few_buffers(
         assert stretch["pg_us_per_repo"] >= 0 and stretch["claim_buffers"] > 0
         # sql/008: the done mark reads its own repo's entries, not one per repo done before.
         assert stretch["done_buffers"] < 40, stretch
+
+
+def test_no_benchmark_script_hides_a_standard_library_module() -> None:
+    # `python bench/x.py` puts bench/ first on sys.path: a bench/queue.py made every benchmark
+    # import it as the standard library's `queue` (asyncio.to_thread failed in the backfill).
+    import sys
+    from pathlib import Path
+
+    names = {p.stem for p in (Path(__file__).parents[1] / "bench").glob("*.py")}
+    assert names and not names & sys.stdlib_module_names, names & sys.stdlib_module_names

@@ -8,9 +8,11 @@ and the buffers the claim's and the done mark's plans read (EXPLAIN (ANALYZE, BU
 one more of each). A statement whose cost grows with the repos done shows as a rising line:
 on the real network a job holds ~40 million repos. `--no-autovacuum` turns autovacuum off on
 the queue, which shows what piles up between two of its runs (sql/008_queue_at_scale.sql).
-Prints one JSON line {"bench": "queue", ...} at the end.
+Prints one JSON line {"bench": "queue", ...} at the end. (Not bench/queue.py: a script's
+folder comes first on sys.path, and that name would hide the standard library's `queue` from
+every benchmark here.)
 
-    python bench/queue.py [--repos 200000] [--claim 10] [--fraction 0.5] [--no-autovacuum]
+    python bench/backfill_queue.py [--repos 200000] [--claim 10] [--fraction 0.5] [--no-autovacuum]
 """
 
 from __future__ import annotations
