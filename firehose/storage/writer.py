@@ -428,10 +428,10 @@ async def apply_prepared(
 
         if rows_sent is not None:
             rows_sent.set()  # the statement below goes out before the waiter runs
-        # 2. Creates/updates: the guarded upserts of records and every typed table, records
-        #    first, in one statement.
-        #    A snapshot writer's batch (one repo, often small) names only the typed tables it
-        #    needs (queries.statement_tables); the live stream's, of many repos, all of them.
+        # 2. Creates/updates: the guarded upserts of records and the typed tables, records
+        #    first, in one statement. A snapshot writer's batch (one repo, often small) names
+        #    only the typed tables it needs (queries.statement_tables); the live stream's, of
+        #    many repos, all of them.
         if prepared.records is not None or prepared.typed:
             typed = dict(prepared.typed)
             tables = queries.TYPED_ORDER if chain_heads else queries.statement_tables(typed)
