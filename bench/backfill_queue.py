@@ -23,6 +23,7 @@ import json
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backfill import jobs, queries, queue
-from bench.common import MachineLoad, load_at_start
+from bench.common import MachineLoad, cpu_s, load_at_start
 from firehose.storage.embedded import start_embedded
 from firehose.storage.migrate import migrate
 
@@ -39,11 +40,6 @@ OWNER = "bench:w0:1"
 LEASE_S = 600.0
 ENQUEUE_CHUNK_REPOS = 10_000
 STRETCHES = 10
-
-
-def _cpu(p: psutil.Process) -> float:
-    t = p.cpu_times()
-    return t.user + t.system
 
 
 async def _buffers(conn: asyncpg.Connection, sql: str, *args: Any) -> int:
@@ -71,7 +67,7 @@ async def _measure(
     await migrate(conn)
     if not autovacuum:
         await conn.execute("ALTER TABLE backfill_repos SET (autovacuum_enabled = false)")
-    job = (await jobs.ensure_job(conn, -1, "wss://relay.bench", _now())).job
+    job = (await jobs.ensure_job(conn, -1, "wss://relay.bench", datetime.now(UTC))).job
     dids = [f"did:plc:{i:024x}" for i in range(repos)]
     for i in range(0, repos, ENQUEUE_CHUNK_REPOS):
         await queue.enqueue(conn, job.id, dids[i : i + ENQUEUE_CHUNK_REPOS], 0)
@@ -83,11 +79,11 @@ async def _measure(
     target = int(repos * fraction)
     stretch = max(1, target // STRETCHES)
     load = MachineLoad()
-    pg0, me0, t0 = _cpu(backend), _cpu(me), time.monotonic()
+    pg0, me0, t0 = cpu_s([backend]), cpu_s([me]), time.monotonic()
     rows: list[dict[str, Any]] = []
     done = 0
     while done < target:
-        s_pg, s_me, s_done = _cpu(backend), _cpu(me), done
+        s_pg, s_me, s_done = cpu_s([backend]), cpu_s([me]), done
         while done - s_done < stretch and done < target:
             claimed = await queue.claim(conn, job.id, OWNER, claim_size, LEASE_S)
             if not claimed:
@@ -98,8 +94,8 @@ async def _measure(
         n = max(1, done - s_done)
         row = {
             "done": done,
-            "pg_us_per_repo": round((_cpu(backend) - s_pg) / n * 1e6),
-            "bench_us_per_repo": round((_cpu(me) - s_me) / n * 1e6),
+            "pg_us_per_repo": round((cpu_s([backend]) - s_pg) / n * 1e6),
+            "bench_us_per_repo": round((cpu_s([me]) - s_me) / n * 1e6),
         }
         (c,) = await queue.claim(conn, job.id, OWNER, 1, LEASE_S) or [None]
         if c is not None:  # one more claim and done mark, explained
@@ -123,7 +119,7 @@ async def _measure(
             f"by a done mark {row.get('done_buffers')}",
             flush=True,
         )
-    own = (_cpu(backend) - pg0) + (_cpu(me) - me0)
+    own = (cpu_s([backend]) - pg0) + (cpu_s([me]) - me0)
     load.stop(own)
     elapsed = time.monotonic() - t0
     print(load.describe())
@@ -137,12 +133,6 @@ async def _measure(
         "stretches": rows,
         **load.fields(),
     }
-
-
-def _now() -> Any:
-    from datetime import UTC, datetime
-
-    return datetime.now(UTC)
 
 
 def main() -> None:

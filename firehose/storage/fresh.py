@@ -4,7 +4,7 @@ A backfill mostly meets repos the database knows nothing of: no records, no tomb
 head. For such a repo the rev guards of the upserts (queries.UPSERTS_APPLY) can only ever say
 yes, yet they cost PostgreSQL about twice what a raw binary COPY costs (bench/pg_ceiling.py).
 So `writer.write_snapshot` loads a fresh repo with plain INSERTs straight into `records` and
-the typed tables (no guard, no ON CONFLICT: `FRESH_CLAIM`, one statement with the claim
+the typed tables (no guard, no ON CONFLICT: `load_statement`, one statement with the claim
 below; a batch of at least writer.FRESH_COPY_MIN_RECORDS records sends its `records` rows by
 COPY instead, after that statement and only if it claimed, in the same transaction:
 copy_text.py), and keeps convergence with every other writer (DESIGN.md invariant 2) through
@@ -12,9 +12,9 @@ the repo's `actors` row, used as a per-repo lock that needs no shared lock-table
 
 * **Ownership.** A load owns a repo while it holds the repo's `actors` row and that row is
   exactly the version its own previous batch left (`xmin` = that batch's transaction id).
-  It takes it in its first statement (`FRESH_CLAIM`: the row is absent, or present but
+  It takes it in its first statement (`_claim`: the row is absent, or present but
   headless: `rev IS NULL`, never written by a commit or a snapshot, the account not deleted)
-  or, for the next batch of the same snapshot, `FRESH_CONTINUE` (unchanged since our last
+  or, for the next batch of the same snapshot, `_continue` (unchanged since our last
   batch). Either statement waits for a concurrent holder of the row and re-checks the newest
   version (READ COMMITTED re-evaluation), and takes no lock when the answer is no.
 * **Every other writer claims first**, in its first statement, before any row of a batch
@@ -72,7 +72,7 @@ ON CONFLICT (did) DO UPDATE SET updated_at = now() WHERE a.chain_rev IS NULL
 # ten tables named against 236-297 with only its own, a ten-record repo 810-918 against
 # 646-754 (one connection, write_snapshot, 2,000 repos, alternating, loads 0.35-0.63;
 # docs/performance.md, session 21). Most repos of the network are that small. A snapshot's
-# later batches (FRESH_CONTINUE, the middle of a big repo) name every table.
+# later batches (`continuing`, the middle of a big repo) name every table.
 
 
 def _claim(did: str, rev: str, data_cid: str) -> str:
@@ -118,7 +118,7 @@ def load_statement(tables: tuple[str, ...], *, continuing: bool) -> str:
     """The fresh load of a batch whose typed rows go to `tables` (queries.statement_tables,
     or queries.TYPED_ORDER). Parameters: the records rows ($1), the rows of each of `tables`,
     then did, rev, data_cid, asynchronous commit (see writer._ASYNC_COMMIT) and, when
-    `continuing` (FRESH_CONTINUE), the xmin our previous batch left. Returns xmin (NULL: not
+    `continuing` (`_continue`), the xmin our previous batch left. Returns xmin (NULL: not
     ours, nothing written), inserted (records rows), typed. Bounded: 2^5 x 2 + 1 statements."""
     n = 2 + len(tables)  # the first parameter after the rows
     did, rev, data_cid, async_, xmin = (f"${n + i}" for i in range(5))
@@ -131,7 +131,7 @@ def load_statement(tables: tuple[str, ...], *, continuing: bool) -> str:
         t = queries.TYPED_TABLES_BY_NAME[name]
         sql = _insert(t.name, queries.COMMON_TYPED_COLUMNS + t.columns, i + 2)
         ctes.append(f"t{i} AS (" + sql + " RETURNING 1)")
-    typed = " + ".join(f"(SELECT count(*) FROM t{i})" for i in range(len(tables))) or "0"
+    typed = queries.rows_written(len(tables))
     return (
         "WITH "
         + ",\n".join(ctes)
@@ -141,13 +141,9 @@ def load_statement(tables: tuple[str, ...], *, continuing: bool) -> str:
     )
 
 
-# Every typed table named: a first batch with rows of every kind, and a snapshot's later batches.
-FRESH_CLAIM = load_statement(queries.TYPED_ORDER, continuing=False)
-FRESH_CONTINUE = load_statement(queries.TYPED_ORDER, continuing=True)
-
 # A snapshot's batches come one after another, each in its own transaction, possibly on
 # different pooled connections: the xmin each left is remembered per (did, snapshot rev).
-# Only a hint: the database decides (FRESH_CONTINUE), a stale entry means the guarded path.
+# Only a hint: the database decides (`_continue`), a stale entry means the guarded path.
 # None: known not fresh (skip the attempt). Bounded: BACKFILL_MAX_CONCURRENT is at most 64.
 LOADS_MAX_ENTRIES = 4096
 

@@ -278,12 +278,17 @@ def upserts_statement(tables: tuple[str, ...]) -> str:
         t = TYPED_TABLES_BY_NAME[name]
         sql = _upsert_sql(t.name, COMMON_TYPED_COLUMNS + t.columns, _FRESH_MIRROR_GUARD)
         ctes.append(f"t{i} AS (" + sql.replace(rows_param(1), rows_param(i + 2)) + " RETURNING 1)")
-    typed = " + ".join(f"(SELECT count(*) FROM t{i})" for i in range(len(tables))) or "0"
     return (
         "WITH "
         + ",\n".join(ctes)
-        + f"\nSELECT (SELECT count(*) FROM r) AS upserted, {typed} AS typed"
+        + f"\nSELECT (SELECT count(*) FROM r) AS upserted, {rows_written(len(tables))} AS typed"
     )
+
+
+def rows_written(n: int) -> str:
+    """The rows the CTEs t0 .. t{n-1} (one per typed table a statement names, each
+    `RETURNING 1`) wrote, summed: 0 when it names none."""
+    return " + ".join(f"(SELECT count(*) FROM t{i})" for i in range(n)) or "0"
 
 
 UPSERTS_APPLY = upserts_statement(TYPED_ORDER)
