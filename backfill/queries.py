@@ -170,6 +170,10 @@ SELECT count(*) AS inserted FROM inserted
 JOB_ADD_TOTAL = """
 UPDATE backfill_jobs SET repos_total = repos_total + $2, updated_at = now() WHERE id = $1
 """
+# `headed`: the repo had a head in `actors` when claimed (a live commit or an earlier
+# snapshot wrote it), so it is not fresh and its snapshot skips the unguarded attempt
+# (writer.write_snapshot's `maybe_fresh`): one primary-key probe here instead of a round trip
+# per repo there. Headless then, it may still be headed by its write; that attempt finds out.
 REPOS_CLAIM = """
 WITH picked AS (
     SELECT job_id, did FROM backfill_repos
@@ -183,7 +187,8 @@ UPDATE backfill_repos r
        lease_until = now() + make_interval(secs => $4::float8), updated_at = now()
   FROM picked
  WHERE r.job_id = picked.job_id AND r.did = picked.did
-RETURNING r.did, r.attempts, r.priority
+RETURNING r.did, r.attempts, r.priority,
+          EXISTS (SELECT 1 FROM actors a WHERE a.did = r.did AND a.rev IS NOT NULL) AS headed
 """
 REPOS_RENEW = """
 UPDATE backfill_repos SET lease_until = now() + make_interval(secs => $4::float8)

@@ -34,6 +34,7 @@ class Claimed:
     did: str
     attempts: int  # failed attempts before this one
     priority: int
+    headed: bool = False  # it had a head in `actors` when claimed (queries.REPOS_CLAIM)
 
 
 def host_prefix(host: str | None = None) -> str:
@@ -90,7 +91,7 @@ async def enqueue(conn: Any, job_id: int, dids: Sequence[str], priority: int) ->
 
 async def claim(conn: Any, job_id: int, owner: str, limit: int, lease_s: float) -> list[Claimed]:
     rows = await conn.fetch(queries.REPOS_CLAIM, job_id, owner, limit, lease_s)
-    return [Claimed(r["did"], r["attempts"], r["priority"]) for r in rows]
+    return [Claimed(r["did"], r["attempts"], r["priority"], r["headed"]) for r in rows]
 
 
 async def renew(conn: Any, job_id: int, dids: Sequence[str], owner: str, lease_s: float) -> None:

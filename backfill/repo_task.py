@@ -140,7 +140,7 @@ class RepoTask:
             else:
                 batch.append(item)
             if len(batch) >= size:
-                written += await self._write_batch(batch, None, counts)
+                written += await self._write_batch(c, batch, None, counts)
                 since_save += len(batch)
                 batch = []
                 if since_save >= SAVE_EVERY_RECORDS:
@@ -150,16 +150,18 @@ class RepoTask:
             elif n % YIELD_EVERY_RECORDS == 0:
                 await asyncio.sleep(0)
         # The last batch (maybe empty) carries the repo head: all records are in by then.
-        written += await self._write_batch(batch, head, counts)
+        written += await self._write_batch(c, batch, head, counts)
         return written
 
-    async def _write_batch(self, batch: list[RecordWrite], head: Any, counts: Counts) -> int:
+    async def _write_batch(
+        self, c: Claimed, batch: list[RecordWrite], head: Any, counts: Counts
+    ) -> int:
         ctx = self.ctx
         async with ctx.throttle.write_turn(ctx.halt):
             if ctx.halt.is_set():
                 raise Halted
             async with ctx.conn() as conn:
-                stats = await write_snapshot(conn, batch, heads=head)
+                stats = await write_snapshot(conn, batch, heads=head, maybe_fresh=not c.headed)
         processed = len(batch) - stats.invalid
         counts.processed += processed
         counts.skipped += stats.invalid

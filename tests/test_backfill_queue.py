@@ -117,6 +117,22 @@ async def test_done_is_never_claimed_again(conn: asyncpg.Connection) -> None:
     assert await queue.claim(conn, job.id, "b", 5, 60) == []
 
 
+async def test_a_claim_says_which_repos_have_a_head(conn: asyncpg.Connection) -> None:
+    """`headed`: the snapshot of a repo with a head skips the unguarded attempt
+    (writer.write_snapshot's maybe_fresh); a headless actors row (an identity event) is not
+    a head."""
+    job = (await jobs.ensure_job(conn, 30, RELAY, NOW)).job
+    absent, headless, headed = dids(3)
+    await conn.execute(
+        "INSERT INTO actors (did, handle, rev) VALUES ($1, 'a.test', NULL), ($2, NULL, '3kaaa')",
+        headless,
+        headed,
+    )
+    await queue.enqueue(conn, job.id, [absent, headless, headed], 0)
+    claimed = await queue.claim(conn, job.id, "a", 5, 60)
+    assert {c.did: c.headed for c in claimed} == {absent: False, headless: False, headed: True}
+
+
 async def test_lost_lease_cannot_finish(conn: asyncpg.Connection) -> None:
     job = (await jobs.ensure_job(conn, 30, RELAY, NOW)).job
     await queue.enqueue(conn, job.id, dids(1), 0)

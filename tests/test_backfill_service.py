@@ -263,10 +263,10 @@ async def test_batches_and_delay(
     times: list[float] = []
     real = writer.write_snapshot
 
-    async def spy(c: Any, writes: list[RecordWrite], *, heads: Any = None) -> Any:
+    async def spy(c: Any, writes: list[RecordWrite], **kwargs: Any) -> Any:
         sizes.append(len(writes))
         times.append(time.monotonic())
-        return await real(c, writes, heads=heads)
+        return await real(c, writes, **kwargs)
 
     monkeypatch.setattr("backfill.repo_task.write_snapshot", spy)
     net = FakeNetwork(n_repos=1, per_repo=14)  # 7 in the window
@@ -277,6 +277,39 @@ async def test_batches_and_delay(
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert all(g >= 0.14 for g in gaps), gaps
     assert await conn.fetchval("SELECT count(*) FROM records") == 7
+
+
+async def test_a_repo_with_a_head_is_written_guarded_from_its_first_batch(
+    db_dsn: str, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim says which repos have a head (a live commit wrote it): their snapshots skip
+    the unguarded attempt (maybe_fresh=False) and still land; the others load unguarded."""
+    from firehose.storage import writer
+
+    real = writer.write_snapshot
+    seen: dict[str, list[bool]] = {}
+    fresh: dict[str, int] = {}
+
+    async def spy(c: Any, writes: list[RecordWrite], **kwargs: Any) -> Any:
+        stats = await real(c, writes, **kwargs)
+        d = writes[0].did if writes else kwargs["heads"][0][0]
+        seen.setdefault(d, []).append(kwargs["maybe_fresh"])
+        fresh[d] = fresh.get(d, 0) + stats.fresh
+        return stats
+
+    monkeypatch.setattr("backfill.repo_task.write_snapshot", spy)
+    net = FakeNetwork(n_repos=4, per_repo=6)  # 3 in the window
+    headed = net.all_dids()[:2]
+    await conn.execute(
+        "INSERT INTO actors (did, rev) SELECT d, '2222222222222' FROM unnest($1::text[]) d", headed
+    )
+    async with service_pool(db_dsn) as pool:
+        await run_to_end(make(replace(FAST, batch_size=2), pool, net))
+    assert seen == {d: [d not in headed] * 2 for d in net.all_dids()}
+    assert fresh == {d: 0 if d in headed else 3 for d in net.all_dids()}
+    assert await conn.fetchval("SELECT count(*) FROM records") == 12
+    heads = await conn.fetch("SELECT did, rev FROM actors WHERE did = ANY($1::text[])", headed)
+    assert {r["rev"] for r in heads} == {tid(NOW, 1)}
 
 
 async def test_memory_throttle_pauses_and_resumes(db_dsn: str) -> None:

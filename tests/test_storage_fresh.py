@@ -125,6 +125,10 @@ def races(draw: st.DrawFn) -> dict[str, Any]:
         # the load's records rows sent by COPY (writer.FRESH_COPY_MIN_RECORDS) or in its
         # statement
         "copy": draw(st.booleans()),
+        # the snapshot told the repo has a head (write_snapshot's maybe_fresh=False, as a
+        # backfill claim says it, backfill.queue.Claimed.headed): the guarded path from the
+        # first batch, its heads in its upserts' statement
+        "guarded": draw(st.booleans()),
     }
 
 
@@ -147,9 +151,11 @@ def records_by_copy(on: bool) -> Iterator[list[int]]:
         yield sizes
 
 
-async def _load(conn: asyncpg.Connection, did: str, batch: list[RecordWrite], last: bool) -> Any:
+async def _load(
+    conn: asyncpg.Connection, did: str, batch: list[RecordWrite], last: bool, guarded: bool = False
+) -> Any:
     head = [(did, tid(SNAPSHOT_REV), "bafydata")] if last else None
-    return await write_snapshot(conn, batch, heads=head)
+    return await write_snapshot(conn, batch, heads=head, maybe_fresh=not guarded)
 
 
 async def waiting(c: asyncpg.Connection, conn: asyncpg.Connection) -> bool:
@@ -173,6 +179,7 @@ async def run_race(
     """Live batch on `a`, the fresh load on `b`, `c` to hold the live batch mid-way. The rows
     loaded unguarded."""
     did, loads, holder, at = race["did"], race["loads"], race["holder"], race["at"]
+    guarded = race["guarded"]
     other_like = write(OTHER, 2, Action.DELETE, 2)
     live_batch = Batch(writes=[*race["live"], other_like], cursor=1)
     stats: list[ApplyStats] = []
@@ -180,7 +187,7 @@ async def run_race(
 
     async def load_batches(indexes: range) -> None:
         for i in indexes:
-            stats.append(await _load(b, did, loads[i], i == len(loads) - 1))
+            stats.append(await _load(b, did, loads[i], i == len(loads) - 1, guarded))
 
     await load_batches(range(at))
     if holder == "live":
@@ -194,7 +201,7 @@ async def run_race(
     elif holder == "load":
         tr = b.transaction()
         await tr.start()
-        stats.append(await _load(b, did, loads[at], at == len(loads) - 1))
+        stats.append(await _load(b, did, loads[at], at == len(loads) - 1, guarded))
         live_task = asyncio.create_task(apply_batch(a, live_batch))
         await asyncio.sleep(delay_s)  # the live batch runs (or waits on the load's claim)
         await tr.commit()
@@ -248,6 +255,7 @@ async def test_fresh_load_and_live_batch_converge(conns: Any, race: dict[str, An
     with records_by_copy(race["copy"]):
         fresh = await asyncio.wait_for(run_race(a, b, c, race), 60)
     assert not (fresh and race["chained"]), "a repo the live stream wrote is never fresh"
+    assert not (fresh and race["guarded"]), "maybe_fresh=False never loads unguarded"
     snapshot = [w for batch in race["loads"] for w in batch]
     await check_converged(a, race["did"], earlier + snapshot + race["live"])
 
@@ -306,6 +314,43 @@ async def _loaded_unguarded_or_not(conns: Any) -> None:
     assert dead.fresh == 0 and dead.upserted == 0
 
 
+async def test_a_guarded_snapshot_batch_sends_its_heads_with_its_rows(conns: Any) -> None:
+    """A snapshot batch without deletes on the guarded path is four round trips: BEGIN, the
+    claim, the upserts with the repo heads (queries.snapshot_upserts_statement), COMMIT; told
+    the repo has a head (maybe_fresh=False), it does not try the unguarded load first. The
+    head never goes backwards, and a deleted account's rows are still refused."""
+    a = conns[0]
+    did = "did:plc:guardedheads"
+    snap = [write(did, k, Action.CREATE, SNAPSHOT_REV) for k in range(len(KEYS))]
+    sent: list[str] = []
+
+    def log(record: Any) -> None:
+        sent.append(record.query)
+
+    a.add_query_logger(log)
+    try:
+        stats = await _load(a, did, snap, True, guarded=True)
+        await asyncio.sleep(0)  # asyncpg calls its query loggers soon, not at once
+    finally:
+        a.remove_query_logger(log)
+    assert (stats.fresh, stats.upserted, stats.typed, stats.heads) == (0, 5, 5, 1)
+    upserts = queries.snapshot_upserts_statement(("posts", "likes"))
+    assert [q.strip() for q in sent] == ["BEGIN;", fresh.CLAIM.strip(), upserts, "COMMIT;"]
+    await check_converged(a, did, snap)
+    assert await a.fetchval("SELECT data_cid FROM actors WHERE did = $1", did) == "bafydata"
+
+    older = [write(did, 0, Action.UPDATE, SNAPSHOT_REV - 5)]
+    stale = await write_snapshot(a, older, maybe_fresh=False)
+    assert (stale.upserted, stale.heads) == (0, 0)
+    await check_converged(a, did, snap + older)
+
+    await a.execute("UPDATE actors SET status = 'deleted' WHERE did = $1", did)
+    newer = [write(did, 1, Action.UPDATE, SNAPSHOT_REV + 5)]
+    refused = await write_snapshot(a, newer, maybe_fresh=False)
+    assert (refused.upserted, refused.typed) == (0, 0)
+    assert await table_state(a, "records", did) == expected(snap)
+
+
 @pytest.mark.parametrize("by_copy", [False, True])
 async def test_copy_refusal_falls_back_to_the_guarded_path(conns: Any, by_copy: bool) -> None:
     """A row the tables refuse (the same uri in a second batch of a load, which no well-formed MST
@@ -359,6 +404,7 @@ async def test_races_take_both_paths(conns: Any) -> None:
         race = {
             "did": did, "loads": loads, "live": live,
             "holder": ("live", "load", "mid-live")[i % 3], "at": (i // 3) % 2, "delay_ms": 5,
+            "guarded": False,
         }  # fmt: skip
         with records_by_copy(bool(i // 6)):
             n = await asyncio.wait_for(run_race(a, b, c, race), 60)

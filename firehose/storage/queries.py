@@ -269,19 +269,47 @@ def statement_tables(present: Iterable[str]) -> tuple[str, ...]:
     return tuple(n for n in TYPED_ORDER if n in names)
 
 
-@functools.cache
-def upserts_statement(tables: tuple[str, ...]) -> str:
-    """The guarded upserts of records ($1) and of the typed `tables` ($2.., in that order) as
-    one statement. Returns (upserted, typed)."""
+def _upserts_ctes(tables: tuple[str, ...]) -> list[str]:
+    """The CTEs r (records, $1) and t0.. (the typed `tables`, $2.. in that order)."""
     ctes = ["r AS (" + RECORDS_UPSERT + " RETURNING t.uri)"]
     for i, name in enumerate(tables):
         t = TYPED_TABLES_BY_NAME[name]
         sql = _upsert_sql(t.name, COMMON_TYPED_COLUMNS + t.columns, _FRESH_MIRROR_GUARD)
         ctes.append(f"t{i} AS (" + sql.replace(rows_param(1), rows_param(i + 2)) + " RETURNING 1)")
+    return ctes
+
+
+@functools.cache
+def upserts_statement(tables: tuple[str, ...]) -> str:
+    """The guarded upserts of records ($1) and of the typed `tables` ($2.., in that order) as
+    one statement. Returns (upserted, typed)."""
+    return (
+        "WITH "
+        + ",\n".join(_upserts_ctes(tables))
+        + f"\nSELECT (SELECT count(*) FROM r) AS upserted, {rows_written(len(tables))} AS typed"
+    )
+
+
+@functools.cache
+def snapshot_upserts_statement(tables: tuple[str, ...]) -> str:
+    """A snapshot writer's batch without deletes in one statement, after its claim
+    (writer.apply_prepared): upserts_statement(tables), then the repo heads (parameter
+    len(tables) + 2, rows_param: HEAD_COLUMNS; never chain heads, writer.write_snapshot) and,
+    when the bool parameter len(tables) + 3, the asynchronous commit (async_commit_if).
+    Returns (upserted, typed, heads, sync).
+
+    Safe as one statement: the claim before it already holds the repo's `actors` row, so
+    the heads' upsert waits for nobody, and the guards' reads of `actors` (status) see what
+    the claim saw, which the heads (rev, data_cid) do not change. Each small repo that is
+    not fresh saves a round trip: five per batch (BEGIN, claim, upserts, heads, COMMIT)
+    become four (docs/performance.md, session 22)."""
+    n = len(tables)
+    ctes = [*_upserts_ctes(tables), f"h AS ({heads_upsert(n + 2, 'false')})"]
     return (
         "WITH "
         + ",\n".join(ctes)
-        + f"\nSELECT (SELECT count(*) FROM r) AS upserted, {rows_written(len(tables))} AS typed"
+        + f"\nSELECT (SELECT count(*) FROM r) AS upserted, {rows_written(n)} AS typed,"
+        + f" (SELECT count(*) FROM h) AS heads, {async_commit_if(f'${n + 3}')} AS sync"
     )
 
 
@@ -365,6 +393,31 @@ def async_commit_if(param: str) -> str:
 # 0.39-0.47 µs of our CPU per head, 1.4 against 1.1 µs of PostgreSQL's wall time).
 HEAD_COLUMNS: tuple[tuple[str, str], ...] = (("did", _ID), ("rev", _ID), ("data_cid", _ID))
 
+
+def heads_upsert(rows: int, chain: str) -> str:
+    """The repo heads of parameter `rows` (rows_param: HEAD_COLUMNS) into `actors`, as
+    ACTOR_HEADS, and when the SQL bool `chain` is true also the chain heads
+    `chain_rev`/`chain_data_cid` of sql/005; each never backwards. RETURNING 1 per head
+    advanced (a CTE of BATCH_HEADS and of snapshot_upserts_statement)."""
+    return f"""
+INSERT INTO actors AS a (did, rev, data_cid, chain_rev, chain_data_cid, updated_at)
+SELECT h.did, h.rev, h.data_cid, CASE WHEN {chain} THEN h.rev END,
+       CASE WHEN {chain} THEN h.data_cid END, now()
+  FROM ({rows_select(HEAD_COLUMNS, rows)}) h
+ON CONFLICT (did) DO UPDATE
+   SET rev = CASE WHEN a.rev IS NULL OR a.rev < EXCLUDED.rev THEN EXCLUDED.rev ELSE a.rev END,
+       data_cid = CASE WHEN a.rev IS NULL OR a.rev < EXCLUDED.rev
+                       THEN EXCLUDED.data_cid ELSE a.data_cid END,
+       chain_rev = CASE WHEN {chain} AND (a.chain_rev IS NULL OR a.chain_rev < EXCLUDED.rev)
+                        THEN EXCLUDED.rev ELSE a.chain_rev END,
+       chain_data_cid = CASE WHEN {chain} AND (a.chain_rev IS NULL OR a.chain_rev < EXCLUDED.rev)
+                             THEN EXCLUDED.data_cid ELSE a.chain_data_cid END,
+       updated_at = now()
+ WHERE a.rev IS NULL OR a.rev < EXCLUDED.rev
+    OR ({chain} AND (a.chain_rev IS NULL OR a.chain_rev < EXCLUDED.rev))
+RETURNING 1"""
+
+
 # A batch's bookkeeping in one statement (writer.apply_prepared runs it first or last): the
 # repo heads ($1, rows_param: HEAD_COLUMNS, may be empty; see PER_ROW_JSON),
 # as ACTOR_HEADS, and with $8 also the chain heads `chain_rev`/`chain_data_cid` of sql/005,
@@ -397,23 +450,7 @@ SELECT r.did, r.reason FROM unnest($6::text[], $7::text[]) AS r(did, reason)
 """
     + RESYNC_REQUEST_CONFLICT
     + f"""),
-h AS (
-INSERT INTO actors AS a (did, rev, data_cid, chain_rev, chain_data_cid, updated_at)
-SELECT h.did, h.rev, h.data_cid, CASE WHEN $8::bool THEN h.rev END,
-       CASE WHEN $8::bool THEN h.data_cid END, now()
-  FROM ({rows_select(HEAD_COLUMNS)}) h
-ON CONFLICT (did) DO UPDATE
-   SET rev = CASE WHEN a.rev IS NULL OR a.rev < EXCLUDED.rev THEN EXCLUDED.rev ELSE a.rev END,
-       data_cid = CASE WHEN a.rev IS NULL OR a.rev < EXCLUDED.rev
-                       THEN EXCLUDED.data_cid ELSE a.data_cid END,
-       chain_rev = CASE WHEN $8::bool AND (a.chain_rev IS NULL OR a.chain_rev < EXCLUDED.rev)
-                        THEN EXCLUDED.rev ELSE a.chain_rev END,
-       chain_data_cid = CASE WHEN $8::bool AND (a.chain_rev IS NULL OR a.chain_rev < EXCLUDED.rev)
-                             THEN EXCLUDED.data_cid ELSE a.chain_data_cid END,
-       updated_at = now()
- WHERE a.rev IS NULL OR a.rev < EXCLUDED.rev
-    OR ($8::bool AND (a.chain_rev IS NULL OR a.chain_rev < EXCLUDED.rev))
-RETURNING 1),
+h AS ({heads_upsert(1, "$8::bool")}),
 c AS (
 INSERT INTO firehose_cursor AS c (service, cursor, last_event_time, updated_at)
 SELECT $2::text, $3::bigint, $4::timestamptz, now() WHERE $3::bigint IS NOT NULL

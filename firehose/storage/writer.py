@@ -20,7 +20,8 @@ Steps, all inside one transaction so that the cursor never runs ahead of the dat
 Round trips per batch: BEGIN, the claim when the batch writes records, one per actor
 step present (identities, accounts, purge),
 one for every create/update (records and all typed tables), one for all deletes, one for
-the repo heads + cursor + resync requests, COMMIT. The pure half (`prepare_batch`) is apart
+the repo heads + cursor + resync requests (a snapshot writer's batch without deletes sends
+its heads with the creates/updates), COMMIT. The pure half (`prepare_batch`) is apart
 from the transaction (`apply_prepared`) so that the worker can overlap them.
 """
 
@@ -430,19 +431,35 @@ async def apply_prepared(
             rows_sent.set()  # the statement below goes out before the waiter runs
         # 2. Creates/updates: the guarded upserts of records and the typed tables, records
         #    first, in one statement. A snapshot writer's batch (one repo, often small) names
-        #    only the typed tables it needs (queries.statement_tables); the live stream's, of
-        #    many repos, all of them.
-        if prepared.records is not None or prepared.typed:
+        #    only the typed tables it needs (queries.statement_tables), and without deletes
+        #    carries its heads too (queries.snapshot_upserts_statement); the live stream's,
+        #    of many repos, names all of them.
+        upserts = prepared.records is not None or bool(prepared.typed)
+        heads_done = (
+            upserts
+            and not chain_heads
+            and not prep.deletes[0]
+            and batch.cursor is None
+            and not resyncs
+        )
+        if upserts:
             typed = dict(prepared.typed)
             tables = queries.TYPED_ORDER if chain_heads else queries.statement_tables(typed)
-            row = await conn.fetchrow(
-                queries.upserts_statement(tables),
+            args: list[Any] = [
                 prepared.records or _NO_ROWS,
                 *[typed.get(name, _NO_ROWS) for name in tables],
-            )
+            ]
+            if heads_done:
+                sql = queries.snapshot_upserts_statement(tables)
+                args += [prepared.heads_json, not nested]
+            else:
+                sql = queries.upserts_statement(tables)
+            row = await conn.fetchrow(sql, *args)
             stats.upserted += row["upserted"]
             stats.skipped += len(prep.records) - row["upserted"]
             stats.typed += row["typed"]
+            if heads_done:
+                stats.heads += row["heads"]
 
         # 3. Deletes: tombstones + guarded deletes, one statement.
         if prep.deletes[0]:
@@ -456,13 +473,17 @@ async def apply_prepared(
         if chain_heads:
             if resyncs:
                 await finish(_NO_ROWS, False, resyncs)
-        elif prep.heads or batch.cursor is not None or resyncs or not nested:
+        elif not heads_done and (prep.heads or batch.cursor is not None or resyncs or not nested):
             await finish(prepared.heads_json, True, resyncs)
     return stats
 
 
 async def write_snapshot(
-    conn: Any, writes: list[RecordWrite], *, heads: Sequence[RepoHead] | None = None
+    conn: Any,
+    writes: list[RecordWrite],
+    *,
+    heads: Sequence[RepoHead] | None = None,
+    maybe_fresh: bool = True,
 ) -> ApplyStats:
     """Backfill and resync: write snapshot records (rev = the snapshot's rev) without touching
     a cursor.
@@ -477,11 +498,14 @@ async def write_snapshot(
     A batch of one repo the database has never seen (or the next batch of such a snapshot,
     nobody else having written the repo since) is inserted without the guards, which could
     only say yes (firehose/storage/fresh.py); any other batch takes the guarded path.
+    `maybe_fresh=False`: the caller knows the repo has a head already (the backfill's claim,
+    backfill.queue.Claimed.headed), so the batch takes the guarded path without first trying
+    the unguarded load, which would only find the repo not fresh.
     """
     batch = Batch(writes=writes)
     stats = ApplyStats()
     rows = prepare(batch, stats, heads)
-    head = _fresh_candidate(rows)
+    head = _fresh_candidate(rows) if maybe_fresh else None
     if head is not None:
         loaded = await _load_fresh(conn, stats, rows, head)
         if loaded is not None:
