@@ -27,8 +27,13 @@ COPY load of fresh repos off (firehose/storage/fresh.py), so that one machine ca
 both write paths run after run.
 
     python bench/backfill.py [--repos 1000] [--records 500] [--seed 5] [--profile-name P]
-                             [--history-model N] [--guarded] [--processes N]
+                             [--history-model N] [--guarded] [--known] [--processes N]
                              [--subprocess] [--cprofile FILE] [--statements] [--waits]
+
+`--known` first gives every repo the relay lists a head in `actors`, older than any of its
+commits, as a live stream leaves a repo it has seen a commit of: no repo is fresh, and every
+snapshot takes the guarded path, from its first batch (the claim says the repo has a head).
+That is a window backfill behind a running live stream, where most repos are known.
 
 `--cprofile FILE` runs the in-process backfill under cProfile (slower; stats saved to FILE,
 top printed); `--statements` times every SQL call of the backfill by its first words (wall
@@ -148,6 +153,41 @@ async def job_numbers(dsn: str) -> dict[str, Any]:
         await conn.close()
 
 
+# --known: a head older than every commit (the smallest TID) and a chain head, as the live
+# stream leaves a repo it has applied a commit of.
+KNOWN_HEADS = """
+INSERT INTO actors (did, rev, chain_rev)
+SELECT d, '2222222222222', '2222222222222' FROM unnest($1::text[]) AS d
+"""
+
+
+async def seed_heads(dsn: str, relay_url: str) -> int:
+    """--known: a head in `actors` for every repo the relay lists; the number of repos."""
+    import aiohttp
+
+    from backfill.hosts import HostClient
+    from backfill.relay_http import list_repos, relay_http_base
+    from firehose.storage.migrate import migrate
+
+    dids: list[str] = []
+    cursor: str | None = None
+    async with aiohttp.ClientSession() as session:
+        http = HostClient(session, per_host_concurrency=1, allow_private=True)
+        while True:
+            page = await list_repos(http, relay_http_base(relay_url), cursor)
+            dids += [ref.did for ref in page.repos]
+            if page.cursor is None:
+                break
+            cursor = page.cursor
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate(conn)
+        await conn.execute(KNOWN_HEADS, dids)
+    finally:
+        await conn.close()
+    return len(dids)
+
+
 async def run_in_process(env: dict[str, str]) -> None:
     from prometheus_client import CollectorRegistry
 
@@ -192,6 +232,9 @@ def main() -> None:
     )
     parser.add_argument("--guarded", action="store_true", help="no COPY load of fresh repos")
     parser.add_argument(
+        "--known", action="store_true", help="every repo has a head first: none is fresh"
+    )
+    parser.add_argument(
         "--disk-spool",
         action="store_true",
         help="spool every repo to disk (no in-memory small repos: the earlier behaviour)",
@@ -228,6 +271,9 @@ def main() -> None:
         devnet, urls = start_history_devnet(tmp, args.seed, repo_args, what)
         pg = start_embedded(tmp / "pg")
         try:
+            if args.known:
+                known = _run_loop(seed_heads(pg.dsn, urls["relay"]))
+                print(f"known: {known:,} repos given a head first")
             env = backfill_env(pg.dsn, urls, -1, args.profile_name)
             if args.processes:
                 env["BACKFILL_PROCESSES"] = args.processes
@@ -291,7 +337,8 @@ def main() -> None:
         "repos": args.history_model or args.repos,
         "records_per_repo": None if args.history_model else args.records,
         "history_model": bool(args.history_model),
-        "write_path": "guarded" if args.guarded else "fresh",
+        # guarded: the unguarded load turned off; known: every repo had a head first
+        "write_path": "guarded" if args.guarded else "known" if args.known else "fresh",
         "profile": args.profile_name,
         "processes": processes,
         "mode": "subprocess" if args.subprocess else "in-process",
