@@ -205,21 +205,33 @@ UPDATE backfill_repos
 BACKFILL_CURSOR_TOUCH = """
 UPDATE firehose_cursor SET updated_at = now() WHERE service = 'backfill'
 """
-# Done, with everything else a finished repo saves, in one statement and one commit (issue
+# Done, with everything else finished repos save, in one statement and one commit (issue
 # 11: three autocommit statements with a synchronous commit each had cost ~0.3 ms of CPU and
-# three WAL flushes per repo, most of the fixed cost of a small repo): the job's repos_done,
-# this process's unsaved record counters ($7-$10, added whether or not the lease still held:
-# the records were written either way) and the 'backfill' cursor row's updated_at. Nothing
-# of the repo's row changes if the lease was lost. $11: commit asynchronously (see
-# queue.mark_done).
+# three WAL flushes per repo, most of the fixed cost of a small repo): the repos ($2 did[],
+# with their $4 rev[], $5 records[], $6 bytes[]; several at once when they finish together,
+# backfill/done_marks.py), the job's repos_done, this process's unsaved record counters
+# ($7-$10, added whether or not the leases still held: the records were written either way)
+# and the 'backfill' cursor row's updated_at. Nothing of a repo's row changes if its lease
+# was lost. Each repo is found by its key (job_id, did), as in sql/008, through the primary
+# key: `state NOT IN (the other three)` is `state = 'in_progress'` (the CHECK of sql/003) in
+# a form the lease index's predicate is not proved from. Said as `state = 'in_progress'`,
+# the planner (statistics of a queue with nothing in flight) read the lease index by job_id
+# alone, every entry left there since the last VACUUM, and filtered on `did = ANY($2)`, as
+# the done mark of sql/008's comment did. $11: commit asynchronously (see queue.mark_done).
+# Returns the dids marked done.
 REPO_DONE = (
     """
-WITH r AS (
-    UPDATE backfill_repos
-       SET state = 'done', rev = $4, records = $5, bytes = $6, error = NULL,
+WITH d AS (
+    SELECT * FROM unnest($2::text[], $4::text[], $5::bigint[], $6::bigint[])
+        AS d(did, rev, records, bytes)
+), r AS (
+    UPDATE backfill_repos b
+       SET state = 'done', rev = d.rev, records = d.records, bytes = d.bytes, error = NULL,
            lease_owner = NULL, lease_until = NULL, updated_at = now()
-     WHERE job_id = $1 AND did = $2 AND lease_owner = $3 AND state = 'in_progress'
-    RETURNING 1
+      FROM d
+     WHERE b.job_id = $1 AND b.did = ANY($2::text[]) AND b.did = d.did
+       AND b.lease_owner = $3 AND b.state NOT IN ('pending', 'done', 'failed')
+    RETURNING b.did
 ), touched AS (
     """
     + BACKFILL_CURSOR_TOUCH.strip()
@@ -233,7 +245,7 @@ UPDATE backfill_jobs
        bytes_downloaded = bytes_downloaded + $10,
        updated_at = now()
  WHERE id = $1
-RETURNING (SELECT count(*) FROM r) AS changed, """
+RETURNING ARRAY(SELECT did FROM r) AS done, """
     + async_commit_if("$11")
     + """ AS sync
 """

@@ -113,6 +113,37 @@ async def save_repo_progress(
     await conn.execute(queries.REPO_PROGRESS, job_id, did, owner, records, bytes_, rev, lease_s)
 
 
+@dataclass(frozen=True, slots=True)
+class DoneMark:
+    """A repo finished: what its queue row keeps."""
+
+    did: str
+    rev: str | None
+    records: int
+    bytes: int
+
+
+async def mark_done_many(
+    conn: Any, job_id: int, owner: str, marks: Sequence[DoneMark], progress: Counts | None = None
+) -> set[str]:
+    """The repos of `marks` done, `progress` (this process's unsaved counters) added to the job
+    and the 'backfill' cursor row touched, in one statement; the dids marked done (a repo
+    whose lease was lost is not).
+
+    Outside a transaction the statement commits asynchronously, as the repos' rows did
+    (firehose/storage/fresh.py): the WAL is one sequential log, so a server crash that loses
+    this commit also loses nothing older than it, and one that keeps it kept the rows. A lost
+    mark only means the repo is claimed and written again, which the rev guards make
+    idempotent; the counters are lost with it and counted again."""
+    p = progress or Counts()
+    row = await conn.fetchrow(
+        queries.REPO_DONE, job_id, [m.did for m in marks], owner, [m.rev for m in marks],
+        [m.records for m in marks], [m.bytes for m in marks],
+        p.received, p.processed, p.skipped, p.bytes, not conn.is_in_transaction(),
+    )  # fmt: skip
+    return set(row["done"])
+
+
 async def mark_done(
     conn: Any,
     job_id: int,
@@ -124,20 +155,9 @@ async def mark_done(
     bytes_: int,
     progress: Counts | None = None,
 ) -> bool:
-    """The repo done, `progress` (this process's unsaved counters) added to the job and the
-    'backfill' cursor row touched, in one statement; False if the lease was lost.
-
-    Outside a transaction the statement commits asynchronously, as the repo's rows did
-    (firehose/storage/fresh.py): the WAL is one sequential log, so a server crash that loses
-    this commit also loses nothing older than it, and one that keeps it kept the rows. A lost
-    mark only means the repo is claimed and written again, which the rev guards make
-    idempotent; the counters are lost with it and counted again."""
-    p = progress or Counts()
-    row = await conn.fetchrow(
-        queries.REPO_DONE, job_id, did, owner, rev, records, bytes_,
-        p.received, p.processed, p.skipped, p.bytes, not conn.is_in_transaction(),
-    )  # fmt: skip
-    return bool(row["changed"])
+    """One repo done (mark_done_many); False if the lease was lost."""
+    mark = DoneMark(did, rev, records, bytes_)
+    return did in await mark_done_many(conn, job_id, owner, [mark], progress)
 
 
 async def mark_failed(conn: Any, job_id: int, did: str, owner: str, error: str) -> bool:

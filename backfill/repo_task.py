@@ -27,6 +27,7 @@ import asyncpg
 
 from backfill import jobs, queries, queue
 from backfill.context import Context, Halted
+from backfill.done_marks import DoneMarks
 from backfill.progress import SAVE_EVERY_RECORDS, Counts
 from backfill.queue import Claimed, backoff_s
 from backfill.since import PROFILE_COLLECTION
@@ -76,6 +77,7 @@ class RepoTask:
         # The job's window, as getRepo's `since` (None: download whole).
         self.since = self.window.since if ctx.settings.since else None
         self.want_profile = collection_wanted(PROFILE_COLLECTION, ctx.wanted_collections)
+        self.done_marks = DoneMarks(ctx.conn, ctx.job.id, ctx.owner, ctx.progress)
 
     async def run(self, c: Claimed) -> None:
         ctx = self.ctx
@@ -112,14 +114,11 @@ class RepoTask:
             return
         finally:
             snap.close()
-        # Done and this process's counters saved: one statement (queue.mark_done).
-        with ctx.progress.saving() as delta:
-            async with ctx.conn() as conn:
-                await queue.mark_done(
-                    conn, ctx.job.id, c.did, ctx.owner,
-                    rev=snap.rev or None, records=written, bytes_=snap.bytes_downloaded,
-                    progress=delta,
-                )  # fmt: skip
+        # Done and this process's counters saved: one statement, which the marks of other
+        # repos finishing meanwhile share (done_marks.py).
+        await self.done_marks.mark(
+            queue.DoneMark(c.did, snap.rev or None, written, snap.bytes_downloaded)
+        )
 
     async def _write(self, c: Claimed, snap: Any) -> int:
         """Write the snapshot's in-window records; the number written."""

@@ -103,7 +103,7 @@ async def _measure(
                 conn, queries.REPOS_CLAIM, job.id, OWNER, claim_size, LEASE_S
             )
             row["done_buffers"] = await _buffers(
-                conn, queries.REPO_DONE, job.id, c.did, OWNER, None, 0, 0, 0, 0, 0, 0, True
+                conn, queries.REPO_DONE, job.id, [c.did], OWNER, [None], [0], [0], 0, 0, 0, 0, True
             )
             done += 1
             await conn.execute(

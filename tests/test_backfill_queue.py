@@ -180,7 +180,7 @@ async def test_done_saves_progress_and_touches_the_cursor_in_one_statement(
     }  # fmt: skip
     # On its own the statement commits asynchronously (set for its implicit transaction).
     sync = await conn.fetchval(
-        queries.REPO_DONE, job.id, "did:plc:none", "a", None, 0, 0, 0, 0, 0, 0, True,
+        queries.REPO_DONE, job.id, ["did:plc:none"], "a", [None], [0], [0], 0, 0, 0, 0, True,
         column=1,
     )  # fmt: skip
     assert sync == "off"
@@ -349,10 +349,15 @@ async def test_a_statement_about_one_claimed_repo_reads_only_that_repo(
     for _ in range(200):
         for c in await queue.claim(conn, job.id, "h:w0:1", 10, 600):
             await queue.mark_done(conn, job.id, c.did, "h:w0:1", rev=None, records=0, bytes_=0)
-    (c,) = await queue.claim(conn, job.id, "h:w0:1", 1, 600)
+    last = await queue.claim(conn, job.id, "h:w0:1", 3, 600)
+    c, names = last[0], [x.did for x in last]
     statements = [
         (queries.REPO_PROGRESS, (job.id, c.did, "h:w0:1", 1, 2, None, 600.0)),
-        (queries.REPO_DONE, (job.id, c.did, "h:w0:1", None, 0, 0, 0, 0, 0, 0, True)),
+        # Several repos done at once (backfill/done_marks.py): each found by its key too.
+        (
+            queries.REPO_DONE,
+            (job.id, names, "h:w0:1", [None] * 3, [0] * 3, [0] * 3, 0, 0, 0, 0, True),
+        ),
     ]
     for sql, args in statements:
         rows = await conn.fetch("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql, *args)
@@ -360,7 +365,8 @@ async def test_a_statement_about_one_claimed_repo_reads_only_that_repo(
         conds = _index_conds(plan["Plan"], "backfill_repos")
         assert conds and all("did" in cond for cond in conds), (sql, conds)
         assert plan["Plan"]["Shared Hit Blocks"] < 60, plan  # 2,000 repos done: ~100 before
-    assert await conn.fetchval("SELECT state FROM backfill_repos WHERE did = $1", c.did) == "done"
+    states = await conn.fetch("SELECT state FROM backfill_repos WHERE did = ANY($1::text[])", names)
+    assert [r["state"] for r in states] == ["done"] * 3
 
     # The resync queue's statements about one repo, the same way.
     await conn.execute(

@@ -285,6 +285,7 @@ async def test_a_repo_with_a_head_is_written_guarded_from_its_first_batch(
     """The claim says which repos have a head (a live commit wrote it): their snapshots skip
     the unguarded attempt (maybe_fresh=False) and still land; the others load unguarded."""
     from firehose.storage import writer
+    from firehose.storage.fresh import Loads
 
     real = writer.write_snapshot
     seen: dict[str, list[bool]] = {}
@@ -298,6 +299,9 @@ async def test_a_repo_with_a_head_is_written_guarded_from_its_first_batch(
         return stats
 
     monkeypatch.setattr("backfill.repo_task.write_snapshot", spy)
+    # The process's memory of loads under way starts empty, as the database does: the same
+    # dids and revs were loaded by earlier tests.
+    monkeypatch.setattr(writer, "_fresh_loads", Loads())
     net = FakeNetwork(n_repos=4, per_repo=6)  # 3 in the window
     headed = net.all_dids()[:2]
     await conn.execute(
