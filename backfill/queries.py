@@ -7,7 +7,7 @@ skewed clocks still agree on when a lease expired.
 
 from __future__ import annotations
 
-from firehose.storage.queries import async_commit_if
+from firehose.storage.queries import async_commit_if, rows_select
 
 ACTIVE_STATUSES = ("running", "paused", "paused_rate_limited")
 TERMINAL_STATUSES = ("completed", "failed")
@@ -207,29 +207,42 @@ UPDATE firehose_cursor SET updated_at = now() WHERE service = 'backfill'
 """
 # Done, with everything else finished repos save, in one statement and one commit (issue
 # 11: three autocommit statements with a synchronous commit each had cost ~0.3 ms of CPU and
-# three WAL flushes per repo, most of the fixed cost of a small repo): the repos ($2 did[],
-# with their $4 rev[], $5 records[], $6 bytes[]; several at once when they finish together,
-# backfill/done_marks.py), the job's repos_done, this process's unsaved record counters
-# ($7-$10, added whether or not the leases still held: the records were written either way)
-# and the 'backfill' cursor row's updated_at. Nothing of a repo's row changes if its lease
-# was lost. Each repo is found by its key (job_id, did), as in sql/008, through the primary
-# key: `state NOT IN (the other three)` is `state = 'in_progress'` (the CHECK of sql/003) in
-# a form the lease index's predicate is not proved from. Said as `state = 'in_progress'`,
-# the planner (statistics of a queue with nothing in flight) read the lease index by job_id
-# alone, every entry left there since the last VACUUM, and filtered on `did = ANY($2)`, as
-# the done mark of sql/008's comment did. $11: commit asynchronously (see queue.mark_done).
+# three WAL flushes per repo, most of the fixed cost of a small repo): the repos ($2, rows
+# of DONE_COLUMNS as one JSON parameter, see firehose.storage.queries.PER_ROW_JSON; several
+# when they finish together, backfill/done_marks.py), the job's repos_done, this process's
+# unsaved record counters ($4-$7, added whether or not the leases still held: the records
+# were written either way) and the 'backfill' cursor row's updated_at. Nothing of a repo's
+# row changes if its lease was lost. $8: commit asynchronously (see queue.mark_done_many).
 # Returns the dids marked done.
+#
+# Each repo is found by its key (job_id, did), as in sql/008, through the primary key: the
+# dids as an array (`ANY (ARRAY(SELECT did FROM d))`) are its index condition, and
+# `state NOT IN (the other three)` is `state = 'in_progress'` (the CHECK of sql/003) in a
+# form the lease index's predicate is not proved from. With the statistics of a queue that
+# had nothing in flight (no lease_owner matches), the planner otherwise scanned the whole
+# queue (joined on `d` alone) or, said as `state = 'in_progress'`, read the lease index by
+# job_id alone, every entry left there since the last VACUUM, as the done mark of sql/008's
+# comment did. The repos come as JSON, not as arrays: PostgreSQL knows an array parameter's
+# length in a plan made for the values and not in the generic one, so it kept planning the
+# statement anew at every run (~0.5 ms; a one-repo mark then cost 343-415 µs of its CPU
+# against 171-220 for the statement of one repo before it, load 0.8-0.9). JSON rows are
+# estimated alike in both plans, and the generic one is kept.
+DONE_COLUMNS = (
+    ("did", 'text COLLATE "C"'),
+    ("rev", 'text COLLATE "C"'),
+    ("records", "bigint"),
+    ("bytes", "bigint"),
+)
 REPO_DONE = (
     """
-WITH d AS (
-    SELECT * FROM unnest($2::text[], $4::text[], $5::bigint[], $6::bigint[])
-        AS d(did, rev, records, bytes)
-), r AS (
+WITH d AS ("""
+    + rows_select(DONE_COLUMNS, 2)
+    + """), r AS (
     UPDATE backfill_repos b
        SET state = 'done', rev = d.rev, records = d.records, bytes = d.bytes, error = NULL,
            lease_owner = NULL, lease_until = NULL, updated_at = now()
       FROM d
-     WHERE b.job_id = $1 AND b.did = ANY($2::text[]) AND b.did = d.did
+     WHERE b.job_id = $1 AND b.did = ANY (ARRAY(SELECT did FROM d)) AND b.did = d.did
        AND b.lease_owner = $3 AND b.state NOT IN ('pending', 'done', 'failed')
     RETURNING b.did
 ), touched AS (
@@ -239,14 +252,14 @@ WITH d AS (
 )
 UPDATE backfill_jobs
    SET repos_done = repos_done + (SELECT count(*) FROM r),
-       records_received = records_received + $7,
-       records_processed = records_processed + $8,
-       records_skipped = records_skipped + $9,
-       bytes_downloaded = bytes_downloaded + $10,
+       records_received = records_received + $4,
+       records_processed = records_processed + $5,
+       records_skipped = records_skipped + $6,
+       bytes_downloaded = bytes_downloaded + $7,
        updated_at = now()
  WHERE id = $1
 RETURNING ARRAY(SELECT did FROM r) AS done, """
-    + async_commit_if("$11")
+    + async_commit_if("$8")
     + """ AS sync
 """
 )

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from backfill import queries
 from backfill.progress import Counts
 
@@ -136,9 +138,9 @@ async def mark_done_many(
     mark only means the repo is claimed and written again, which the rev guards make
     idempotent; the counters are lost with it and counted again."""
     p = progress or Counts()
+    rows = orjson.dumps([(m.did, m.rev, m.records, m.bytes) for m in marks])
     row = await conn.fetchrow(
-        queries.REPO_DONE, job_id, [m.did for m in marks], owner, [m.rev for m in marks],
-        [m.records for m in marks], [m.bytes for m in marks],
+        queries.REPO_DONE, job_id, rows, owner,
         p.received, p.processed, p.skipped, p.bytes, not conn.is_in_transaction(),
     )  # fmt: skip
     return set(row["done"])

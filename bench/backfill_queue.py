@@ -6,13 +6,16 @@ then marked done, until FRACTION of the queue is done. Every tenth of the way it
 PostgreSQL CPU (the connection's backend) and this process's CPU per repo for that stretch,
 and the buffers the claim's and the done mark's plans read (EXPLAIN (ANALYZE, BUFFERS) of
 one more of each). A statement whose cost grows with the repos done shows as a rising line:
-on the real network a job holds ~40 million repos. `--no-autovacuum` turns autovacuum off on
+on the real network a job holds ~40 million repos. `--done-together N` marks the claimed
+repos done N to a statement (queue.mark_done_many, as backfill/done_marks.py does when repos
+finish together; default 1, one statement per repo). `--no-autovacuum` turns autovacuum off on
 the queue, which shows what piles up between two of its runs (sql/008_queue_at_scale.sql).
 Prints one JSON line {"bench": "queue", ...} at the end. (Not bench/queue.py: a script's
 folder comes first on sys.path, and that name would hide the standard library's `queue` from
 every benchmark here.)
 
-    python bench/backfill_queue.py [--repos 200000] [--claim 10] [--fraction 0.5] [--no-autovacuum]
+    python bench/backfill_queue.py [--repos 200000] [--claim 10] [--fraction 0.5]
+                                   [--done-together 1] [--no-autovacuum]
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import orjson
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -49,20 +53,27 @@ async def _buffers(conn: asyncpg.Connection, sql: str, *args: Any) -> int:
     return int(plan["Shared Hit Blocks"]) + int(plan["Shared Read Blocks"])
 
 
-async def run(repos: int, claim_size: int, fraction: float, autovacuum: bool) -> dict[str, Any]:
+async def run(
+    repos: int, claim_size: int, fraction: float, autovacuum: bool, done_together: int = 1
+) -> dict[str, Any]:
     load_at_start()
     with tempfile.TemporaryDirectory() as tmp:
         pg = start_embedded(Path(tmp) / "pg")
         conn = await asyncpg.connect(pg.dsn)
         try:
-            return await _measure(conn, repos, claim_size, fraction, autovacuum)
+            return await _measure(conn, repos, claim_size, fraction, autovacuum, done_together)
         finally:
             await conn.close()
             pg.stop()
 
 
 async def _measure(
-    conn: asyncpg.Connection, repos: int, claim_size: int, fraction: float, autovacuum: bool
+    conn: asyncpg.Connection,
+    repos: int,
+    claim_size: int,
+    fraction: float,
+    autovacuum: bool,
+    done_together: int = 1,
 ) -> dict[str, Any]:
     await migrate(conn)
     if not autovacuum:
@@ -88,8 +99,9 @@ async def _measure(
             claimed = await queue.claim(conn, job.id, OWNER, claim_size, LEASE_S)
             if not claimed:
                 break
-            for c in claimed:
-                await queue.mark_done(conn, job.id, c.did, OWNER, rev=None, records=0, bytes_=0)
+            for i in range(0, len(claimed), done_together):
+                marks = [queue.DoneMark(c.did, None, 0, 0) for c in claimed[i : i + done_together]]
+                await queue.mark_done_many(conn, job.id, OWNER, marks)
             done += len(claimed)
         n = max(1, done - s_done)
         row = {
@@ -103,7 +115,16 @@ async def _measure(
                 conn, queries.REPOS_CLAIM, job.id, OWNER, claim_size, LEASE_S
             )
             row["done_buffers"] = await _buffers(
-                conn, queries.REPO_DONE, job.id, [c.did], OWNER, [None], [0], [0], 0, 0, 0, 0, True
+                conn,
+                queries.REPO_DONE,
+                job.id,
+                orjson.dumps([(c.did, None, 0, 0)]),
+                OWNER,
+                0,
+                0,
+                0,
+                0,
+                True,
             )
             done += 1
             await conn.execute(
@@ -114,8 +135,8 @@ async def _measure(
         rows.append(row)
         print(
             f"{done:>10,} done: PostgreSQL {row['pg_us_per_repo']} µs, this process "
-            f"{row['bench_us_per_repo']} µs per repo (a claim of {claim_size} and a done "
-            f"mark each); buffers read by a claim {row.get('claim_buffers')}, "
+            f"{row['bench_us_per_repo']} µs per repo (claims of {claim_size}, done "
+            f"{done_together} to a statement); buffers read by a claim {row.get('claim_buffers')}, "
             f"by a done mark {row.get('done_buffers')}",
             flush=True,
         )
@@ -128,6 +149,7 @@ async def _measure(
         "repos": repos,
         "claim": claim_size,
         "autovacuum": autovacuum,
+        "done_together": done_together,
         "done": done,
         "elapsed_s": round(elapsed, 2),
         "stretches": rows,
@@ -141,8 +163,11 @@ def main() -> None:
     ap.add_argument("--claim", type=int, default=10, help="repos per claim")
     ap.add_argument("--fraction", type=float, default=0.5, help="share of the queue to work")
     ap.add_argument("--no-autovacuum", action="store_true", help="autovacuum off on the queue")
+    ap.add_argument("--done-together", type=int, default=1, help="repos per done statement")
     args = ap.parse_args()
-    result = asyncio.run(run(args.repos, args.claim, args.fraction, not args.no_autovacuum))
+    result = asyncio.run(
+        run(args.repos, args.claim, args.fraction, not args.no_autovacuum, args.done_together)
+    )
     print(json.dumps(result))
 
 

@@ -99,9 +99,9 @@ async def test_a_failed_statement_fails_its_marks_and_gives_the_counters_back(
     progress = Progress()
     progress.add(Counts(received=7, processed=7))
     marks = marks_of(pool, job_id, progress)
-    # records beyond bigint: the statement is refused (asyncpg cannot send it).
+    # records beyond bigint: PostgreSQL refuses the statement.
     with pytest.raises(asyncpg.DataError):
-        await marks.mark(queue.DoneMark(dids[0], "r", 2**70, 0))
+        await marks.mark(queue.DoneMark(dids[0], "r", 2**63, 0))
     assert (progress.unsaved.received, progress.unsaved.processed) == (7, 7)
     assert await queue.counts_by_state(conn, job_id) == {
         "pending": 0, "in_progress": 3, "done": 0, "failed": 0,
