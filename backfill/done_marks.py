@@ -60,14 +60,14 @@ class DoneMarks:
                 batch, self._waiting = self._waiting, []
                 try:
                     marked = await self._commit([m for m, _ in batch])
-                except asyncio.CancelledError:
-                    self._waiting = batch + self._waiting  # cancelled below, with the rest
-                    raise
                 except Exception as exc:
                     for _, done in batch:
                         if not done.done():
                             done.set_exception(exc)
                     continue
+                except BaseException:  # cancelled: the loop is closing
+                    self._waiting = batch + self._waiting  # cancelled below, with the rest
+                    raise
                 for m, done in batch:
                     if not done.done():
                         done.set_result(m.did in marked)

@@ -151,3 +151,33 @@ async def test_a_caller_cancelled_while_it_waits_cancels_no_other_mark(
     # to be sent with the third, and went too (a cancelled caller only stops waiting).
     assert [r["state"] for r in states] == ["done", "done", "done"]
     assert sizes == [1, 2]  # the marks that arrived during a statement went in the next
+
+
+async def test_a_committer_cancelled_mid_statement_strands_no_caller(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    """The loop closing cancels the committer: every caller still waiting is cancelled too,
+    none waits for ever, and the next mark starts a new committer."""
+    job_id, dids = await claimed_job(conn, 3)
+    marks = marks_of(pool, job_id, Progress())
+    holder = await pool.acquire()
+    tr = holder.transaction()
+    await tr.start()
+    await holder.execute("SELECT 1 FROM backfill_repos WHERE job_id = $1 FOR UPDATE", job_id)
+    first = asyncio.create_task(marks.mark(queue.DoneMark(dids[0], "r", 0, 0)))
+    deadline = asyncio.get_running_loop().time() + 60
+    while not await conn.fetchval(  # until the first mark's statement waits on the lock
+        "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'"
+    ):
+        assert asyncio.get_running_loop().time() < deadline, "the first mark never waited"
+        await asyncio.sleep(0.005)
+    second = asyncio.create_task(marks.mark(queue.DoneMark(dids[1], "r", 0, 0)))
+    await asyncio.sleep(0.01)
+    assert marks._committer is not None
+    marks._committer.cancel()
+    for task in (first, second):
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 60)
+    await tr.rollback()
+    await pool.release(holder)
+    assert await marks.mark(queue.DoneMark(dids[2], "r", 0, 0))
