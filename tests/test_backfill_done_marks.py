@@ -47,6 +47,31 @@ def marks_of(pool: asyncpg.Pool, job_id: int, progress: Progress) -> DoneMarks:
     return DoneMarks(conn, job_id, OWNER, progress)
 
 
+@contextlib.asynccontextmanager
+async def rows_held(pool: asyncpg.Pool, job_id: int) -> AsyncIterator[None]:
+    """The job's queue rows locked by another transaction until the block ends."""
+    async with pool.acquire() as holder:
+        tr = holder.transaction()
+        await tr.start()
+        try:
+            await holder.execute(
+                "SELECT 1 FROM backfill_repos WHERE job_id = $1 FOR UPDATE", job_id
+            )
+            yield
+        finally:
+            await tr.rollback()
+
+
+async def first_mark_waiting(conn: asyncpg.Connection) -> None:
+    """Until a statement waits on a row lock (the first mark's, on `rows_held`)."""
+    deadline = asyncio.get_running_loop().time() + 60
+    while not await conn.fetchval(
+        "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'"
+    ):
+        assert asyncio.get_running_loop().time() < deadline, "the first mark never waited"
+        await asyncio.sleep(0.005)
+
+
 def counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The number of marks each statement carried (the real statement runs)."""
     sizes: list[int] = []
@@ -120,25 +145,14 @@ async def test_a_caller_cancelled_while_it_waits_cancels_no_other_mark(
     job_id, dids = await claimed_job(conn, 3)
     sizes = counting(monkeypatch)
     marks = marks_of(pool, job_id, Progress())
-    # The repos' rows are held: the first statement waits for them.
-    holder = await pool.acquire()
-    tr = holder.transaction()
-    await tr.start()
-    await holder.execute("SELECT 1 FROM backfill_repos WHERE job_id = $1 FOR UPDATE", job_id)
-    first = asyncio.create_task(marks.mark(queue.DoneMark(dids[0], "r", 0, 0)))
-    deadline = asyncio.get_running_loop().time() + 60
-    while not await conn.fetchval(  # until the first mark's statement waits on the lock
-        "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'"
-    ):
-        assert asyncio.get_running_loop().time() < deadline, "the first mark never waited"
-        await asyncio.sleep(0.005)
-    second = asyncio.create_task(marks.mark(queue.DoneMark(dids[1], "r", 0, 0)))
-    third = asyncio.create_task(marks.mark(queue.DoneMark(dids[2], "r", 0, 0)))
-    await asyncio.sleep(0.01)
-    first.cancel()  # the repo task, not the statement: it still commits
-    second.cancel()
-    await tr.rollback()
-    await pool.release(holder)
+    async with rows_held(pool, job_id):  # the first statement waits for them
+        first = asyncio.create_task(marks.mark(queue.DoneMark(dids[0], "r", 0, 0)))
+        await first_mark_waiting(conn)
+        second = asyncio.create_task(marks.mark(queue.DoneMark(dids[1], "r", 0, 0)))
+        third = asyncio.create_task(marks.mark(queue.DoneMark(dids[2], "r", 0, 0)))
+        await asyncio.sleep(0.01)
+        first.cancel()  # the repo task, not the statement: it still commits
+        second.cancel()
     assert await third  # in the statement after the first
     with pytest.raises(asyncio.CancelledError):
         await first
@@ -160,24 +174,14 @@ async def test_a_committer_cancelled_mid_statement_strands_no_caller(
     none waits for ever, and the next mark starts a new committer."""
     job_id, dids = await claimed_job(conn, 3)
     marks = marks_of(pool, job_id, Progress())
-    holder = await pool.acquire()
-    tr = holder.transaction()
-    await tr.start()
-    await holder.execute("SELECT 1 FROM backfill_repos WHERE job_id = $1 FOR UPDATE", job_id)
-    first = asyncio.create_task(marks.mark(queue.DoneMark(dids[0], "r", 0, 0)))
-    deadline = asyncio.get_running_loop().time() + 60
-    while not await conn.fetchval(  # until the first mark's statement waits on the lock
-        "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'"
-    ):
-        assert asyncio.get_running_loop().time() < deadline, "the first mark never waited"
-        await asyncio.sleep(0.005)
-    second = asyncio.create_task(marks.mark(queue.DoneMark(dids[1], "r", 0, 0)))
-    await asyncio.sleep(0.01)
-    assert marks._committer is not None
-    marks._committer.cancel()
-    for task in (first, second):
-        with pytest.raises(asyncio.CancelledError):
-            await asyncio.wait_for(task, 60)
-    await tr.rollback()
-    await pool.release(holder)
+    async with rows_held(pool, job_id):
+        first = asyncio.create_task(marks.mark(queue.DoneMark(dids[0], "r", 0, 0)))
+        await first_mark_waiting(conn)
+        second = asyncio.create_task(marks.mark(queue.DoneMark(dids[1], "r", 0, 0)))
+        await asyncio.sleep(0.01)
+        assert marks._committer is not None
+        marks._committer.cancel()
+        for task in (first, second):
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 60)
     assert await marks.mark(queue.DoneMark(dids[2], "r", 0, 0))
