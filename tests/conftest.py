@@ -145,6 +145,16 @@ async def conn(db_dsn: str) -> AsyncIterator[asyncpg.Connection]:
         await connection.close()
 
 
+@pytest_asyncio.fixture
+async def pool(db_dsn: str) -> AsyncIterator[asyncpg.Pool]:
+    """A small asyncpg pool on this test's fresh database."""
+    created = await asyncpg.create_pool(db_dsn, min_size=1, max_size=4)
+    try:
+        yield created
+    finally:
+        await created.close()
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """The fuzz budget actually spent: inputs tried per target (tests/fuzz/targets.py)."""
     import sys

@@ -16,19 +16,11 @@ import pytest
 
 from backfill import jobs, queue
 from backfill.done_marks import DoneMarks
+from backfill.handles import pool_conn
 from backfill.progress import Counts, Progress
 
 NOW = datetime(2026, 1, 31, 12, 0, tzinfo=UTC)
 OWNER = "h:w0:1"
-
-
-@pytest.fixture
-async def pool(db_dsn: str) -> AsyncIterator[asyncpg.Pool]:
-    created = await asyncpg.create_pool(db_dsn, min_size=1, max_size=4)
-    try:
-        yield created
-    finally:
-        await created.close()
 
 
 async def claimed_job(conn: asyncpg.Connection, n: int) -> tuple[int, list[str]]:
@@ -39,12 +31,7 @@ async def claimed_job(conn: asyncpg.Connection, n: int) -> tuple[int, list[str]]
 
 
 def marks_of(pool: asyncpg.Pool, job_id: int, progress: Progress) -> DoneMarks:
-    @contextlib.asynccontextmanager
-    async def conn() -> AsyncIterator[Any]:
-        async with pool.acquire() as c:
-            yield c
-
-    return DoneMarks(conn, job_id, OWNER, progress)
+    return DoneMarks(lambda: pool_conn(pool), job_id, OWNER, progress)
 
 
 @contextlib.asynccontextmanager

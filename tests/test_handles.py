@@ -229,15 +229,6 @@ def make_rig(
     return Rig(verifier, metrics, registry)
 
 
-@pytest_asyncio.fixture
-async def pool(db_dsn: str) -> AsyncIterator[asyncpg.Pool]:
-    p = await asyncpg.create_pool(db_dsn, min_size=1, max_size=4)
-    try:
-        yield p
-    finally:
-        await p.close()
-
-
 async def handle_of(conn: asyncpg.Connection, did: str) -> str | None:
     value: str | None = await conn.fetchval("SELECT handle FROM actors WHERE did = $1", did)
     return value
