@@ -125,6 +125,11 @@ class DoneMark:
     bytes: int
 
 
+def done_rows(marks: Sequence[DoneMark]) -> bytes:
+    """queries.REPO_DONE's repos parameter: a JSON array of DONE_COLUMNS rows."""
+    return orjson.dumps([(m.did, m.rev, m.records, m.bytes) for m in marks])
+
+
 async def mark_done_many(
     conn: Any, job_id: int, owner: str, marks: Sequence[DoneMark], progress: Counts | None = None
 ) -> set[str]:
@@ -138,28 +143,11 @@ async def mark_done_many(
     mark only means the repo is claimed and written again, which the rev guards make
     idempotent; the counters are lost with it and counted again."""
     p = progress or Counts()
-    rows = orjson.dumps([(m.did, m.rev, m.records, m.bytes) for m in marks])
     row = await conn.fetchrow(
-        queries.REPO_DONE, job_id, rows, owner,
+        queries.REPO_DONE, job_id, done_rows(marks), owner,
         p.received, p.processed, p.skipped, p.bytes, not conn.is_in_transaction(),
     )  # fmt: skip
     return set(row["done"])
-
-
-async def mark_done(
-    conn: Any,
-    job_id: int,
-    did: str,
-    owner: str,
-    *,
-    rev: str | None,
-    records: int,
-    bytes_: int,
-    progress: Counts | None = None,
-) -> bool:
-    """One repo done (mark_done_many); False if the lease was lost."""
-    mark = DoneMark(did, rev, records, bytes_)
-    return did in await mark_done_many(conn, job_id, owner, [mark], progress)
 
 
 async def mark_failed(conn: Any, job_id: int, did: str, owner: str, error: str) -> bool:

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import orjson
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -118,7 +117,7 @@ async def _measure(
                 conn,
                 queries.REPO_DONE,
                 job.id,
-                orjson.dumps([(c.did, None, 0, 0)]),
+                queue.done_rows([queue.DoneMark(c.did, None, 0, 0)]),
                 OWNER,
                 0,
                 0,

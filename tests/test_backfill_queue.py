@@ -20,6 +20,22 @@ def dids(n: int) -> list[str]:
     return [f"did:plc:{i:024d}" for i in range(n)]
 
 
+async def mark_done(
+    conn: asyncpg.Connection,
+    job_id: int,
+    did: str,
+    owner: str,
+    *,
+    rev: str | None,
+    records: int,
+    bytes_: int,
+    progress: Counts | None = None,
+) -> bool:
+    """One repo done (queue.mark_done_many); False if the lease was lost."""
+    mark = queue.DoneMark(did, rev, records, bytes_)
+    return did in await queue.mark_done_many(conn, job_id, owner, [mark], progress)
+
+
 async def test_job_created_then_resumed_with_a_fixed_window(conn: asyncpg.Connection) -> None:
     first = await jobs.ensure_job(conn, 30, RELAY, NOW)
     assert first.action == "created"
@@ -88,9 +104,7 @@ async def test_two_connections_claim_every_repo_exactly_once(db_dsn: str) -> Non
                     return
                 for item in got:
                     claims[owner].append(item.did)
-                    assert await queue.mark_done(
-                        c, job.id, item.did, owner, rev="r", records=1, bytes_=1
-                    )
+                    assert await mark_done(c, job.id, item.did, owner, rev="r", records=1, bytes_=1)
                 await asyncio.sleep(0)
         finally:
             await c.close()
@@ -111,7 +125,7 @@ async def test_done_is_never_claimed_again(conn: asyncpg.Connection) -> None:
     job = (await jobs.ensure_job(conn, 30, RELAY, NOW)).job
     await queue.enqueue(conn, job.id, dids(1), 0)
     (c,) = await queue.claim(conn, job.id, "a", 5, 60)
-    assert await queue.mark_done(conn, job.id, c.did, "a", rev="r", records=0, bytes_=0)
+    assert await mark_done(conn, job.id, c.did, "a", rev="r", records=0, bytes_=0)
     await queue.enqueue(conn, job.id, dids(1), queue.PRIORITY_REQUESTED)
     assert await queue.reclaim(conn, job.id, 5, ["a"]) == 0
     assert await queue.claim(conn, job.id, "b", 5, 60) == []
@@ -137,7 +151,7 @@ async def test_lost_lease_cannot_finish(conn: asyncpg.Connection) -> None:
     job = (await jobs.ensure_job(conn, 30, RELAY, NOW)).job
     await queue.enqueue(conn, job.id, dids(1), 0)
     (c,) = await queue.claim(conn, job.id, "a", 5, 60)
-    assert not await queue.mark_done(conn, job.id, c.did, "b", rev="r", records=0, bytes_=0)
+    assert not await mark_done(conn, job.id, c.did, "b", rev="r", records=0, bytes_=0)
     assert not await queue.mark_failed(conn, job.id, c.did, "b", "x")
 
 
@@ -153,13 +167,13 @@ async def test_done_saves_progress_and_touches_the_cursor_in_one_statement(
         " ON CONFLICT (service) DO UPDATE SET updated_at = EXCLUDED.updated_at",
         NOW - timedelta(days=400),
     )
-    done = await queue.mark_done(
+    done = await mark_done(
         conn, job.id, first.did, "a", rev="r", records=4, bytes_=100,
         progress=Counts(received=5, processed=4, skipped=1, bytes=100),
     )  # fmt: skip
     assert done
     # A lost lease finishes nothing, but the records were written: their counts are saved.
-    lost = await queue.mark_done(
+    lost = await mark_done(
         conn, job.id, second.did, "b", rev="r", records=2, bytes_=10,
         progress=Counts(received=2, processed=2, skipped=0, bytes=10),
     )  # fmt: skip
@@ -173,14 +187,15 @@ async def test_done_saves_progress_and_touches_the_cursor_in_one_statement(
     assert touched > NOW - timedelta(days=1)
     # Inside a caller's transaction the caller's commit stays synchronous.
     async with conn.transaction():
-        await queue.mark_done(conn, job.id, second.did, "a", rev="r", records=2, bytes_=10)
+        await mark_done(conn, job.id, second.did, "a", rev="r", records=2, bytes_=10)
         assert await conn.fetchval("SHOW synchronous_commit") == "on"
     assert await queue.counts_by_state(conn, job.id) == {
         "pending": 0, "in_progress": 0, "done": 2, "failed": 0,
     }  # fmt: skip
     # On its own the statement commits asynchronously (set for its implicit transaction).
     sync = await conn.fetchval(
-        queries.REPO_DONE, job.id, b'[["did:plc:none", null, 0, 0]]', "a", 0, 0, 0, 0, True,
+        queries.REPO_DONE, job.id, queue.done_rows([queue.DoneMark("did:plc:none", None, 0, 0)]),
+        "a", 0, 0, 0, 0, True,
         column=1,
     )  # fmt: skip
     assert sync == "off"
@@ -348,15 +363,15 @@ async def test_a_statement_about_one_claimed_repo_reads_only_that_repo(
     await conn.execute("ANALYZE backfill_repos")
     for _ in range(200):
         for c in await queue.claim(conn, job.id, "h:w0:1", 10, 600):
-            await queue.mark_done(conn, job.id, c.did, "h:w0:1", rev=None, records=0, bytes_=0)
+            await mark_done(conn, job.id, c.did, "h:w0:1", rev=None, records=0, bytes_=0)
     last = await queue.claim(conn, job.id, "h:w0:1", 3, 600)
     c, names = last[0], [x.did for x in last]
+    last_marks = queue.done_rows([queue.DoneMark(d, None, 0, 0) for d in names])
     statements = [
         (queries.REPO_PROGRESS, (job.id, c.did, "h:w0:1", 1, 2, None, 600.0)),
         # Several repos done at once (backfill/done_marks.py): each found by its key too.
-        (queries.REPO_DONE, (job.id, json.dumps([[d, None, 0, 0] for d in names]).encode(),
-                             "h:w0:1", 0, 0, 0, 0, True)),
-    ]  # fmt: skip
+        (queries.REPO_DONE, (job.id, last_marks, "h:w0:1", 0, 0, 0, 0, True)),
+    ]
     # Both the plan made for the values (the first runs of a prepared statement) and the one
     # made for any values (which PostgreSQL keeps once it costs no more).
     for mode in ("force_custom_plan", "force_generic_plan"):
