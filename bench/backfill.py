@@ -153,11 +153,10 @@ async def job_numbers(dsn: str) -> dict[str, Any]:
         await conn.close()
 
 
-# --known: a head older than every commit (the smallest TID) and a chain head, as the live
-# stream leaves a repo it has applied a commit of.
+# --known: a head older than every commit ($2, the smallest TID) and a chain head, as the
+# live stream leaves a repo it has applied a commit of.
 KNOWN_HEADS = """
-INSERT INTO actors (did, rev, chain_rev)
-SELECT d, '2222222222222', '2222222222222' FROM unnest($1::text[]) AS d
+INSERT INTO actors (did, rev, chain_rev) SELECT d, $2, $2 FROM unnest($1::text[]) AS d
 """
 
 
@@ -167,6 +166,7 @@ async def seed_heads(dsn: str, relay_url: str) -> int:
 
     from backfill.hosts import HostClient
     from backfill.relay_http import list_repos, relay_http_base
+    from firehose.protocol.syntax import make_tid
     from firehose.storage.migrate import migrate
 
     dids: list[str] = []
@@ -182,7 +182,7 @@ async def seed_heads(dsn: str, relay_url: str) -> int:
     conn = await asyncpg.connect(dsn)
     try:
         await migrate(conn)
-        await conn.execute(KNOWN_HEADS, dids)
+        await conn.execute(KNOWN_HEADS, dids, make_tid(0))
     finally:
         await conn.close()
     return len(dids)
