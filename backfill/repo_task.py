@@ -28,6 +28,7 @@ import asyncpg
 from backfill import jobs, queries, queue
 from backfill.context import Context, Halted
 from backfill.done_marks import DoneMarks
+from backfill.group_commit import GroupCommit
 from backfill.progress import SAVE_EVERY_RECORDS, Counts
 from backfill.queue import Claimed, backoff_s
 from backfill.since import PROFILE_COLLECTION
@@ -35,7 +36,13 @@ from backfill.window import Window
 from firehose.model import RecordWrite
 from firehose.settings import collection_wanted
 from firehose.storage.database import QUERY_RETRY_ERRORS
-from firehose.storage.writer import write_snapshot
+from firehose.storage.writer import (
+    FRESH_COPY_MIN_RECORDS,
+    ApplyStats,
+    RepoHead,
+    load_fresh_repos,
+    write_snapshot,
+)
 
 log = logging.getLogger("backfill")
 
@@ -78,6 +85,9 @@ class RepoTask:
         self.since = self.window.since if ctx.settings.since else None
         self.want_profile = collection_wanted(PROFILE_COLLECTION, ctx.wanted_collections)
         self.done_marks = DoneMarks(ctx.conn, ctx.job.id, ctx.owner, ctx.progress)
+        # Small fresh repos finishing together are loaded in one statement.
+        self.fresh_loads: GroupCommit[tuple[list[RecordWrite], RepoHead], ApplyStats | None]
+        self.fresh_loads = GroupCommit(self._load_fresh_repos)
 
     async def run(self, c: Claimed) -> None:
         ctx = self.ctx
@@ -130,6 +140,7 @@ class RepoTask:
         batch: list[RecordWrite] = []
         # None: a snapshot that knows no commit (a `since` answer with no block): no head.
         head = [] if snap.head is None else [snap.head]
+        whole = True  # the last batch is the snapshot's only one
         for n, item in enumerate(snap.writes(self.window), 1):
             counts.received += 1
             if not isinstance(item, RecordWrite) or not collection_wanted(
@@ -140,6 +151,7 @@ class RepoTask:
                 batch.append(item)
             if len(batch) >= size:
                 written += await self._write_batch(c, batch, None, counts)
+                whole = False
                 since_save += len(batch)
                 batch = []
                 if since_save >= SAVE_EVERY_RECORDS:
@@ -149,23 +161,35 @@ class RepoTask:
             elif n % YIELD_EVERY_RECORDS == 0:
                 await asyncio.sleep(0)
         # The last batch (maybe empty) carries the repo head: all records are in by then.
-        written += await self._write_batch(c, batch, head, counts)
+        written += await self._write_batch(c, batch, head, counts, whole=whole)
         return written
 
     async def _write_batch(
-        self, c: Claimed, batch: list[RecordWrite], head: Any, counts: Counts
+        self, c: Claimed, batch: list[RecordWrite], head: Any, counts: Counts, whole: bool = False
     ) -> int:
         ctx = self.ctx
         async with ctx.throttle.write_turn(ctx.halt):
             if ctx.halt.is_set():
                 raise Halted
-            async with ctx.conn() as conn:
-                stats = await write_snapshot(conn, batch, heads=head, maybe_fresh=not c.headed)
+            stats = None
+            # A small snapshot of a repo that may be fresh, in one batch: with the others
+            # finishing meanwhile, in one statement (writer.load_fresh_repos).
+            if whole and head and not c.headed and len(batch) < FRESH_COPY_MIN_RECORDS:
+                stats = await self.fresh_loads.submit((batch, head[0]))
+            if stats is None:
+                async with ctx.conn() as conn:
+                    stats = await write_snapshot(conn, batch, heads=head, maybe_fresh=not c.headed)
         processed = len(batch) - stats.invalid
         counts.processed += processed
         counts.skipped += stats.invalid
         self._count(counts)
         return processed
+
+    async def _load_fresh_repos(
+        self, snapshots: list[tuple[list[RecordWrite], RepoHead]]
+    ) -> list[ApplyStats | None]:
+        async with self.ctx.conn() as conn:
+            return await load_fresh_repos(conn, snapshots)
 
     def _count(self, counts: Counts) -> None:
         """Move `counts` into the process totals (and metrics), then zero it."""

@@ -166,8 +166,9 @@ async def test_a_committer_cancelled_mid_statement_strands_no_caller(
         await first_mark_waiting(conn)
         second = asyncio.create_task(marks.mark(queue.DoneMark(dids[1], "r", 0, 0)))
         await asyncio.sleep(0.01)
-        assert marks._committer is not None
-        marks._committer.cancel()
+        committer = marks._group._committer
+        assert committer is not None
+        committer.cancel()
         for task in (first, second):
             with pytest.raises(asyncio.CancelledError):
                 await asyncio.wait_for(task, 60)

@@ -129,6 +129,10 @@ def races(draw: st.DrawFn) -> dict[str, Any]:
         # backfill claim says it, backfill.queue.Claimed.headed): the guarded path from the
         # first batch, its heads in its upserts' statement
         "guarded": draw(st.booleans()),
+        # a snapshot of one batch loaded with another repo's in one statement
+        # (writer.load_fresh_repos, as the backfill loads small repos), the guarded path
+        # when that does not load it
+        "group": draw(st.booleans()),
     }
 
 
@@ -152,9 +156,22 @@ def records_by_copy(on: bool) -> Iterator[list[int]]:
 
 
 async def _load(
-    conn: asyncpg.Connection, did: str, batch: list[RecordWrite], last: bool, guarded: bool = False
+    conn: asyncpg.Connection,
+    did: str,
+    batch: list[RecordWrite],
+    last: bool,
+    guarded: bool = False,
+    group: bool = False,
 ) -> Any:
     head = [(did, tid(SNAPSHOT_REV), "bafydata")] if last else None
+    if group and head is not None:
+        # With a repo whose did sorts first, so that the statement claims two rows.
+        other = f"did:plc:aaa{did}"
+        snapshots = [(batch, head[0]), ([write(other, 0, Action.CREATE, 5)], (other, tid(5), None))]
+        stats, companion = await writer.load_fresh_repos(conn, snapshots)
+        assert companion is not None and companion.fresh == 1
+        if stats is not None:
+            return stats
     return await write_snapshot(conn, batch, heads=head, maybe_fresh=not guarded)
 
 
@@ -180,6 +197,7 @@ async def run_race(
     loaded unguarded."""
     did, loads, holder, at = race["did"], race["loads"], race["holder"], race["at"]
     guarded = race["guarded"]
+    group = race.get("group", False) and len(loads) == 1 and not guarded
     other_like = write(OTHER, 2, Action.DELETE, 2)
     live_batch = Batch(writes=[*race["live"], other_like], cursor=1)
     stats: list[ApplyStats] = []
@@ -187,7 +205,7 @@ async def run_race(
 
     async def load_batches(indexes: range) -> None:
         for i in indexes:
-            stats.append(await _load(b, did, loads[i], i == len(loads) - 1, guarded))
+            stats.append(await _load(b, did, loads[i], i == len(loads) - 1, guarded, group))
 
     await load_batches(range(at))
     if holder == "live":
@@ -201,7 +219,7 @@ async def run_race(
     elif holder == "load":
         tr = b.transaction()
         await tr.start()
-        stats.append(await _load(b, did, loads[at], at == len(loads) - 1, guarded))
+        stats.append(await _load(b, did, loads[at], at == len(loads) - 1, guarded, group))
         live_task = asyncio.create_task(apply_batch(a, live_batch))
         await asyncio.sleep(delay_s)  # the live batch runs (or waits on the load's claim)
         await tr.commit()
@@ -484,15 +502,16 @@ _SUBSETS = [
 ]
 
 
-@pytest.mark.parametrize("by_copy", [False, True])
+@pytest.mark.parametrize("load", ["statement", "copy", "group"])
 @pytest.mark.parametrize("subset", _SUBSETS)
 async def test_fresh_load_stores_what_the_guarded_path_stores(
-    conns: Any, monkeypatch: pytest.MonkeyPatch, by_copy: bool, subset: tuple[str, ...] | None
+    conns: Any, monkeypatch: pytest.MonkeyPatch, load: str, subset: tuple[str, ...] | None
 ) -> None:
     """The fresh load (fresh.load_statement: its own INSERTs, no guards, the records rows in
-    the statement or by COPY) stores every column of every table as the guarded path writes
-    it, for a record of every typed table and one of none, or of some of them; and both as
-    the live stream's statement, which names every table, does."""
+    the statement or by COPY; or several repos' in one statement, fresh.group_statement)
+    stores every column of every table as the guarded path writes it, for a record of every
+    typed table and one of none, or of some of them; and both as the live stream's
+    statement, which names every table, does."""
     a = conns[0]
     fresh_did, guarded_did = "did:plc:" + "f" * 24, "did:plc:" + "g" * 24
     live_did = "did:plc:" + "l" * 24
@@ -513,9 +532,15 @@ async def test_fresh_load_stores_what_the_guarded_path_stores(
             for c, rkey, record in chosen
         ]
 
-    with records_by_copy(by_copy) as sizes:
-        loaded = await write_snapshot(a, snapshot(fresh_did))
-    assert sizes == ([len(chosen)] if by_copy else [])
+    with records_by_copy(load == "copy") as sizes:
+        if load == "group":
+            head = (fresh_did, tid(SNAPSHOT_REV), None)  # as write_snapshot derives it
+            [got] = await writer.load_fresh_repos(a, [(snapshot(fresh_did), head)])
+            assert got is not None
+            loaded = got
+        else:
+            loaded = await write_snapshot(a, snapshot(fresh_did))
+    assert sizes == ([len(chosen)] if load == "copy" else [])
     assert loaded.fresh == len(chosen) and loaded.typed == n_typed
     with monkeypatch.context() as m:
         m.setattr("firehose.storage.writer._fresh_candidate", lambda prep: None)

@@ -141,6 +141,63 @@ def load_statement(tables: tuple[str, ...], *, continuing: bool) -> str:
     )
 
 
+# Small fresh repos together (writer.load_fresh_repos): a whole snapshot of fewer than
+# writer.FRESH_COPY_MIN_RECORDS records is one batch, and for such a repo the statement, its
+# round trip and its commit were most of what loading it cost. One statement loads several:
+# $1 the records rows and $2.. the rows of each of `tables` of all of them, then the heads
+# ($n: HEAD_COLUMNS rows, one per repo) and the asynchronous commit. The claim `c` is
+# _claim's, one row per repo, taken in did order (the lock order of every writer, fresh.py's
+# docstring): absent (inserted) or headless and not deleted (updated), each re-checked on
+# the newest version after any wait. A repo the claim does not make ours writes nothing: its
+# rows fail `did IN c`. Unlike _claim, the ON CONFLICT form keeps such a row locked until
+# the statement commits (PostgreSQL locks before it evaluates the WHERE), in did order like
+# the rest; the statement is its own short transaction. Returns the claimed dids and the
+# xmin each got (Loads), the records and typed rows written.
+#
+# Measured (one connection, 2,400 synthetic repos, alternating chunks against one
+# write_snapshot per repo, load 0.51-0.62): eight 10-record repos to a statement cost
+# PostgreSQL 340 against 590 µs per repo and this process 170 against 330; one-record repos
+# 70 against 190 and 40 against 170; 30-record repos 700 against 1,000 and 290 against 440.
+
+
+def _insert_claimed(table: str, columns: tuple[tuple[str, str], ...], param: int) -> str:
+    names = ", ".join(c for c, _ in columns)
+    return (
+        f"INSERT INTO {table} ({names}) SELECT * FROM ({queries.rows_select(columns, param)}) s"
+        " WHERE s.did IN (SELECT did FROM c)"
+    )
+
+
+@functools.cache
+def group_statement(tables: tuple[str, ...]) -> str:
+    """The fresh load of several repos' whole snapshots whose typed rows go to `tables`
+    (queries.statement_tables). Bounded: 2^5 statements."""
+    n = 2 + len(tables)  # the heads' parameter
+    heads = queries.rows_select(queries.HEAD_COLUMNS, n)
+    ctes = [
+        f"""c AS (
+INSERT INTO actors AS a (did, rev, data_cid, updated_at)
+SELECT h.did, h.rev, h.data_cid, now() FROM ({heads}) h ORDER BY h.did
+ON CONFLICT (did) DO UPDATE
+   SET rev = EXCLUDED.rev, data_cid = EXCLUDED.data_cid, updated_at = now()
+ WHERE a.rev IS NULL AND a.status <> 'deleted'
+RETURNING a.did, a.xmin::text AS xmin)""",
+        "r AS (" + _insert_claimed("records", queries.RECORDS_COLUMNS, 1) + " RETURNING 1)",
+    ]
+    for i, name in enumerate(tables):
+        t = queries.TYPED_TABLES_BY_NAME[name]
+        sql = _insert_claimed(t.name, queries.COMMON_TYPED_COLUMNS + t.columns, i + 2)
+        ctes.append(f"t{i} AS (" + sql + " RETURNING 1)")
+    typed = queries.rows_written(len(tables))
+    return (
+        "WITH "
+        + ",\n".join(ctes)
+        + "\nSELECT ARRAY(SELECT did FROM c) AS dids, ARRAY(SELECT xmin FROM c) AS xmins,"
+        + f" (SELECT count(*) FROM r) AS inserted, {typed} AS typed,"
+        + f" {queries.async_commit_if(f'${n + 1}')} AS sync"
+    )
+
+
 # A snapshot's batches come one after another, each in its own transaction, possibly on
 # different pooled connections: the xmin each left is remembered per (did, snapshot rev).
 # Only a hint: the database decides (`_continue`), a stale entry means the guarded path.

@@ -586,6 +586,62 @@ async def _load_fresh(
     return out
 
 
+async def load_fresh_repos(
+    conn: Any, snapshots: Sequence[tuple[list[RecordWrite], RepoHead]]
+) -> list[ApplyStats | None]:
+    """Load several small repos' whole snapshots (each its writes and its head) unguarded in
+    one statement (fresh.group_statement): per snapshot its stats when it was fresh and
+    loaded, else None (nothing of it written: the caller writes it with `write_snapshot`,
+    which then knows it is not fresh, or tries its own load when the statement failed).
+    A snapshot that may not be loaded unguarded (deletes, a batch of an earlier load of
+    its snapshot under way, known not fresh) is left out and gets None."""
+    out: list[ApplyStats | None] = [None] * len(snapshots)
+    members: list[tuple[int, RepoHead, ApplyStats, _Prepared]] = []
+    seen: set[str] = set()
+    for i, (writes, head) in enumerate(snapshots):
+        stats = ApplyStats()
+        prep = prepare(Batch(writes=writes), stats, [head])
+        if _fresh_candidate(prep) is None or head[0] in seen:
+            continue
+        if _fresh_loads.get((head[0], head[1]))[0]:
+            continue  # known not fresh, or a load of this snapshot under way
+        seen.add(head[0])
+        members.append((i, head, stats, prep))
+    if not members:
+        return out
+    records = [row for *_, prep in members for row in prep.records]
+    typed: dict[str, list[tuple[Any, ...]]] = {}
+    for *_, prep in members:
+        for name, rows in prep.typed.items():
+            typed.setdefault(name, []).extend(rows)
+    tables = queries.statement_tables(typed)
+    args = [
+        records_json(records) if records else _NO_ROWS,
+        *(_rows_json(typed[n]) if n in typed else _NO_ROWS for n in tables),
+        _rows_json([head for _, head, _, _ in members]),
+        not conn.is_in_transaction(),
+    ]
+    try:
+        row = await conn.fetchrow(fresh.group_statement(tables), *args)
+    except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError):
+        # A row a table refuses (a uri twice): nothing was written; each snapshot then
+        # tries alone, so that only its own repo takes the guarded path.
+        return out
+    claimed = dict(zip(row["dids"], row["xmins"], strict=True))
+    for i, head, stats, prep in members:
+        xmin = claimed.get(head[0])
+        _fresh_loads.put((head[0], head[1]), xmin)
+        if xmin is None:
+            continue
+        loaded = len(prep.records)
+        stats.upserted += loaded
+        stats.fresh += loaded
+        stats.typed += sum(len(rows) for rows in prep.typed.values())
+        stats.heads += 1
+        out[i] = stats
+    return out
+
+
 def _records_copy(rows: list[tuple[Any, ...]]) -> bytes | None:
     """The COPY text of a fresh batch's records rows (copy_text.py), or None: a batch below
     FRESH_COPY_MIN_RECORDS, or a value the COPY text cannot hold."""
