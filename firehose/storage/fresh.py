@@ -15,7 +15,9 @@ the repo's `actors` row, used as a per-repo lock that needs no shared lock-table
   It takes it in its first statement (`_claim`: the row is absent, or present but
   headless: `rev IS NULL`, never written by a commit or a snapshot, the account not deleted)
   or, for the next batch of the same snapshot, `_continue` (unchanged since our last
-  batch). Either statement waits for a concurrent holder of the row and re-checks the newest
+  batch). Several small repos' whole snapshots can share one statement
+  (`group_statement`): each repo is claimed as `_claim` claims it, in did order, and only
+  the rows of the repos it made ours are inserted. Either statement waits for a concurrent holder of the row and re-checks the newest
   version (READ COMMITTED re-evaluation), and takes no lock when the answer is no.
 * **Every other writer claims first**, in its first statement, before any row of a batch
   (`writer.apply_prepared`): a snapshot writer runs `CLAIM`; the live stream runs its repo
