@@ -39,9 +39,9 @@ from firehose.storage.database import QUERY_RETRY_ERRORS
 from firehose.storage.writer import (
     FRESH_COPY_MIN_RECORDS,
     ApplyStats,
-    RepoHead,
-    load_fresh_repos,
+    WholeSnapshot,
     write_snapshot,
+    write_snapshots,
 )
 
 log = logging.getLogger("backfill")
@@ -85,9 +85,9 @@ class RepoTask:
         self.since = self.window.since if ctx.settings.since else None
         self.want_profile = collection_wanted(PROFILE_COLLECTION, ctx.wanted_collections)
         self.done_marks = DoneMarks(ctx.conn, ctx.job.id, ctx.owner, ctx.progress)
-        # Small fresh repos finishing together are loaded in one statement.
-        self.fresh_loads: GroupCommit[tuple[list[RecordWrite], RepoHead], ApplyStats | None]
-        self.fresh_loads = GroupCommit(self._load_fresh_repos)
+        # Small repos finishing together are written together (writer.write_snapshots).
+        self.small_writes: GroupCommit[WholeSnapshot, ApplyStats]
+        self.small_writes = GroupCommit(self._write_small)
 
     async def run(self, c: Claimed) -> None:
         ctx = self.ctx
@@ -171,12 +171,11 @@ class RepoTask:
         async with ctx.throttle.write_turn(ctx.halt):
             if ctx.halt.is_set():
                 raise Halted
-            stats = None
-            # A small snapshot of a repo that may be fresh, in one batch: with the others
-            # finishing meanwhile, in one statement (writer.load_fresh_repos).
-            if whole and head and not c.headed and len(batch) < FRESH_COPY_MIN_RECORDS:
-                stats = await self.fresh_loads.submit((batch, head[0]))
-            if stats is None:
+            # A small snapshot in one batch: with the others finishing meanwhile, in a few
+            # statements for all of them (writer.write_snapshots).
+            if whole and head and len(batch) < FRESH_COPY_MIN_RECORDS:
+                stats = await self.small_writes.submit((batch, head[0], not c.headed))
+            else:
                 async with ctx.conn() as conn:
                     stats = await write_snapshot(conn, batch, heads=head, maybe_fresh=not c.headed)
         processed = len(batch) - stats.invalid
@@ -185,11 +184,9 @@ class RepoTask:
         self._count(counts)
         return processed
 
-    async def _load_fresh_repos(
-        self, snapshots: list[tuple[list[RecordWrite], RepoHead]]
-    ) -> list[ApplyStats | None]:
+    async def _write_small(self, snapshots: list[WholeSnapshot]) -> list[ApplyStats]:
         async with self.ctx.conn() as conn:
-            return await load_fresh_repos(conn, snapshots)
+            return await write_snapshots(conn, snapshots)
 
     def _count(self, counts: Counts) -> None:
         """Move `counts` into the process totals (and metrics), then zero it."""

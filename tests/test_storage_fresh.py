@@ -129,9 +129,8 @@ def races(draw: st.DrawFn) -> dict[str, Any]:
         # backfill claim says it, backfill.queue.Claimed.headed): the guarded path from the
         # first batch, its heads in its upserts' statement
         "guarded": draw(st.booleans()),
-        # a snapshot of one batch loaded with another repo's in one statement
-        # (writer.load_fresh_repos, as the backfill loads small repos), the guarded path
-        # when that does not load it
+        # a snapshot of one batch written with another repo's (writer.write_snapshots, as
+        # the backfill writes small repos): loaded in one statement with it, or guarded
         "group": draw(st.booleans()),
     }
 
@@ -165,13 +164,18 @@ async def _load(
 ) -> Any:
     head = [(did, tid(SNAPSHOT_REV), "bafydata")] if last else None
     if group and head is not None:
-        # With a repo whose did sorts first, so that the statement claims two rows.
-        other = f"did:plc:aaa{did}"
-        snapshots = [(batch, head[0]), ([write(other, 0, Action.CREATE, 5)], (other, tid(5), None))]
-        stats, companion = await writer.load_fresh_repos(conn, snapshots)
-        assert companion is not None and companion.fresh == 1
-        if stats is not None:
-            return stats
+        # With a fresh repo whose did sorts first (the load claims two rows when this one is
+        # fresh too) and one written guarded, whose did sorts after (the guarded
+        # transaction writes two repos when this one is not fresh).
+        first, last = f"did:plc:aaa{did}", f"did:plc:zzz{did}"
+        snapshots = [
+            (batch, head[0], not guarded),
+            ([write(first, 0, Action.CREATE, 5)], (first, tid(5), None), True),
+            ([write(last, 1, Action.CREATE, 5)], (last, tid(5), None), False),
+        ]
+        stats, loaded, _ = await writer.write_snapshots(conn, snapshots)
+        assert loaded.fresh == 1
+        return stats
     return await write_snapshot(conn, batch, heads=head, maybe_fresh=not guarded)
 
 
@@ -197,7 +201,7 @@ async def run_race(
     loaded unguarded."""
     did, loads, holder, at = race["did"], race["loads"], race["holder"], race["at"]
     guarded = race["guarded"]
-    group = race.get("group", False) and len(loads) == 1 and not guarded
+    group = race.get("group", False) and len(loads) == 1
     other_like = write(OTHER, 2, Action.DELETE, 2)
     live_batch = Batch(writes=[*race["live"], other_like], cursor=1)
     stats: list[ApplyStats] = []
@@ -508,7 +512,7 @@ async def test_fresh_load_stores_what_the_guarded_path_stores(
     conns: Any, monkeypatch: pytest.MonkeyPatch, load: str, subset: tuple[str, ...] | None
 ) -> None:
     """The fresh load (fresh.load_statement: its own INSERTs, no guards, the records rows in
-    the statement or by COPY; or several repos' in one statement, fresh.group_statement)
+    the statement or by COPY; or several repos' in one statement, writer.write_snapshots)
     stores every column of every table as the guarded path writes it, for a record of every
     typed table and one of none, or of some of them; and both as the live stream's
     statement, which names every table, does."""
@@ -535,9 +539,7 @@ async def test_fresh_load_stores_what_the_guarded_path_stores(
     with records_by_copy(load == "copy") as sizes:
         if load == "group":
             head = (fresh_did, tid(SNAPSHOT_REV), None)  # as write_snapshot derives it
-            [got] = await writer.load_fresh_repos(a, [(snapshot(fresh_did), head)])
-            assert got is not None
-            loaded = got
+            [loaded] = await writer.write_snapshots(a, [(snapshot(fresh_did), head, True)])
         else:
             loaded = await write_snapshot(a, snapshot(fresh_did))
     assert sizes == ([len(chosen)] if load == "copy" else [])

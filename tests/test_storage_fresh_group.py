@@ -1,8 +1,8 @@
-"""Small fresh repos loaded together (writer.load_fresh_repos, fresh.group_statement): one
-statement loads the repos the database has never seen and writes nothing of the others,
-which the guarded path then writes; a row a table refuses fails the statement, and each repo
-tries alone. Real PostgreSQL; the races with live batches are those of test_storage_fresh
-(its property test draws group loads too)."""
+"""Small repos' whole snapshots written together (writer.write_snapshots): one statement
+loads the repos the database has never seen (fresh.group_statement) and writes nothing of
+the others, which one guarded transaction then writes; a row a table refuses fails its
+statement, and each repo of it tries alone. Real PostgreSQL; the races with live batches are
+those of test_storage_fresh (its property test draws these writes too)."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ from test_storage_fresh import (
 )
 
 from firehose.devnet.tid import tid_of_value as tid
-from firehose.model import Action, Batch, RecordWrite
+from firehose.model import Action, Batch
 from firehose.storage import fresh, writer
-from firehose.storage.writer import apply_batch, load_fresh_repos, write_snapshot
+from firehose.storage.writer import apply_batch, write_snapshots
 
 
 @pytest.fixture
@@ -40,9 +40,9 @@ async def conns(db_dsn: str) -> Any:
             await conn.close()
 
 
-def snapshot(did: str, n: int = len(KEYS)) -> tuple[list[RecordWrite], writer.RepoHead]:
+def snapshot(did: str, n: int = len(KEYS), maybe_fresh: bool = True) -> writer.WholeSnapshot:
     writes = [write(did, k, Action.CREATE, SNAPSHOT_REV) for k in range(n)]
-    return writes, (did, tid(SNAPSHOT_REV), f"bafydata{did[-4:]}")
+    return writes, (did, tid(SNAPSHOT_REV), f"bafydata{did[-4:]}"), maybe_fresh
 
 
 async def sent_by(conn: asyncpg.Connection, work: Any) -> tuple[Any, list[str]]:
@@ -61,13 +61,13 @@ async def sent_by(conn: asyncpg.Connection, work: Any) -> tuple[Any, list[str]]:
     return result, sent
 
 
-async def test_small_repos_load_together_and_only_the_fresh_ones(conns: Any) -> None:
-    """One statement loads the absent repo and the headless one (an #identity row); it
-    writes nothing of a repo with a head, of a deleted account, of a snapshot with a delete
-    (never unguarded) or of a second snapshot of one repo. Those then take the guarded path,
-    without a second unguarded attempt for the repos the statement found not fresh."""
+async def test_small_repos_are_written_together_fresh_or_guarded(conns: Any) -> None:
+    """One statement loads the absent repo and the headless one (an #identity row); one
+    guarded transaction then writes the repo with a head, the deleted account (nothing of
+    it), the snapshot with a delete (never unguarded) and the one the caller knows has a head
+    (maybe_fresh false); a second snapshot of one repo goes alone after them."""
     a = conns[0]
-    new, ident, headed, dead, deleting = (f"did:plc:group{n}" for n in range(5))
+    new, ident, headed, dead, deleting, told = (f"did:plc:group{n}" for n in range(6))
     await a.execute(
         "INSERT INTO actors (did, handle) VALUES ($1, 'i.test'), ($2, NULL)", ident, dead
     )
@@ -75,39 +75,51 @@ async def test_small_repos_load_together_and_only_the_fresh_ones(conns: Any) -> 
     live = write(headed, 4, Action.CREATE, SNAPSHOT_REV + 3)
     await apply_batch(a, Batch(writes=[live], cursor=1))
     snaps = [snapshot(new), snapshot(ident, 2), snapshot(headed), snapshot(dead, 1)]
-    writes, head = snapshot(deleting, 2)
-    snaps.append(([*writes, write(deleting, 3, Action.DELETE, SNAPSHOT_REV)], head))
+    writes, head, _ = snapshot(deleting, 2)
+    snaps.append(([*writes, write(deleting, 3, Action.DELETE, SNAPSHOT_REV)], head, True))
+    snaps.append(snapshot(told, 3, maybe_fresh=False))
     snaps.append(snapshot(new, 1))  # the same repo again
 
-    results, sent = await sent_by(a, load_fresh_repos(a, snaps))
-    assert len(sent) == 1 and sent[0] == fresh.group_statement(("posts", "likes")).strip()
-    loaded = [(s.fresh, s.upserted, s.typed, s.heads) if s else None for s in results]
-    assert loaded == [(5, 5, 5, 1), (2, 2, 2, 1), None, None, None, None]
+    results, sent = await sent_by(a, write_snapshots(a, snaps))
+    load = fresh.group_statement(("posts", "likes")).strip()
+    # The load; one guarded transaction (BEGIN, the claim, upserts, deletes, heads, COMMIT);
+    # the repo again alone (its load's next batch, refused, then its guarded transaction).
+    assert sent[:3] == [load, "BEGIN;", fresh.CLAIM.strip()] and sent[6] == "COMMIT;"
+    assert sent[7].startswith("WITH c AS (") and sent[8:10] == ["BEGIN;", fresh.CLAIM.strip()]
+    assert len(sent) == 12
+    fresh_rows = [(s.fresh, s.upserted, s.typed, s.heads) for s in results[:2]]
+    assert fresh_rows == [(5, 5, 5, 1), (2, 2, 2, 1)]
+    assert [s.fresh for s in results] == [5, 2, 0, 0, 0, 0, 0]
+    assert [s.invalid for s in results] == [0] * 7 and [s.writes for s in results] == [
+        5,
+        2,
+        5,
+        1,
+        3,
+        3,
+        1,
+    ]
+    # The guarded transaction's rows, counted once: headed's 4 new ones (the live one is
+    # newer), deleting's 2 and its tombstone, told's 3; heads for all but the deleted one.
+    guarded = results[2]
+    assert (guarded.upserted, guarded.skipped, guarded.tombstones) == (9, 1 + 1, 1)
+    assert guarded.heads == 3 and results[-1].upserted == 0  # the repo again: replayed
+
     await check_converged(a, new, snaps[0][0])
     await check_converged(a, ident, snaps[1][0])
     assert await a.fetchval("SELECT handle FROM actors WHERE did = $1", ident) == "i.test"
     assert await a.fetchval("SELECT data_cid FROM actors WHERE did = $1", new) == "bafydataoup0"
-    for did in (headed, dead, deleting):
-        assert await a.fetchval("SELECT count(*) FROM records WHERE did = $1", did) == (
-            1 if did == headed else 0
-        )
-
-    # The repo found not fresh goes straight to the guarded statements.
-    stats, sent = await sent_by(a, write_snapshot(a, snaps[2][0], heads=[snaps[2][1]]))
-    assert (stats.fresh, stats.upserted, stats.skipped) == (0, len(KEYS) - 1, 1)  # live newer
-    assert sent[0] == "BEGIN;"
     await check_converged(a, headed, [*snaps[2][0], live])
-    dead_stats = await write_snapshot(a, snaps[3][0], heads=[snaps[3][1]])
-    assert dead_stats.upserted == 0
-    rest = await write_snapshot(a, snaps[4][0], heads=[snaps[4][1]])
-    assert rest.fresh == 0 and rest.upserted == 2 and rest.tombstones == 1
+    assert await a.fetchval("SELECT count(*) FROM records WHERE did = $1", dead) == 0
+    await check_converged(a, deleting, snaps[4][0])
+    await check_converged(a, told, snaps[5][0])
 
 
-async def test_a_refused_row_fails_the_group_and_each_repo_tries_alone(conns: Any) -> None:
+async def test_a_refused_row_sends_each_repo_alone(conns: Any) -> None:
     """A row a table refuses (here a records row of the same uri, inserted without a claim,
-    which no writer of this schema does) fails the whole statement: nothing of any repo is
-    written, every snapshot gets None, and alone the good repo is fresh while the other
-    takes the guarded path."""
+    which no writer of this schema does) fails the whole load: nothing of any repo is
+    written by it, and alone the good repo is fresh while the other takes the guarded
+    path."""
     a = conns[0]
     bad, good = "did:plc:groupbad", "did:plc:groupgood"
     bad_snap, good_snap = snapshot(bad, 2), snapshot(good, 3)
@@ -117,16 +129,14 @@ async def test_a_refused_row_fails_the_group_and_each_repo_tries_alone(conns: An
         " VALUES ($1, $2, $3, $4, 'bafyold', '2222222222222', '{}')",
         first.uri, bad, first.collection, first.rkey,
     )  # fmt: skip
-    assert await load_fresh_repos(a, [good_snap, bad_snap]) == [None, None]
+    (good_stats, bad_stats), sent = await sent_by(a, write_snapshots(a, [good_snap, bad_snap]))
+    assert sent[0] == fresh.group_statement(("posts", "likes")).strip()
+    # Then each alone: good's load; bad's load, refused, then its guarded transaction.
+    assert [q[:9] for q in sent[1:4]] == ["WITH u AS", "WITH u AS", "BEGIN;"]
+    assert good_stats.fresh == 3
+    assert (bad_stats.fresh, bad_stats.upserted) == (0, 2)
     assert not a.is_in_transaction()
-    assert await a.fetchval("SELECT count(*) FROM actors") == 0
-    assert await a.fetchval("SELECT count(*) FROM records WHERE did = $1", good) == 0
-
-    alone = await write_snapshot(a, good_snap[0], heads=[good_snap[1]])
-    assert alone.fresh == 3
     await check_converged(a, good, good_snap[0])
-    guarded = await write_snapshot(a, bad_snap[0], heads=[bad_snap[1]])
-    assert guarded.fresh == 0 and guarded.upserted == 2
     await check_converged(a, bad, bad_snap[0])
 
 
@@ -151,7 +161,8 @@ async def test_group_races_take_both_paths(conns: Any) -> None:
             n = await asyncio.wait_for(run_race(a, b, c, race), 60)
         outcomes.append((holder, n))
         await check_converged(a, did, loads[0] + live)
-        companion = f"did:plc:aaa{did}"
-        assert await a.fetchval("SELECT count(*) FROM records WHERE did = $1", companion) == 1
+        for companion in (f"did:plc:aaa{did}", f"did:plc:zzz{did}"):
+            count = "SELECT count(*) FROM records WHERE did = $1"
+            assert await a.fetchval(count, companion) == 1
     by_holder = dict(outcomes[:4])
     assert by_holder["live"] == 0 and by_holder["load"] == 3, outcomes

@@ -17,8 +17,10 @@ the repo's `actors` row, used as a per-repo lock that needs no shared lock-table
   or, for the next batch of the same snapshot, `_continue` (unchanged since our last
   batch). Several small repos' whole snapshots can share one statement
   (`group_statement`): each repo is claimed as `_claim` claims it, in did order, and only
-  the rows of the repos it made ours are inserted. Either statement waits for a concurrent holder of the row and re-checks the newest
-  version (READ COMMITTED re-evaluation), and takes no lock when the answer is no.
+  the rows of the repos it made ours are inserted. Each of these waits for a concurrent
+  holder of the row and re-checks the newest version (READ COMMITTED re-evaluation);
+  `_claim` and `_continue` take no lock when the answer is no, the group's statement keeps
+  that row locked until it commits.
 * **Every other writer claims first**, in its first statement, before any row of a batch
   (`writer.apply_prepared`): a snapshot writer runs `CLAIM`; the live stream runs its repo
   heads (queries.BATCH_HEADS with chain heads), which claim as well. Either inserts the
@@ -143,7 +145,7 @@ def load_statement(tables: tuple[str, ...], *, continuing: bool) -> str:
     )
 
 
-# Small fresh repos together (writer.load_fresh_repos): a whole snapshot of fewer than
+# Small fresh repos together (writer.write_snapshots): a whole snapshot of fewer than
 # writer.FRESH_COPY_MIN_RECORDS records is one batch, and for such a repo the statement, its
 # round trip and its commit were most of what loading it cost. One statement loads several:
 # $1 the records rows and $2.. the rows of each of `tables` of all of them, then the heads

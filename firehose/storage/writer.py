@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import operator
 from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 from datetime import datetime
@@ -586,60 +587,121 @@ async def _load_fresh(
     return out
 
 
-async def load_fresh_repos(
-    conn: Any, snapshots: Sequence[tuple[list[RecordWrite], RepoHead]]
-) -> list[ApplyStats | None]:
-    """Load several small repos' whole snapshots (each its writes and its head) unguarded in
-    one statement (fresh.group_statement): per snapshot its stats when it was fresh and
-    loaded, else None (nothing of it written: the caller writes it with `write_snapshot`,
-    which then knows it is not fresh, or tries its own load when the statement failed).
-    A snapshot that may not be loaded unguarded (deletes, a batch of an earlier load of
-    its snapshot under way, known not fresh) is left out and gets None."""
-    out: list[ApplyStats | None] = [None] * len(snapshots)
-    members: list[tuple[int, RepoHead, ApplyStats, _Prepared]] = []
-    seen: set[str] = set()
-    for i, (writes, head) in enumerate(snapshots):
-        stats = ApplyStats()
-        prep = prepare(Batch(writes=writes), stats, [head])
-        if _fresh_candidate(prep) is None or head[0] in seen:
+# A repo's whole snapshot in one batch, for write_snapshots: its writes, its head, and
+# whether it may be fresh (write_snapshot's maybe_fresh).
+WholeSnapshot = tuple[list[RecordWrite], RepoHead, bool]
+
+
+async def write_snapshots(conn: Any, snapshots: Sequence[WholeSnapshot]) -> list[ApplyStats]:
+    """Several repos' whole snapshots (each one batch with its head), written as
+    `write_snapshot` writes each, in a few statements for all: the fresh ones loaded together
+    (fresh.group_statement), the others in one guarded transaction. For a small repo those
+    statements cost more than its rows (docs/performance.md, session 23).
+
+    Per snapshot its stats: the counts of its own batch (writes, duplicates, invalid,
+    sanitized) and, when it was loaded unguarded, its rows; the rows the guarded transaction
+    wrote are counted in the stats of the first snapshot it wrote, so that the list sums to
+    what was written. A row PostgreSQL refuses sends each snapshot of that statement alone
+    through `write_snapshot`, so that it fails only its own repo."""
+    stats = [ApplyStats() for _ in snapshots]
+    preps = [
+        prepare(Batch(writes=writes), s, [head])
+        for (writes, head, _), s in zip(snapshots, stats, strict=True)
+    ]
+    dids: set[str] = set()
+    alone: list[int] = []  # a second snapshot of one repo
+    fresh_ones: list[int] = []
+    guarded: list[int] = []
+    for i, (_, (did, rev, _), maybe_fresh) in enumerate(snapshots):
+        if did in dids:
+            alone.append(i)
             continue
-        if _fresh_loads.get((head[0], head[1]))[0]:
-            continue  # known not fresh, or a load of this snapshot under way
-        seen.add(head[0])
-        members.append((i, head, stats, prep))
-    if not members:
-        return out
-    records = [row for *_, prep in members for row in prep.records]
+        dids.add(did)
+        loadable = maybe_fresh and _fresh_candidate(preps[i]) is not None
+        (fresh_ones if loadable and not _fresh_loads.get((did, rev))[0] else guarded).append(i)
+    if fresh_ones:
+        xmins = await _load_together(conn, [(snapshots[i][1], preps[i]) for i in fresh_ones])
+        if xmins is None:
+            alone += fresh_ones  # refused: each tries its own load
+        for i, xmin in zip(fresh_ones, xmins or (), strict=False):
+            if xmin is None:
+                guarded.append(i)
+                continue
+            loaded = len(preps[i].records)
+            stats[i].upserted += loaded
+            stats[i].fresh += loaded
+            stats[i].typed += sum(len(rows) for rows in preps[i].typed.values())
+            stats[i].heads += 1
+    if guarded:
+        guarded.sort()
+        batch = _drain(
+            _statement_args(Batch(), ApplyStats(), _merged([preps[i] for i in guarded]), None)
+        )
+        try:
+            stats[guarded[0]].add(await apply_prepared(conn, batch, chain_heads=False))
+        except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError):
+            if len(guarded) == 1:
+                raise
+            alone += guarded
+    for i in sorted(alone):
+        writes, head, maybe_fresh = snapshots[i]
+        stats[i] = await write_snapshot(conn, writes, heads=[head], maybe_fresh=maybe_fresh)
+    return stats
+
+
+async def _load_together(
+    conn: Any, members: list[tuple[RepoHead, _Prepared]]
+) -> list[str | None] | None:
+    """Load the fresh ones of `members` (one repo each) unguarded in one statement: per
+    member the xmin its claim left, None when not fresh (nothing of it written); None when
+    a row was refused (nothing written at all)."""
+    records = [row for _, prep in members for row in prep.records]
     typed: dict[str, list[tuple[Any, ...]]] = {}
-    for *_, prep in members:
+    for _, prep in members:
         for name, rows in prep.typed.items():
             typed.setdefault(name, []).extend(rows)
     tables = queries.statement_tables(typed)
     args = [
         records_json(records) if records else _NO_ROWS,
         *(_rows_json(typed[n]) if n in typed else _NO_ROWS for n in tables),
-        _rows_json([head for _, head, _, _ in members]),
+        _rows_json([head for head, _ in members]),
         not conn.is_in_transaction(),
     ]
     try:
         row = await conn.fetchrow(fresh.group_statement(tables), *args)
     except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError):
-        # A row a table refuses (a uri twice): nothing was written; each snapshot then
-        # tries alone, so that only its own repo takes the guarded path.
-        return out
+        return None
     claimed = dict(zip(row["dids"], row["xmins"], strict=True))
-    for i, head, stats, prep in members:
-        xmin = claimed.get(head[0])
+    xmins = [claimed.get(head[0]) for head, _ in members]
+    for (head, _), xmin in zip(members, xmins, strict=True):
         _fresh_loads.put((head[0], head[1]), xmin)
-        if xmin is None:
-            continue
-        loaded = len(prep.records)
-        stats.upserted += loaded
-        stats.fresh += loaded
-        stats.typed += sum(len(rows) for rows in prep.typed.values())
-        stats.heads += 1
-        out[i] = stats
-    return out
+    return xmins
+
+
+def _merged(preps: list[_Prepared]) -> _Prepared:
+    """The rows of several repos' batches as one batch's, each kind in uri order (the order
+    in which every writer locks rows, see _prepare_steps)."""
+    if len(preps) == 1:
+        return preps[0]
+    by_uri = operator.itemgetter(0)
+    typed: dict[str, list[tuple[Any, ...]]] = {}
+    for p in preps:
+        for name, rows in p.typed.items():
+            typed.setdefault(name, []).extend(rows)
+    gone = sorted(row for p in preps for row in zip(*p.deletes, strict=True))
+    deletes = (
+        [d[0] for d in gone],
+        [d[1] for d in gone],
+        [d[2] for d in gone],
+        [d[3] for d in gone],
+    )
+    return _Prepared(
+        records=sorted((row for p in preps for row in p.records), key=by_uri),
+        typed={name: sorted(rows, key=by_uri) for name, rows in typed.items()},
+        deletes=deletes,
+        heads=_latest_heads(h for p in preps for h in p.heads),
+        claims=sorted({did for p in preps for did in p.claims}),
+    )
 
 
 def _records_copy(rows: list[tuple[Any, ...]]) -> bytes | None:
