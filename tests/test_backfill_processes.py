@@ -233,3 +233,20 @@ def test_helpers_rss_counts_the_running_helpers_only() -> None:
         child.kill()
         child.wait()
     assert helpers.rss_bytes() == 0
+
+
+def test_rss_is_read_at_most_every_refresh_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The throttle's RSS reading (asked before every batch and claim) is reused for
+    RSS_REFRESH_S, then read again: 64 MiB more resident memory shows only then."""
+    from backfill import throttle
+
+    clock = [1000.0]
+    monkeypatch.setattr(throttle.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(throttle, "_rss_read", {})
+    before = throttle.process_rss_bytes()
+    held = b"x" * (64 * 1024 * 1024)  # written, so resident
+    clock[0] += throttle.RSS_REFRESH_S / 2
+    assert throttle.process_rss_bytes() == before
+    clock[0] += throttle.RSS_REFRESH_S
+    assert throttle.process_rss_bytes() >= before + 60 * 1024 * 1024
+    del held
