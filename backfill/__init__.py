@@ -12,8 +12,10 @@ streams ``getRepo`` through the hash-checking CAR reader into a disk spool, so m
 repo is an index of 16 bytes per block, never the CAR, and checks the commit's DID and that
 every MST node and record block is present before returning a snapshot.
 
-`done_marks` commits the done marks of repos that finish together in one statement (a
-group commit); each repo's task still waits for its own.
+`group_commit` sends work that arrives while a statement runs together in the next one
+(no timer): `done_marks` commits the done marks of repos that finish together in one
+statement, and `repo_task` writes small repos' whole snapshots together
+(firehose.storage.writer.write_snapshots); each repo's task still waits for its own.
 
 `helpers` spreads one backfill over BACKFILL_PROCESSES processes on the same job: the
 limits are split between them, so the totals the user set still hold, and a helper never
