@@ -172,7 +172,7 @@ UPDATE backfill_jobs SET repos_total = repos_total + $2, updated_at = now() WHER
 """
 # `headed`: the repo had a head in `actors` when claimed (a live commit or an earlier
 # snapshot wrote it), so it is not fresh and its snapshot skips the unguarded attempt
-# (writer.write_snapshot's `maybe_fresh`): one primary-key probe here instead of a round trip
+# (snapshots.write_snapshot's `maybe_fresh`): one primary-key probe here instead of a round trip
 # per repo there. Headless then, it may still be headed by its write; that attempt finds out.
 REPOS_CLAIM = """
 WITH picked AS (

@@ -2,7 +2,7 @@
 
 * At most BACKFILL_MAX_CONCURRENT repos are in flight per process (the semaphore around
   download + write).
-* Records go to firehose.storage.writer.write_snapshot in batches of BACKFILL_BATCH_SIZE,
+* Records go to firehose.storage.snapshots.write_snapshot in batches of BACKFILL_BATCH_SIZE,
   with BACKFILL_BATCH_DELAY_MS between batches and the throttles checked before each batch.
   Every row carries the snapshot's rev, so backfill and live converge in any order; the repo
   head (did, rev, data cid) is written with the last batch, once all records are in.
@@ -36,13 +36,13 @@ from backfill.window import Window
 from firehose.model import RecordWrite
 from firehose.settings import collection_wanted
 from firehose.storage.database import QUERY_RETRY_ERRORS
-from firehose.storage.writer import (
+from firehose.storage.snapshots import (
     FRESH_COPY_MIN_RECORDS,
-    ApplyStats,
     WholeSnapshot,
     write_snapshot,
     write_snapshots,
 )
+from firehose.storage.writer import ApplyStats
 
 log = logging.getLogger("backfill")
 
@@ -85,7 +85,7 @@ class RepoTask:
         self.since = self.window.since if ctx.settings.since else None
         self.want_profile = collection_wanted(PROFILE_COLLECTION, ctx.wanted_collections)
         self.done_marks = DoneMarks(ctx.conn, ctx.job.id, ctx.owner, ctx.progress)
-        # Small repos finishing together are written together (writer.write_snapshots).
+        # Small repos finishing together are written together (snapshots.write_snapshots).
         self.small_writes: GroupCommit[WholeSnapshot, ApplyStats]
         self.small_writes = GroupCommit(self._write_small)
 
@@ -172,7 +172,7 @@ class RepoTask:
             if ctx.halt.is_set():
                 raise Halted
             # A small snapshot in one batch: with the others finishing meanwhile, in a few
-            # statements for all of them (writer.write_snapshots).
+            # statements for all of them (snapshots.write_snapshots).
             if whole and head and len(batch) < FRESH_COPY_MIN_RECORDS:
                 stats = await self.small_writes.submit((batch, head[0], not c.headed))
             else:

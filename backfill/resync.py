@@ -13,7 +13,7 @@ repo equal to its PDS again:
    newer live rows and respect tombstones (DESIGN.md invariant 2);
 4. in one transaction with the last records and the repo head (never backwards): remove the
    repo's rows the snapshot no longer has, leaving tombstones at the snapshot's rev so that
-   no older event brings them back (`firehose.storage.writer.prune_repo`);
+   no older event brings them back (`firehose.storage.snapshots.prune_repo`);
 5. done (or pending again if a new request came in meanwhile). Transient failures retry with
    backoff (1 s, 2 s, 4 s ...); after RESYNC_MAX_ATTEMPTS the request is `failed` with its
    error, and a later request re-arms it.
@@ -46,7 +46,7 @@ from backfill.window import Window
 from firehose.model import RecordWrite
 from firehose.settings import collection_wanted
 from firehose.storage.database import QUERY_RETRY_ERRORS
-from firehose.storage.writer import prune_repo, write_snapshot
+from firehose.storage.snapshots import prune_repo, write_snapshot
 
 log = logging.getLogger("backfill.resync")
 

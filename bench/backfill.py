@@ -246,9 +246,9 @@ def main() -> None:
 
         backfill.download.MEMORY_SPOOL_MAX_BYTES = 0
     if args.guarded:
-        import firehose.storage.writer
+        import firehose.storage.snapshots
 
-        firehose.storage.writer._fresh_candidate = lambda prep: None  # every batch guarded
+        firehose.storage.snapshots._fresh_candidate = lambda prep: None  # every batch guarded
     if args.subprocess and (args.cprofile or args.statements or args.disk_spool or args.guarded):
         parser.error(
             "--cprofile, --statements, --disk-spool and --guarded need the in-process backfill"

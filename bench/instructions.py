@@ -113,7 +113,7 @@ def run_apply(dsn: str, events: list[Event]) -> int:
         for event in chunk:
             builder.add(event)
         batch = builder.take()
-        prepared = writer._drain(writer.prepare_steps(batch, batch.heads))
+        prepared = writer.drain(writer.prepare_steps(batch, batch.heads))
         await writer.apply_prepared(conn, prepared)
 
     async def run() -> None:

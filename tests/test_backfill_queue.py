@@ -133,7 +133,7 @@ async def test_done_is_never_claimed_again(conn: asyncpg.Connection) -> None:
 
 async def test_a_claim_says_which_repos_have_a_head(conn: asyncpg.Connection) -> None:
     """`headed`: the snapshot of a repo with a head skips the unguarded attempt
-    (writer.write_snapshot's maybe_fresh); a headless actors row (an identity event) is not
+    (snapshots.write_snapshot's maybe_fresh); a headless actors row (an identity event) is not
     a head."""
     job = (await jobs.ensure_job(conn, 30, RELAY, NOW)).job
     absent, headless, headed = dids(3)

@@ -257,11 +257,11 @@ async def test_concurrency_never_exceeds_the_limit(db_dsn: str) -> None:
 async def test_batches_and_delay(
     db_dsn: str, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from firehose.storage import writer
+    from firehose.storage import snapshots
 
     sizes: list[int] = []
     times: list[float] = []
-    real = writer.write_snapshot
+    real = snapshots.write_snapshot
 
     async def spy(c: Any, writes: list[RecordWrite], **kwargs: Any) -> Any:
         sizes.append(len(writes))
@@ -284,10 +284,10 @@ async def test_a_repo_with_a_head_is_written_guarded_from_its_first_batch(
 ) -> None:
     """The claim says which repos have a head (a live commit wrote it): their snapshots skip
     the unguarded attempt (maybe_fresh=False) and still land; the others load unguarded."""
-    from firehose.storage import writer
+    from firehose.storage import snapshots
     from firehose.storage.fresh import Loads
 
-    real = writer.write_snapshot
+    real = snapshots.write_snapshot
     seen: dict[str, list[bool]] = {}
     fresh: dict[str, int] = {}
 
@@ -301,7 +301,7 @@ async def test_a_repo_with_a_head_is_written_guarded_from_its_first_batch(
     monkeypatch.setattr("backfill.repo_task.write_snapshot", spy)
     # The process's memory of loads under way starts empty, as the database does: the same
     # dids and revs were loaded by earlier tests.
-    monkeypatch.setattr(writer, "_fresh_loads", Loads())
+    monkeypatch.setattr(snapshots, "_fresh_loads", Loads())
     net = FakeNetwork(n_repos=4, per_repo=6)  # 3 in the window
     headed = net.all_dids()[:2]
     await conn.execute(
@@ -314,6 +314,43 @@ async def test_a_repo_with_a_head_is_written_guarded_from_its_first_batch(
     assert await conn.fetchval("SELECT count(*) FROM records") == 12
     heads = await conn.fetch("SELECT did, rev FROM actors WHERE did = ANY($1::text[])", headed)
     assert {r["rev"] for r in heads} == {tid(NOW, 1)}
+
+
+async def test_small_repos_finishing_together_are_written_together(
+    db_dsn: str, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole snapshot in one batch of fewer than FRESH_COPY_MIN_RECORDS records goes
+    through the process's group (snapshots.write_snapshots): repos that finish while an
+    earlier one is written go together, the headed ones guarded, the others loaded
+    unguarded, and every repo lands once."""
+    from firehose.storage import snapshots
+    from firehose.storage.fresh import Loads
+
+    real = snapshots.write_snapshots
+    calls: list[list[tuple[str, bool, int]]] = []
+
+    async def spy(c: Any, together: list[Any]) -> Any:
+        results = await real(c, together)
+        pairs = zip(together, results, strict=True)
+        calls.append([(h[0], fresh, s.fresh) for (_, h, fresh), s in pairs])
+        return results
+
+    monkeypatch.setattr("backfill.repo_task.write_snapshots", spy)
+    monkeypatch.setattr(snapshots, "_fresh_loads", Loads())  # dids of earlier tests
+    # Fetched together, they finish in the same turn of the event loop, before the group's
+    # first statement starts: they go together.
+    net = FakeNetwork(n_repos=12, per_repo=6, fetch_delay_s=0.05)  # 3 in the window
+    headed = net.all_dids()[:4]
+    await conn.execute(
+        "INSERT INTO actors (did, rev) SELECT d, '2222222222222' FROM unnest($1::text[]) d", headed
+    )
+    async with service_pool(db_dsn) as pool:
+        await run_to_end(make(replace(FAST, max_concurrent=12), pool, net))
+    written = {did: (fresh, n) for call in calls for did, fresh, n in call}
+    assert sum(len(call) for call in calls) == 12
+    assert written == {d: (d not in headed, 0 if d in headed else 3) for d in net.all_dids()}
+    assert len(calls) < 12, calls
+    assert await conn.fetchval("SELECT count(*) FROM records") == 36
 
 
 async def test_memory_throttle_pauses_and_resumes(db_dsn: str) -> None:

@@ -44,7 +44,7 @@ from backfill.window_fetch import (
 from firehose.devnet import dagcbor
 from firehose.model import Action, RecordWrite
 from firehose.protocol.car import read_car
-from firehose.storage.writer import write_snapshot
+from firehose.storage.snapshots import write_snapshot
 
 # A fixed moment: the trees (and so which holes a partial answer has) depend on the TIDs.
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)

@@ -24,7 +24,8 @@ from firehose.model import (
     RecordWrite,
     SyncEvent,
 )
-from firehose.storage.writer import apply_batch, write_snapshot
+from firehose.storage.snapshots import write_snapshot
+from firehose.storage.writer import apply_batch
 
 COMMIT = cid_for_block(b"a commit")  # a binary CID (CommitEvent.commit)
 DIDS = ("did:plc:aaa", "did:plc:bbb", "did:plc:ccc")

@@ -19,9 +19,10 @@ from hypothesis import strategies as st
 
 from firehose.devnet.tid import tid_of_value as tid
 from firehose.model import Action, Batch, RecordWrite
-from firehose.storage import copy_text, fresh, queries, writer
+from firehose.storage import copy_text, fresh, queries, snapshots
 from firehose.storage.fresh import Loads
-from firehose.storage.writer import ApplyStats, apply_batch, write_snapshot
+from firehose.storage.snapshots import write_snapshot
+from firehose.storage.writer import ApplyStats, apply_batch
 
 # (collection, rkey): a few uris over two typed tables.
 KEYS = [
@@ -122,14 +123,14 @@ def races(draw: st.DrawFn) -> dict[str, Any]:
         # A repo the live stream committed before (a chain head, older than every op here):
         # the snapshot then takes the guarded path, and both writers' lock order is tested.
         "chained": draw(st.booleans()),
-        # the load's records rows sent by COPY (writer.FRESH_COPY_MIN_RECORDS) or in its
+        # the load's records rows sent by COPY (snapshots.FRESH_COPY_MIN_RECORDS) or in its
         # statement
         "copy": draw(st.booleans()),
         # the snapshot told the repo has a head (write_snapshot's maybe_fresh=False, as a
         # backfill claim says it, backfill.queue.Claimed.headed): the guarded path from the
         # first batch, its heads in its upserts' statement
         "guarded": draw(st.booleans()),
-        # a snapshot of one batch written with another repo's (writer.write_snapshots, as
+        # a snapshot of one batch written with another repo's (snapshots.write_snapshots, as
         # the backfill writes small repos): loaded in one statement with it, or guarded
         "group": draw(st.booleans()),
     }
@@ -139,7 +140,7 @@ def races(draw: st.DrawFn) -> dict[str, Any]:
 def records_by_copy(on: bool) -> Iterator[list[int]]:
     """Fresh loads send their records rows by COPY (every batch) or in the load's statement
     (none); yields the list of COPY sizes, one per batch sent by COPY, to show which path ran.
-    The process's memory of loads under way (writer._fresh_loads) starts empty, as the
+    The process's memory of loads under way (snapshots._fresh_loads) starts empty, as the
     database does: a test run twice must not find its dids' loads of the first run."""
     sizes: list[int] = []
 
@@ -148,9 +149,9 @@ def records_by_copy(on: bool) -> Iterator[list[int]]:
         return copy_text.records_copy(rows)
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(writer, "FRESH_COPY_MIN_RECORDS", 1 if on else 10**9)
-        m.setattr(writer, "records_copy", counted)
-        m.setattr(writer, "_fresh_loads", Loads())
+        m.setattr(snapshots, "FRESH_COPY_MIN_RECORDS", 1 if on else 10**9)
+        m.setattr(snapshots, "records_copy", counted)
+        m.setattr(snapshots, "_fresh_loads", Loads())
         yield sizes
 
 
@@ -168,12 +169,12 @@ async def _load(
         # fresh too) and one written guarded, whose did sorts after (the guarded
         # transaction writes two repos when this one is not fresh).
         first, last = f"did:plc:aaa{did}", f"did:plc:zzz{did}"
-        snapshots = [
+        together = [
             (batch, head[0], not guarded),
             ([write(first, 0, Action.CREATE, 5)], (first, tid(5), None), True),
             ([write(last, 1, Action.CREATE, 5)], (last, tid(5), None), False),
         ]
-        stats, loaded, _ = await writer.write_snapshots(conn, snapshots)
+        stats, loaded, _ = await snapshots.write_snapshots(conn, together)
         assert loaded.fresh == 1
         return stats
     return await write_snapshot(conn, batch, heads=head, maybe_fresh=not guarded)
@@ -512,7 +513,7 @@ async def test_fresh_load_stores_what_the_guarded_path_stores(
     conns: Any, monkeypatch: pytest.MonkeyPatch, load: str, subset: tuple[str, ...] | None
 ) -> None:
     """The fresh load (fresh.load_statement: its own INSERTs, no guards, the records rows in
-    the statement or by COPY; or several repos' in one statement, writer.write_snapshots)
+    the statement or by COPY; or several repos' in one statement, snapshots.write_snapshots)
     stores every column of every table as the guarded path writes it, for a record of every
     typed table and one of none, or of some of them; and both as the live stream's
     statement, which names every table, does."""
@@ -539,13 +540,13 @@ async def test_fresh_load_stores_what_the_guarded_path_stores(
     with records_by_copy(load == "copy") as sizes:
         if load == "group":
             head = (fresh_did, tid(SNAPSHOT_REV), None)  # as write_snapshot derives it
-            [loaded] = await writer.write_snapshots(a, [(snapshot(fresh_did), head, True)])
+            [loaded] = await snapshots.write_snapshots(a, [(snapshot(fresh_did), head, True)])
         else:
             loaded = await write_snapshot(a, snapshot(fresh_did))
     assert sizes == ([len(chosen)] if load == "copy" else [])
     assert loaded.fresh == len(chosen) and loaded.typed == n_typed
     with monkeypatch.context() as m:
-        m.setattr("firehose.storage.writer._fresh_candidate", lambda prep: None)
+        m.setattr("firehose.storage.snapshots._fresh_candidate", lambda prep: None)
         guarded = await write_snapshot(a, snapshot(guarded_did))
     assert guarded.fresh == 0 and guarded.upserted == len(chosen)
     live = await apply_batch(a, Batch(writes=snapshot(live_did)))

@@ -1,4 +1,4 @@
-"""Small repos' whole snapshots written together (writer.write_snapshots): one statement
+"""Small repos' whole snapshots written together (snapshots.write_snapshots): one statement
 loads the repos the database has never seen (fresh.group_statement) and writes nothing of
 the others, which one guarded transaction then writes; a row a table refuses fails its
 statement, and each repo of it tries alone. Real PostgreSQL; the races with live batches are
@@ -24,8 +24,9 @@ from test_storage_fresh import (
 
 from firehose.devnet.tid import tid_of_value as tid
 from firehose.model import Action, Batch
-from firehose.storage import fresh, writer
-from firehose.storage.writer import apply_batch, write_snapshots
+from firehose.storage import fresh
+from firehose.storage.snapshots import WholeSnapshot, write_snapshots
+from firehose.storage.writer import apply_batch
 
 
 @pytest.fixture
@@ -40,7 +41,7 @@ async def conns(db_dsn: str) -> Any:
             await conn.close()
 
 
-def snapshot(did: str, n: int = len(KEYS), maybe_fresh: bool = True) -> writer.WholeSnapshot:
+def snapshot(did: str, n: int = len(KEYS), maybe_fresh: bool = True) -> WholeSnapshot:
     writes = [write(did, k, Action.CREATE, SNAPSHOT_REV) for k in range(n)]
     return writes, (did, tid(SNAPSHOT_REV), f"bafydata{did[-4:]}"), maybe_fresh
 

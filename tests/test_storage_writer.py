@@ -13,6 +13,7 @@ import pytest
 from firehose.devnet.tid import tid_of_value as tid
 from firehose.model import AccountEvent, Action, Batch, IdentityEvent, RecordWrite
 from firehose.storage import queries
+from firehose.storage.snapshots import write_snapshot
 from firehose.storage.writer import (
     PREPARE_STEP_WRITES,
     ApplyStats,
@@ -25,7 +26,6 @@ from firehose.storage.writer import (
     prepare_steps,
     records_json,
     save_cursor,
-    write_snapshot,
 )
 
 ALICE = "did:plc:alice"

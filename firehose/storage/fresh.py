@@ -3,9 +3,9 @@
 A backfill mostly meets repos the database knows nothing of: no records, no tombstones, no
 head. For such a repo the rev guards of the upserts (queries.UPSERTS_APPLY) can only ever say
 yes, yet they cost PostgreSQL about twice what a raw binary COPY costs (bench/pg_ceiling.py).
-So `writer.write_snapshot` loads a fresh repo with plain INSERTs straight into `records` and
+So `snapshots.write_snapshot` loads a fresh repo with plain INSERTs straight into `records` and
 the typed tables (no guard, no ON CONFLICT: `load_statement`, one statement with the claim
-below; a batch of at least writer.FRESH_COPY_MIN_RECORDS records sends its `records` rows by
+below; a batch of at least snapshots.FRESH_COPY_MIN_RECORDS records sends its `records` rows by
 COPY instead, after that statement and only if it claimed, in the same transaction:
 copy_text.py), and keeps convergence with every other writer (DESIGN.md invariant 2) through
 the repo's `actors` row, used as a per-repo lock that needs no shared lock-table entry:
@@ -68,7 +68,7 @@ ON CONFLICT (did) DO UPDATE SET updated_at = now() WHERE a.chain_rev IS NULL
 # ON CONFLICT), only if the claim CTE `c` made the repo ours: the claim runs (and waits) to
 # completion first, as the InitPlan of every insert. (asyncpg's binary COPY cost this process
 # about five times more per record, in its encoding of datetimes and lists; the text COPY of
-# the records rows that a big batch sends after this statement (writer._load_fresh, its
+# the records rows that a big batch sends after this statement (snapshots._load_fresh, its
 # records parameter then b'[]') is built by copy_text.py at ~1.3 µs per record.)
 #
 # A first batch's statement names only the typed tables it may need
@@ -145,8 +145,8 @@ def load_statement(tables: tuple[str, ...], *, continuing: bool) -> str:
     )
 
 
-# Small fresh repos together (writer.write_snapshots): a whole snapshot of fewer than
-# writer.FRESH_COPY_MIN_RECORDS records is one batch, and for such a repo the statement, its
+# Small fresh repos together (snapshots.write_snapshots): a whole snapshot of fewer than
+# snapshots.FRESH_COPY_MIN_RECORDS records is one batch, and for such a repo the statement, its
 # round trip and its commit were most of what loading it cost. One statement loads several:
 # $1 the records rows and $2.. the rows of each of `tables` of all of them, then the heads
 # ($n: HEAD_COLUMNS rows, one per repo) and the asynchronous commit. The claim `c` is

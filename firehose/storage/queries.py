@@ -294,7 +294,7 @@ def upserts_statement(tables: tuple[str, ...]) -> str:
 def snapshot_upserts_statement(tables: tuple[str, ...]) -> str:
     """A snapshot writer's batch without deletes in one statement, after its claim
     (writer.apply_prepared): upserts_statement(tables), then the repo heads (parameter
-    len(tables) + 2, rows_param: HEAD_COLUMNS; never chain heads, writer.write_snapshot) and,
+    len(tables) + 2, rows_param: HEAD_COLUMNS; never chain heads, snapshots.write_snapshot) and,
     when the bool parameter len(tables) + 3, the asynchronous commit (async_commit_if).
     Returns (upserted, typed, heads, sync).
 
@@ -470,7 +470,7 @@ SELECT (SELECT count(*) FROM h) AS heads, (SELECT count(*) FROM c) AS cursors,
 
 # The chain heads of a slice's repos (sql/005_chain_heads.sql): $1 did[]. One primary-key
 # probe per did. Only the live stream writes them (005's comment names resyncs too; they do not,
-# see writer.write_snapshot).
+# see snapshots.write_snapshot).
 CHAIN_HEADS_LOAD = """
 SELECT did, chain_rev AS rev, chain_data_cid AS data_cid, active AND status <> 'deleted' AS active
   FROM actors WHERE did = ANY($1::text[])
@@ -568,5 +568,5 @@ def _prune_sql() -> str:
 
 
 # $1 did, $2 the snapshot's rev. Returns (removed: records rows, tombstones written). After
-# CUSTOM_PLANS (writer.prune_repo).
+# CUSTOM_PLANS (snapshots.prune_repo).
 REPO_PRUNE = _prune_sql()

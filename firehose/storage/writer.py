@@ -28,32 +28,21 @@ from the transaction (`apply_prepared`) so that the worker can overlap them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import operator
 from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from typing import Any, TypeVar
 
-import asyncpg
 import orjson
 
 from firehose.model import Action, Batch, RecordWrite
 from firehose.storage import fresh, queries
-from firehose.storage.copy_text import COPY_COLUMNS, records_copy
 from firehose.storage.rows import RECORD_COLUMN, record_json, rows_of, storable
 
 # Writes turned into rows (or JSON) between two suspensions of `prepare_steps`: about 0.2 ms
 # of work (rows_of and the JSON cost 3-6 µs per write).
 PREPARE_STEP_WRITES = 64
 _T = TypeVar("_T")
-
-# A fresh batch of at least this many records sends its records rows by COPY (copy_text.py)
-# instead of in the load's statement: less of PostgreSQL's CPU per record (-10.5 % in
-# bench/backfill.py's pairs), for four round trips more (BEGIN, the COPY's two, COMMIT) than
-# the one statement, ~200 µs of our CPU per batch. Where between 128 and ~500 records the
-# COPY starts to pay was not resolved on the test machine (docs/performance.md, session 18).
-FRESH_COPY_MIN_RECORDS = 128
 
 # (did, rev, data_cid): the head of a repo after a commit. data_cid is the commit's MST root
 # when the caller knows it, else None.
@@ -106,7 +95,7 @@ def heads_from_writes(writes: Iterable[RecordWrite]) -> list[RepoHead]:
     return [(did, best[did], None) for did in sorted(best)]
 
 
-def _latest_heads(heads: Iterable[RepoHead]) -> list[RepoHead]:
+def latest_heads(heads: Iterable[RepoHead]) -> list[RepoHead]:
     """One head per did (the highest rev; ties: the later one), in did order."""
     best: dict[str, RepoHead] = {}
     for h in heads:
@@ -125,7 +114,7 @@ def _count(status: str) -> int:
 
 
 @dataclass(slots=True)
-class _Prepared:
+class PreparedRows:
     """The batch turned into rows (pure work done before the transaction starts)."""
 
     records: list[tuple[Any, ...]]
@@ -137,13 +126,15 @@ class _Prepared:
     claims: list[str]
 
 
-def prepare(batch: Batch, stats: ApplyStats, heads: Sequence[RepoHead] | None = None) -> _Prepared:
-    return _drain(_prepare_steps(batch, stats, heads))
+def prepare(
+    batch: Batch, stats: ApplyStats, heads: Sequence[RepoHead] | None = None
+) -> PreparedRows:
+    return drain(_prepare_steps(batch, stats, heads))
 
 
 def _prepare_steps(
     batch: Batch, stats: ApplyStats, heads: Sequence[RepoHead] | None
-) -> Generator[None, None, _Prepared]:
+) -> Generator[None, None, PreparedRows]:
     """`prepare`, suspended (a bare yield) every PREPARE_STEP_WRITES writes."""
     stats.writes += len(batch.writes)
     latest: dict[str, RecordWrite] = {}
@@ -191,8 +182,8 @@ def _prepare_steps(
         # Every repo written gets a head in the same transaction, also when the caller's heads
         # leave it out: a headless actors row must mean "no rows, no tombstones" (fresh.py).
         named = {h[0] for h in heads}
-        heads = _latest_heads([*heads, *(h for h in written if h[0] not in named)])
-    return _Prepared(
+        heads = latest_heads([*heads, *(h for h in written if h[0] not in named)])
+    return PreparedRows(
         records=records,
         typed=typed,
         deletes=(d_uri, d_did, d_col, d_rev),
@@ -224,10 +215,10 @@ _dumps = orjson.dumps
 _Fragment = orjson.Fragment  # already-serialized JSON, embedded as is
 
 
-_NO_ROWS = b"[]"
+NO_ROWS = b"[]"
 
 
-def _rows_json(rows: list[tuple[Any, ...]]) -> bytes:
+def rows_json(rows: list[tuple[Any, ...]]) -> bytes:
     """Rows -> the one rows parameter of queries.*_UPSERT (queries.rows_param): a JSON array
     of row arrays, UTF-8. Datetimes become RFC 3339 strings (aware, so with their offset),
     lists JSON arrays."""
@@ -235,7 +226,7 @@ def _rows_json(rows: list[tuple[Any, ...]]) -> bytes:
 
 
 def records_json(rows: list[tuple[Any, ...]]) -> bytes:
-    """Like `_rows_json` for `rows.rows_of` records rows, whose record column is the record
+    """Like `rows_json` for `rows.rows_of` records rows, whose record column is the record
     itself: one orjson call for the whole batch (1.6-1.8 µs per record instead of 4.2-4.3
     with one call per record, same output, in a microbenchmark of synthetic records). A
     record that call refuses (surrogates, integers beyond 64 bits, values JSON has no form
@@ -259,7 +250,7 @@ class PreparedBatch:
 
     batch: Batch
     stats: ApplyStats
-    rows: _Prepared
+    rows: PreparedRows
     identities: list[Any]
     accounts: list[Any]
     # the rows parameters (queries.rows_param): records rows, and (table, rows) per typed table
@@ -276,7 +267,7 @@ class PreparedBatch:
 def prepare_batch(batch: Batch, heads: Sequence[RepoHead] | None = None) -> PreparedBatch:
     """The pure half of `apply_batch` (no I/O). The records' JSON in one call (no parts)."""
     stats = ApplyStats()
-    return _drain(_statement_args(batch, stats, prepare(batch, stats, heads), part_rows=None))
+    return drain(statement_args(batch, stats, prepare(batch, stats, heads), part_rows=None))
 
 
 def prepare_steps(
@@ -288,7 +279,7 @@ def prepare_steps(
     lets that transaction's round trips through between steps (worker.LOOP_SLICE_S)."""
     stats = ApplyStats()
     prep = yield from _prepare_steps(batch, stats, heads)
-    return (yield from _statement_args(batch, stats, prep, PREPARE_STEP_WRITES))
+    return (yield from statement_args(batch, stats, prep, PREPARE_STEP_WRITES))
 
 
 def bulky_lists(prepared: PreparedBatch) -> list[list[Any]]:
@@ -298,7 +289,7 @@ def bulky_lists(prepared: PreparedBatch) -> list[list[Any]]:
     return [prepared.batch.writes, rows.records, *rows.typed.values()]
 
 
-def _drain(steps: Generator[None, None, _T]) -> _T:
+def drain(steps: Generator[None, None, _T]) -> _T:
     """Run a generator of `*_steps` to its end: its return value."""
     while True:
         try:
@@ -307,8 +298,8 @@ def _drain(steps: Generator[None, None, _T]) -> _T:
             return done.value
 
 
-def _statement_args(
-    batch: Batch, stats: ApplyStats, prep: _Prepared, part_rows: int | None
+def statement_args(
+    batch: Batch, stats: ApplyStats, prep: PreparedRows, part_rows: int | None
 ) -> Generator[None, None, PreparedBatch]:
     records = None
     if prep.records:
@@ -328,11 +319,11 @@ def _statement_args(
         identities=identities,
         accounts=accounts,
         records=records,
-        typed=[(name, _rows_json(rows)) for name, rows in prep.typed.items()],
+        typed=[(name, rows_json(rows)) for name, rows in prep.typed.items()],
         resyncs=_first_per_did(batch.resyncs),
-        heads_json=_rows_json(prep.heads),
-        identities_json=_rows_json([(e.did, e.handle, e.seq) for e in identities]),
-        accounts_json=_rows_json([(e.did, e.effective_status, e.active, e.seq) for e in accounts]),
+        heads_json=rows_json(prep.heads),
+        identities_json=rows_json([(e.did, e.handle, e.seq) for e in identities]),
+        accounts_json=rows_json([(e.did, e.effective_status, e.active, e.seq) for e in accounts]),
     )
 
 
@@ -447,8 +438,8 @@ async def apply_prepared(
             typed = dict(prepared.typed)
             tables = queries.TYPED_ORDER if chain_heads else queries.statement_tables(typed)
             args: list[Any] = [
-                prepared.records or _NO_ROWS,
-                *[typed.get(name, _NO_ROWS) for name in tables],
+                prepared.records or NO_ROWS,
+                *[typed.get(name, NO_ROWS) for name in tables],
             ]
             if heads_done:
                 sql = queries.snapshot_upserts_statement(tables)
@@ -473,256 +464,10 @@ async def apply_prepared(
         #    passes the events that caused them.
         if chain_heads:
             if resyncs:
-                await finish(_NO_ROWS, False, resyncs)
+                await finish(NO_ROWS, False, resyncs)
         elif not heads_done and (prep.heads or batch.cursor is not None or resyncs or not nested):
             await finish(prepared.heads_json, True, resyncs)
     return stats
-
-
-async def write_snapshot(
-    conn: Any,
-    writes: list[RecordWrite],
-    *,
-    heads: Sequence[RepoHead] | None = None,
-    maybe_fresh: bool = True,
-) -> ApplyStats:
-    """Backfill and resync: write snapshot records (rev = the snapshot's rev) without touching
-    a cursor.
-
-    The rev guards make this safe against live events in any order (invariant 2). Its heads
-    advance `actors.rev` but are never chain heads (sql/005_chain_heads.sql): live commits
-    older than the snapshot may still arrive and must be applied, which a chain head at the
-    snapshot's rev would drop as rev_not_newer after a restart. Even a resync, which removes
-    what its snapshot no longer has, cannot tombstone a record created afterwards by such an
-    older commit; that record goes only when the stream's own delete is applied.
-
-    A batch of one repo the database has never seen (or the next batch of such a snapshot,
-    nobody else having written the repo since) is inserted without the guards, which could
-    only say yes (firehose/storage/fresh.py); any other batch takes the guarded path.
-    `maybe_fresh=False`: the caller knows the repo has a head already (the backfill's claim,
-    backfill.queue.Claimed.headed), so the batch takes the guarded path without first trying
-    the unguarded load, which would only find the repo not fresh.
-    """
-    batch = Batch(writes=writes)
-    stats = ApplyStats()
-    rows = prepare(batch, stats, heads)
-    head = _fresh_candidate(rows) if maybe_fresh else None
-    if head is not None:
-        loaded = await _load_fresh(conn, stats, rows, head)
-        if loaded is not None:
-            return loaded
-    prepared = _drain(_statement_args(batch, stats, rows, part_rows=None))
-    return await apply_prepared(conn, prepared, chain_heads=False)
-
-
-# Per process: the xmin each fresh snapshot's last batch left (see fresh.Loads).
-_fresh_loads = fresh.Loads()
-
-
-class _NotFresh(Exception):
-    """The repo is not (or no longer) ours to load unguarded: roll the attempt back."""
-
-
-def _fresh_candidate(prep: _Prepared) -> RepoHead | None:
-    """The head of a batch that may be loaded unguarded: creates of one repo only."""
-    if len(prep.heads) != 1 or prep.deletes[0]:
-        return None
-    return prep.heads[0]
-
-
-async def _load_fresh(
-    conn: Any, stats: ApplyStats, prep: _Prepared, head: RepoHead
-) -> ApplyStats | None:
-    """Insert the batch unguarded if its repo is fresh and ours (fresh.py): the stats, else
-    None (nothing written; the caller takes the guarded path)."""
-    did, rev, data_cid = head
-    key = (did, rev)
-    known, xmin = _fresh_loads.get(key)
-    if known and xmin is None:
-        return None
-    copy = _records_copy(prep.records)
-    records = records_json(prep.records) if prep.records and copy is None else _NO_ROWS
-    # A first batch's statement names only the typed tables it may need.
-    tables = queries.TYPED_ORDER if xmin is not None else queries.statement_tables(prep.typed)
-    typed = [_rows_json(prep.typed[n]) if n in prep.typed else _NO_ROWS for n in tables]
-    nested = conn.is_in_transaction()
-    sql = fresh.load_statement(tables, continuing=xmin is not None)
-    args = [records, *typed, did, rev, data_cid, not nested]
-    if xmin is not None:
-        args.append(xmin)
-    # Inside a caller's transaction the load is a savepoint, so a refusal rolls back only it.
-    # Otherwise, without a COPY, it is ONE statement, hence its own implicit transaction: all
-    # of it commits or none (a refused row rolls it back), without the two round trips of
-    # BEGIN and COMMIT (for repos of ~100 records, loaded in one batch each, those were half
-    # of the backfill's statements). Its set_config(..., true) still makes that commit
-    # asynchronous: a local setting lasts until the transaction ends (measured: ~190 against
-    # ~300 µs per one-row statement with fsync on). A claim that finds the repo not ours
-    # writes nothing: every insert of the statement is conditioned on the claim (fresh.py),
-    # and the COPY of the records rows is sent only after it, in the same transaction.
-    own = nested or copy is not None
-    try:
-        async with conn.transaction() if own else contextlib.nullcontext():
-            row = await conn.fetchrow(sql, *args)
-            if row["xmin"] is None:
-                raise _NotFresh
-            inserted = row["inserted"]
-            if copy is not None:
-                # A memoryview: asyncpg sends a buffer as it is (bytes it would take for a
-                # path, a file object it would read on a thread).
-                status = await conn.copy_to_table(
-                    "records", source=memoryview(copy), columns=COPY_COLUMNS, format="text"
-                )
-                inserted = int(status.rpartition(" ")[2])
-    except (_NotFresh, asyncpg.IntegrityConstraintViolationError, asyncpg.DataError):
-        # Not fresh, or a row the table refuses (a uri twice, which a well-formed MST never
-        # yields): the guarded path decides, row by row.
-        _fresh_loads.put(key, None)
-        return None
-    _fresh_loads.put(key, row["xmin"])
-    out = replace(stats)
-    out.upserted += inserted
-    out.fresh += inserted
-    out.typed += row["typed"]
-    out.heads += 1
-    return out
-
-
-# A repo's whole snapshot in one batch, for write_snapshots: its writes, its head, and
-# whether it may be fresh (write_snapshot's maybe_fresh).
-WholeSnapshot = tuple[list[RecordWrite], RepoHead, bool]
-
-
-async def write_snapshots(conn: Any, snapshots: Sequence[WholeSnapshot]) -> list[ApplyStats]:
-    """Several repos' whole snapshots (each one batch with its head), written as
-    `write_snapshot` writes each, in a few statements for all: the fresh ones loaded together
-    (fresh.group_statement), the others in one guarded transaction. For a small repo those
-    statements cost more than its rows (docs/performance.md, session 23).
-
-    Per snapshot its stats: the counts of its own batch (writes, duplicates, invalid,
-    sanitized) and, when it was loaded unguarded, its rows; the rows the guarded transaction
-    wrote are counted in the stats of the first snapshot it wrote, so that the list sums to
-    what was written. A row PostgreSQL refuses sends each snapshot of that statement alone
-    through `write_snapshot`, so that it fails only its own repo."""
-    stats = [ApplyStats() for _ in snapshots]
-    preps = [
-        prepare(Batch(writes=writes), s, [head])
-        for (writes, head, _), s in zip(snapshots, stats, strict=True)
-    ]
-    dids: set[str] = set()
-    alone: list[int] = []  # a second snapshot of one repo
-    fresh_ones: list[int] = []
-    guarded: list[int] = []
-    for i, (_, (did, rev, _), maybe_fresh) in enumerate(snapshots):
-        if did in dids:
-            alone.append(i)
-            continue
-        dids.add(did)
-        loadable = maybe_fresh and _fresh_candidate(preps[i]) is not None
-        (fresh_ones if loadable and not _fresh_loads.get((did, rev))[0] else guarded).append(i)
-    if fresh_ones:
-        xmins = await _load_together(conn, [(snapshots[i][1], preps[i]) for i in fresh_ones])
-        if xmins is None:
-            alone += fresh_ones  # refused: each tries its own load
-        for i, xmin in zip(fresh_ones, xmins or (), strict=False):
-            if xmin is None:
-                guarded.append(i)
-                continue
-            loaded = len(preps[i].records)
-            stats[i].upserted += loaded
-            stats[i].fresh += loaded
-            stats[i].typed += sum(len(rows) for rows in preps[i].typed.values())
-            stats[i].heads += 1
-    if guarded:
-        guarded.sort()
-        batch = _drain(
-            _statement_args(Batch(), ApplyStats(), _merged([preps[i] for i in guarded]), None)
-        )
-        try:
-            stats[guarded[0]].add(await apply_prepared(conn, batch, chain_heads=False))
-        except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError):
-            if len(guarded) == 1:
-                raise
-            alone += guarded
-    for i in sorted(alone):
-        writes, head, maybe_fresh = snapshots[i]
-        stats[i] = await write_snapshot(conn, writes, heads=[head], maybe_fresh=maybe_fresh)
-    return stats
-
-
-async def _load_together(
-    conn: Any, members: list[tuple[RepoHead, _Prepared]]
-) -> list[str | None] | None:
-    """Load the fresh ones of `members` (one repo each) unguarded in one statement: per
-    member the xmin its claim left, None when not fresh (nothing of it written); None when
-    a row was refused (nothing written at all)."""
-    records = [row for _, prep in members for row in prep.records]
-    typed: dict[str, list[tuple[Any, ...]]] = {}
-    for _, prep in members:
-        for name, rows in prep.typed.items():
-            typed.setdefault(name, []).extend(rows)
-    tables = queries.statement_tables(typed)
-    args = [
-        records_json(records) if records else _NO_ROWS,
-        *(_rows_json(typed[n]) if n in typed else _NO_ROWS for n in tables),
-        _rows_json([head for head, _ in members]),
-        not conn.is_in_transaction(),
-    ]
-    try:
-        row = await conn.fetchrow(fresh.group_statement(tables), *args)
-    except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError):
-        return None
-    claimed = dict(zip(row["dids"], row["xmins"], strict=True))
-    xmins = [claimed.get(head[0]) for head, _ in members]
-    for (head, _), xmin in zip(members, xmins, strict=True):
-        _fresh_loads.put((head[0], head[1]), xmin)
-    return xmins
-
-
-def _merged(preps: list[_Prepared]) -> _Prepared:
-    """The rows of several repos' batches as one batch's, each kind in uri order (the order
-    in which every writer locks rows, see _prepare_steps)."""
-    if len(preps) == 1:
-        return preps[0]
-    by_uri = operator.itemgetter(0)
-    typed: dict[str, list[tuple[Any, ...]]] = {}
-    for p in preps:
-        for name, rows in p.typed.items():
-            typed.setdefault(name, []).extend(rows)
-    gone = sorted(row for p in preps for row in zip(*p.deletes, strict=True))
-    deletes = (
-        [d[0] for d in gone],
-        [d[1] for d in gone],
-        [d[2] for d in gone],
-        [d[3] for d in gone],
-    )
-    return _Prepared(
-        records=sorted((row for p in preps for row in p.records), key=by_uri),
-        typed={name: sorted(rows, key=by_uri) for name, rows in typed.items()},
-        deletes=deletes,
-        heads=_latest_heads(h for p in preps for h in p.heads),
-        claims=sorted({did for p in preps for did in p.claims}),
-    )
-
-
-def _records_copy(rows: list[tuple[Any, ...]]) -> bytes | None:
-    """The COPY text of a fresh batch's records rows (copy_text.py), or None: a batch below
-    FRESH_COPY_MIN_RECORDS, or a value the COPY text cannot hold."""
-    if len(rows) < FRESH_COPY_MIN_RECORDS:
-        return None
-    try:
-        return records_copy(rows)
-    except ValueError:  # UnicodeEncodeError (a lone surrogate) included
-        return None
-
-
-async def prune_repo(conn: Any, did: str, rev: str) -> int:
-    """After every record of `did`'s snapshot at `rev` was written (`write_snapshot`): remove
-    the repo's rows the snapshot no longer has, tombstoned at `rev` (see queries.REPO_PRUNE).
-    The number of records rows removed."""
-    async with conn.transaction():
-        await conn.execute(queries.CUSTOM_PLANS)
-        row = await conn.fetchrow(queries.REPO_PRUNE, did, rev)
-    return int(row["removed"])
 
 
 async def purge_accounts(conn: Any, dids: Sequence[str]) -> int:
