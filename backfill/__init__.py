@@ -15,7 +15,7 @@ every MST node and record block is present before returning a snapshot.
 `group_commit` sends work that arrives while a statement runs together in the next one
 (no timer): `done_marks` commits the done marks of repos that finish together in one
 statement, and `repo_task` writes small repos' whole snapshots together
-(firehose.storage.snapshots.write_snapshots); each repo's task still waits for its own.
+(firehose.storage.together); each repo's task still waits for its own.
 
 `helpers` spreads one backfill over BACKFILL_PROCESSES processes on the same job: the
 limits are split between them, so the totals the user set still hold, and a helper never

@@ -36,12 +36,8 @@ from backfill.window import Window
 from firehose.model import RecordWrite
 from firehose.settings import collection_wanted
 from firehose.storage.database import QUERY_RETRY_ERRORS
-from firehose.storage.snapshots import (
-    FRESH_COPY_MIN_RECORDS,
-    WholeSnapshot,
-    write_snapshot,
-    write_snapshots,
-)
+from firehose.storage.snapshots import FRESH_COPY_MIN_RECORDS, write_snapshot
+from firehose.storage.together import PreparedSnapshot, prepare_snapshot, write_snapshots
 from firehose.storage.writer import ApplyStats
 
 log = logging.getLogger("backfill")
@@ -86,7 +82,7 @@ class RepoTask:
         self.want_profile = collection_wanted(PROFILE_COLLECTION, ctx.wanted_collections)
         self.done_marks = DoneMarks(ctx.conn, ctx.job.id, ctx.owner, ctx.progress)
         # Small repos finishing together are written together (snapshots.write_snapshots).
-        self.small_writes: GroupCommit[WholeSnapshot, ApplyStats]
+        self.small_writes: GroupCommit[PreparedSnapshot, ApplyStats]
         self.small_writes = GroupCommit(self._write_small)
 
     async def run(self, c: Claimed) -> None:
@@ -172,9 +168,11 @@ class RepoTask:
             if ctx.halt.is_set():
                 raise Halted
             # A small snapshot in one batch: with the others finishing meanwhile, in a few
-            # statements for all of them (snapshots.write_snapshots).
+            # statements for all of them (firehose/storage/together.py). Its rows are made
+            # here, by its own task.
             if whole and head and len(batch) < FRESH_COPY_MIN_RECORDS:
-                stats = await self.small_writes.submit((batch, head[0], not c.headed))
+                prepared = prepare_snapshot(batch, head[0], maybe_fresh=not c.headed)
+                stats = await self.small_writes.submit(prepared)
             else:
                 async with ctx.conn() as conn:
                     stats = await write_snapshot(conn, batch, heads=head, maybe_fresh=not c.headed)
@@ -184,9 +182,9 @@ class RepoTask:
         self._count(counts)
         return processed
 
-    async def _write_small(self, snapshots: list[WholeSnapshot]) -> list[ApplyStats]:
+    async def _write_small(self, prepared: list[PreparedSnapshot]) -> list[ApplyStats]:
         async with self.ctx.conn() as conn:
-            return await write_snapshots(conn, snapshots)
+            return await write_snapshots(conn, prepared)
 
     def _count(self, counts: Counts) -> None:
         """Move `counts` into the process totals (and metrics), then zero it."""

@@ -248,7 +248,7 @@ def main() -> None:
     if args.guarded:
         import firehose.storage.snapshots
 
-        firehose.storage.snapshots._fresh_candidate = lambda prep: None  # every batch guarded
+        firehose.storage.snapshots.fresh_candidate = lambda prep: None  # every batch guarded
     if args.subprocess and (args.cprofile or args.statements or args.disk_spool or args.guarded):
         parser.error(
             "--cprofile, --statements, --disk-spool and --guarded need the in-process backfill"

@@ -301,7 +301,7 @@ async def test_a_repo_with_a_head_is_written_guarded_from_its_first_batch(
     monkeypatch.setattr("backfill.repo_task.write_snapshot", spy)
     # The process's memory of loads under way starts empty, as the database does: the same
     # dids and revs were loaded by earlier tests.
-    monkeypatch.setattr(snapshots, "_fresh_loads", Loads())
+    monkeypatch.setattr(snapshots, "fresh_loads", Loads())
     net = FakeNetwork(n_repos=4, per_repo=6)  # 3 in the window
     headed = net.all_dids()[:2]
     await conn.execute(
@@ -320,23 +320,23 @@ async def test_small_repos_finishing_together_are_written_together(
     db_dsn: str, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A whole snapshot in one batch of fewer than FRESH_COPY_MIN_RECORDS records goes
-    through the process's group (snapshots.write_snapshots): repos that finish while an
+    through the process's group (firehose/storage/together.py): repos that finish while an
     earlier one is written go together, the headed ones guarded, the others loaded
     unguarded, and every repo lands once."""
-    from firehose.storage import snapshots
+    from firehose.storage import snapshots, together
     from firehose.storage.fresh import Loads
 
-    real = snapshots.write_snapshots
+    real = together.write_snapshots
     calls: list[list[tuple[str, bool, int]]] = []
 
     async def spy(c: Any, together: list[Any]) -> Any:
         results = await real(c, together)
         pairs = zip(together, results, strict=True)
-        calls.append([(h[0], fresh, s.fresh) for (_, h, fresh), s in pairs])
+        calls.append([(p.head[0], p.maybe_fresh, s.fresh) for p, s in pairs])
         return results
 
     monkeypatch.setattr("backfill.repo_task.write_snapshots", spy)
-    monkeypatch.setattr(snapshots, "_fresh_loads", Loads())  # dids of earlier tests
+    monkeypatch.setattr(snapshots, "fresh_loads", Loads())  # dids of earlier tests
     # Fetched together, they finish in the same turn of the event loop, before the group's
     # first statement starts: they go together.
     net = FakeNetwork(n_repos=12, per_repo=6, fetch_delay_s=0.05)  # 3 in the window

@@ -22,6 +22,7 @@ from firehose.model import Action, Batch, RecordWrite
 from firehose.storage import copy_text, fresh, queries, snapshots
 from firehose.storage.fresh import Loads
 from firehose.storage.snapshots import write_snapshot
+from firehose.storage.together import prepare_snapshot, write_snapshots
 from firehose.storage.writer import ApplyStats, apply_batch
 
 # (collection, rkey): a few uris over two typed tables.
@@ -130,7 +131,7 @@ def races(draw: st.DrawFn) -> dict[str, Any]:
         # backfill claim says it, backfill.queue.Claimed.headed): the guarded path from the
         # first batch, its heads in its upserts' statement
         "guarded": draw(st.booleans()),
-        # a snapshot of one batch written with another repo's (snapshots.write_snapshots, as
+        # a snapshot of one batch written with another repo's (together.write_snapshots, as
         # the backfill writes small repos): loaded in one statement with it, or guarded
         "group": draw(st.booleans()),
     }
@@ -140,7 +141,7 @@ def races(draw: st.DrawFn) -> dict[str, Any]:
 def records_by_copy(on: bool) -> Iterator[list[int]]:
     """Fresh loads send their records rows by COPY (every batch) or in the load's statement
     (none); yields the list of COPY sizes, one per batch sent by COPY, to show which path ran.
-    The process's memory of loads under way (snapshots._fresh_loads) starts empty, as the
+    The process's memory of loads under way (snapshots.fresh_loads) starts empty, as the
     database does: a test run twice must not find its dids' loads of the first run."""
     sizes: list[int] = []
 
@@ -151,7 +152,7 @@ def records_by_copy(on: bool) -> Iterator[list[int]]:
     with pytest.MonkeyPatch.context() as m:
         m.setattr(snapshots, "FRESH_COPY_MIN_RECORDS", 1 if on else 10**9)
         m.setattr(snapshots, "records_copy", counted)
-        m.setattr(snapshots, "_fresh_loads", Loads())
+        m.setattr(snapshots, "fresh_loads", Loads())
         yield sizes
 
 
@@ -169,12 +170,12 @@ async def _load(
         # fresh too) and one written guarded, whose did sorts after (the guarded
         # transaction writes two repos when this one is not fresh).
         first, last = f"did:plc:aaa{did}", f"did:plc:zzz{did}"
-        together = [
-            (batch, head[0], not guarded),
-            ([write(first, 0, Action.CREATE, 5)], (first, tid(5), None), True),
-            ([write(last, 1, Action.CREATE, 5)], (last, tid(5), None), False),
+        prepared = [
+            prepare_snapshot(batch, head[0], maybe_fresh=not guarded),
+            prepare_snapshot([write(first, 0, Action.CREATE, 5)], (first, tid(5), None)),
+            prepare_snapshot([write(last, 1, Action.CREATE, 5)], (last, tid(5), None), False),
         ]
-        stats, loaded, _ = await snapshots.write_snapshots(conn, together)
+        stats, loaded, _ = await write_snapshots(conn, prepared)
         assert loaded.fresh == 1
         return stats
     return await write_snapshot(conn, batch, heads=head, maybe_fresh=not guarded)
@@ -513,7 +514,7 @@ async def test_fresh_load_stores_what_the_guarded_path_stores(
     conns: Any, monkeypatch: pytest.MonkeyPatch, load: str, subset: tuple[str, ...] | None
 ) -> None:
     """The fresh load (fresh.load_statement: its own INSERTs, no guards, the records rows in
-    the statement or by COPY; or several repos' in one statement, snapshots.write_snapshots)
+    the statement or by COPY; or several repos' in one statement, together.write_snapshots)
     stores every column of every table as the guarded path writes it, for a record of every
     typed table and one of none, or of some of them; and both as the live stream's
     statement, which names every table, does."""
@@ -540,13 +541,13 @@ async def test_fresh_load_stores_what_the_guarded_path_stores(
     with records_by_copy(load == "copy") as sizes:
         if load == "group":
             head = (fresh_did, tid(SNAPSHOT_REV), None)  # as write_snapshot derives it
-            [loaded] = await snapshots.write_snapshots(a, [(snapshot(fresh_did), head, True)])
+            [loaded] = await write_snapshots(a, [prepare_snapshot(snapshot(fresh_did), head)])
         else:
             loaded = await write_snapshot(a, snapshot(fresh_did))
     assert sizes == ([len(chosen)] if load == "copy" else [])
     assert loaded.fresh == len(chosen) and loaded.typed == n_typed
     with monkeypatch.context() as m:
-        m.setattr("firehose.storage.snapshots._fresh_candidate", lambda prep: None)
+        m.setattr("firehose.storage.snapshots.fresh_candidate", lambda prep: None)
         guarded = await write_snapshot(a, snapshot(guarded_did))
     assert guarded.fresh == 0 and guarded.upserted == len(chosen)
     live = await apply_batch(a, Batch(writes=snapshot(live_did)))

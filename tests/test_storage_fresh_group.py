@@ -1,4 +1,4 @@
-"""Small repos' whole snapshots written together (snapshots.write_snapshots): one statement
+"""Small repos' whole snapshots written together (firehose/storage/together.py): one statement
 loads the repos the database has never seen (fresh.group_statement) and writes nothing of
 the others, which one guarded transaction then writes; a row a table refuses fails its
 statement, and each repo of it tries alone. Real PostgreSQL; the races with live batches are
@@ -25,7 +25,7 @@ from test_storage_fresh import (
 from firehose.devnet.tid import tid_of_value as tid
 from firehose.model import Action, Batch
 from firehose.storage import fresh
-from firehose.storage.snapshots import WholeSnapshot, write_snapshots
+from firehose.storage.together import PreparedSnapshot, prepare_snapshot, write_snapshots
 from firehose.storage.writer import apply_batch
 
 
@@ -41,9 +41,9 @@ async def conns(db_dsn: str) -> Any:
             await conn.close()
 
 
-def snapshot(did: str, n: int = len(KEYS), maybe_fresh: bool = True) -> WholeSnapshot:
+def snapshot(did: str, n: int = len(KEYS), maybe_fresh: bool = True) -> PreparedSnapshot:
     writes = [write(did, k, Action.CREATE, SNAPSHOT_REV) for k in range(n)]
-    return writes, (did, tid(SNAPSHOT_REV), f"bafydata{did[-4:]}"), maybe_fresh
+    return prepare_snapshot(writes, (did, tid(SNAPSHOT_REV), f"bafydata{did[-4:]}"), maybe_fresh)
 
 
 async def sent_by(conn: asyncpg.Connection, work: Any) -> tuple[Any, list[str]]:
@@ -76,8 +76,9 @@ async def test_small_repos_are_written_together_fresh_or_guarded(conns: Any) -> 
     live = write(headed, 4, Action.CREATE, SNAPSHOT_REV + 3)
     await apply_batch(a, Batch(writes=[live], cursor=1))
     snaps = [snapshot(new), snapshot(ident, 2), snapshot(headed), snapshot(dead, 1)]
-    writes, head, _ = snapshot(deleting, 2)
-    snaps.append(([*writes, write(deleting, 3, Action.DELETE, SNAPSHOT_REV)], head, True))
+    kept = snapshot(deleting, 2)
+    gone = write(deleting, 3, Action.DELETE, SNAPSHOT_REV)
+    snaps.append(prepare_snapshot([*kept.writes, gone], kept.head))
     snaps.append(snapshot(told, 3, maybe_fresh=False))
     snaps.append(snapshot(new, 1))  # the same repo again
 
@@ -91,29 +92,22 @@ async def test_small_repos_are_written_together_fresh_or_guarded(conns: Any) -> 
     fresh_rows = [(s.fresh, s.upserted, s.typed, s.heads) for s in results[:2]]
     assert fresh_rows == [(5, 5, 5, 1), (2, 2, 2, 1)]
     assert [s.fresh for s in results] == [5, 2, 0, 0, 0, 0, 0]
-    assert [s.invalid for s in results] == [0] * 7 and [s.writes for s in results] == [
-        5,
-        2,
-        5,
-        1,
-        3,
-        3,
-        1,
-    ]
+    assert [s.invalid for s in results] == [0] * 7
+    assert [s.writes for s in results] == [5, 2, 5, 1, 3, 3, 1]
     # The guarded transaction's rows, counted once: headed's 4 new ones (the live one is
     # newer), deleting's 2 and its tombstone, told's 3; heads for all but the deleted one.
     guarded = results[2]
     assert (guarded.upserted, guarded.skipped, guarded.tombstones) == (9, 1 + 1, 1)
     assert guarded.heads == 3 and results[-1].upserted == 0  # the repo again: replayed
 
-    await check_converged(a, new, snaps[0][0])
-    await check_converged(a, ident, snaps[1][0])
+    await check_converged(a, new, snaps[0].writes)
+    await check_converged(a, ident, snaps[1].writes)
     assert await a.fetchval("SELECT handle FROM actors WHERE did = $1", ident) == "i.test"
     assert await a.fetchval("SELECT data_cid FROM actors WHERE did = $1", new) == "bafydataoup0"
-    await check_converged(a, headed, [*snaps[2][0], live])
+    await check_converged(a, headed, [*snaps[2].writes, live])
     assert await a.fetchval("SELECT count(*) FROM records WHERE did = $1", dead) == 0
-    await check_converged(a, deleting, snaps[4][0])
-    await check_converged(a, told, snaps[5][0])
+    await check_converged(a, deleting, snaps[4].writes)
+    await check_converged(a, told, snaps[5].writes)
 
 
 async def test_a_refused_row_sends_each_repo_alone(conns: Any) -> None:
@@ -124,7 +118,7 @@ async def test_a_refused_row_sends_each_repo_alone(conns: Any) -> None:
     a = conns[0]
     bad, good = "did:plc:groupbad", "did:plc:groupgood"
     bad_snap, good_snap = snapshot(bad, 2), snapshot(good, 3)
-    first = bad_snap[0][0]
+    first = bad_snap.writes[0]
     await a.execute(
         "INSERT INTO records (uri, did, collection, rkey, cid, rev, record)"
         " VALUES ($1, $2, $3, $4, 'bafyold', '2222222222222', '{}')",
@@ -137,8 +131,8 @@ async def test_a_refused_row_sends_each_repo_alone(conns: Any) -> None:
     assert good_stats.fresh == 3
     assert (bad_stats.fresh, bad_stats.upserted) == (0, 2)
     assert not a.is_in_transaction()
-    await check_converged(a, good, good_snap[0])
-    await check_converged(a, bad, bad_snap[0])
+    await check_converged(a, good, good_snap.writes)
+    await check_converged(a, bad, bad_snap.writes)
 
 
 async def test_group_races_take_both_paths(conns: Any) -> None:

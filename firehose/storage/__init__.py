@@ -3,8 +3,8 @@
 Owns: the numbered migrations and their runner (migrate.py), the embedded server used when no
 DATABASE_URL is given (embedded.py), the pure record -> row mapping (rows.py), the named SQL
 (queries.py), the batch writer (writer.py), the snapshot writers of the backfill and resyncs
-(snapshots.py: one repo's batch, or several small repos' whole snapshots in a few statements
-for all), the unguarded load of a repo the database has never seen, alone or several
+(snapshots.py: one repo's batch; together.py: several small repos' whole snapshots in a few
+statements for all), the unguarded load of a repo the database has never seen, alone or several
 together (fresh.py), and the pure rows -> COPY text transform of its big batches
 (copy_text.py).
 

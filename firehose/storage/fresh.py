@@ -65,11 +65,12 @@ ON CONFLICT (did) DO UPDATE SET updated_at = now() WHERE a.chain_rev IS NULL
 # The rows of a fresh batch come as in queries.UPSERTS_APPLY: $1 the records rows, $2.. the
 # rows of each typed table the statement names (below), each one JSON array of row
 # arrays (queries.rows_param, b'[]' when none). They are INSERTed as they are (no guard, no
-# ON CONFLICT), only if the claim CTE `c` made the repo ours: the claim runs (and waits) to
-# completion first, as the InitPlan of every insert. (asyncpg's binary COPY cost this process
-# about five times more per record, in its encoding of datetimes and lists; the text COPY of
-# the records rows that a big batch sends after this statement (snapshots._load_fresh, its
-# records parameter then b'[]') is built by copy_text.py at ~1.3 µs per record.)
+# ON CONFLICT: _inserts), only if the claim CTE `c` made the repo ours: the claim runs (and
+# waits) to completion first, as the InitPlan of every insert. (asyncpg's binary COPY cost
+# this process about five times more per record, in its encoding of datetimes and lists;
+# the text COPY of the records rows that a big batch sends after this statement
+# (snapshots._load_fresh, its records parameter then b'[]') is built by copy_text.py at ~1.3
+# µs per record.)
 #
 # A first batch's statement names only the typed tables it may need
 # (queries.statement_tables): a one-record repo cost 410-467 µs of PostgreSQL's CPU with all
@@ -109,12 +110,21 @@ UPDATE actors AS a
 RETURNING a.xmin::text AS xmin)"""
 
 
-def _insert(table: str, columns: tuple[tuple[str, str], ...], param: int) -> str:
-    names = ", ".join(c for c, _ in columns)
-    return (
-        f"INSERT INTO {table} ({names}) {queries.rows_select(columns, param)}"
-        " WHERE EXISTS (SELECT 1 FROM c)"
-    )
+def _inserts(tables: tuple[str, ...], where: str) -> list[str]:
+    """The CTEs r (the records rows, $1) and t0.. (the rows of each of `tables`, $2..):
+    plain INSERTs of the rows `s` for which `where` holds (no guard, no ON CONFLICT)."""
+
+    def insert(table: str, columns: tuple[tuple[str, str], ...], param: int) -> str:
+        names = ", ".join(c for c, _ in columns)
+        rows = queries.rows_select(columns, param)
+        return f"INSERT INTO {table} ({names}) SELECT * FROM ({rows}) s WHERE {where}"
+
+    ctes = ["r AS (" + insert("records", queries.RECORDS_COLUMNS, 1) + " RETURNING 1)"]
+    for i, name in enumerate(tables):
+        t = queries.TYPED_TABLES_BY_NAME[name]
+        sql = insert(t.name, queries.COMMON_TYPED_COLUMNS + t.columns, i + 2)
+        ctes.append(f"t{i} AS (" + sql + " RETURNING 1)")
+    return ctes
 
 
 @functools.cache
@@ -127,14 +137,7 @@ def load_statement(tables: tuple[str, ...], *, continuing: bool) -> str:
     n = 2 + len(tables)  # the first parameter after the rows
     did, rev, data_cid, async_, xmin = (f"${n + i}" for i in range(5))
     claim = _continue(did, rev, data_cid, xmin) if continuing else _claim(did, rev, data_cid)
-    ctes = [
-        claim.strip(),
-        "r AS (" + _insert("records", queries.RECORDS_COLUMNS, 1) + " RETURNING 1)",
-    ]
-    for i, name in enumerate(tables):
-        t = queries.TYPED_TABLES_BY_NAME[name]
-        sql = _insert(t.name, queries.COMMON_TYPED_COLUMNS + t.columns, i + 2)
-        ctes.append(f"t{i} AS (" + sql + " RETURNING 1)")
+    ctes = [claim.strip(), *_inserts(tables, "EXISTS (SELECT 1 FROM c)")]
     typed = queries.rows_written(len(tables))
     return (
         "WITH "
@@ -145,7 +148,7 @@ def load_statement(tables: tuple[str, ...], *, continuing: bool) -> str:
     )
 
 
-# Small fresh repos together (snapshots.write_snapshots): a whole snapshot of fewer than
+# Small fresh repos together (together.write_snapshots): a whole snapshot of fewer than
 # snapshots.FRESH_COPY_MIN_RECORDS records is one batch, and for such a repo the statement, its
 # round trip and its commit were most of what loading it cost. One statement loads several:
 # $1 the records rows and $2.. the rows of each of `tables` of all of them, then the heads
@@ -164,14 +167,6 @@ def load_statement(tables: tuple[str, ...], *, continuing: bool) -> str:
 # 70 against 190 and 40 against 170; 30-record repos 700 against 1,000 and 290 against 440.
 
 
-def _insert_claimed(table: str, columns: tuple[tuple[str, str], ...], param: int) -> str:
-    names = ", ".join(c for c, _ in columns)
-    return (
-        f"INSERT INTO {table} ({names}) SELECT * FROM ({queries.rows_select(columns, param)}) s"
-        " WHERE s.did IN (SELECT did FROM c)"
-    )
-
-
 @functools.cache
 def group_statement(tables: tuple[str, ...]) -> str:
     """The fresh load of several repos' whole snapshots whose typed rows go to `tables`
@@ -186,12 +181,8 @@ ON CONFLICT (did) DO UPDATE
    SET rev = EXCLUDED.rev, data_cid = EXCLUDED.data_cid, updated_at = now()
  WHERE a.rev IS NULL AND a.status <> 'deleted'
 RETURNING a.did, a.xmin::text AS xmin)""",
-        "r AS (" + _insert_claimed("records", queries.RECORDS_COLUMNS, 1) + " RETURNING 1)",
+        *_inserts(tables, "s.did IN (SELECT did FROM c)"),
     ]
-    for i, name in enumerate(tables):
-        t = queries.TYPED_TABLES_BY_NAME[name]
-        sql = _insert_claimed(t.name, queries.COMMON_TYPED_COLUMNS + t.columns, i + 2)
-        ctes.append(f"t{i} AS (" + sql + " RETURNING 1)")
     typed = queries.rows_written(len(tables))
     return (
         "WITH "
