@@ -21,13 +21,18 @@ cancel out). `PYTHONHASHSEED=0` keeps dict layouts, and so the counts, the same 
 * ``car``: a real repository CAR (indigo's ``paul_staging.repo.car`` from
   ``../shared/atproto-vectors``, else the tests' fixture repo) streamed through
   `CarStreamReader`, its MST walked and each record decoded, again and again, the
-  backfill's pure work before the rows: per record.
+  backfill's pure work before the rows: per record;
+* ``snapshot``: the same CAR as the backfill takes a fresh repo: streamed into its
+  `MemoryBlocks`, checked and walked (`_check_snapshot`), its records as `RecordWrite`s
+  (`RepoSnapshot.writes`), then the rows and what the fresh load sends (`prepare`,
+  `fresh_payload`: the records rows' COPY text and the typed rows' JSON): the backfill's
+  whole pure work per record of a repo this size (185 records: one batch, by COPY).
 
 These are instructions, not time: a cache miss costs none here and hundreds of cycles on
 the machine, and valgrind runs SHA-256 without the CPU's SHA instructions, so hashing counts
 more than it costs. Compare the same workload before and after, never workloads or machines.
 
-    python bench/instructions.py [--workloads decode,batch,apply,car] [--items 2000]
+    python bench/instructions.py [--workloads decode,batch,apply,car,snapshot] [--items 2000]
 
 Prints a line per workload and a JSON line:
 
@@ -60,7 +65,7 @@ REPO_CAR = ROOT.parent / "shared/atproto-vectors/indigo/testing/testdata/paul_st
 FIXTURE_CAR = (
     ROOT / "tests/fixtures/indigo/atproto/repo/testdata/bnewbold.robocracy.org.20250310005405.car"
 )
-WORKLOADS = ("decode", "batch", "apply", "car")
+WORKLOADS = ("decode", "batch", "apply", "car", "snapshot")
 WARM_FRAMES = 200
 _COLLECTED = re.compile(rb"Collected : (\d+)")
 
@@ -153,6 +158,51 @@ def run_car(car: bytes, records: int) -> int:
     return done
 
 
+def run_snapshot(car: bytes, records: int) -> int:
+    """Take `car` as the backfill takes a fresh repo, whole, until `records` are prepared
+    (backfill/download.py's fetch_repo after the HTTP, then snapshots.write_snapshot before
+    the database)."""
+    from backfill.download import MemoryBlocks, RepoSnapshot, _check_snapshot
+    from backfill.window import Window
+    from firehose.model import Batch, RecordWrite
+    from firehose.protocol.car import CarStreamReader
+    from firehose.protocol.cbor import decode_block
+    from firehose.storage.snapshots import fresh_payload
+    from firehose.storage.writer import ApplyStats, prepare
+
+    window = Window(cutoff=None)
+    done = 0
+    while done < records:
+        reader = CarStreamReader()
+        spool = MemoryBlocks()
+        for start in range(0, len(car), CHUNK_BYTES):
+            for cid, block in reader.feed(car[start : start + CHUNK_BYTES]):
+                spool.add(cid, block)
+        reader.close()
+        assert reader.root_cid is not None
+        did = decode_block(spool.get(reader.root_cid) or b"")["did"]
+        entries: list[tuple[str, bytes]] = []
+        checked = _check_snapshot(spool, reader.root_cid, did, entries)
+        snap = RepoSnapshot(
+            did=did,
+            rev=checked.rev,
+            commit_cid=checked.commit_cid,
+            data_cid=checked.data_cid,
+            bytes_downloaded=len(car),
+            records=checked.records,
+            _spool=spool,
+            _entries=entries,
+        )
+        writes = [w for w in snap.writes(window) if isinstance(w, RecordWrite)]
+        writes = writes[: records - done]
+        assert snap.head is not None
+        prep = prepare(Batch(writes=writes), ApplyStats(), [snap.head])
+        fresh_payload(prep, continuing=False)
+        snap.close()
+        done += len(writes)
+    return done
+
+
 def repo_car() -> bytes:
     return (REPO_CAR if REPO_CAR.exists() else FIXTURE_CAR).read_bytes()
 
@@ -163,11 +213,12 @@ def inner(workload: str, items: int, prepared: int, dsn: str = "") -> int:
     from firehose.gctune import tune_gc
 
     tune_gc()  # as in the worker and the backfill
-    if workload == "car":
+    if workload in ("car", "snapshot"):
+        run = run_car if workload == "car" else run_snapshot
         car = repo_car()
-        run_car(car, 1)  # warm: the same imports and caches in both runs
+        run(car, 1)  # warm: the same imports and caches in both runs
         gc.freeze()
-        return run_car(car, items) if items else 0
+        return run(car, items) if items else 0
     frame_list = frames(WARM_FRAMES + prepared)
     run_decode(frame_list[:WARM_FRAMES])  # warm the DID and NSID caches in both runs
     if workload == "decode":
@@ -274,7 +325,13 @@ def main() -> None:
         # Built here, not in the first measured child: generating the cache (~0.6 ms per
         # event) counted in that child once gave "8,199,710 instructions per frame".
         frames(1)
-    unit = {"decode": "frame", "batch": "event", "apply": "event", "car": "record"}
+    unit = {
+        "decode": "frame",
+        "batch": "event",
+        "apply": "event",
+        "car": "record",
+        "snapshot": "record",
+    }
     result: dict[str, float] = {"items": args.items}
     for workload in chosen:
         count = per_item(workload, args.items)

@@ -20,6 +20,7 @@ from bench.instructions import (
     run_batch,
     run_car,
     run_decode,
+    run_snapshot,
 )
 from firehose.devnet import Generator
 from firehose.model import CommitEvent
@@ -42,6 +43,7 @@ def test_workloads_do_the_items_asked() -> None:
     car = FIXTURE_CAR.read_bytes()
     # More records than the repo holds: it is streamed and walked again.
     assert run_car(car, FIXTURE_RECORDS + 5) == FIXTURE_RECORDS + 5
+    assert run_snapshot(car, FIXTURE_RECORDS + 5) == FIXTURE_RECORDS + 5
 
 
 async def test_apply_writes_the_events_it_counts(db_dsn: str, conn: asyncpg.Connection) -> None:

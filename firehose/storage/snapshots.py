@@ -106,11 +106,7 @@ async def _load_fresh(
     known, xmin = fresh_loads.get(key)
     if known and xmin is None:
         return None
-    copy = _records_copy(prep.records)
-    records = records_json(prep.records) if prep.records and copy is None else NO_ROWS
-    # A first batch's statement names only the typed tables it may need.
-    tables = queries.TYPED_ORDER if xmin is not None else queries.statement_tables(prep.typed)
-    typed = [rows_json(prep.typed[n]) if n in prep.typed else NO_ROWS for n in tables]
+    copy, records, tables, typed = fresh_payload(prep, continuing=xmin is not None)
     nested = conn.is_in_transaction()
     sql = fresh.load_statement(tables, continuing=xmin is not None)
     args = [records, *typed, did, rev, data_cid, not nested]
@@ -151,6 +147,20 @@ async def _load_fresh(
     out.typed += row["typed"]
     out.heads += 1
     return out
+
+
+def fresh_payload(
+    prep: PreparedRows, *, continuing: bool
+) -> tuple[bytes | None, bytes, tuple[str, ...], list[bytes]]:
+    """What a fresh load of `prep` sends (pure): the COPY text of its records rows (None: a
+    small batch, whose records rows go as the JSON parameter instead), that parameter, the
+    typed tables its statement names and each one's JSON rows. A first batch's statement
+    names only the typed tables it may need; a continuing one names every table."""
+    copy = _records_copy(prep.records)
+    records = records_json(prep.records) if prep.records and copy is None else NO_ROWS
+    tables = queries.TYPED_ORDER if continuing else queries.statement_tables(prep.typed)
+    typed = [rows_json(prep.typed[n]) if n in prep.typed else NO_ROWS for n in tables]
+    return copy, records, tables, typed
 
 
 def _records_copy(rows: list[tuple[Any, ...]]) -> bytes | None:
