@@ -127,6 +127,18 @@ def _inserts(tables: tuple[str, ...], where: str) -> list[str]:
     return ctes
 
 
+def _with(ctes: list[str], claimed: str, tables: tuple[str, ...], async_: str) -> str:
+    """A load: its CTEs (the claim `c`, then _inserts'), returning what the claim made ours
+    (`claimed`), the records and typed rows inserted, and the asynchronous commit ($async_)."""
+    typed = queries.rows_written(len(tables))
+    return (
+        "WITH "
+        + ",\n".join(ctes)
+        + f"\nSELECT {claimed}, (SELECT count(*) FROM r) AS inserted, {typed} AS typed,"
+        + f" {queries.async_commit_if(async_)} AS sync"
+    )
+
+
 @functools.cache
 def load_statement(tables: tuple[str, ...], *, continuing: bool) -> str:
     """The fresh load of a batch whose typed rows go to `tables` (queries.statement_tables,
@@ -138,14 +150,7 @@ def load_statement(tables: tuple[str, ...], *, continuing: bool) -> str:
     did, rev, data_cid, async_, xmin = (f"${n + i}" for i in range(5))
     claim = _continue(did, rev, data_cid, xmin) if continuing else _claim(did, rev, data_cid)
     ctes = [claim.strip(), *_inserts(tables, "EXISTS (SELECT 1 FROM c)")]
-    typed = queries.rows_written(len(tables))
-    return (
-        "WITH "
-        + ",\n".join(ctes)
-        + "\nSELECT (SELECT xmin FROM c) AS xmin, (SELECT count(*) FROM r) AS inserted,"
-        + f" {typed} AS typed,"
-        + f" {queries.async_commit_if(async_)} AS sync"
-    )
+    return _with(ctes, "(SELECT xmin FROM c) AS xmin", tables, async_)
 
 
 # Small fresh repos together (together.write_snapshots): a whole snapshot of fewer than
@@ -183,14 +188,8 @@ ON CONFLICT (did) DO UPDATE
 RETURNING a.did, a.xmin::text AS xmin)""",
         *_inserts(tables, "s.did IN (SELECT did FROM c)"),
     ]
-    typed = queries.rows_written(len(tables))
-    return (
-        "WITH "
-        + ",\n".join(ctes)
-        + "\nSELECT ARRAY(SELECT did FROM c) AS dids, ARRAY(SELECT xmin FROM c) AS xmins,"
-        + f" (SELECT count(*) FROM r) AS inserted, {typed} AS typed,"
-        + f" {queries.async_commit_if(f'${n + 1}')} AS sync"
-    )
+    claimed = "ARRAY(SELECT did FROM c) AS dids, ARRAY(SELECT xmin FROM c) AS xmins"
+    return _with(ctes, claimed, tables, f"${n + 1}")
 
 
 # A snapshot's batches come one after another, each in its own transaction, possibly on
