@@ -108,16 +108,40 @@ def _busy_cores_now(sample_s: float = LOAD_SAMPLE_S) -> float:
     return max(0.0, (_busy_cpu_s() - busy0) / (time.monotonic() - t0))
 
 
-_load_at_start: tuple[float, float] | None = None
+SPEED_RECORDS = 1_000  # per timed round of machine_speed_us: ~20-40 ms
 
 
-def load_at_start() -> tuple[float, float]:
-    """(busy cores, 1-minute load average) when the bench started: call it first thing in
-    main(), before the bench's own preparation (a devnet building repos, a relay generating
-    frames) loads the machine."""
+def machine_speed_us() -> float:
+    """This machine's speed just now: µs per record of the backfill's pure work (the
+    `snapshot` workload of bench/instructions.py, timed; best of three rounds).
+
+    The same code's CPU per record moves by 2x between this machine's phases (memory, not
+    arithmetic: docs/performance.md, sessions 14 and 17), which no load average shows. This
+    figure, printed beside every result, says which phase a run met: about 19.5 in the slow
+    phase of 2026-12-04. It does not predict a run closely enough to correct its figures."""
+    from bench.instructions import repo_car, run_snapshot
+
+    car = repo_car()
+    run_snapshot(car, 200)  # imports and caches
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        done = run_snapshot(car, SPEED_RECORDS)
+        best = min(best, (time.perf_counter() - t0) / done)
+    return best * 1e6
+
+
+_load_at_start: tuple[float, float, float] | None = None
+
+
+def load_at_start() -> tuple[float, float, float]:
+    """(busy cores, 1-minute load average, machine_speed_us) when the bench started: call
+    it first thing in main(), before the bench's own preparation (a devnet building repos, a
+    relay generating frames) loads the machine."""
     global _load_at_start
     if _load_at_start is None:
-        _load_at_start = (_busy_cores_now(), os.getloadavg()[0])
+        busy, loadavg = _busy_cores_now(), os.getloadavg()[0]
+        _load_at_start = (busy, loadavg, machine_speed_us())
     return _load_at_start
 
 
@@ -128,7 +152,7 @@ class MachineLoad:
     second of wall time)."""
 
     def __init__(self) -> None:
-        self.busy_before, self.loadavg_before = load_at_start()
+        self.busy_before, self.loadavg_before, self.speed_us = load_at_start()
         self._busy0 = _busy_cpu_s()
         self._t0 = time.monotonic()
         self.foreign_cores: float | None = None
@@ -151,6 +175,7 @@ class MachineLoad:
             "loadavg_1m_before": round(self.loadavg_before, 2),
             "loadavg_1m_after": round(self.loadavg_after or 0.0, 2),
             "foreign_cpu_cores": round(self.foreign_cores or 0.0, 2),
+            "machine_us_per_record": round(self.speed_us, 2),
             "cores": os.cpu_count(),
             "claimed": self.quiet,
         }
@@ -159,7 +184,8 @@ class MachineLoad:
         return (
             f"load: {self.busy_before:.2f} cores busy before the bench (1-minute load average "
             f"{self.loadavg_before:.2f}), other processes used {self.foreign_cores or 0.0:.2f} "
-            f"cores while it ran ({os.cpu_count()} cores)"
+            f"cores while it ran ({os.cpu_count()} cores); this machine's speed before it: "
+            f"{self.speed_us:.1f} µs per record of the backfill's pure work"
         )
 
 
