@@ -82,7 +82,7 @@ class RepoTask:
         self.want_profile = collection_wanted(PROFILE_COLLECTION, ctx.wanted_collections)
         self.done_marks = DoneMarks(ctx.conn, ctx.job.id, ctx.owner, ctx.progress)
         # Small repos finishing together are written together (snapshots.write_snapshots).
-        self.small_writes: GroupCommit[PreparedSnapshot, ApplyStats]
+        self.small_writes: GroupCommit[PreparedSnapshot, ApplyStats | Exception]
         self.small_writes = GroupCommit(self._write_small)
 
     async def run(self, c: Claimed) -> None:
@@ -172,7 +172,10 @@ class RepoTask:
             # here, by its own task.
             if whole and head and len(batch) < FRESH_COPY_MIN_RECORDS:
                 prepared = prepare_snapshot(batch, head[0], maybe_fresh=not c.headed)
-                stats = await self.small_writes.submit(prepared)
+                outcome = await self.small_writes.submit(prepared)
+                if isinstance(outcome, Exception):
+                    raise outcome  # its own write's error: the others' are theirs
+                stats = outcome
             else:
                 async with ctx.conn() as conn:
                     stats = await write_snapshot(conn, batch, heads=head, maybe_fresh=not c.headed)
@@ -182,7 +185,7 @@ class RepoTask:
         self._count(counts)
         return processed
 
-    async def _write_small(self, prepared: list[PreparedSnapshot]) -> list[ApplyStats]:
+    async def _write_small(self, prepared: list[PreparedSnapshot]) -> list[ApplyStats | Exception]:
         async with self.ctx.conn() as conn:
             return await write_snapshots(conn, prepared)
 

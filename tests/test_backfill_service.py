@@ -353,6 +353,47 @@ async def test_small_repos_finishing_together_are_written_together(
     assert await conn.fetchval("SELECT count(*) FROM records") == 36
 
 
+async def test_a_hostile_repo_in_a_group_fails_only_itself(
+    db_dsn: str, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A repo whose rows PostgreSQL refuses (a CHECK constraint of this test's database
+    stands in for whatever limit a hostile repo meets) fails its own attempts, with its own
+    error, while the repos written in the same group are done at the first attempt."""
+    from firehose.storage import snapshots, together
+    from firehose.storage.fresh import Loads
+
+    real_write, real_prepare = together.write_snapshots, together.prepare_snapshot
+    groups: list[list[str]] = []
+    prepared: list[str] = []
+
+    def prepare_spy(writes: Any, head: Any, maybe_fresh: bool = True) -> Any:
+        prepared.append(head[0])  # a repo task submits right after this, without a turn
+        return real_prepare(writes, head, maybe_fresh)
+
+    async def write_spy(c: Any, members: list[Any]) -> Any:
+        if not groups:  # hold the first group until every other repo waits for the second
+            await wait_until(lambda: len(prepared) >= 8, 30, "every repo submitted")
+        groups.append([p.head[0] for p in members])
+        return await real_write(c, members)
+
+    monkeypatch.setattr("backfill.repo_task.prepare_snapshot", prepare_spy)
+    monkeypatch.setattr("backfill.repo_task.write_snapshots", write_spy)
+    monkeypatch.setattr(snapshots, "fresh_loads", Loads())  # dids of earlier tests
+    net = FakeNetwork(n_repos=8, per_repo=6)
+    bad = net.all_dids()[3]
+    await conn.execute(f"ALTER TABLE records ADD CONSTRAINT hostile CHECK (did <> '{bad}')")
+    settings = replace(FAST, max_concurrent=8, max_attempts=2)
+    async with service_pool(db_dsn) as pool:
+        await run_to_end(make(settings, pool, net))
+    assert any(bad in g and len(g) > 1 for g in groups), groups  # it shared a group
+    rows = {r["did"]: r for r in await conn.fetch("SELECT * FROM backfill_repos")}
+    assert rows[bad]["state"] == "failed" and rows[bad]["attempts"] == 2
+    assert "hostile" in rows[bad]["error"]
+    others = [rows[d] for d in net.all_dids() if d != bad]
+    assert [(r["state"], r["attempts"]) for r in others] == [("done", 0)] * 7
+    assert await conn.fetchval("SELECT count(*) FROM records") == 7 * 3
+
+
 async def test_memory_throttle_pauses_and_resumes(db_dsn: str) -> None:
     limit = 512 * 1024 * 1024
     rss = {"now": int(limit * 0.95)}

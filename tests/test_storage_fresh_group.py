@@ -135,6 +135,49 @@ async def test_a_refused_row_sends_each_repo_alone(conns: Any) -> None:
     await check_converged(a, bad, bad_snap.writes)
 
 
+@pytest.mark.parametrize("refused", ["guarded", "guarded alone", "fresh"])
+async def test_a_refused_repo_fails_alone(conns: Any, refused: str) -> None:
+    """A repo whose rows PostgreSQL refuses (here a CHECK constraint of this test's own
+    database: no writer of this schema meets one, a hostile repo might meet a limit) gets
+    its own error and no row; every other repo of its group is written, fresh or guarded.
+    Before, its error failed the whole group: a hostile repo cost each repo it shared a
+    statement with an attempt."""
+    a = conns[0]
+    fresh_did, headed, bad = "did:plc:groupfine", "did:plc:groupheaded", "did:plc:grouphostile"
+    await a.execute(f"ALTER TABLE records ADD CONSTRAINT hostile CHECK (did <> '{bad}')")
+    maybe_fresh = refused == "fresh"
+    snaps = [snapshot(fresh_did), snapshot(bad, 2, maybe_fresh=maybe_fresh)]
+    if refused != "guarded alone":
+        snaps.append(snapshot(headed, 3, maybe_fresh=False))
+    results = await write_snapshots(a, snaps)
+    assert isinstance(results[1], asyncpg.CheckViolationError), results
+    assert [type(r).__name__ for i, r in enumerate(results) if i != 1] == ["ApplyStats"] * (
+        len(snaps) - 1
+    )
+    assert results[0].fresh == len(KEYS)
+    assert not a.is_in_transaction()
+    await check_converged(a, fresh_did, snaps[0].writes)
+    if len(snaps) == 3:
+        await check_converged(a, headed, snaps[2].writes)
+    assert await a.fetchval("SELECT count(*) FROM records WHERE did = $1", bad) == 0
+
+
+async def test_a_lost_connection_fails_the_repos_of_its_statements(conns: Any) -> None:
+    """The connection dies under the group: each repo gets that error (the repos are
+    retried; writing them again is idempotent) and the call itself returns."""
+    a, b, _ = conns
+    pid = a.get_server_pid()
+    await b.execute("SELECT pg_terminate_backend($1)", pid)
+    gone = "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)"
+    for _ in range(1000):  # the backend exits soon, not at once
+        if await b.fetchval(gone, pid):
+            break
+        await asyncio.sleep(0.01)
+    snaps = [snapshot("did:plc:grouplost1"), snapshot("did:plc:grouplost2", 2, False)]
+    results = await write_snapshots(a, snaps)
+    assert all(isinstance(r, asyncpg.PostgresError | asyncpg.InterfaceError) for r in results)
+
+
 async def test_group_races_take_both_paths(conns: Any) -> None:
     """The group's races (test_storage_fresh's property test draws them) are not vacuous:
     with the live batch's claim held, the group finds the repo not fresh and the guarded

@@ -13,7 +13,9 @@ rows first, in did order, and a repo the load does not make ours is written guar
 guarded transaction's rows go repo after repo in did order, each repo's in uri order: two
 writers of one repo never hold its rows at once (the `actors` row comes first), so this
 order is enough to never deadlock. A row PostgreSQL refuses sends each repo of that
-statement alone through `snapshots.write_snapshot`, so that it fails only its own repo.
+statement alone through `snapshots.write_snapshot`, so that it fails only its own repo:
+each repo gets its own outcome, its stats or the error of its own write, never another
+repo's (a hostile repo must not cost the repos it shares a statement with an attempt).
 """
 
 from __future__ import annotations
@@ -70,13 +72,19 @@ def prepare_snapshot(
     )
 
 
-async def write_snapshots(conn: Any, prepared: Sequence[PreparedSnapshot]) -> list[ApplyStats]:
+async def write_snapshots(
+    conn: Any, prepared: Sequence[PreparedSnapshot]
+) -> list[ApplyStats | Exception]:
     """Write the snapshots as `snapshots.write_snapshot` writes each, in a few statements.
 
-    Per snapshot its stats: the counts of its own batch and, when it was loaded unguarded,
-    its rows; the rows the guarded transaction wrote are counted in the stats of the first
-    snapshot it wrote, so that the list sums to what was written."""
+    Per snapshot its outcome: its stats (the counts of its own batch and, when it was loaded
+    unguarded, its rows; the rows the guarded transaction wrote are counted in the stats of
+    the first snapshot it wrote, so that the list sums to what was written), or the error
+    that its own write raised: a row PostgreSQL refused when the repo was written alone, or
+    the failure of a statement that carried it (a lost connection fails every repo of that
+    statement, and only those)."""
     stats = [replace(s.stats) for s in prepared]
+    errors: dict[int, Exception] = {}  # the repos whose write failed, by index
     dids: set[str] = set()
     alone: list[int] = []  # a second snapshot of one repo
     loads: list[int] = []
@@ -91,7 +99,11 @@ async def write_snapshots(conn: Any, prepared: Sequence[PreparedSnapshot]) -> li
         known = snapshots.fresh_loads.get((did, rev))[0]
         (loads if loadable and not known else guarded).append(i)
     if loads:
-        xmins = await _load(conn, [prepared[i] for i in loads])
+        try:
+            xmins = await _load(conn, [prepared[i] for i in loads])
+        except Exception as exc:  # the statement failed (a lost connection): its repos
+            xmins = []
+            errors.update(dict.fromkeys(loads, exc))
         if xmins is None:
             alone += loads  # refused: each tries its own load
         for i, xmin in zip(loads, xmins or (), strict=False):
@@ -107,17 +119,25 @@ async def write_snapshots(conn: Any, prepared: Sequence[PreparedSnapshot]) -> li
         guarded.sort(key=lambda i: prepared[i].head[0])
         batch = _merged([prepared[i] for i in guarded])
         try:
-            stats[guarded[0]].add(await apply_prepared(conn, batch, chain_heads=False))
-        except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError):
+            written = await apply_prepared(conn, batch, chain_heads=False)
+        except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as exc:
             if len(guarded) == 1:
-                raise
-            alone += guarded
+                errors[guarded[0]] = exc  # refused, alone already: its own error
+            else:
+                alone += guarded
+        except Exception as exc:
+            errors.update(dict.fromkeys(guarded, exc))
+        else:
+            stats[guarded[0]].add(written)
     for i in sorted(alone):
         s = prepared[i]
-        stats[i] = await snapshots.write_snapshot(
-            conn, s.writes, heads=[s.head], maybe_fresh=s.maybe_fresh
-        )
-    return stats
+        try:
+            stats[i] = await snapshots.write_snapshot(
+                conn, s.writes, heads=[s.head], maybe_fresh=s.maybe_fresh
+            )
+        except Exception as exc:
+            errors[i] = exc
+    return [errors.get(i, s) for i, s in enumerate(stats)]
 
 
 async def _load(conn: Any, members: list[PreparedSnapshot]) -> list[str | None] | None:
