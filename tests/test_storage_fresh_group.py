@@ -135,22 +135,36 @@ async def test_a_refused_row_sends_each_repo_alone(conns: Any) -> None:
     await check_converged(a, bad, bad_snap.writes)
 
 
+# What a hostile repo might meet, set up in this test's own database (no writer of this
+# schema meets either): a constraint, and an index entry over btree's 2,704 bytes (90 MD5s,
+# which do not compress).
+_BIG_ENTRY = " || ".join(f"md5(uri || '{i}')" for i in range(90))
+REFUSALS = {
+    "constraint": ("ALTER TABLE records ADD CONSTRAINT hostile CHECK (did <> '{bad}')", "23514"),
+    "index entry": (
+        f"CREATE INDEX hostile ON records ((CASE WHEN did = '{{bad}}' THEN {_BIG_ENTRY} END))",
+        "54000",
+    ),
+}
+
+
+@pytest.mark.parametrize("how", sorted(REFUSALS))
 @pytest.mark.parametrize("refused", ["guarded", "guarded alone", "fresh"])
-async def test_a_refused_repo_fails_alone(conns: Any, refused: str) -> None:
-    """A repo whose rows PostgreSQL refuses (here a CHECK constraint of this test's own
-    database: no writer of this schema meets one, a hostile repo might meet a limit) gets
-    its own error and no row; every other repo of its group is written, fresh or guarded.
-    Before, its error failed the whole group: a hostile repo cost each repo it shared a
-    statement with an attempt."""
+async def test_a_refused_repo_fails_alone(conns: Any, refused: str, how: str) -> None:
+    """A repo whose rows PostgreSQL refuses gets its own error and no row; every other repo
+    of its group is written, fresh or guarded. Before, its error failed the whole group: a
+    hostile repo cost each repo it shared a statement with an attempt."""
     a = conns[0]
     fresh_did, headed, bad = "did:plc:groupfine", "did:plc:groupheaded", "did:plc:grouphostile"
-    await a.execute(f"ALTER TABLE records ADD CONSTRAINT hostile CHECK (did <> '{bad}')")
+    ddl, sqlstate = REFUSALS[how]
+    await a.execute(ddl.format(bad=bad))
     maybe_fresh = refused == "fresh"
     snaps = [snapshot(fresh_did), snapshot(bad, 2, maybe_fresh=maybe_fresh)]
     if refused != "guarded alone":
         snaps.append(snapshot(headed, 3, maybe_fresh=False))
     results = await write_snapshots(a, snaps)
-    assert isinstance(results[1], asyncpg.CheckViolationError), results
+    assert isinstance(results[1], asyncpg.PostgresError), results
+    assert results[1].sqlstate == sqlstate
     assert [type(r).__name__ for i, r in enumerate(results) if i != 1] == ["ApplyStats"] * (
         len(snaps) - 1
     )

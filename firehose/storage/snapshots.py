@@ -81,12 +81,25 @@ async def write_snapshot(
     return await apply_prepared(conn, prepared, chain_heads=False)
 
 
+# What PostgreSQL raises for a row it refuses, as opposed to a failure of the connection or
+# the server: a constraint (a uri twice, which a sane MST never yields), a value it cannot
+# store, an index entry over its size limit. The data decides these, so another path or
+# another repo's company does not change them: the repo's own write fails, nothing else.
+REFUSED: tuple[type[Exception], ...] = (
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.DataError,
+    asyncpg.ProgramLimitExceededError,
+)
+
 # Per process: the xmin each fresh snapshot's last batch left (see fresh.Loads).
 fresh_loads = fresh.Loads()
 
 
 class _NotFresh(Exception):
     """The repo is not (or no longer) ours to load unguarded: roll the attempt back."""
+
+
+_NOT_LOADED: tuple[type[Exception], ...] = (_NotFresh, *REFUSED)
 
 
 def fresh_candidate(prep: PreparedRows) -> RepoHead | None:
@@ -135,7 +148,7 @@ async def _load_fresh(
                     "records", source=memoryview(copy), columns=COPY_COLUMNS, format="text"
                 )
                 inserted = int(status.rpartition(" ")[2])
-    except (_NotFresh, asyncpg.IntegrityConstraintViolationError, asyncpg.DataError):
+    except _NOT_LOADED:
         # Not fresh, or a row the table refuses (a uri twice, which a well-formed MST never
         # yields): the guarded path decides, row by row.
         fresh_loads.put(key, None)

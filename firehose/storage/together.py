@@ -24,8 +24,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-import asyncpg
-
 from firehose.model import Batch, RecordWrite
 from firehose.storage import fresh, queries, snapshots
 from firehose.storage.writer import (
@@ -120,7 +118,7 @@ async def write_snapshots(
         batch = _merged([prepared[i] for i in guarded])
         try:
             written = await apply_prepared(conn, batch, chain_heads=False)
-        except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as exc:
+        except snapshots.REFUSED as exc:
             if len(guarded) == 1:
                 errors[guarded[0]] = exc  # refused, alone already: its own error
             else:
@@ -157,7 +155,7 @@ async def _load(conn: Any, members: list[PreparedSnapshot]) -> list[str | None] 
     ]
     try:
         row = await conn.fetchrow(fresh.group_statement(tables), *args)
-    except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError):
+    except snapshots.REFUSED:
         return None
     claimed = dict(zip(row["dids"], row["xmins"], strict=True))
     xmins = [claimed.get(s.head[0]) for s in members]
