@@ -32,8 +32,9 @@ from firehose.ops import WorkerOps, WorkerState
 from firehose.protocol.errors import ProtocolError
 from firehose.protocol.frames import FrameLimits, decode_frame
 from firehose.settings import Settings
-from firehose.storage import writer
+from firehose.storage import refusals, writer
 from firehose.storage.database import QUERY_RETRY_ERRORS, Database, DatabaseWaitStopped
+from firehose.storage.snapshots import REFUSED
 
 log = logging.getLogger("firehose.worker")
 
@@ -449,9 +450,16 @@ class Worker:
                         writer.apply_prepared, prepared, service=self._service, rows_sent=rows_sent
                     )
                 except QUERY_RETRY_ERRORS as exc:
+                    self.metrics.db_errors.inc()
+                    if isinstance(exc, REFUSED):
+                        # A row PostgreSQL refuses fails every retry alike: commit the rest.
+                        rest = await self._without_refused(db, batch, exc)
+                        if rest is not None:
+                            prepared = writer.prepare_batch(rest, rest.heads)
+                            batch = rest
+                            continue
                     # Nothing was committed (one transaction): retrying the same batch is safe,
                     # and the rev guards make it idempotent anyway.
-                    self.metrics.db_errors.inc()
                     log.error("batch commit failed, retrying in %.1f s: %s", delay_s, exc)
                     if deadline is not None and time.monotonic() + delay_s > deadline:
                         raise
@@ -467,6 +475,28 @@ class Worker:
                 return
         finally:
             rows_sent.set()  # failed, cancelled, or no rows to write: never leave it unset
+
+    async def _without_refused(self, db: Database, batch: Batch, exc: Exception) -> Batch | None:
+        """The batch less the parts PostgreSQL refuses on their own, each logged and counted
+        (firehose/storage/refusals.py); None when none could be isolated, or the probes
+        themselves failed: the caller then retries the whole batch."""
+        log.error("batch commit refused by PostgreSQL, finding the rows it refuses: %s", exc)
+        try:
+            found = await db.run(refusals.find_refused, batch)
+        except QUERY_RETRY_ERRORS as probe_exc:
+            log.error("finding the refused rows failed: %s", probe_exc)
+            return None
+        for refused in found:
+            log.error(
+                "skipping the %s in the batch up to seq %s: PostgreSQL refuses it: %s",
+                refused.describe(),
+                batch.cursor,
+                refused.error,
+            )
+        if not found:
+            return None
+        self._invalid("refused").inc(len(found))
+        return refusals.without(batch, found)
 
     def _committed(self, batch: Batch, elapsed_s: float) -> None:
         self._count_events()

@@ -12,13 +12,17 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
+from aiohttp import web
+
+from firehose.live.relay import SUBSCRIBE_PATH
 
 ROOT = Path(__file__).resolve().parents[1]
 URL_LINE = re.compile(r"listening on (ws://\S+)")
@@ -105,6 +109,36 @@ class WorkerProcess:
     def terminate(self, timeout_s: float = 10) -> int:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout_s)
+
+
+@asynccontextmanager
+async def serve_frames(frames: list[bytes]) -> AsyncIterator[str]:
+    """A real websocket relay on a free port that sends `frames` (the i-th one after a cursor
+    below i, counted from 1) then stays open and silent, like a relay at the tip. Yields its
+    ws:// URL."""
+
+    async def subscribe(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=0)
+        await ws.prepare(request)
+        cursor = int(request.query.get("cursor", "0"))
+        for i, frame in enumerate(frames, start=1):
+            if i > cursor:
+                await ws.send_bytes(frame)
+        async for _ in ws:
+            pass
+        return ws
+
+    app = web.Application()
+    app.router.add_get(SUBSCRIBE_PATH, subscribe)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    try:
+        yield f"ws://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
 
 
 async def scrape_metrics(port: int) -> str:

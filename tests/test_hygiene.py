@@ -19,10 +19,9 @@ from typing import Any
 import asyncpg
 import pytest
 import pytest_asyncio
-from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support import WorkerProcess, free_port, scrape_metrics, wait_for_cursor
+from support import WorkerProcess, free_port, scrape_metrics, serve_frames, wait_for_cursor
 
 from firehose.devnet.dagcbor import (
     cid_for_block,
@@ -32,7 +31,6 @@ from firehose.devnet.dagcbor import (
     link,
     write_car,
 )
-from firehose.live.relay import SUBSCRIBE_PATH
 from firehose.model import AccountEvent, CommitEvent, IdentityEvent
 from firehose.protocol.car import MAX_BLOCK_BYTES
 from firehose.protocol.cbor import MAX_RECORD_DEPTH, decode_record
@@ -339,29 +337,8 @@ def hostile_frames() -> tuple[list[bytes], dict[str, Any]]:
 @pytest_asyncio.fixture
 async def hostile_relay() -> AsyncIterator[tuple[str, dict[str, Any]]]:
     frames, expected = hostile_frames()
-
-    async def subscribe(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(max_msg_size=0)
-        await ws.prepare(request)
-        cursor = int(request.query.get("cursor", "0"))
-        for i, frame in enumerate(frames, start=1):
-            if i > cursor:
-                await ws.send_bytes(frame)
-        async for _ in ws:  # stay open and silent, like a relay at the tip
-            pass
-        return ws
-
-    app = web.Application()
-    app.router.add_get(SUBSCRIBE_PATH, subscribe)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    try:
-        yield f"ws://127.0.0.1:{port}", expected
-    finally:
-        await runner.cleanup()
+    async with serve_frames(frames) as url:
+        yield url, expected
 
 
 def metric(text: str, name: str, labels: str = "") -> float:

@@ -5,8 +5,9 @@ DATABASE_URL is given (embedded.py), the pure record -> row mapping (rows.py), t
 (queries.py), the batch writer (writer.py), the snapshot writers of the backfill and resyncs
 (snapshots.py: one repo's batch; together.py: several small repos' whole snapshots in a few
 statements for all), the unguarded load of a repo the database has never seen, alone or several
-together (fresh.py), and the pure rows -> COPY text transform of its big batches
-(copy_text.py).
+together (fresh.py), the pure rows -> COPY text transform of its big batches
+(copy_text.py), and the probes that find the parts of a live batch PostgreSQL refuses
+(refusals.py).
 
 Invariants kept here (DESIGN.md):
   1. the cursor is written in the same transaction as the rows it covers (writer.apply_batch);
@@ -14,5 +15,6 @@ Invariants kept here (DESIGN.md):
      stored row has a newer rev and the account is not deleted; a delete leaves a tombstone,
      so live events, replays and backfill snapshots converge in any order;
   5. hostile record content never fails a batch (wrong types -> NULL, oversized or
-     unstorable values dropped and counted); an edited migration stops the worker.
+     unstorable values dropped and counted; what PostgreSQL refuses all the same is found by
+     probes that never commit, and skipped alone); an edited migration stops the worker.
 """
