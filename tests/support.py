@@ -184,6 +184,26 @@ async def wait_for_cursor(
     )
 
 
+async def follow_until(
+    tmp: Path, dsn: str, relay_url: str, last_seq: int, *, timeout_s: float = 45, **env: str
+) -> tuple[str, str]:
+    """A worker process following `relay_url` until its cursor reaches `last_seq` (a stall
+    fails the test with the worker's log), then killed: the database holds what it
+    committed. Returns its log and what its /metrics said at the end."""
+    port = free_port()
+    worker = WorkerProcess.start(tmp, dsn, relay_url, METRICS_PORT=str(port), **env)
+    try:
+        try:
+            await wait_for_cursor(dsn, last_seq, worker=worker, timeout_s=timeout_s)
+        except TimeoutError:
+            raise AssertionError(f"the stream stalled:\n{worker.log()[-3000:]}") from None
+        metrics = await scrape_metrics(port)
+    finally:
+        worker.proc.kill()
+        worker.proc.wait(10)
+    return worker.log(), metrics
+
+
 COLLECTION_TABLES = {
     "app.bsky.feed.post": "posts",
     "app.bsky.feed.like": "likes",

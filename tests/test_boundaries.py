@@ -44,7 +44,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
-from support import ROOT, WorkerProcess, free_port
+from support import ROOT, WorkerProcess, free_port, serve_frames
 
 from backfill.download import fetch_repo
 from backfill.hosts import MAX_JSON_BYTES, STREAM_CHUNK_BYTES, FetchError, HostClient
@@ -521,21 +521,6 @@ def _with_user(dsn: str, user: str, password: str) -> str:
     return urlunsplit((parts.scheme, f"{user}:{password}@{host}", parts.path, parts.query, ""))
 
 
-@asynccontextmanager
-async def quiet_relay() -> AsyncIterator[str]:
-    async def subscribe(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        async for _ in ws:
-            pass
-        return ws
-
-    app = web.Application()
-    app.router.add_get(SUBSCRIBE_PATH, subscribe)
-    async with serve(app) as port:
-        yield f"ws://127.0.0.1:{port}"
-
-
 async def _get(port: int, path: str) -> str:
     async with (
         aiohttp.ClientSession() as session,
@@ -552,7 +537,7 @@ async def test_password_never_shown(
     seen: list[str] = []
     env = {"LOG_LEVEL": "DEBUG", "LOG_FORMAT": log_format, "BACKFILL_DAYS": "0"}
 
-    async with quiet_relay() as relay_url:
+    async with serve_frames([]) as relay_url:
         # 1. A good password: start-up, /status, /readyz, /metrics, `firehose status`.
         port = free_port()
         worker = WorkerProcess.start(tmp_path, dsn, relay_url, METRICS_PORT=str(port), **env)

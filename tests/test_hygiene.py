@@ -21,7 +21,7 @@ import pytest
 import pytest_asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support import WorkerProcess, free_port, scrape_metrics, serve_frames, wait_for_cursor
+from support import follow_until, serve_frames
 
 from firehose.devnet.dagcbor import (
     cid_for_block,
@@ -351,26 +351,15 @@ async def test_hostile_records_end_to_end(
     hostile_relay: tuple[str, dict[str, Any]], db_dsn: str, tmp_path: Path
 ) -> None:
     url, expected = hostile_relay
-    port = free_port()
-    worker = WorkerProcess.start(
+    log, text = await follow_until(
         tmp_path,
         db_dsn,
         url,
-        METRICS_PORT=str(port),
+        expected["last_seq"],
         BATCH_MAX_EVENTS="3",
         BACKFILL_DAYS="0",
         VERIFY_SIGNATURES="false",  # unsigned test commits: signatures are another test's
     )
-    try:
-        try:
-            await wait_for_cursor(db_dsn, expected["last_seq"], worker=worker, timeout_s=45)
-        except TimeoutError:
-            raise AssertionError(f"the stream stalled:\n{worker.log()[-3000:]}") from None
-        text = await scrape_metrics(port)
-    finally:
-        worker.proc.kill()  # the database holds what was committed; no shutdown needed
-        worker.proc.wait(10)
-    log = worker.log()
     # Every batch committed the first time: no batch failed and was retried.
     assert "batch commit failed" not in log, log[-3000:]
     assert metric(text, "firehose_db_errors_total") == 0

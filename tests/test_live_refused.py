@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import asyncpg
-from support import WorkerProcess, free_port, scrape_metrics, serve_frames, wait_for_cursor
+from support import follow_until, serve_frames
 from test_hygiene import POST, block, commit_frame, did_of, event_frame, metric, post
 
 CREATED = "2024-05-01T12:00:00.000Z"
@@ -48,28 +48,16 @@ async def test_a_refused_row_is_skipped_and_the_stream_goes_on(db_dsn: str, tmp_
     finally:
         await conn.close()
 
-    port = free_port()
     async with serve_frames(frames()) as url:
-        worker = WorkerProcess.start(
+        log, text = await follow_until(
             tmp_path,
             db_dsn,
             url,
-            METRICS_PORT=str(port),
+            5,
             BATCH_MAX_EVENTS="10",
             BACKFILL_DAYS="0",
             VERIFY_SIGNATURES="false",  # unsigned test commits: signatures are another test's
         )
-        try:
-            try:
-                await wait_for_cursor(db_dsn, 5, worker=worker, timeout_s=45)
-            except TimeoutError:
-                raise AssertionError(f"the stream stalled:\n{worker.log()[-3000:]}") from None
-            text = await scrape_metrics(port)
-        finally:
-            worker.proc.kill()
-            worker.proc.wait(10)
-
-    log = worker.log()
     refused_uri = f"at://{did_of('mixed')}/{POST}/3kaaaaaaaaaa3"
     assert "batch commit refused by PostgreSQL" in log, log[-3000:]
     assert f"skipping the create of {refused_uri} at rev" in log, log[-3000:]
