@@ -13,6 +13,8 @@ import asyncpg
 from support import follow_until, serve_frames
 from test_hygiene import POST, block, commit_frame, did_of, event_frame, metric, post
 
+from firehose.protocol.syntax import make_tid
+
 CREATED = "2024-05-01T12:00:00.000Z"
 
 
@@ -82,7 +84,8 @@ async def test_a_refused_row_is_skipped_and_the_stream_goes_on(db_dsn: str, tmp_
         }
         # The refused write's commit still moved its repo's head; the refused identity left
         # no handle.
-        assert await conn.fetchval("SELECT rev FROM actors WHERE did = $1", did_of("mixed"))
+        rev = await conn.fetchval("SELECT rev FROM actors WHERE did = $1", did_of("mixed"))
+        assert rev == make_tid(1_700_000_000_000_000 + 2)  # commit_frame's rev for seq 2
         assert await conn.fetchval("SELECT count(*) FROM actors WHERE handle IS NOT NULL") == 0
     finally:
         await conn.close()
