@@ -4,6 +4,7 @@ for the test, standing for whatever the writer's screening did not foresee."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
@@ -122,6 +123,32 @@ async def test_identities_accounts_and_heads_are_parts_too(hostile: asyncpg.Conn
     assert await conn.fetchval("SELECT count(*) FROM records") == 1
     assert await conn.fetchval("SELECT count(*) FROM repo_resyncs WHERE did = $1", did(5)) == 1
     assert await conn.fetchval("SELECT cursor FROM firehose_cursor") == 7
+
+
+async def test_parts_the_writer_passes_over_are_never_blamed(
+    hostile: asyncpg.Connection,
+) -> None:
+    """A write superseded by a later one of its uri, or an identity event followed by
+    another of its did, is not written: refused on its own, it is still not counted."""
+    conn = hostile
+    superseded = post(0, "refused", rev=5)
+    winner = replace(post(0, "fine", rev=6), cid="bafywinner")
+    refused = post(1, "refused")
+    old_identity = IdentityEvent(seq=1, time=None, did=did(2), handle="refused.test")
+    new_identity = IdentityEvent(seq=2, time=None, did=did(2), handle="fine.test")
+    batch = Batch(
+        writes=[superseded, winner, refused],
+        identities=[old_identity, new_identity],
+        cursor=3,
+        events=3,
+    )
+    assert [p for _, p in refusals.parts_of(batch)] == [winner, refused, new_identity]
+    found = await refusals.find_refused(conn, batch)
+    assert [r.part for r in found] == [refused]
+
+    await apply_batch(conn, refusals.without(batch, found))
+    assert await conn.fetchval("SELECT cid FROM records") == "bafywinner"
+    assert await conn.fetchval("SELECT handle FROM actors WHERE did = $1", did(2)) == "fine.test"
 
 
 async def test_an_oversized_index_entry_is_found(conn: asyncpg.Connection) -> None:

@@ -7,12 +7,13 @@ that raises one of `snapshots.REFUSED` (a constraint, a value PostgreSQL cannot 
 entry over btree's limit) fails the same way on every retry, since the data decides it: without
 this, one such event would stop the stream for good, its batch retried forever.
 
-`find_refused` bisects the batch's parts (its writes, identities, accounts, heads and resync
-requests) with probes: the writer's own statements for a subset of them, in a transaction that
-is always rolled back. It returns the parts refused on their own; `without` gives the batch
-less exactly those, with its cursor, for the worker to commit, count and log. A refusal that
-only a combination of parts causes, or that a retry no longer meets (a concurrent writer's
-row), isolates nothing: the caller retries the whole batch as for any other error.
+`find_refused` bisects the parts the writer applies (the batch's writes, identities,
+accounts, heads and resync requests, less those it passes over: `parts_of`) with probes:
+the writer's own statements for a subset of them, in a transaction that is always rolled
+back. It returns the parts refused on their own; `without` gives the batch less exactly
+those, with its cursor, for the worker to commit, count and log. A refusal that only a
+combination of parts causes, or that a retry no longer meets (a concurrent writer's row),
+isolates nothing: the caller retries the whole batch as for any other error.
 
 Invariant: a probe never commits. Cost: about 2·k·log2(n) probes for k refused parts among n,
 each a small rolled-back transaction; nothing at all while no row is refused.
@@ -26,6 +27,7 @@ from typing import Any
 
 from firehose.model import Batch
 from firehose.storage import writer
+from firehose.storage.rows import storable
 from firehose.storage.snapshots import REFUSED
 
 # The Batch fields a probe bisects, each a list of independent parts.
@@ -55,8 +57,29 @@ class Refused:
 
 
 def parts_of(batch: Batch) -> list[tuple[str, Any]]:
-    """The batch's parts, in field order and, within a field, in the batch's order."""
-    return [(name, part) for name in PART_FIELDS for part in getattr(batch, name)]
+    """The parts the writer applies, in field order and, within a field, in the batch's
+    order. Not those it passes over, which cannot be what PostgreSQL refuses: a write that a
+    later one of the same uri supersedes or that rows.py found unstorable (writer.prepare),
+    an identity or account event followed by another of the same did (writer.last_per_did),
+    a head below another of its repo (writer.latest_heads), a resync request after the first
+    of its repo. Probed alone, such a part could be refused and then counted although it was
+    never going to be written."""
+    first_resyncs: dict[str, tuple[str, str]] = {}
+    for request in batch.resyncs:
+        first_resyncs.setdefault(request[0], request)
+    applied = {
+        id(part)
+        for part in (
+            *writer.dedupe(w for w in batch.writes if storable(w, w.uri)).values(),
+            *writer.last_per_did(batch.identities),
+            *writer.last_per_did(batch.accounts),
+            *writer.latest_heads(batch.heads),
+            *first_resyncs.values(),
+        )
+    }
+    return [
+        (name, part) for name in PART_FIELDS for part in getattr(batch, name) if id(part) in applied
+    ]
 
 
 def probe_batch(parts: Iterable[tuple[str, Any]]) -> Batch:

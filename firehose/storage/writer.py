@@ -192,7 +192,7 @@ def _prepare_steps(
     )
 
 
-def _last_per_did(events: Iterable[Any]) -> list[Any]:
+def last_per_did(events: Iterable[Any]) -> list[Any]:
     """Events applied in seq order: the last one per did wins. Returned in did order (the
     lock order of every statement here)."""
     last: dict[str, Any] = {}
@@ -310,8 +310,8 @@ def statement_args(
             parts.append(records_json(prep.records[i : i + step]))
             yield
         records = parts[0] if len(parts) == 1 else b"[" + b",".join(p[1:-1] for p in parts) + b"]"
-    identities = _last_per_did(batch.identities)
-    accounts = _last_per_did(batch.accounts)
+    identities = last_per_did(batch.identities)
+    accounts = last_per_did(batch.accounts)
     return PreparedBatch(
         batch=batch,
         stats=stats,
