@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 from aiohttp import web
+from backfill_http import serve
 
 from firehose.live.relay import SUBSCRIBE_PATH
 
@@ -130,15 +131,8 @@ async def serve_frames(frames: list[bytes]) -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_get(SUBSCRIBE_PATH, subscribe)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    try:
-        yield f"ws://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+    async with serve(app) as base_url:
+        yield "ws://" + base_url.removeprefix("http://")
 
 
 async def scrape_metrics(port: int) -> str:
