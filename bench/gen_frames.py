@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import MachineLoad, claim, load_at_start  # noqa: E402
-from firehose.devnet import Generator  # noqa: E402
+from firehose.devnet.generator import Generator  # noqa: E402
 
 
 def main() -> None:

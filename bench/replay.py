@@ -51,7 +51,7 @@ def ensure_cache(events: int, accounts: int, seed: int) -> Path:
     if path.exists():
         return path
     sys.path.insert(0, str(ROOT))
-    from firehose.devnet import Generator
+    from firehose.devnet.generator import Generator
 
     generator = Generator(seed=seed, accounts=accounts)
     path.parent.mkdir(parents=True, exist_ok=True)

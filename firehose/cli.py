@@ -151,7 +151,7 @@ def devnet_quickstart_config(seed: int, rate: float, now_us: int) -> DevnetConfi
     """The devnet of `run --devnet`: live traffic from now on, plus a history the backfill
     can fetch (the year model's accounts, served by the PDS hosts, listed by the relay's
     listRepos, resolved through its PLC directory)."""
-    from firehose.devnet.model import MODEL_YEAR
+    from firehose.devnet.options import MODEL_YEAR
     from firehose.devnet.relay import DevnetConfig
 
     # The devnet's virtual clock starts now, so lag and record times look like a live network.

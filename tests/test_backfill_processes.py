@@ -4,7 +4,10 @@ and pipes (backfill/helpers.py). The processes themselves: tests/test_e2e_backfi
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given
@@ -250,3 +253,26 @@ def test_rss_is_read_at_most_every_refresh_interval(monkeypatch: pytest.MonkeyPa
     clock[0] += throttle.RSS_REFRESH_S
     assert throttle.process_rss_bytes() >= before + 60 * 1024 * 1024
     del held
+
+
+def test_a_helper_process_does_not_import_the_devnet() -> None:
+    """`firehose backfill helper` builds the whole command line, the devnet's options
+    included: that must not load the devnet's relay, keys and aiohttp server (~0.1 s of CPU
+    and ~12 MB per helper; firehose/devnet/options.py). A fresh interpreter, so what other
+    tests imported does not count."""
+    script = (
+        "import json, sys\n"
+        "from firehose.cli import build_parser\n"
+        "args = build_parser().parse_args(['backfill', 'helper'])\n"
+        "print(json.dumps([m for m in sys.modules if m.startswith('firehose.devnet')]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    loaded = set(json.loads(out.stdout))
+    assert loaded <= {
+        "firehose.devnet",
+        "firehose.devnet.cli",
+        "firehose.devnet.options",
+        "firehose.devnet.httpfaults",
+    }, sorted(loaded)

@@ -22,7 +22,7 @@ from bench.instructions import (
     run_decode,
     run_snapshot,
 )
-from firehose.devnet import Generator
+from firehose.devnet.generator import Generator
 from firehose.model import CommitEvent
 from firehose.protocol.frames import decode_frame
 

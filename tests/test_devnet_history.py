@@ -22,11 +22,12 @@ import libipld
 import pytest_asyncio
 from test_devnet_generator import read_car
 
-from firehose.devnet import DevnetConfig, DevnetRelay, dagcbor
+from firehose.devnet import dagcbor
 from firehose.devnet.clock import DAY_US, TID_RE, parse_rfc3339_us
 from firehose.devnet.generator import Generator
 from firehose.devnet.keys import parse_did_key, verify
 from firehose.devnet.mst import build_mst
+from firehose.devnet.relay import DevnetConfig, DevnetRelay
 from firehose.devnet.tid import tid_micros
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -11,8 +11,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from firehose.devnet import DevnetConfig, DevnetRelay
 from firehose.devnet.httpfaults import SERVER_ERRORS, HttpFaults, Trigger
+from firehose.devnet.relay import DevnetConfig, DevnetRelay
 
 RATE_HEADERS = ("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset", "RateLimit-Policy")
 

@@ -23,12 +23,13 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from firehose.devnet import DevnetConfig, DevnetRelay, dagcbor
+from firehose.devnet import dagcbor
 from firehose.devnet.cli import add_arguments, config_from_args
 from firehose.devnet.clock import DAY_US, TID_RE, parse_rfc3339_us
 from firehose.devnet.keys import SigningKey
 from firehose.devnet.model import MODEL_NOTE, build_model_accounts
 from firehose.devnet.mst import build_mst
+from firehose.devnet.relay import DevnetConfig, DevnetRelay
 from firehose.devnet.repo import Repo, Write
 from firehose.devnet.tid import tid, tid_micros
 from firehose.devnet.truth import dormant_dids, since_tid, window_blocks, window_bytes

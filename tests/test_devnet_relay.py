@@ -14,8 +14,8 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError
 
-from firehose.devnet import DevnetConfig, DevnetRelay
 from firehose.devnet.faults import FAKE_DID, KINDS
+from firehose.devnet.relay import DevnetConfig, DevnetRelay
 
 RECV_TIMEOUT_S = 10
 

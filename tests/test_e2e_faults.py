@@ -46,8 +46,8 @@ from support import (
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from firehose.devnet import DevnetConfig, DevnetRelay
 from firehose.devnet.faults import GARBAGE_KINDS
+from firehose.devnet.relay import DevnetConfig, DevnetRelay
 from firehose.model import Action, CommitEvent
 from firehose.protocol.frames import decode_frame
 from firehose.storage.database import QUERY_RETRY_ERRORS

@@ -8,7 +8,7 @@ HTTP side for the backfill (`network`: PDS hosts and PLC directory in `pds`, the
 listing and listReposByCollection in `directory`, pre-populated repos in `prebuilt`, the
 year-long history model in `model`, served CAR files in `carfile`, HTTP faults in
 `httpfaults`, the counters of `/devnet/stats` in `stats`) and the command line (`cli`,
-`python -m firehose.devnet`).
+`python -m firehose.devnet`; the names and defaults it offers in `options`).
 docs/devnet.md describes the endpoints, flags and truth-file keys.
 
 Invariants:
@@ -21,9 +21,6 @@ Invariants:
   fixed MST node shape, cross-checked against cbor2) and never imports `firehose.protocol`,
   so the devnet and the worker's decoder check each other.
 * Devnet keys are derived from the seed and are therefore public: never use them elsewhere.
+* Importing the package imports nothing: `firehose`'s parser names the devnet's options for
+  every command (`options`), and only a devnet that starts loads the relay and its server.
 """
-
-from firehose.devnet.generator import Generator, did_document
-from firehose.devnet.relay import DevnetConfig, DevnetRelay
-
-__all__ = ["DevnetConfig", "DevnetRelay", "Generator", "did_document"]

@@ -7,13 +7,22 @@ import argparse
 import asyncio
 import contextlib
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from firehose import eventloop
-from firehose.devnet.generator import DEFAULT_START_TIME_US
 from firehose.devnet.httpfaults import HttpFaults
-from firehose.devnet.model import MODELS
-from firehose.devnet.pds import MISSING_RECORD_MODES, MISSING_RECORD_PROOF
-from firehose.devnet.relay import DevnetConfig, DevnetRelay
+from firehose.devnet.options import (
+    DEFAULT_START_TIME_US,
+    MISSING_RECORD_MODES,
+    MISSING_RECORD_PROOF,
+    MODELS,
+)
+
+# The relay (and with it aiohttp's server, the keys, the generators) is imported where a
+# devnet starts, not here: `firehose`'s parser imports this module for every command
+# (firehose.devnet.options).
+if TYPE_CHECKING:
+    from firehose.devnet.relay import DevnetConfig
 
 DEFAULT_EVENTS = 10_000
 DEFAULT_MODEL_ACCOUNTS = 2000
@@ -207,6 +216,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> DevnetConfig:
+    from firehose.devnet.relay import DevnetConfig
+
     return DevnetConfig(
         seed=args.seed,
         accounts=args.accounts,
@@ -256,6 +267,8 @@ def config_from_args(args: argparse.Namespace) -> DevnetConfig:
 
 async def run(args: argparse.Namespace) -> None:
     """Serve until cancelled; the truth file appears once every event has been produced."""
+    from firehose.devnet.relay import DevnetRelay
+
     relay = DevnetRelay(config_from_args(args))
     relay.generator.forge_every = args.forge_every  # before start(): the producer runs then
     await relay.start()

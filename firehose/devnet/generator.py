@@ -31,12 +31,12 @@ from firehose.devnet.accounts import did_document as did_document
 from firehose.devnet.clock import MAX_EVENT_GAP_US as MAX_EVENT_GAP_US
 from firehose.devnet.clock import VirtualClock
 from firehose.devnet.keys import SigningKey
+from firehose.devnet.options import DEFAULT_START_TIME_US as DEFAULT_START_TIME_US
 from firehose.devnet.plc import genesis_operation
 from firehose.devnet.repo import ACTION_CREATE, ACTION_DELETE, ACTION_UPDATE, Repo, Write
 from firehose.devnet.tid import CLOCK_ID_MASK, tid
 from firehose.devnet.truth import accounts_truth
 
-DEFAULT_START_TIME_US = 1_735_689_600_000_000  # 2025-01-01T00:00:00Z
 DEFAULT_PDS_ENDPOINT = "http://127.0.0.1:2583"
 BIRTH_PROBABILITY = 0.08  # chance per event that a not-yet-seen account signs up
 MIN_ACTIVE_ACCOUNTS = 3  # status changes never leave fewer active accounts than this

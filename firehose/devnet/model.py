@@ -43,14 +43,14 @@ from firehose.devnet import records as rec
 from firehose.devnet.accounts import Account, IndexedSet
 from firehose.devnet.clock import DAY_US
 from firehose.devnet.keys import SigningKey
+from firehose.devnet.options import MODEL_YEAR as MODEL_YEAR
+from firehose.devnet.options import MODELS as MODELS
 from firehose.devnet.plc import genesis_operation
 from firehose.devnet.prebuilt import PrebuiltFactory, build_chunks
 from firehose.devnet.repo import ACTION_CREATE, ACTION_DELETE, ACTION_UPDATE, Repo, Write
 from firehose.devnet.tid import CLOCK_ID_MASK, tid
 from firehose.devnet.truth import account_entries
 
-MODEL_YEAR = "year"
-MODELS = (MODEL_YEAR,)
 MODEL_NOTE = "com.example.devnet.model.note"  # the custom lexicon ~10% of accounts write
 SPAN_DAYS = 365
 QUIET_MIN_DAYS = 35  # a dormant account's last commit is at least this old

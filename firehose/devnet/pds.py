@@ -53,15 +53,17 @@ from firehose.devnet import dagcbor
 from firehose.devnet.clock import TID_RE
 from firehose.devnet.directory import LIST_REPOS_DEFAULT_LIMIT, LIST_REPOS_MAX_LIMIT, Directory
 from firehose.devnet.httpfaults import HostFaults
+from firehose.devnet.options import (
+    MISSING_RECORD_MODES,
+    MISSING_RECORD_NOT_FOUND,
+    MISSING_RECORD_PROOF,
+)
 from firehose.devnet.stats import HttpStats
 
 CAR_MIME = "application/vnd.ipld.car"
 CAR_CHUNK_BYTES = 64 * 1024  # write size of streamed CARs
 GET_REPO = "/xrpc/com.atproto.sync.getRepo"
 GET_RECORD = "/xrpc/com.atproto.sync.getRecord"
-MISSING_RECORD_PROOF = "proof"  # the reference PDS: a CAR proving absence
-MISSING_RECORD_NOT_FOUND = "not-found"  # 400 RecordNotFound
-MISSING_RECORD_MODES = (MISSING_RECORD_PROOF, MISSING_RECORD_NOT_FOUND)
 # Syntax (https://atproto.com/specs/nsid, https://atproto.com/specs/record-key).
 NSID_RE = re.compile(
     r"^[a-zA-Z](?:[a-zA-Z0-9-]{0,62}[a-zA-Z0-9])?"
