@@ -126,6 +126,32 @@ class PreparedRows:
     claims: list[str]
 
 
+def applied_writes(writes: Sequence[RecordWrite]) -> dict[str, RecordWrite]:
+    """uri -> the write the writer applies: of the storable writes (rows.py), the one with the
+    highest rev per uri (`dedupe`). firehose.storage.refusals probes exactly these."""
+    return drain(_applied_writes_steps(writes, ApplyStats()))
+
+
+def _applied_writes_steps(
+    writes: Sequence[RecordWrite], stats: ApplyStats
+) -> Generator[None, None, dict[str, RecordWrite]]:
+    """`applied_writes`, suspended every PREPARE_STEP_WRITES writes, counting the writes,
+    the unstorable ones and the superseded ones in `stats`."""
+    stats.writes += len(writes)
+    latest: dict[str, RecordWrite] = {}
+    valid = 0
+    for n, w in enumerate(writes, 1):
+        uri = w.uri
+        if storable(w, uri):
+            valid += 1
+            _keep(latest, uri, w)
+        if not n % PREPARE_STEP_WRITES:
+            yield
+    stats.invalid += len(writes) - valid
+    stats.duplicates += valid - len(latest)
+    return latest
+
+
 def prepare(
     batch: Batch, stats: ApplyStats, heads: Sequence[RepoHead] | None = None
 ) -> PreparedRows:
@@ -136,18 +162,7 @@ def _prepare_steps(
     batch: Batch, stats: ApplyStats, heads: Sequence[RepoHead] | None
 ) -> Generator[None, None, PreparedRows]:
     """`prepare`, suspended (a bare yield) every PREPARE_STEP_WRITES writes."""
-    stats.writes += len(batch.writes)
-    latest: dict[str, RecordWrite] = {}
-    valid = 0
-    for n, w in enumerate(batch.writes, 1):
-        uri = w.uri
-        if storable(w, uri):
-            valid += 1
-            _keep(latest, uri, w)
-        if not n % PREPARE_STEP_WRITES:
-            yield
-    stats.invalid += len(batch.writes) - valid
-    stats.duplicates += valid - len(latest)
+    latest = yield from _applied_writes_steps(batch.writes, stats)
 
     records: list[tuple[Any, ...]] = []
     typed: dict[str, list[tuple[Any, ...]]] = {}
