@@ -450,12 +450,24 @@ async def fetch_repo(
     except BaseException:
         spool.close()
         raise
+    return checked_snapshot(did, checked, spool, entries, reader.bytes_read)
+
+
+def checked_snapshot(
+    did: str,
+    checked: Checked,
+    spool: Blocks,
+    entries: list[tuple[str, bytes]] | None,
+    bytes_downloaded: int,
+) -> RepoSnapshot:
+    """The snapshot of a download that `_check_snapshot` passed: it owns `spool` from here.
+    Also the benchmarks' and fuzzers' way to make one from CAR bytes without HTTP."""
     return RepoSnapshot(
         did=did,
         rev=checked.rev,
         commit_cid=checked.commit_cid,
         data_cid=checked.data_cid,
-        bytes_downloaded=reader.bytes_read,
+        bytes_downloaded=bytes_downloaded,
         blocks=spool.blocks,
         records=checked.records,
         kind=checked.kind,

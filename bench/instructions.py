@@ -162,7 +162,7 @@ def run_snapshot(car: bytes, records: int) -> int:
     """Take `car` as the backfill takes a fresh repo, whole, until `records` are prepared
     (backfill/download.py's fetch_repo after the HTTP, then snapshots.write_snapshot before
     the database)."""
-    from backfill.download import MemoryBlocks, RepoSnapshot, _check_snapshot
+    from backfill.download import MemoryBlocks, _check_snapshot, checked_snapshot
     from backfill.window import Window
     from firehose.model import Batch, RecordWrite
     from firehose.protocol.car import CarStreamReader
@@ -183,16 +183,7 @@ def run_snapshot(car: bytes, records: int) -> int:
         did = decode_block(spool.get(reader.root_cid) or b"")["did"]
         entries: list[tuple[str, bytes]] = []
         checked = _check_snapshot(spool, reader.root_cid, did, entries)
-        snap = RepoSnapshot(
-            did=did,
-            rev=checked.rev,
-            commit_cid=checked.commit_cid,
-            data_cid=checked.data_cid,
-            bytes_downloaded=len(car),
-            records=checked.records,
-            _spool=spool,
-            _entries=entries,
-        )
+        snap = checked_snapshot(did, checked, spool, entries, len(car))
         writes = [w for w in snap.writes(window) if isinstance(w, RecordWrite)]
         writes = writes[: records - done]
         assert snap.head is not None

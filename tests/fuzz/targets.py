@@ -25,7 +25,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
-from backfill.download import MemoryBlocks, RepoSnapshot, SkippedRecord, _check_snapshot
+from backfill.download import MemoryBlocks, SkippedRecord, _check_snapshot, checked_snapshot
 from backfill.handle_rules import did_from_txt, did_from_well_known
 from backfill.hosts import FetchError
 from backfill.record_fetch import verify_record_car
@@ -198,12 +198,7 @@ def snapshot(data: bytes, since: str | None = None) -> None:
     except (FetchError, SinceSuspect) as err:
         assert len(str(err)) < 1000
         return
-    snap = RepoSnapshot(
-        did, checked.rev, checked.commit_cid, checked.data_cid, len(data), spool.blocks,
-        checked.records, kind=checked.kind, absent_subtrees=checked.absent_subtrees,
-        absent_records=checked.absent_records, profile=checked.profile, _spool=spool,
-        _entries=entries,
-    )  # fmt: skip
+    snap = checked_snapshot(did, checked, spool, entries, len(data))
     with snap:
         last = b""
         for item in snap.writes(Window(None)):
