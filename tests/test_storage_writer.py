@@ -17,9 +17,9 @@ from firehose.storage.snapshots import write_snapshot
 from firehose.storage.writer import (
     PREPARE_STEP_WRITES,
     ApplyStats,
+    applied_writes,
     apply_batch,
     apply_prepared,
-    dedupe,
     heads_from_writes,
     load_cursor,
     prepare_batch,
@@ -124,11 +124,11 @@ async def test_replay_is_idempotent(conn: asyncpg.Connection) -> None:
     assert await conn.fetch("SELECT uri, xmin::text AS x FROM records ORDER BY uri") == before
 
 
-async def test_dedupe_keeps_highest_rev_and_later_tie() -> None:
+async def test_applied_writes_keep_highest_rev_and_later_tie() -> None:
     a1, a3, a2 = post(ALICE, "a", 1, "x"), post(ALICE, "a", 3, "y"), post(ALICE, "a", 2, "z")
     tie = post(ALICE, "a", 3, "w")
-    assert dedupe([a1, a3, a2]) == {a1.uri: a3}
-    assert dedupe([a1, a3, tie, a2]) == {a1.uri: tie}
+    assert applied_writes([a1, a3, a2]) == {a1.uri: a3}
+    assert applied_writes([a1, a3, tie, a2]) == {a1.uri: tie}
     assert heads_from_writes([a1, a3, like(BOB, "l", 2)]) == [
         (ALICE, tid(3), None),
         (BOB, tid(2), None),

@@ -5,7 +5,8 @@ key library, the generators).
 `firehose.cli` builds one parser for every command, so whatever the devnet's options import,
 every `firehose` process imports: a backfill helper (`firehose backfill helper`, one per
 extra BACKFILL_PROCESSES) and `firehose status` paid ~0.13 s of CPU for a devnet they never
-start. tests/test_cli.py checks that building the parser loads no other devnet module.
+start. tests/test_backfill_processes.py checks that a helper's parser loads no other devnet
+module but `cli` and `httpfaults`.
 """
 
 from __future__ import annotations

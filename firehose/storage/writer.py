@@ -71,14 +71,6 @@ class ApplyStats:
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
-def dedupe(writes: Iterable[RecordWrite]) -> dict[str, RecordWrite]:
-    """uri -> the write with the highest rev (ties: the later one in the list)."""
-    latest: dict[str, RecordWrite] = {}
-    for w in writes:
-        _keep(latest, w.uri, w)
-    return latest
-
-
 def _keep(latest: dict[str, RecordWrite], uri: str, w: RecordWrite) -> None:
     seen = latest.get(uri)
     if seen is None or seen.rev <= w.rev:
@@ -128,7 +120,8 @@ class PreparedRows:
 
 def applied_writes(writes: Sequence[RecordWrite]) -> dict[str, RecordWrite]:
     """uri -> the write the writer applies: of the storable writes (rows.py), the one with the
-    highest rev per uri (`dedupe`). firehose.storage.refusals probes exactly these."""
+    highest rev per uri (ties: the later one in the list). firehose.storage.refusals probes
+    exactly these."""
     return drain(_applied_writes_steps(writes, ApplyStats()))
 
 
