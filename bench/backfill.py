@@ -14,10 +14,11 @@ processes.
 
 Printed: records/s and repos/s committed, peak RSS of the backfill process and its helpers
 together (psutil, every 0.1 s), CPU seconds of the backfill (helpers included), PostgreSQL
-and the devnet and CPU µs per record
-of the backfill and PostgreSQL, the machine's load; then one JSON line {"bench": "backfill",
-...}. Throughput is claimed only on a quiet machine (bench.common.MachineLoad: at most 1 core
-busy just before the bench started, at most 0.25 cores of other processes during the run);
+and the devnet and CPU µs per record of the backfill and PostgreSQL, the WAL written
+(pg_stat_wal) and the data pages PostgreSQL wrote out of its shared buffers, extended and
+read back (pg_stat_io), the machine's load; then one JSON line {"bench": "backfill", ...}.
+Throughput is claimed only on a quiet machine (bench.common.MachineLoad: at most 1 core busy
+just before the bench started, at most 0.25 cores of other processes during the run);
 otherwise a warning is printed in its place. CPU per record is printed either way.
 
 `--history-model N` backfills N accounts of the devnet's history model instead (repos grown
@@ -148,9 +149,25 @@ async def job_numbers(dsn: str) -> dict[str, Any]:
         # What the run wrote to the WAL (new database: the migrations' few kB included), and
         # how much of it was full-page images (a page's first change after a checkpoint).
         wal = await conn.fetchrow("SELECT wal_records, wal_fpi, wal_bytes FROM pg_stat_wal")
-        return {**dict(row), **dict(wal), "records_in_table": count} if row else {}
+        io = await conn.fetchrow(PAGES_IO)
+        return {**dict(row), **dict(wal), **dict(io), "records_in_table": count} if row else {}
     finally:
         await conn.close()
+
+
+# The data pages the server wrote out of its shared buffers (evicted by a backend, a COPY's
+# ring, the background writer, a checkpoint), extended its files by, and read back (PostgreSQL
+# 16's pg_stat_io; initdb's standalone backend and this bench's own count(*), a bulk read, left
+# out). Each page written or extended is 8 KB copied into the page cache, which on this machine is
+# a quarter of PostgreSQL's CPU in a 1,000 x 500 run (docs/performance.md, session 27). A
+# backend's counts reach the view when it exits or idles, so the last second's may be missing.
+PAGES_IO = """
+SELECT coalesce(sum(writes), 0)::bigint AS pages_written,
+       coalesce(sum(extends), 0)::bigint AS pages_extended,
+       coalesce(sum(reads), 0)::bigint AS pages_read
+  FROM pg_stat_io
+ WHERE backend_type <> 'standalone backend' AND context <> 'bulkread'
+"""
 
 
 # --known: a head older than every commit ($2, the smallest TID) and a chain head, as the
@@ -358,6 +375,9 @@ def main() -> None:
         "cpu_us_per_record_postgres": round(cpu["postgres"] / max(records, 1) * 1e6, 1),
         "wal_bytes_per_record": round(int(job["wal_bytes"]) / max(records, 1)),
         "wal_fpi": int(job["wal_fpi"]),
+        "pg_pages_written": int(job["pages_written"]),
+        "pg_pages_extended": int(job["pages_extended"]),
+        "pg_pages_read": int(job["pages_read"]),
         **load.fields(),
     }
     done = result["repos_done"]
@@ -378,6 +398,10 @@ def main() -> None:
     print(
         f"WAL: {int(job['wal_bytes']) / 2**20:,.0f} MB, {result['wal_bytes_per_record']:,} bytes "
         f"per record, {result['wal_fpi']:,} full-page images"
+    )
+    print(
+        f"data pages (8 KB): {result['pg_pages_written']:,} written out of shared buffers, "
+        f"{result['pg_pages_extended']:,} extended, {result['pg_pages_read']:,} read back"
     )
     if statements is not None:
         report_statements(statements, elapsed)
