@@ -15,15 +15,13 @@ pgserver notes that shape this module:
   * as root it runs PostgreSQL as a dedicated `pgserver` user;
   * the import is lazy: pgserver is only loaded when no DATABASE_URL is given.
 
-The embedded server runs at a lower CPU priority than the worker that starts it
-(`EMBEDDED_NICE_BELOW`): it shares the machine's cores with the process that feeds it (see
-`lower_priority`), and with the few settings of `EMBEDDED_SETTINGS` (set at every start, in
-its own `postgresql.auto.conf`); everything else is PostgreSQL's default.
+The embedded server runs at the priority of the worker that starts it, with the few settings
+of `EMBEDDED_SETTINGS` (set at every start, in its own `postgresql.auto.conf`); everything
+else is PostgreSQL's default.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import subprocess
@@ -34,16 +32,14 @@ log = logging.getLogger("firehose.db")
 
 DATABASE_NAME = "atproto"
 
-# The embedded server's processes run this much nicer than the process that starts them (at
-# most 19, the lowest priority). The worker's one Python thread feeds every transaction the
-# server runs: when the backends it feeds preempt it on a small machine, the pipeline
-# drains. bench/backfill.py with the server at nice 10 against 0, six pairs alternating
-# (1,000 x 500 repos, load average 0.38-0.44): 11,612-15,109 against 10,788-13,589
-# records/s, higher in every pair (+1 to +17 %, +9 % on average); bench/live.py: 7,187 and
-# 7,393 against 7,052 and 7,081 events/s. The server still gets any core the worker leaves
-# idle: nice only weighs who runs first.
-EMBEDDED_NICE_BELOW = 10
-_LOWEST_PRIORITY_NICE = 19
+# No lower CPU priority for the server. Until 2026-12-04 its processes ran 10 nice levels
+# below the worker: with one Python thread feeding every transaction, backends preempting it
+# drained the pipeline (+9 % records/s in session 7, docs/performance.md). Since the backfill
+# runs in one process per core (backfill/helpers.py), that no longer shows: bench/backfill.py
+# 1,000 x 500, nine pairs alternating (loads 0.41-0.44), gave 430,188 records/s summed at the
+# worker's priority against 420,154 at nice 10 (1.024x, faster in six pairs); bench/live.py
+# (three pairs) and a one-process backfill (two pairs) did not move. So the server is left at
+# the worker's priority, as a server of one's own is.
 
 # Server settings of the embedded server (ALTER SYSTEM; a server of one's own is never touched).
 # wal_init_zero=off: PostgreSQL fills every new 16 MB WAL segment with zeros before it
@@ -162,7 +158,6 @@ def start_embedded(data_dir: Path | str, *, database: str = DATABASE_NAME) -> Em
         embedded = EmbeddedPostgres(server, path, database)
         embedded.stop()
         raise
-    lower_priority(path)
     return EmbeddedPostgres(server, path, database)
 
 
@@ -172,22 +167,3 @@ def apply_settings(server: Any, settings: dict[str, str] = EMBEDDED_SETTINGS) ->
     reloadable, so a server already running (joined, or left from a crash) takes them too."""
     statements = [f"ALTER SYSTEM SET {name} = '{value}'" for name, value in settings.items()]
     _psql(server, *statements, "SELECT pg_reload_conf()")
-
-
-def lower_priority(data_dir: Path, below: int = EMBEDDED_NICE_BELOW) -> None:
-    """Set the nice value of the server running in `data_dir` to `below` more than this
-    process's own (its postmaster first, whose later backends inherit it, then the processes
-    it already has). Best effort: where the platform or the permissions do not allow it, the
-    server keeps its priority."""
-    import psutil
-
-    try:
-        nice = min(_LOWEST_PRIORITY_NICE, psutil.Process().nice() + below)
-        pid = int((data_dir / "postmaster.pid").read_text().split()[0])
-        postmaster = psutil.Process(pid)
-        postmaster.nice(nice)
-        for child in postmaster.children(recursive=True):
-            with contextlib.suppress(psutil.NoSuchProcess):  # a backend that has just exited
-                child.nice(nice)
-    except (OSError, ValueError, IndexError, psutil.Error):
-        log.debug("could not lower the priority of embedded PostgreSQL", exc_info=True)
