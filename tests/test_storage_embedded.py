@@ -27,8 +27,8 @@ async def test_embedded_restart_keeps_data(tmp_path: Path) -> None:
         try:
             assert await conn.fetchval("SELECT current_database()") == "atproto"
             await conn.execute("CREATE TABLE kept (x int); INSERT INTO kept VALUES (7)")
-            # No lower priority (embedded.py: it cost the backfill's helper processes):
-            # the postmaster and the backends it forks run at the worker's own.
+            # No lower priority (embedded.py: with the backfill's helper processes it no
+            # longer helps): the postmaster and the backends it forks run at the worker's own.
             backend = psutil.Process(conn.get_server_pid())
             assert backend.nice() == psutil.Process().nice()
             assert backend.parent().nice() == backend.nice()
