@@ -14,9 +14,10 @@ processes.
 
 Printed: records/s and repos/s committed, peak RSS of the backfill process and its helpers
 together (psutil, every 0.1 s), CPU seconds of the backfill (helpers included), PostgreSQL
-and the devnet and CPU µs per record of the backfill and PostgreSQL, the WAL written
-(pg_stat_wal) and the data pages PostgreSQL wrote out of its shared buffers, extended and
-read back (pg_stat_io), the machine's load; then one JSON line {"bench": "backfill", ...}.
+and the devnet and CPU µs per record of the backfill and PostgreSQL, the WAL written, its
+writes and syncs (pg_stat_wal) and the data pages PostgreSQL wrote out of its shared buffers,
+extended and read back (pg_stat_io), the machine's load; then one JSON line
+{"bench": "backfill", ...}.
 Throughput is claimed only on a quiet machine (bench.common.MachineLoad: at most 1 core busy
 just before the bench started, at most 0.25 cores of other processes during the run);
 otherwise a warning is printed in its place. CPU per record is printed either way.
@@ -148,7 +149,9 @@ async def job_numbers(dsn: str) -> dict[str, Any]:
         count = await conn.fetchval("SELECT count(*) FROM records")
         # What the run wrote to the WAL (new database: the migrations' few kB included), and
         # how much of it was full-page images (a page's first change after a checkpoint).
-        wal = await conn.fetchrow("SELECT wal_records, wal_fpi, wal_bytes FROM pg_stat_wal")
+        wal = await conn.fetchrow(
+            "SELECT wal_records, wal_fpi, wal_bytes, wal_write, wal_sync FROM pg_stat_wal"
+        )
         io = await conn.fetchrow(PAGES_IO)
         return {**dict(row), **dict(wal), **dict(io), "records_in_table": count} if row else {}
     finally:
@@ -375,6 +378,8 @@ def main() -> None:
         "cpu_us_per_record_postgres": round(cpu["postgres"] / max(records, 1) * 1e6, 1),
         "wal_bytes_per_record": round(int(job["wal_bytes"]) / max(records, 1)),
         "wal_fpi": int(job["wal_fpi"]),
+        "wal_writes": int(job["wal_write"]),
+        "wal_syncs": int(job["wal_sync"]),
         "pg_pages_written": int(job["pages_written"]),
         "pg_pages_extended": int(job["pages_extended"]),
         "pg_pages_read": int(job["pages_read"]),
@@ -397,7 +402,8 @@ def main() -> None:
     )
     print(
         f"WAL: {int(job['wal_bytes']) / 2**20:,.0f} MB, {result['wal_bytes_per_record']:,} bytes "
-        f"per record, {result['wal_fpi']:,} full-page images"
+        f"per record, {result['wal_fpi']:,} full-page images, "
+        f"{result['wal_writes']:,} writes, {result['wal_syncs']:,} syncs"
     )
     print(
         f"data pages (8 KB): {result['pg_pages_written']:,} written out of shared buffers, "

@@ -115,7 +115,9 @@ class PrebuiltFactory:
         text = " ".join(rng.choices(rec._WORDS, k=rng.randint(1, 12)))
         value = {"text": text, "$type": rec.POST, "langs": ["en"], "createdAt": created_at}
         cid = dagcbor.cid_for_block(dagcbor.encode_ordered(value))
-        ref = {"cid": dagcbor.link(cid), "uri": f"at://{did}/{rec.POST}/{rkey}"}
+        # com.atproto.repo.strongRef: `cid` is a string (format cid), not a link, as
+        # records.StrongRef writes it and as the reference PDS stores likes and reposts.
+        ref = {"cid": dagcbor.cid_str(cid), "uri": f"at://{did}/{rec.POST}/{rkey}"}
         if len(self.posts) < SUBJECT_POOL:
             self.posts.append(ref)
         else:
