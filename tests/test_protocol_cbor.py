@@ -12,11 +12,15 @@ from pathlib import Path
 import cbor2
 import libipld
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from test_protocol_support import FIXTURES, SHARED, dag_cbor, from_json_form
 
 from firehose.protocol import cbor as cbor_mod
 from firehose.protocol.cbor import MAX_RECORD_DEPTH, decode_json_form, decode_record
 from firehose.protocol.cid import (
+    PREFIX_DAG_CBOR,
+    PREFIX_RAW,
     cid_bytes_for,
     cid_bytes_from_str,
     cid_for_dag_cbor,
@@ -61,6 +65,16 @@ def test_cid_string_matches_reference_base32_and_round_trips() -> None:
         assert verify_block(cid, data) and not verify_block(cid, data + b"!")
     raw = cid_bytes_for(b"blob", codec=0x55)
     assert cid_str_from_bytes(raw).startswith("bafkrei")
+
+
+@given(st.sampled_from([PREFIX_DAG_CBOR, PREFIX_RAW]), st.binary(min_size=32, max_size=32))
+def test_cid_string_is_what_libipld_writes_for_any_digest(prefix: bytes, digest: bytes) -> None:
+    # cid.py spells CIDs with libipld's multibase encoder; libipld.encode_cid, which parses
+    # the CID first, is the reference it must keep agreeing with (and the base32 one).
+    cid = prefix + digest
+    text = cid_str_from_bytes(cid)
+    assert text == libipld.encode_cid(cid) == cid_str_reference(cid)
+    assert cid_bytes_from_str(text) == cid
 
 
 @pytest.mark.parametrize(
