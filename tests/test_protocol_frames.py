@@ -293,3 +293,15 @@ def test_lazy_car_checks_the_block_it_returns() -> None:
     with pytest.raises(ProtocolError) as err:
         lazy.block(bad)
     assert err.value.reason == "block_hash"
+
+
+def test_a_commit_data_that_is_no_supported_cid_gives_no_data_cid() -> None:
+    from firehose.protocol import frames
+    from firehose.protocol.cid import cid_bytes_for, cid_str_from_bytes
+
+    good = cid_bytes_for(b"root")
+    assert frames._data_cid({"data": good}) == cid_str_from_bytes(good)
+    # 36 bytes that are no CIDv1 with sha2-256 (libipld's parser refuses the first, the
+    # second is a sha2-512 code with a 32-byte length): no repo head, and no error.
+    for data in (bytes(36), b"\x01\x71\x13\x20" + bytes(32), good[:35], "text"):
+        assert frames._data_cid({"data": data}) is None

@@ -297,7 +297,9 @@ def _commit(body: dict[str, Any], limits: FrameLimits) -> CommitEvent:
 def _data_cid(commit: dict[str, Any]) -> str | None:
     """The commit's MST root (`data`): the repo head that the next commit's prevData names."""
     data = commit.get("data")
-    if type(data) is bytes and len(data) == CID_BYTES:
+    # Only a CID this module accepts (a 36-byte value of another shape is no CID for it: the
+    # encoder would spell any 36 bytes, and a decoder error here is no ProtocolError).
+    if type(data) is bytes and len(data) == CID_BYTES and data[:4] in SUPPORTED_PREFIXES:
         return _encode_cid(data)
     return None
 
