@@ -16,13 +16,16 @@ pgserver notes that shape this module:
   * the import is lazy: pgserver is only loaded when no DATABASE_URL is given.
 
 The embedded server runs at the priority of the worker that starts it, with the few settings
-of `EMBEDDED_SETTINGS` (set at every start, in its own `postgresql.auto.conf`); everything
-else is PostgreSQL's default.
+of `EMBEDDED_SETTINGS` (set at every start, in its own `postgresql.auto.conf`) and, where its
+file system allows, its WAL written with direct I/O (`DIRECT_IO`: probed before every start,
+taken by a restart when a new data directory does not have it yet); everything else is
+PostgreSQL's default.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import subprocess
 from pathlib import Path
@@ -59,6 +62,22 @@ DATABASE_NAME = "atproto"
 # pair, 268,286 against 228,672 records/s summed; its server log shows no `checkpoint
 # starting: wal` during the run any more. pg_wal may hold up to about 4 GB.
 EMBEDDED_SETTINGS: dict[str, str] = {"wal_init_zero": "off", "max_wal_size": "4GB"}
+
+# WAL written with O_DIRECT (PostgreSQL 16's `debug_io_direct = wal`; up to 15 it did this by
+# itself with `wal_sync_method = open_datasync` at `wal_level = minimal`). The WAL is written
+# once and read back only by a crash recovery, yet through the page cache every byte of it is
+# copied into a page the kernel then keeps, at the expense of the tables' pages: a backfill
+# writes ~1.5 KB of WAL per record, 718 MB per 500,000 records. bench/backfill.py (1,000 x 500),
+# five pairs alternating (2026-12-05, loads 0.36-0.43): 255,936 against 234,927 records/s
+# summed (1.09x), PostgreSQL's CPU 16.1-16.8 against 17.4-21.9 µs per record, the same WAL;
+# bench/live.py (two pairs) unchanged. PostgreSQL's documentation files the setting under
+# developer options and warns that direct I/O of *data* files costs speed (no read-ahead, no
+# write combining); it is the WAL only here, whose writes are whole 8 KB pages already. A file
+# system without O_DIRECT would fail the server at its first WAL write, so the data directory
+# is probed before every start (`direct_io_works`), and the setting dropped where it fails.
+# A postmaster setting: a running server takes it at its next start.
+DIRECT_IO = ("debug_io_direct", "wal")
+_PROBE_BYTES = 8192  # one WAL page; an anonymous mmap is page-aligned, as O_DIRECT requires
 
 
 class EmbeddedPostgres:
@@ -139,6 +158,9 @@ def start_embedded(data_dir: Path | str, *, database: str = DATABASE_NAME) -> Em
 
     path = Path(data_dir).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
+    direct = direct_io_works(_wal_dir(path))
+    if not direct:
+        _drop_direct_io(path)
     server = pgserver.get_server(path, cleanup_mode="stop")
     try:
         # `database` is our own constant (or a test's), not external input; psql needs it
@@ -154,6 +176,8 @@ def start_embedded(data_dir: Path | str, *, database: str = DATABASE_NAME) -> Em
                 if "already exists" not in str(err):  # another process won the race
                     raise
         apply_settings(server)
+        if direct:
+            server = _take_direct_io(server, path)
     except BaseException:
         embedded = EmbeddedPostgres(server, path, database)
         embedded.stop()
@@ -167,3 +191,68 @@ def apply_settings(server: Any, settings: dict[str, str] = EMBEDDED_SETTINGS) ->
     reloadable, so a server already running (joined, or left from a crash) takes them too."""
     statements = [f"ALTER SYSTEM SET {name} = '{value}'" for name, value in settings.items()]
     _psql(server, *statements, "SELECT pg_reload_conf()")
+
+
+def direct_io_works(directory: Path) -> bool:
+    """Whether a file in `directory` (or, while it does not exist yet, its nearest existing
+    parent) can be written with O_DIRECT: one aligned 8 KB page, as PostgreSQL writes WAL."""
+    flag = getattr(os, "O_DIRECT", 0)
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    if not flag:
+        return False
+    probe = directory / f".direct_io_probe.{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o600)
+    except OSError:
+        return False
+    try:
+        with mmap.mmap(-1, _PROBE_BYTES) as page:
+            return os.write(fd, page) == _PROBE_BYTES
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)
+
+
+def _wal_dir(path: Path) -> Path:
+    """Where the server writes its WAL (pg_wal may be a link to another file system)."""
+    wal = path / "pg_wal"
+    return wal.resolve() if wal.exists() else path
+
+
+def _drop_direct_io(path: Path) -> None:
+    """Remove DIRECT_IO from the data directory's postgresql.auto.conf (ALTER SYSTEM's file,
+    which the server reads when it starts) where the file system does not allow it: the data
+    directory was moved (or copied) from one that did."""
+    auto = path / "postgresql.auto.conf"
+    if not auto.exists():
+        return
+    lines = auto.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if not line.lstrip().startswith(DIRECT_IO[0])]
+    if kept != lines:
+        log.warning("embedded PostgreSQL in %s: no direct I/O on this file system", path)
+        auto.write_text("".join(kept))
+
+
+def _take_direct_io(server: Any, path: Path) -> Any:
+    """Set DIRECT_IO and, when the server does not run with it yet and no other process uses
+    it (a new data directory: the first start), restart it to take it: about half a second,
+    once. Otherwise it takes the setting at its next start."""
+    import pgserver
+
+    name, value = DIRECT_IO
+    if _psql(server, f"SHOW {name}") == value:
+        return server
+    _psql(server, f"ALTER SYSTEM SET {name} = '{value}'")
+    with server._lock:  # pgserver's inter-process lock around its list of users
+        alone = server.global_process_id_list.get() == [os.getpid()]
+    if not alone:
+        return server
+    log.info("restarting embedded PostgreSQL in %s to write its WAL with direct I/O", path)
+    server.cleanup()  # stops it: we are its only user
+    restarted = pgserver.get_server(path, cleanup_mode="stop")
+    if restarted is server:  # another process joined in between: it was not stopped
+        server.global_process_id_list.get_and_add(os.getpid())
+    return restarted
