@@ -209,7 +209,7 @@ def _build_chunk(
     accounts = [factory.build(first + start + i, start + i) for i in range(size)]
     for account in accounts:
         account_entries(account)  # the truth entries too, while in parallel
-        account.repo.served_blocks()  # and the getRepo order
+        account.repo.full_car()  # and the getRepo order, and the whole CAR
     return accounts
 
 

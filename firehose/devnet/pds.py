@@ -203,18 +203,20 @@ class PdsHost:
     async def _get_repo(self, request: web.Request) -> web.StreamResponse:
         since = self._since(request)
         repo = self._repo(request.query.get("did"))
+        truncate = self.faults.truncate()
         if repo.car is not None:
             car = repo.car
             if since is not None and since >= car.rev:  # its blocks are all of its rev
                 chunks = [car.data[: car.header_bytes]]
             else:
                 chunks = [car.data]  # verbatim
+        elif since is None and not truncate:
+            chunks = [repo.account.repo.full_car()]  # the same sections, cached per rev
         else:
             commit_cid, _ = repo.head()
             blocks = repo.account.repo.blocks_since(since)  # snapshot before the first await
             chunks = [dagcbor.car_header([commit_cid])]
             chunks += [dagcbor.car_section(cid, block) for cid, block in blocks]
-        truncate = self.faults.truncate()
         if truncate:  # cut the middle section in half: a complete HTTP body, a broken CAR
             middle = max(1, len(chunks) // 2) if len(chunks) > 1 else 0
             cut = chunks[middle]

@@ -133,8 +133,9 @@ def _build_chunk(
     for account in accounts:
         account_entries(account)  # the truth entries too, while in parallel
         # and the getRepo order (sorted by first rev and CID string: ~5 s of the devnet's
-        # CPU for 1,000 x 500 if left to the first requests, inside a benchmark's clock)
-        account.repo.served_blocks()
+        # CPU for 1,000 x 500 if left to the first requests, inside a benchmark's clock) and
+        # the whole CAR a getRepo without `since` sends
+        account.repo.full_car()
     return accounts
 
 
