@@ -17,6 +17,7 @@ from firehose.storage.embedded import (
     DATABASE_NAME,
     DIRECT_IO,
     EMBEDDED_SETTINGS,
+    RESTART_SETTINGS,
     direct_io_works,
     start_embedded,
 )
@@ -39,8 +40,10 @@ async def test_embedded_restart_keeps_data(tmp_path: Path) -> None:
             assert backend.parent().nice() == backend.nice()
             for name, value in EMBEDDED_SETTINGS.items():
                 assert await conn.fetchval(f"SHOW {name}") == value
-            # A new data directory gets direct I/O for its WAL at its first start (a restart),
-            # where the file system takes O_DIRECT (this one's does: tests/ run on ext4).
+            # A new data directory gets the settings that take a restart at its first start,
+            # and direct I/O for its WAL where the file system takes O_DIRECT.
+            for name, value in RESTART_SETTINGS.items():
+                assert await conn.fetchval(f"SHOW {name}") == value
             direct = direct_io_works(data_dir)
             assert await conn.fetchval(f"SHOW {DIRECT_IO[0]}") == (DIRECT_IO[1] if direct else "")
         finally:
@@ -106,6 +109,8 @@ async def test_a_data_directory_moved_where_direct_io_fails_starts_without_it(
         try:
             assert await conn.fetchval(f"SHOW {DIRECT_IO[0]}") == ""
             assert await conn.fetchval("SELECT x FROM kept") == 7
+            for name, value in RESTART_SETTINGS.items():
+                assert await conn.fetchval(f"SHOW {name}") == value
         finally:
             await conn.close()
     finally:

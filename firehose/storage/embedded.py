@@ -17,9 +17,9 @@ pgserver notes that shape this module:
 
 The embedded server runs at the priority of the worker that starts it, with the few settings
 of `EMBEDDED_SETTINGS` (set at every start, in its own `postgresql.auto.conf`) and, where its
-file system allows, its WAL written with direct I/O (`DIRECT_IO`: probed before every start,
-taken by a restart when a new data directory does not have it yet); everything else is
-PostgreSQL's default.
+file system allows, its WAL written with direct I/O into 64 MB of WAL buffers (`DIRECT_IO`,
+probed before every start, and `RESTART_SETTINGS`: taken by one restart of a new data
+directory); everything else is PostgreSQL's default.
 """
 
 from __future__ import annotations
@@ -63,20 +63,34 @@ DATABASE_NAME = "atproto"
 # starting: wal` during the run any more. pg_wal may hold up to about 4 GB.
 EMBEDDED_SETTINGS: dict[str, str] = {"wal_init_zero": "off", "max_wal_size": "4GB"}
 
-# WAL written with O_DIRECT (PostgreSQL 16's `debug_io_direct = wal`; up to 15 it did this by
+# Settings that take a restart (postmaster context), set with ALTER SYSTEM like the others and
+# taken by one restart of a new data directory (`_take_restart_settings`). A server already
+# running (joined, or left from a crash) takes them at its next start.
+#
+# debug_io_direct=wal: WAL written with O_DIRECT (PostgreSQL 16's name; up to 15 it did this by
 # itself with `wal_sync_method = open_datasync` at `wal_level = minimal`). The WAL is written
 # once and read back only by a crash recovery, yet through the page cache every byte of it is
 # copied into a page the kernel then keeps, at the expense of the tables' pages: a backfill
-# writes ~1.5 KB of WAL per record, 718 MB per 500,000 records. bench/backfill.py (1,000 x 500),
-# five pairs alternating (2026-12-05, loads 0.36-0.43): 255,936 against 234,927 records/s
-# summed (1.09x), PostgreSQL's CPU 16.1-16.8 against 17.4-21.9 µs per record, the same WAL;
-# bench/live.py (two pairs) unchanged. PostgreSQL's documentation files the setting under
-# developer options and warns that direct I/O of *data* files costs speed (no read-ahead, no
-# write combining); it is the WAL only here, whose writes are whole 8 KB pages already. A file
-# system without O_DIRECT would fail the server at its first WAL write, so the data directory
-# is probed before every start (`direct_io_works`), and the setting dropped where it fails.
-# A postmaster setting: a running server takes it at its next start.
+# writes ~1.5 KB of WAL per record. bench/backfill.py (1,000 x 500), five pairs alternating
+# (2026-12-05, loads 0.36-0.43): 255,936 against 234,927 records/s summed (1.09x), PostgreSQL
+# 16.1-16.8 against 17.4-21.9 µs of CPU per record; bench/live.py (two pairs) unchanged.
+# PostgreSQL's documentation files the setting under developer options and warns that direct
+# I/O of *data* files costs speed (no read-ahead, no write combining); only the WAL is written
+# this way here. A file system without O_DIRECT would fail the server at its first WAL write,
+# so the data directory is probed before every start (`direct_io_works`), and the setting
+# left out (and dropped from a data directory moved there) where the probe fails.
+#
+# wal_buffers=64MB (default 1/32 of shared_buffers: 4 MB), with or without direct I/O: a
+# transaction bigger than the WAL buffers (a big repo's batch of 5,000 records writes ~7 MB)
+# makes its backend write the oldest WAL page itself, one at a time: 46,437-52,600 WAL writes
+# for 500,000 records where batches of 500 need ~1,800. Direct I/O makes each such write wait
+# for the disk. bench/backfill.py --repos 100 --records 5000 (one run each, loads 0.41-0.44):
+# 28,978 records/s with direct I/O and 4 MB, 36,331 without either, 42,664 with 64 MB alone,
+# 46,626 with both (1,016 WAL writes; PostgreSQL 16.8 against 20.2 µs per record without
+# either); bench/pg_ceiling.py with 64 MB, direct I/O against none: copy/2 74,211 against
+# 74,358, apply/2 68,331 against 55,793 records/s. The buffers are shared memory: 64 MB more.
 DIRECT_IO = ("debug_io_direct", "wal")
+RESTART_SETTINGS: dict[str, str] = {"wal_buffers": "64MB"}
 _PROBE_BYTES = 8192  # one WAL page; an anonymous mmap is page-aligned, as O_DIRECT requires
 
 
@@ -176,8 +190,8 @@ def start_embedded(data_dir: Path | str, *, database: str = DATABASE_NAME) -> Em
                 if "already exists" not in str(err):  # another process won the race
                     raise
         apply_settings(server)
-        if direct:
-            server = _take_direct_io(server, path)
+        wanted = {**RESTART_SETTINGS, **(dict([DIRECT_IO]) if direct else {})}
+        server = _take_restart_settings(server, path, wanted)
     except BaseException:
         embedded = EmbeddedPostgres(server, path, database)
         embedded.stop()
@@ -236,21 +250,22 @@ def _drop_direct_io(path: Path) -> None:
         auto.write_text("".join(kept))
 
 
-def _take_direct_io(server: Any, path: Path) -> Any:
-    """Set DIRECT_IO and, when the server does not run with it yet and no other process uses
-    it (a new data directory: the first start), restart it to take it: about half a second,
-    once. Otherwise it takes the setting at its next start."""
+def _take_restart_settings(server: Any, path: Path, settings: dict[str, str]) -> Any:
+    """ALTER SYSTEM each of `settings` (names and values: this module's constants) that the
+    server does not run with, and restart it to take them when no other process uses it (a
+    new data directory: the first start; about half a second, once). Otherwise it takes them
+    at its next start."""
     import pgserver
 
-    name, value = DIRECT_IO
-    if _psql(server, f"SHOW {name}") == value:
+    missing = {k: v for k, v in settings.items() if _psql(server, f"SHOW {k}") != v}
+    if not missing:
         return server
-    _psql(server, f"ALTER SYSTEM SET {name} = '{value}'")
+    _psql(server, *(f"ALTER SYSTEM SET {k} = '{v}'" for k, v in missing.items()))
     with server._lock:  # pgserver's inter-process lock around its list of users
         alone = server.global_process_id_list.get() == [os.getpid()]
     if not alone:
         return server
-    log.info("restarting embedded PostgreSQL in %s to write its WAL with direct I/O", path)
+    log.info("restarting embedded PostgreSQL in %s to take %s", path, ", ".join(missing))
     server.cleanup()  # stops it: we are its only user
     restarted = pgserver.get_server(path, cleanup_mode="stop")
     if restarted is server:  # another process joined in between: it was not stopped
