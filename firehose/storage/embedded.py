@@ -257,7 +257,9 @@ def _take_restart_settings(server: Any, path: Path, settings: dict[str, str]) ->
     at its next start."""
     import pgserver
 
-    missing = {k: v for k, v in settings.items() if _psql(server, f"SHOW {k}") != v}
+    shown = " || '|' || ".join(f"current_setting('{k}')" for k in settings)  # one psql
+    running = _psql(server, f"SELECT {shown}").split("|")
+    missing = {k: v for (k, v), now in zip(settings.items(), running, strict=True) if now != v}
     if not missing:
         return server
     _psql(server, *(f"ALTER SYSTEM SET {k} = '{v}'" for k, v in missing.items()))
