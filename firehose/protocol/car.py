@@ -32,6 +32,7 @@ from firehose.protocol.cid import (
     SUPPORTED_PREFIXES,
     cid_str_from_bytes,
     explain_bad_cid,
+    is_supported_cid,
 )
 from firehose.protocol.errors import CarError
 
@@ -120,7 +121,7 @@ def parse_header(header: bytes) -> bytes:
         count = len(roots) if type(roots) is list else "no"
         raise CarError(f"CAR must have exactly one root, has {count}")
     root = roots[0]
-    if type(root) is not bytes or len(root) != CID_BYTES or root[:4] not in SUPPORTED_PREFIXES:
+    if not is_supported_cid(root):
         raise explain_bad_cid(root) if type(root) is bytes else CarError("root is not a CID")
     return root
 

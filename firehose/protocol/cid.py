@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+from typing import TypeGuard
 
 import libipld
 
@@ -82,6 +83,13 @@ def explain_bad_cid(data: bytes) -> ProtocolError:
     if pos != 4:
         return CarError("non-minimal varint in CID")
     return CarError(f"CID has {len(data) - pos} digest bytes, expected {length}")
+
+
+def is_supported_cid(value: object) -> TypeGuard[bytes]:
+    """Whether `value` is a binary CID this package accepts: 36 bytes with one of
+    SUPPORTED_PREFIXES (CIDv1, dag-cbor or raw, sha2-256). The per-link and per-op hot paths
+    (cbor.py, mst.py, frames.py's record ops) write the same test inline: a call per link."""
+    return type(value) is bytes and len(value) == CID_BYTES and value[:4] in SUPPORTED_PREFIXES
 
 
 def cid_str_reference(cid: bytes) -> str:

@@ -40,7 +40,12 @@ from firehose.model import (
 )
 from firehose.protocol.car import LazyCar, read_car_lazily
 from firehose.protocol.cbor import decode_block, decode_multi, decode_record
-from firehose.protocol.cid import CID_BYTES, SUPPORTED_PREFIXES, cid_str_from_bytes
+from firehose.protocol.cid import (
+    CID_BYTES,
+    SUPPORTED_PREFIXES,
+    cid_str_from_bytes,
+    is_supported_cid,
+)
 from firehose.protocol.cid import _encode_cid as _encode_cid
 from firehose.protocol.errors import FrameError, ProtocolError
 from firehose.protocol.syntax import (
@@ -193,7 +198,7 @@ def _req_did(body: dict[str, Any], key: str) -> str:
 
 def _req_link(body: dict[str, Any], key: str) -> bytes:
     value = body.get(key)
-    if type(value) is not bytes or len(value) != CID_BYTES or value[:4] not in SUPPORTED_PREFIXES:
+    if not is_supported_cid(value):
         raise FrameError(f"field {key!r} must be a CID link")
     return value
 
@@ -299,7 +304,7 @@ def _data_cid(commit: dict[str, Any]) -> str | None:
     data = commit.get("data")
     # Only a CID this module accepts (a 36-byte value of another shape is no CID for it: the
     # encoder would spell any 36 bytes, and a decoder error here is no ProtocolError).
-    if type(data) is bytes and len(data) == CID_BYTES and data[:4] in SUPPORTED_PREFIXES:
+    if is_supported_cid(data):
         return _encode_cid(data)
     return None
 
