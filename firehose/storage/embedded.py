@@ -190,7 +190,8 @@ def start_embedded(data_dir: Path | str, *, database: str = DATABASE_NAME) -> Em
                 if "already exists" not in str(err):  # another process won the race
                     raise
         apply_settings(server)
-        wanted = {**RESTART_SETTINGS, **(dict([DIRECT_IO]) if direct else {})}
+        name, value = DIRECT_IO
+        wanted = {**RESTART_SETTINGS, name: value} if direct else RESTART_SETTINGS
         server = _take_restart_settings(server, path, wanted)
     except BaseException:
         embedded = EmbeddedPostgres(server, path, database)
@@ -203,8 +204,13 @@ def apply_settings(server: Any, settings: dict[str, str] = EMBEDDED_SETTINGS) ->
     """ALTER SYSTEM each of `settings` and reload the server's configuration. The names and
     values are this module's constants (ALTER SYSTEM takes no bind parameters); every one is
     reloadable, so a server already running (joined, or left from a crash) takes them too."""
-    statements = [f"ALTER SYSTEM SET {name} = '{value}'" for name, value in settings.items()]
-    _psql(server, *statements, "SELECT pg_reload_conf()")
+    _psql(server, *_alter_system(settings), "SELECT pg_reload_conf()")
+
+
+def _alter_system(settings: dict[str, str]) -> list[str]:
+    """ALTER SYSTEM statements of `settings`: this module's constants, never external input
+    (ALTER SYSTEM takes no bind parameters)."""
+    return [f"ALTER SYSTEM SET {name} = '{value}'" for name, value in settings.items()]
 
 
 def direct_io_works(directory: Path) -> bool:
@@ -262,7 +268,7 @@ def _take_restart_settings(server: Any, path: Path, settings: dict[str, str]) ->
     missing = {k: v for (k, v), now in zip(settings.items(), running, strict=True) if now != v}
     if not missing:
         return server
-    _psql(server, *(f"ALTER SYSTEM SET {k} = '{v}'" for k, v in missing.items()))
+    _psql(server, *_alter_system(missing))
     with server._lock:  # pgserver's inter-process lock around its list of users
         alone = server.global_process_id_list.get() == [os.getpid()]
     if not alone:
