@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from firehose.model import Action, RecordWrite
-from firehose.storage import queries
+from firehose.storage import queries, rows
 from firehose.storage.rows import (
     MAX_ARRAY_ITEMS,
     MAX_INDEXED_TEXT_CHARS,
@@ -266,6 +266,45 @@ def test_rows_of_matches_the_single_functions() -> None:
 )
 def test_created_at(value: Any, expected: datetime | None) -> None:
     assert created_at_of({"createdAt": value}) == expected
+
+
+def _created_at_by_regex(value: str) -> datetime | None:
+    """The rule as the regex alone states it: the reference for the shapes' fast path."""
+    if rows._DATETIME_RE.fullmatch(value) is None:
+        return None
+    try:
+        return datetime.fromisoformat(value).astimezone(UTC)
+    except (ValueError, OverflowError):
+        return None
+
+
+_NEAR_DATETIME = st.builds(
+    lambda date, t, time, fraction, zone: f"{date}{t}{time}{fraction}{zone}",
+    st.one_of(
+        st.dates().map(lambda d: f"{d.year:04d}-{d.month:02d}-{d.day:02d}"),
+        st.from_regex(r"[0-9\u0662x]{4}-[0-9]{2}-[0-9]{1,3}", fullmatch=True),
+    ),
+    st.sampled_from(["T", "t", " "]),
+    st.one_of(
+        st.times().map(lambda t: t.strftime("%H:%M:%S")),
+        st.from_regex(r"[0-9]{2}:[0-9 ]{2}:[0-9]{2}", fullmatch=True),
+    ),
+    st.one_of(
+        st.just(""),
+        st.integers(0, 24).map(lambda n: "." + "7" * n),
+        st.text("0123456789a", max_size=24).map(".".__add__),
+    ),
+    st.sampled_from(["Z", "z", "", "+01:30", "-00:60", "Z\n", "\u0662", "\ud800"]),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(_NEAR_DATETIME, st.text("0123456789-:.TZ+", max_size=32)))
+def test_created_at_shapes_agree_with_the_regex(value: str) -> None:
+    """created_at_of's shape set (the UTC forms, without the regex) accepts exactly what the
+    regex accepts: near misses (a letter for a digit, 21 fractional digits, a lower-case t or z,
+    a trailing newline, a lone surrogate) fall through to it and get its answer."""
+    assert created_at_of({"createdAt": value}) == _created_at_by_regex(value)
 
 
 def test_created_at_of_non_dict() -> None:
