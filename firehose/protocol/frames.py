@@ -283,19 +283,21 @@ def _commit(body: dict[str, Any], limits: FrameLimits) -> CommitEvent:
             path = op.get("path") if type(op) is dict else None
             where = path[:120] if type(path) is str else "?"
             invalid.append((exc.reason, f"{where}: {exc.detail}"[:200]))
+    # Positional, in the field order (the names are the fields' but where noted): with
+    # keywords this twelve-field dataclass cost 664 against 245 ns per call, once per frame.
     return CommitEvent(
-        seq=seq,
-        did=did,
-        rev=rev,
-        since=since,
-        commit=commit_cid,
-        prev_data=_opt_link_str(body, "prevData"),
-        time=_time(body),
-        writes=tuple(writes),
-        too_big=too_big,
-        invalid_ops=tuple(invalid),
-        data_cid=_data_cid(commit),
-        commit_block=commit_block,
+        seq,
+        did,
+        rev,
+        since,
+        commit_cid,  # commit
+        _opt_link_str(body, "prevData"),  # prev_data
+        _time(body),  # time
+        tuple(writes),
+        too_big,
+        tuple(invalid),  # invalid_ops
+        _data_cid(commit),
+        commit_block,
     )
 
 
