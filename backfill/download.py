@@ -9,10 +9,11 @@ holds only an index, digest prefix -> (offset, length), 16 bytes per block whate
 block size (see `BlockSpool`). The MST walk then reads nodes and records back with
 ``os.pread``.
 
-A repo whose CAR stays under MEMORY_SPOOL_MAX_BYTES (1 MiB: most accounts) skips the
-spool: its blocks stay in a dict (`MemoryBlocks`) and the completeness walk's MST entries
-are kept, so `writes` does not walk the tree again; it spills to the spool the moment it
-grows past that, so memory per repo in flight stays bounded.
+A repo whose CAR stays under MEMORY_SPOOL_MAX_BYTES (4 MiB: all but the biggest accounts)
+skips the spool while the process's `MemoryBudget` (a share of BACKFILL_MAX_MEMORY_MB, over
+all its repos in flight) has room for it: its blocks stay in a dict (`MemoryBlocks`) and the
+completeness walk's MST entries are kept, so `writes` does not walk the tree again. It
+spills to the spool the moment it grows past either, so memory stays bounded.
 
 Before `fetch_repo` returns, the MST is walked once checking that every node and record
 block is present: an export cut at a block boundary (which the CAR reader cannot notice)
@@ -66,9 +67,16 @@ GET_REPO_PATH = "/xrpc/com.atproto.sync.getRepo"
 SPOOL_WRITE_BUFFER_BYTES = 1024 * 1024
 # A repo whose CAR stays under this is kept in memory (a dict of blocks, its MST entries
 # remembered from the completeness walk): no spool file, no pread, one MST walk instead of
-# two. Bigger ones spill to the disk spool as soon as they pass it, so memory stays bounded
-# at about this much per repo in flight (x BACKFILL_MAX_CONCURRENT).
-MEMORY_SPOOL_MAX_BYTES = 1024 * 1024
+# two. Bigger ones spill to the disk spool as soon as they pass it, and so does a repo for
+# which the process's MemoryBudget has no room left. The spool costs a pread per block and
+# a second walk: `bench/backfill.py --repos 100 --records 5000` (1.5 MB CARs) took 24.1
+# µs of the backfill's CPU per record against 16.6 for 500-record repos in memory (issue
+# 11, session 31); it was 1 MiB before, when it also bounded memory alone.
+MEMORY_SPOOL_MAX_BYTES = 4 * 1024 * 1024
+# The MemoryBudget of a process: this fraction of its BACKFILL_MAX_MEMORY_MB share, counted
+# in CAR bytes. A repo held in memory takes about twice its CAR (a bytes object and a dict
+# slot per block, and its MST entries), so in-memory repos use at most about a quarter.
+MEMORY_BUDGET_FRACTION = 8
 # Repos held in memory with at most this many blocks are checked on the event loop, not in
 # a thread (see fetch_repo); a real 137 KB CAR of 185 records (paul_staging) has 458.
 INLINE_WALK_MAX_BLOCKS = 2000
@@ -177,15 +185,48 @@ class BlockSpool:
         self._file.close()
 
 
+class MemoryBudget:
+    """The CAR bytes one process may hold in memory at once, over all its repos in flight
+    (`MemoryBlocks.reserve`): a download that finds no room spills to the disk spool."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.used_bytes = 0
+
+    def take(self, size: int) -> bool:
+        if self.used_bytes + size > self.limit_bytes:
+            return False
+        self.used_bytes += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used_bytes -= size
+
+
 class MemoryBlocks:
     """The blocks of a small repo in memory, with `BlockSpool`'s interface. Keys are whole
     binary CIDs, so `get` is exact; a repeated section replaces the earlier copy (the last
-    copy wins, as in the spool)."""
+    copy wins, as in the spool). What it holds is taken from `budget` (`reserve`) and given
+    back when it closes."""
 
-    def __init__(self) -> None:
+    def __init__(self, budget: MemoryBudget | None = None) -> None:
         self._blocks: dict[bytes, bytes] = {}
         self.blocks = 0
         self.size = 0
+        self._budget = budget
+        self._held = 0  # bytes of `budget` taken
+
+    def reserve(self, max_bytes: int) -> bool:
+        """Take what the blocks added since the last call hold from the budget; False (and
+        nothing taken) when the repo would pass `max_bytes` or the budget has no room: the
+        caller then spills it to the disk spool, which closes this."""
+        if self.size > max_bytes:
+            return False
+        if self._budget is not None:
+            if not self._budget.take(self.size - self._held):
+                return False
+            self._held = self.size
+        return True
 
     def add(self, cid: bytes, block: bytes) -> None:
         self._blocks[cid] = block
@@ -206,6 +247,9 @@ class MemoryBlocks:
 
     def close(self) -> None:
         self._blocks = {}
+        if self._budget is not None:
+            self._budget.give(self._held)
+            self._held = 0
 
 
 Blocks = BlockSpool | MemoryBlocks
@@ -381,6 +425,7 @@ async def fetch_repo(
     spool_dir: Path,
     memory_max_bytes: int | None = None,
     since: str | None = None,
+    memory: MemoryBudget | None = None,
 ) -> RepoSnapshot:
     """Download, verify and spool `did`'s repo from `pds` (with `since`: what was written
     after that rev, a partial tree; see the module doc).
@@ -394,7 +439,7 @@ async def fetch_repo(
     url = pds.rstrip("/") + GET_REPO_PATH
     params = {"did": did} if since is None else {"did": did, "since": since}
     reader = CarStreamReader()
-    spool: Blocks = MemoryBlocks()
+    spool: Blocks = MemoryBlocks(memory)
     try:
         async with http.stream(url, params, max_bytes=max_bytes) as chunks:
             async for chunk in chunks:
@@ -406,7 +451,7 @@ async def fetch_repo(
                 except ProtocolError as exc:
                     reason = "too_large" if exc.reason == "too_large" else "bad_response"
                     raise FetchError(reason, f"CAR: {exc}", transient=False) from None
-                if isinstance(spool, MemoryBlocks) and spool.size > memory_max_bytes:
+                if isinstance(spool, MemoryBlocks) and not spool.reserve(memory_max_bytes):
                     spool = _spill(spool, spool_dir)
         try:
             reader.close()
@@ -432,8 +477,8 @@ async def fetch_repo(
         # The walk decodes every MST node. A small repo held in memory walks on the event
         # loop: a thread would add ~70 µs of CPU per repo (hand-off, wake-up, result; uvloop
         # on this machine), about 7 % of a small repo's whole cost, and contend with the
-        # loop for the GIL. paul_staging's 458 blocks walk in 0.22 ms; the 1 MiB in-memory
-        # cap (MEMORY_SPOOL_MAX_BYTES) bounds what a hostile repo can hold the loop for.
+        # loop for the GIL. paul_staging's 458 blocks walk in 0.22 ms; the block count
+        # (INLINE_WALK_MAX_BLOCKS) bounds what a hostile repo can hold the loop for.
         # Bigger repos walk off the event loop, which also serves the live stream.
         in_memory = isinstance(spool, MemoryBlocks)
         entries: list[tuple[str, bytes]] | None = [] if in_memory else None
@@ -480,7 +525,7 @@ def checked_snapshot(
 
 
 def _spill(memory: MemoryBlocks, spool_dir: Path) -> BlockSpool:
-    """A repo grew past MEMORY_SPOOL_MAX_BYTES: move its blocks to the disk spool."""
+    """A repo grew past what memory may hold of it: move its blocks to the disk spool."""
     spool = BlockSpool(spool_dir)
     try:
         for cid, block in memory.items():

@@ -12,9 +12,12 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from backfill.settings import BackfillSettings
+
+if TYPE_CHECKING:
+    from backfill.download import MemoryBudget
 
 MIB = 1024 * 1024
 LIST_REPOS_PAGE = 1000  # listRepos' maximum page size
@@ -89,8 +92,18 @@ class Network(Protocol):
 class HttpNetwork:
     """The real network: relay listRepos, identity resolution, getRepo spooled to disk."""
 
-    def __init__(self, http: Any, resolver: Any, relay_base: str, *, max_bytes: int, spool: Path):
+    def __init__(
+        self,
+        http: Any,
+        resolver: Any,
+        relay_base: str,
+        *,
+        max_bytes: int,
+        spool: Path,
+        memory: MemoryBudget | None = None,
+    ):
         self._http = http
+        self._memory = memory  # what this process's repos may hold in memory together
         self._resolver = resolver
         self._relay_base = relay_base
         self._max_bytes = max_bytes
@@ -142,7 +155,7 @@ class HttpNetwork:
         try:
             snap: Snapshot = await fetch_window(
                 self._http, identity.pds, did, since=since, want_profile=want_profile,
-                max_bytes=self._max_bytes, spool_dir=self._spool,
+                max_bytes=self._max_bytes, spool_dir=self._spool, memory=self._memory,
             )  # fmt: skip
         except FetchError as err:
             if err.reason in ("not_found", "repo_not_found"):
@@ -160,10 +173,17 @@ class HttpNetwork:
 
 @contextlib.asynccontextmanager
 async def open_http_network(
-    settings: BackfillSettings, relay_url: str, *, per_host_concurrency: int | None = None
+    settings: BackfillSettings,
+    relay_url: str,
+    *,
+    per_host_concurrency: int | None = None,
+    memory_mb: int | None = None,
 ) -> AsyncIterator[HttpNetwork]:
+    """The network of one process; `memory_mb`, its part of BACKFILL_MAX_MEMORY_MB (default:
+    all of it), sizes the MemoryBudget of its in-memory repos (download.py)."""
     import aiohttp
 
+    from backfill.download import MEMORY_BUDGET_FRACTION, MemoryBudget
     from backfill.hosts import HostClient
     from backfill.identity import IdentityResolver
     from backfill.relay_http import relay_http_base
@@ -184,6 +204,9 @@ async def open_http_network(
                 relay_http_base(relay_url),
                 max_bytes=settings.max_repo_mb * MIB,
                 spool=spool,
+                memory=MemoryBudget(
+                    (memory_mb or settings.max_memory_mb) * MIB // MEMORY_BUDGET_FRACTION
+                ),
             )
     finally:
         shutil.rmtree(spool, ignore_errors=True)

@@ -234,7 +234,9 @@ class BackfillService:
         if self._network is not None:
             yield self._network
             return
-        async with open_http_network(self.settings, self.relay_url) as net:
+        async with open_http_network(
+            self.settings, self.relay_url, memory_mb=self.own.max_memory_mb
+        ) as net:
             yield net
 
     async def _open_job(self) -> Job | None:

@@ -65,6 +65,7 @@ async def fetch_window(
     max_bytes: int,
     spool_dir: Path,
     memory_max_bytes: int | None = None,
+    memory: download.MemoryBudget | None = None,
 ) -> RepoSnapshot:
     """`did`'s repo from `pds`: the part written after `since` (None: the whole repo) plus,
     with `want_profile`, its current profile when that part does not settle it."""
@@ -73,7 +74,7 @@ async def fetch_window(
     async def whole(reason: str, spent: int) -> RepoSnapshot:
         snap = await fetch_repo(
             http, pds, did, max_bytes=max_bytes, spool_dir=spool_dir,
-            memory_max_bytes=memory_max_bytes,
+            memory_max_bytes=memory_max_bytes, memory=memory,
         )  # fmt: skip
         snap.since_fallback = reason
         snap.bytes_downloaded += spent
@@ -82,12 +83,12 @@ async def fetch_window(
     if since is None:
         return await fetch_repo(
             http, pds, did, max_bytes=max_bytes, spool_dir=spool_dir,
-            memory_max_bytes=memory_max_bytes,
+            memory_max_bytes=memory_max_bytes, memory=memory,
         )  # fmt: skip
     try:
         snap = await fetch_repo(
             http, pds, did, max_bytes=max_bytes, spool_dir=spool_dir,
-            memory_max_bytes=memory_max_bytes, since=since,
+            memory_max_bytes=memory_max_bytes, since=since, memory=memory,
         )  # fmt: skip
     except SinceSuspect as suspect:
         log.info(

@@ -18,7 +18,14 @@ import pytest
 from aiohttp import web
 from backfill_http import host_client, serve
 
-from backfill.download import BlockSpool, RepoSnapshot, SkippedRecord, fetch_repo
+from backfill.download import (
+    BlockSpool,
+    MemoryBlocks,
+    MemoryBudget,
+    RepoSnapshot,
+    SkippedRecord,
+    fetch_repo,
+)
 from backfill.hosts import FetchError
 from backfill.window import Window
 from firehose.model import Action, RecordWrite
@@ -293,3 +300,52 @@ async def test_in_memory_and_spilled_snapshots_agree(name: str, tmp_path: Path) 
         assert list(small.writes(EVERYTHING)) == a  # iterable again
     with pytest.raises(ValueError):
         list(small.writes(EVERYTHING))
+
+
+def test_memory_blocks_take_from_the_budget_and_give_it_back() -> None:
+    budget = MemoryBudget(1000)
+    first, second = MemoryBlocks(budget), MemoryBlocks(budget)
+    first.add(b"a" * 36, b"x" * 364)  # 400 bytes with its CID
+    assert first.reserve(10_000) and budget.used_bytes == 400
+    first.add(b"b" * 36, b"x" * 364)
+    assert first.reserve(10_000) and budget.used_bytes == 800  # only what was added
+    second.add(b"c" * 36, b"x" * 364)
+    assert not second.reserve(10_000) and budget.used_bytes == 800  # no room: nothing taken
+    assert not first.reserve(700)  # past the repo's own cap, whatever the budget
+    first.close()
+    assert budget.used_bytes == 0
+    assert second.reserve(10_000) and budget.used_bytes == 400
+    second.close()
+    second.close()
+    assert budget.used_bytes == 0
+
+
+async def test_a_full_memory_budget_spills_to_disk_and_every_repo_gives_it_back(
+    tmp_path: Path,
+) -> None:
+    """Two repos that the process's budget cannot hold together: the first stays in memory,
+    the second spills to the disk spool, both yield the same writes, and the budget is whole
+    again once they close, also after a download that failed half way."""
+    path, count = CARS[sorted(CARS)[0]]
+    body = path.read_bytes()
+    did = truth(body)[0]
+    budget = MemoryBudget(len(body) + len(body) // 2)
+    async with pds(body, "chunked") as base, host_client() as http:
+        kept = await fetch_repo(
+            http, base, did, max_bytes=len(body), spool_dir=tmp_path, memory=budget
+        )
+        assert 0 < budget.used_bytes <= len(body)
+        spilled = await fetch_repo(
+            http, base, did, max_bytes=len(body), spool_dir=tmp_path, memory=budget
+        )
+        with kept, spilled:
+            assert kept.in_memory and not spilled.in_memory
+            a, b = list(kept.writes(EVERYTHING)), list(spilled.writes(EVERYTHING))
+            assert a == b and len(a) == count
+        assert budget.used_bytes == 0
+    async with pds(body[: len(body) - 7], "chunked") as base, host_client() as http:
+        with pytest.raises(FetchError):
+            await fetch_repo(
+                http, base, did, max_bytes=len(body), spool_dir=tmp_path, memory=budget
+            )
+    assert budget.used_bytes == 0
