@@ -133,8 +133,10 @@ def _blob_cid(value: Any) -> str | None:
 # does the parsing and rejects impossible dates, hours and leap seconds. ASCII digits only
 # (`\d` would let Arabic-Indic digits through to fromisoformat) and offset minutes 00..59:
 # fromisoformat reads "+00:60" as one hour, which is no RFC 3339 offset (issue 5, hygiene).
+_FRACTION_DIGITS_MAX = 20  # both forms of the rule below
 _DATETIME_RE = re.compile(
-    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,20})?"
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}"
+    rf"(?:\.[0-9]{{1,{_FRACTION_DIGITS_MAX}}})?"
     r"(?:Z|[+-][0-9]{2}:[0-5][0-9])"
 )
 # The same rule for the form nearly every record has (UTC, `Z`, up to 20 fractional digits),
@@ -144,7 +146,8 @@ _DATETIME_RE = re.compile(
 # character) still goes to the regex.
 _DIGITS_AS_ZERO = bytes.maketrans(b"0123456789", b"0000000000")
 _UTC_SHAPES = frozenset(
-    [b"0000-00-00T00:00:00Z"] + [b"0000-00-00T00:00:00." + b"0" * n + b"Z" for n in range(1, 21)]
+    [b"0000-00-00T00:00:00Z"]
+    + [b"0000-00-00T00:00:00." + b"0" * n + b"Z" for n in range(1, _FRACTION_DIGITS_MAX + 1)]
 )
 
 
