@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from pathlib import Path
 
 from backfill import download
@@ -71,25 +72,24 @@ async def fetch_window(
     with `want_profile`, its current profile when that part does not settle it."""
     fetch_repo = download.fetch_repo  # looked up at call time (tests substitute it)
 
-    async def whole(reason: str, spent: int) -> RepoSnapshot:
-        snap = await fetch_repo(
+    def get_repo(after: str | None = None) -> Awaitable[RepoSnapshot]:
+        """getRepo of `did` (what was written after `after`; None: whole), within the same
+        bounds for every attempt."""
+        return fetch_repo(
             http, pds, did, max_bytes=max_bytes, spool_dir=spool_dir,
-            memory_max_bytes=memory_max_bytes, memory=memory,
+            memory_max_bytes=memory_max_bytes, since=after, memory=memory,
         )  # fmt: skip
+
+    async def whole(reason: str, spent: int) -> RepoSnapshot:
+        snap = await get_repo()
         snap.since_fallback = reason
         snap.bytes_downloaded += spent
         return snap
 
     if since is None:
-        return await fetch_repo(
-            http, pds, did, max_bytes=max_bytes, spool_dir=spool_dir,
-            memory_max_bytes=memory_max_bytes, memory=memory,
-        )  # fmt: skip
+        return await get_repo()
     try:
-        snap = await fetch_repo(
-            http, pds, did, max_bytes=max_bytes, spool_dir=spool_dir,
-            memory_max_bytes=memory_max_bytes, since=since, memory=memory,
-        )  # fmt: skip
+        snap = await get_repo(since)
     except SinceSuspect as suspect:
         log.info(
             "[BACKFILL] %s: getRepo since=%s answer lacks a block newer than since (%s); "
