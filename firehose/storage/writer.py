@@ -43,6 +43,7 @@ from firehose.storage.rows import RECORD_COLUMN, record_json, rows_of, storable
 # of work (rows_of and the JSON cost 3-6 µs per write).
 PREPARE_STEP_WRITES = 64
 _T = TypeVar("_T")
+_DELETE = Action.DELETE  # a module global: an enum member's lookup on its class costs more
 
 # (did, rev, data_cid): the head of a repo after a commit. data_cid is the commit's MST root
 # when the caller knows it, else None.
@@ -69,12 +70,6 @@ class ApplyStats:
     def add(self, other: ApplyStats) -> None:
         for f in fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-
-
-def _keep(latest: dict[str, RecordWrite], uri: str, w: RecordWrite) -> None:
-    seen = latest.get(uri)
-    if seen is None or seen.rev <= w.rev:
-        latest[uri] = w
 
 
 def heads_from_writes(writes: Iterable[RecordWrite]) -> list[RepoHead]:
@@ -132,12 +127,16 @@ def _applied_writes_steps(
     the unstorable ones and the superseded ones in `stats`."""
     stats.writes += len(writes)
     latest: dict[str, RecordWrite] = {}
+    seen_write = latest.get
     valid = 0
     for n, w in enumerate(writes, 1):
         uri = w.uri
         if storable(w, uri):
             valid += 1
-            _keep(latest, uri, w)
+            # The highest rev per uri (ties: the later write), inline: every write passes here.
+            seen = seen_write(uri)
+            if seen is None or seen.rev <= w.rev:
+                latest[uri] = w
         if not n % PREPARE_STEP_WRITES:
             yield
     stats.invalid += len(writes) - valid
@@ -169,7 +168,7 @@ def _prepare_steps(
         if not n % PREPARE_STEP_WRITES:
             yield
         w = latest[uri]
-        if w.action == Action.DELETE:  # == : a plain "delete" str counts too
+        if w.action == _DELETE:  # == : a plain "delete" str counts too
             d_uri.append(uri)
             d_did.append(w.did)
             d_col.append(w.collection)
@@ -184,7 +183,10 @@ def _prepare_steps(
             stats.sanitized += 1
         t = both[1]
         if t is not None:
-            typed.setdefault(t[0], []).append(t[1])
+            table = typed.get(t[0])
+            if table is None:
+                table = typed[t[0]] = []
+            table.append(t[1])
     written = heads_from_writes(latest.values())
     if heads is not None:
         # Every repo written gets a head in the same transaction, also when the caller's heads
