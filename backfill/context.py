@@ -41,6 +41,9 @@ class Context:
     lease_s: float = LEASE_S
     wanted_collections: tuple[str, ...] = ()
     in_flight: set[str] = field(default_factory=set)
+    # Set when this process queued repos (an enumeration page): the dispatcher, idle on an
+    # empty queue, claims at once instead of at its next poll.
+    queued: asyncio.Event = field(default_factory=asyncio.Event)
     dead_owners: list[str] = field(default_factory=list)
 
     @contextlib.asynccontextmanager

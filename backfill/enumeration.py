@@ -180,6 +180,7 @@ async def _save_page(
             # Our lease was taken over meanwhile: undo, the new owner pages on.
             raise _LostLease
         await save_cursor(conn, CURSOR_SERVICE, row["list_pages"], None)
+    ctx.queued.set()
     m = ctx.metrics
     m.enumeration_pages.labels(step.method).inc()
     m.repos_skipped.labels("dormant").inc(dormant)

@@ -90,6 +90,7 @@ class FakeNetwork:
     per_repo: int = 10
     page_size: int = 7
     fetch_delay_s: float = 0.01
+    list_delay_s: float = 0.0
     inactive: set[str] = field(default_factory=set)
     failures: dict[str, list[Exception]] = field(default_factory=dict)
     rate_limit_pauses: int = 0
@@ -103,6 +104,7 @@ class FakeNetwork:
         return [did(i) for i in range(self.n_repos)]
 
     async def list_repos(self, cursor: str | None, limit: int) -> Page:
+        await asyncio.sleep(self.list_delay_s)
         start = int(cursor or 0)
         chunk = self.all_dids()[start : start + self.page_size]
         end = start + len(chunk)
@@ -252,6 +254,20 @@ async def test_concurrency_never_exceeds_the_limit(db_dsn: str) -> None:
         await run_to_end(make(replace(FAST, max_concurrent=3), pool, net))
     assert net.max_in_flight == 3
     assert sum(net.done_fetches.values()) == 30
+
+
+async def test_an_idle_dispatcher_claims_when_a_page_is_queued(
+    db_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each listRepos page comes late, so the dispatcher finds the queue empty first; with
+    its polls an hour apart, only the enumeration's wake-up (Context.queued) and its own
+    repos ending can move it on: the job still completes."""
+    monkeypatch.setattr("backfill.service.DISPATCH_IDLE_MIN_S", 3600.0)
+    monkeypatch.setattr("backfill.service.DISPATCH_POLL_S", 3600.0)
+    net = FakeNetwork(n_repos=20, page_size=7, list_delay_s=0.2)
+    async with service_pool(db_dsn) as pool:
+        await run_to_end(make(FAST, pool, net))
+    assert sum(net.done_fetches.values()) == 20
 
 
 async def test_batches_and_delay(
