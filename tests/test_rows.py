@@ -227,14 +227,40 @@ def test_no_typed_row() -> None:
     assert records_row(w("com.example.thing", None)) is None
 
 
-def test_rows_of_matches_the_single_functions() -> None:
-    write = w("app.bsky.feed.like", {"subject": REF, "createdAt": "2024-01-02T03:04:05Z"})
+_AT = {"createdAt": "2024-01-02T03:04:05Z"}
+
+
+@pytest.mark.parametrize(
+    ("collection", "record"),
+    [
+        ("app.bsky.feed.like", {"subject": REF, **_AT}),
+        ("app.bsky.feed.repost", {"subject": REF, **_AT}),
+        ("app.bsky.feed.post", {"text": "hi", "langs": ["en"], "reply": {"root": REF}, **_AT}),
+        ("app.bsky.graph.follow", {"subject": "did:plc:bob", **_AT}),
+        ("app.bsky.graph.block", {"subject": "did:plc:bob", **_AT}),
+        ("app.bsky.actor.profile", {"displayName": "B", "avatar": {"cid": "bafyav"}}),
+        ("app.bsky.graph.list", {"name": "l", "purpose": "p", **_AT}),
+        ("app.bsky.graph.listitem", {"list": REF["uri"], "subject": "did:plc:bob", **_AT}),
+        ("app.bsky.feed.generator", {"did": "did:web:feed", "displayName": "F", **_AT}),
+        ("app.bsky.graph.starterpack", {"name": "s", "list": REF["uri"], **_AT}),
+        ("com.example.thing", {"a": 1, **_AT}),
+    ],
+)
+def test_rows_of_matches_the_single_functions(collection: str, record: dict[str, Any]) -> None:
+    """rows_of builds both rows inline (the writer's hot path): the same rows, for every
+    typed table and for a collection without one, as records_row and typed_row."""
+    write = w(collection, record)
     both = rows_of(write, write.uri)
     assert both is not None
     # rows_of keeps the record itself for the writer's one-call JSON of a batch.
     assert (with_record_json(both[0]), both[1]) == (records_row(write), typed_row(write))
     row = records_row(write)
     assert row is not None and len(row) == len(queries.RECORDS_COLUMNS)
+    table = queries.TYPED_TABLES.get(collection)
+    if table is None:
+        assert both[1] is None
+    else:
+        assert both[1] is not None and len(both[1][1]) == len(table.all_columns)
 
 
 @pytest.mark.parametrize(
