@@ -247,8 +247,8 @@ _AT = {"createdAt": "2024-01-02T03:04:05Z"}
     ],
 )
 def test_rows_of_matches_the_single_functions(collection: str, record: dict[str, Any]) -> None:
-    """rows_of builds both rows inline (the writer's hot path): the same rows, for every
-    typed table and for a collection without one, as records_row and typed_row."""
+    """rows_of (the writer's hot path) gives the same rows, for every typed table and for a
+    collection without one, as records_row and typed_row."""
     write = w(collection, record)
     both = rows_of(write, write.uri)
     assert both is not None

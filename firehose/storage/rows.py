@@ -390,17 +390,10 @@ def rows_of(write: RecordWrite, uri: str) -> tuple[Row, tuple[str, Row] | None] 
     whole batch of rows into JSON in one call (writer.records_json), falling back to
     `record_json` per record for what that call refuses (`with_record_json`)."""
     record = write.record
-    cid = write.cid
-    if not isinstance(record, dict) or cid is None:
+    if not isinstance(record, dict) or write.cid is None:
         return None
-    # _records and _typed, inline: this runs for every record the writer stores.
     created_at = created_at_of(record)
-    did, collection, rkey, rev = write.did, write.collection, write.rkey, write.rev
-    row = (uri, did, collection, rkey, cid, rev, record, created_at)
-    entry = _TABLES.get(collection)
-    if entry is None:
-        return row, None
-    return row, (entry[0], (uri, did, rkey, cid, rev, created_at, *entry[1](record)))
+    return _records(write, uri, record, created_at), _typed(write, uri, record, created_at)
 
 
 def storable(write: RecordWrite, uri: str | None = None) -> bool:
