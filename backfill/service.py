@@ -330,11 +330,7 @@ class BackfillService:
     # -- the loops -----------------------------------------------------------------------
 
     async def _watch_stop(self, ctx: Context, stop: asyncio.Event) -> None:
-        stop_wait = asyncio.ensure_future(stop.wait())
-        halt_wait = asyncio.ensure_future(ctx.halt.wait())
-        await asyncio.wait({stop_wait, halt_wait}, return_when=asyncio.FIRST_COMPLETED)
-        stop_wait.cancel()
-        halt_wait.cancel()
+        await _wait_any(set(), (stop, ctx.halt), None)
         ctx.halt.set()
 
     async def _dispatch(self, ctx: Context) -> None:
@@ -498,9 +494,9 @@ def _first_leaf(exc: BaseException) -> str:
 
 
 async def _wait_any(
-    tasks: set[asyncio.Task[None]], events: tuple[asyncio.Event, ...], wait_s: float
+    tasks: set[asyncio.Task[None]], events: tuple[asyncio.Event, ...], wait_s: float | None
 ) -> None:
-    """Until one of `tasks` ends, one of `events` is set, or `wait_s` passes."""
+    """Until one of `tasks` ends, one of `events` is set, or `wait_s` passes (None: no limit)."""
     waiters = [asyncio.ensure_future(e.wait()) for e in events]
     try:
         await asyncio.wait({*tasks, *waiters}, timeout=wait_s, return_when="FIRST_COMPLETED")
