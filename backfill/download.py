@@ -55,7 +55,7 @@ from backfill.since import (
     check_partial,
 )
 from backfill.window import Window
-from firehose.model import Action, RecordWrite
+from firehose.model import RecordWrite, SnapshotRecord, snapshot_record, snapshot_write
 from firehose.protocol.car import Car, CarStreamReader
 from firehose.protocol.cbor import decode_record
 from firehose.protocol.cid import CID_BYTES, cid_bytes_from_str, cid_str_from_bytes
@@ -302,9 +302,15 @@ class RepoSnapshot:
         return walk_mst(self.data_cid, spool.get)
 
     def writes(self, window: Window) -> Iterator[RecordWrite | SkippedRecord]:
-        """Records in MST key order as RecordWrite(CREATE, rev=snapshot rev), or Skipped;
-        then `extra` (the profile fetched with getRecord, at its own commit's rev) under the
-        same window rule. A partial snapshot yields only the records present.
+        """`items` with each record as its RecordWrite (CREATE of this snapshot's did)."""
+        did = self.did
+        for item in self.items(window):
+            yield item if isinstance(item, SkippedRecord) else snapshot_write(did, item)
+
+    def items(self, window: Window) -> Iterator[SnapshotRecord | SkippedRecord]:
+        """Records in MST key order at the snapshot's rev, or Skipped; then `extra` (the
+        profile fetched with getRecord, at its own commit's rev) under the same window rule.
+        A partial snapshot yields only the records present.
 
         Synchronous and CPU/disk bound: run it off the event loop for big repos. The window
         is applied to the rkey first, so a record outside a TID window is never read.
@@ -312,7 +318,7 @@ class RepoSnapshot:
         spool = self._spool
         if spool is None:
             raise ValueError("snapshot is closed")
-        did, rev = self.did, self.rev
+        rev = self.rev
         partial = self.kind == KIND_SINCE_PARTIAL
         entries = self._walk(spool)
         nsids: dict[str, bool] = {}  # a repo has a handful of collections: check each once
@@ -342,19 +348,10 @@ class RepoSnapshot:
             if verdict is None and not window.keeps(rkey, record, collection):
                 yield SkippedRecord(SKIP_WINDOW, collection, rkey)
                 continue
-            yield RecordWrite(
-                did,
-                collection,
-                rkey,
-                rev,
-                Action.CREATE,
-                cid_str_from_bytes(cid),
-                record,
-                sanitized,
-            )
+            yield (collection, rkey, rev, cid_str_from_bytes(cid), record, sanitized)
         for write in self.extra:
             if window.keeps(write.rkey, write.record, write.collection):
-                yield write
+                yield snapshot_record(write)
             else:
                 yield SkippedRecord(SKIP_WINDOW, write.collection, write.rkey)
 

@@ -15,12 +15,12 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from backfill.download import SkippedRecord
 from backfill.jobs import cutoff_for
 from backfill.network import LIST_REPOS_PAGE, Network
 from backfill.progress import Counts
 from backfill.settings import BackfillSettings
 from backfill.window import Window
-from firehose.model import RecordWrite
 
 log = logging.getLogger("backfill")
 
@@ -58,12 +58,12 @@ async def dry_run(
                 log.warning("[BACKFILL] Dry run: %s failed: %s", did, exc)
                 return
             try:
-                for item in snap.writes(window):
+                for item in snap.items(window):
                     totals.received += 1
-                    if isinstance(item, RecordWrite):
-                        totals.processed += 1
-                    else:
+                    if isinstance(item, SkippedRecord):
                         totals.skipped += 1
+                    else:
+                        totals.processed += 1
                 totals.bytes += snap.bytes_downloaded
                 repos += 1
             finally:

@@ -2,7 +2,7 @@
 
 * At most BACKFILL_MAX_CONCURRENT repos are in flight per process (the semaphore around
   download + write).
-* Records go to firehose.storage.snapshots.write_snapshot in batches of BACKFILL_BATCH_SIZE,
+* Records go to firehose.storage.snapshots.write_rows in batches of BACKFILL_BATCH_SIZE,
   with BACKFILL_BATCH_DELAY_MS between batches and the throttles checked before each batch.
   Every row carries the snapshot's rev, so backfill and live converge in any order; the repo
   head (did, rev, data cid) is written with the last batch, once all records are in.
@@ -28,15 +28,17 @@ import asyncpg
 from backfill import jobs, queries, queue
 from backfill.context import Context, Halted
 from backfill.done_marks import DoneMarks
+from backfill.download import SkippedRecord
 from backfill.group_commit import GroupCommit
 from backfill.progress import SAVE_EVERY_RECORDS, Counts
 from backfill.queue import Claimed, backoff_s
 from backfill.since import PROFILE_COLLECTION
 from backfill.window import Window
-from firehose.model import RecordWrite
+from firehose.model import SnapshotRecord
 from firehose.settings import collection_wanted
 from firehose.storage.database import QUERY_RETRY_ERRORS
-from firehose.storage.snapshots import FRESH_COPY_MIN_RECORDS, write_snapshot
+from firehose.storage.snapshot_rows import snapshot_rows
+from firehose.storage.snapshots import FRESH_COPY_MIN_RECORDS, write_rows
 from firehose.storage.together import PreparedSnapshot, prepare_snapshot, write_snapshots
 from firehose.storage.writer import ApplyStats
 
@@ -133,15 +135,14 @@ class RepoTask:
         counts = Counts(bytes=snap.bytes_downloaded)
         written = 0
         since_save = 0
-        batch: list[RecordWrite] = []
+        batch: list[SnapshotRecord] = []
         # None: a snapshot that knows no commit (a `since` answer with no block): no head.
         head = [] if snap.head is None else [snap.head]
         whole = True  # the last batch is the snapshot's only one
-        for n, item in enumerate(snap.writes(self.window), 1):
+        wanted = ctx.wanted_collections
+        for n, item in enumerate(snap.items(self.window), 1):
             counts.received += 1
-            if not isinstance(item, RecordWrite) or not collection_wanted(
-                item.collection, ctx.wanted_collections
-            ):
+            if isinstance(item, SkippedRecord) or not collection_wanted(item[0], wanted):
                 counts.skipped += 1
             else:
                 batch.append(item)
@@ -161,24 +162,31 @@ class RepoTask:
         return written
 
     async def _write_batch(
-        self, c: Claimed, batch: list[RecordWrite], head: Any, counts: Counts, whole: bool = False
+        self,
+        c: Claimed,
+        batch: list[SnapshotRecord],
+        head: Any,
+        counts: Counts,
+        whole: bool = False,
     ) -> int:
         ctx = self.ctx
         async with ctx.throttle.write_turn(ctx.halt):
             if ctx.halt.is_set():
                 raise Halted
+            stats = ApplyStats()
+            rows = snapshot_rows(c.did, batch, head, stats)
             # A small snapshot in one batch: with the others finishing meanwhile, in a few
             # statements for all of them (firehose/storage/together.py). Its rows are made
             # here, by its own task.
             if whole and head and len(batch) < FRESH_COPY_MIN_RECORDS:
-                prepared = prepare_snapshot(batch, head[0], maybe_fresh=not c.headed)
+                prepared = prepare_snapshot(rows, stats, head[0], maybe_fresh=not c.headed)
                 outcome = await self.small_writes.submit(prepared)
                 if isinstance(outcome, Exception):
                     raise outcome  # its own write's error: the others' are theirs
                 stats = outcome
             else:
                 async with ctx.conn() as conn:
-                    stats = await write_snapshot(conn, batch, heads=head, maybe_fresh=not c.headed)
+                    stats = await write_rows(conn, rows, stats, maybe_fresh=not c.headed)
         processed = len(batch) - stats.invalid
         counts.processed += processed
         counts.skipped += stats.invalid

@@ -160,15 +160,15 @@ def run_car(car: bytes, records: int) -> int:
 
 def run_snapshot(car: bytes, records: int) -> int:
     """Take `car` as the backfill takes a fresh repo, whole, until `records` are prepared
-    (backfill/download.py's fetch_repo after the HTTP, then snapshots.write_snapshot before
-    the database)."""
+    (backfill/download.py's fetch_repo after the HTTP, then backfill/repo_task.py's rows and
+    snapshots.write_rows before the database)."""
     from backfill.download import MemoryBlocks, _check_snapshot, checked_snapshot
     from backfill.window import Window
-    from firehose.model import Batch, RecordWrite
     from firehose.protocol.car import CarStreamReader
     from firehose.protocol.cbor import decode_block
+    from firehose.storage.snapshot_rows import snapshot_rows
     from firehose.storage.snapshots import fresh_payload
-    from firehose.storage.writer import ApplyStats, prepare
+    from firehose.storage.writer import ApplyStats
 
     window = Window(cutoff=None)
     done = 0
@@ -184,13 +184,13 @@ def run_snapshot(car: bytes, records: int) -> int:
         entries: list[tuple[str, bytes]] = []
         checked = _check_snapshot(spool, reader.root_cid, did, entries)
         snap = checked_snapshot(did, checked, spool, entries, len(car))
-        writes = [w for w in snap.writes(window) if isinstance(w, RecordWrite)]
-        writes = writes[: records - done]
+        items = [r for r in snap.items(window) if type(r) is tuple]
+        items = items[: records - done]
         assert snap.head is not None
-        prep = prepare(Batch(writes=writes), ApplyStats(), [snap.head])
+        prep = snapshot_rows(did, items, [snap.head], ApplyStats())
         fresh_payload(prep, continuing=False)
         snap.close()
-        done += len(writes)
+        done += len(items)
     return done
 
 

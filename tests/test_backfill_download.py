@@ -28,10 +28,12 @@ from backfill.download import (
 )
 from backfill.hosts import FetchError
 from backfill.window import Window
-from firehose.model import Action, RecordWrite
+from firehose.model import Action, Batch, RecordWrite
 from firehose.protocol.car import read_car
 from firehose.protocol.mst import iter_repo_records, read_commit
 from firehose.protocol.syntax import is_tid, tid_to_datetime
+from firehose.storage.snapshot_rows import snapshot_rows
+from firehose.storage.writer import ApplyStats, prepare
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BNEWBOLD = "indigo/atproto/repo/testdata/bnewbold.robocracy.org.20250310005405.car"
@@ -110,6 +112,13 @@ async def test_fetch_real_repos_whole_history(name: str, tmp_path: Path) -> None
         # In MST key order, and iterable again.
         assert [f"{w.collection}/{w.rkey}" for w in got.values()] == sorted(cids)
         assert len(list(snap.writes(EVERYTHING))) == count
+        # The records as the backfill writes them: rows straight from the items, the same as
+        # the writer's generic steps make of the writes.
+        items = [i for i in snap.items(EVERYTHING) if not isinstance(i, SkippedRecord)]
+        direct, generic = ApplyStats(), ApplyStats()
+        rows = snapshot_rows(did, items, [snap.head], direct)
+        assert rows == prepare(Batch(writes=writes), generic, [snap.head])
+        assert direct == generic and len(rows.records) == count
     assert os.listdir(tmp_path) == []  # the spool file is gone
     with pytest.raises(ValueError):
         list(snap.writes(EVERYTHING))

@@ -34,7 +34,7 @@ from backfill.network import HttpNetwork
 from backfill.service import BackfillService
 from backfill.settings import BackfillSettings
 from firehose.envparse import ConfigError
-from firehose.model import Action, RecordWrite
+from firehose.model import SnapshotRecord
 from firehose.protocol.syntax import make_tid
 
 CID = "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"
@@ -121,9 +121,9 @@ class Snap(WholeSnapshot):
     data_cid: str = CID
     bytes_downloaded: int = 100
 
-    def writes(self, window: Any) -> Iterator[RecordWrite]:
+    def items(self, window: Any) -> Iterator[SnapshotRecord]:
         record = {"$type": POST, "createdAt": NOW.isoformat(), "text": "hi"}
-        yield RecordWrite(self.did, POST, rev_at(NOW), self.rev, Action.CREATE, CID, record)
+        yield (POST, rev_at(NOW), self.rev, CID, record, False)
 
     def close(self) -> None:
         pass

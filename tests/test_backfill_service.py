@@ -23,8 +23,9 @@ from prometheus_client import CollectorRegistry
 from backfill.download import SkippedRecord
 from backfill.service import BackfillService, LivePressure, should_run
 from backfill.settings import BackfillSettings
-from firehose.model import Action, RecordWrite
+from firehose.model import SnapshotRecord
 from firehose.protocol.syntax import make_tid
+from firehose.storage.writer import ApplyStats, PreparedRows
 
 CID = "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"
 NOW = datetime.now(UTC)
@@ -62,13 +63,13 @@ class Snap(WholeSnapshot):
     records: list[tuple[str, str]]  # (collection, rkey)
     closed: bool = False
 
-    def writes(self, window: Any) -> Iterator[RecordWrite | SkippedRecord]:
+    def items(self, window: Any) -> Iterator[SnapshotRecord | SkippedRecord]:
         for collection, rkey in self.records:
             if not window.keeps(rkey, None):
                 yield SkippedRecord("window", collection, rkey)
                 continue
             record = {"$type": collection, "createdAt": "2026-01-01T00:00:00Z", "text": "hi"}
-            yield RecordWrite(self.did, collection, rkey, self.rev, Action.CREATE, CID, record)
+            yield (collection, rkey, self.rev, CID, record, False)
 
     def close(self) -> None:
         self.closed = True
@@ -277,14 +278,14 @@ async def test_batches_and_delay(
 
     sizes: list[int] = []
     times: list[float] = []
-    real = snapshots.write_snapshot
+    real = snapshots.write_rows
 
-    async def spy(c: Any, writes: list[RecordWrite], **kwargs: Any) -> Any:
-        sizes.append(len(writes))
+    async def spy(c: Any, rows: PreparedRows, stats: ApplyStats, **kwargs: Any) -> Any:
+        sizes.append(len(rows.records))
         times.append(time.monotonic())
-        return await real(c, writes, **kwargs)
+        return await real(c, rows, stats, **kwargs)
 
-    monkeypatch.setattr("backfill.repo_task.write_snapshot", spy)
+    monkeypatch.setattr("backfill.repo_task.write_rows", spy)
     net = FakeNetwork(n_repos=1, per_repo=14)  # 7 in the window
     settings = replace(FAST, batch_size=3, batch_delay_ms=150, max_concurrent=1)
     async with service_pool(db_dsn) as pool:
@@ -303,18 +304,18 @@ async def test_a_repo_with_a_head_is_written_guarded_from_its_first_batch(
     from firehose.storage import snapshots
     from firehose.storage.fresh import Loads
 
-    real = snapshots.write_snapshot
+    real = snapshots.write_rows
     seen: dict[str, list[bool]] = {}
     fresh: dict[str, int] = {}
 
-    async def spy(c: Any, writes: list[RecordWrite], **kwargs: Any) -> Any:
-        stats = await real(c, writes, **kwargs)
-        d = writes[0].did if writes else kwargs["heads"][0][0]
+    async def spy(c: Any, rows: PreparedRows, stats: ApplyStats, **kwargs: Any) -> Any:
+        written = await real(c, rows, stats, **kwargs)
+        d = rows.heads[0][0]
         seen.setdefault(d, []).append(kwargs["maybe_fresh"])
-        fresh[d] = fresh.get(d, 0) + stats.fresh
-        return stats
+        fresh[d] = fresh.get(d, 0) + written.fresh
+        return written
 
-    monkeypatch.setattr("backfill.repo_task.write_snapshot", spy)
+    monkeypatch.setattr("backfill.repo_task.write_rows", spy)
     # The process's memory of loads under way starts empty, as the database does: the same
     # dids and revs were loaded by earlier tests.
     monkeypatch.setattr(snapshots, "fresh_loads", Loads())
@@ -382,9 +383,9 @@ async def test_a_hostile_repo_in_a_group_fails_only_itself(
     groups: list[list[str]] = []
     prepared: list[str] = []
 
-    def prepare_spy(writes: Any, head: Any, maybe_fresh: bool = True) -> Any:
+    def prepare_spy(rows: Any, stats: Any, head: Any, maybe_fresh: bool = True) -> Any:
         prepared.append(head[0])  # a repo task submits right after this, without a turn
-        return real_prepare(writes, head, maybe_fresh)
+        return real_prepare(rows, stats, head, maybe_fresh)
 
     async def write_spy(c: Any, members: list[Any]) -> Any:
         if not groups:  # hold the first group until every other repo waits for the second

@@ -22,8 +22,8 @@ from firehose.model import Action, Batch, RecordWrite
 from firehose.storage import copy_text, fresh, queries, snapshots
 from firehose.storage.fresh import Loads
 from firehose.storage.snapshots import write_snapshot
-from firehose.storage.together import prepare_snapshot, write_snapshots
-from firehose.storage.writer import ApplyStats, apply_batch
+from firehose.storage.together import PreparedSnapshot, prepare_snapshot, write_snapshots
+from firehose.storage.writer import ApplyStats, RepoHead, apply_batch, prepare
 
 # (collection, rkey): a few uris over two typed tables.
 KEYS = [
@@ -156,6 +156,16 @@ def records_by_copy(on: bool) -> Iterator[list[int]]:
         yield sizes
 
 
+def prepared_snapshot(
+    writes: list[RecordWrite], head: RepoHead, maybe_fresh: bool = True
+) -> PreparedSnapshot:
+    """A whole snapshot of `writes` for together.write_snapshots, its rows by the generic
+    steps (which tests/test_snapshot_rows.py holds the backfill's own ones to)."""
+    stats = ApplyStats()
+    rows = prepare(Batch(writes=writes), stats, [head])
+    return prepare_snapshot(rows, stats, head, maybe_fresh)
+
+
 async def _load(
     conn: asyncpg.Connection,
     did: str,
@@ -171,9 +181,9 @@ async def _load(
         # transaction writes two repos when this one is not fresh).
         first, last = f"did:plc:aaa{did}", f"did:plc:zzz{did}"
         prepared = [
-            prepare_snapshot(batch, head[0], maybe_fresh=not guarded),
-            prepare_snapshot([write(first, 0, Action.CREATE, 5)], (first, tid(5), None)),
-            prepare_snapshot([write(last, 1, Action.CREATE, 5)], (last, tid(5), None), False),
+            prepared_snapshot(batch, head[0], maybe_fresh=not guarded),
+            prepared_snapshot([write(first, 0, Action.CREATE, 5)], (first, tid(5), None)),
+            prepared_snapshot([write(last, 1, Action.CREATE, 5)], (last, tid(5), None), False),
         ]
         stats, loaded, _ = await write_snapshots(conn, prepared)
         assert loaded.fresh == 1
@@ -541,7 +551,7 @@ async def test_fresh_load_stores_what_the_guarded_path_stores(
     with records_by_copy(load == "copy") as sizes:
         if load == "group":
             head = (fresh_did, tid(SNAPSHOT_REV), None)  # as write_snapshot derives it
-            [loaded] = await write_snapshots(a, [prepare_snapshot(snapshot(fresh_did), head)])
+            [loaded] = await write_snapshots(a, [prepared_snapshot(snapshot(fresh_did), head)])
         else:
             loaded = await write_snapshot(a, snapshot(fresh_did))
     assert sizes == ([len(chosen)] if load == "copy" else [])

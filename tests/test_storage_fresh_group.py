@@ -7,6 +7,7 @@ those of test_storage_fresh (its property test draws these writes too)."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import asyncpg
@@ -17,16 +18,17 @@ from test_storage_fresh import (
     SNAPSHOT_REV,
     TABLES,
     check_converged,
+    prepared_snapshot,
     records_by_copy,
     run_race,
     write,
 )
 
 from firehose.devnet.tid import tid_of_value as tid
-from firehose.model import Action, Batch
+from firehose.model import Action, Batch, RecordWrite
 from firehose.storage import fresh
-from firehose.storage.together import PreparedSnapshot, prepare_snapshot, write_snapshots
-from firehose.storage.writer import apply_batch
+from firehose.storage.together import PreparedSnapshot, write_snapshots
+from firehose.storage.writer import RepoHead, apply_batch
 
 
 @pytest.fixture
@@ -41,9 +43,21 @@ async def conns(db_dsn: str) -> Any:
             await conn.close()
 
 
-def snapshot(did: str, n: int = len(KEYS), maybe_fresh: bool = True) -> PreparedSnapshot:
+@dataclass(slots=True)
+class Snap(PreparedSnapshot):
+    """A prepared snapshot with the writes it was made of, for the checks."""
+
+    writes: list[RecordWrite] = field(default_factory=list)
+
+
+def prepared(writes: list[RecordWrite], head: RepoHead, maybe_fresh: bool = True) -> Snap:
+    made = prepared_snapshot(writes, head, maybe_fresh)
+    return Snap(**{f.name: getattr(made, f.name) for f in fields(made)}, writes=writes)
+
+
+def snapshot(did: str, n: int = len(KEYS), maybe_fresh: bool = True) -> Snap:
     writes = [write(did, k, Action.CREATE, SNAPSHOT_REV) for k in range(n)]
-    return prepare_snapshot(writes, (did, tid(SNAPSHOT_REV), f"bafydata{did[-4:]}"), maybe_fresh)
+    return prepared(writes, (did, tid(SNAPSHOT_REV), f"bafydata{did[-4:]}"), maybe_fresh)
 
 
 async def sent_by(conn: asyncpg.Connection, work: Any) -> tuple[Any, list[str]]:
@@ -78,7 +92,7 @@ async def test_small_repos_are_written_together_fresh_or_guarded(conns: Any) -> 
     snaps = [snapshot(new), snapshot(ident, 2), snapshot(headed), snapshot(dead, 1)]
     kept = snapshot(deleting, 2)
     gone = write(deleting, 3, Action.DELETE, SNAPSHOT_REV)
-    snaps.append(prepare_snapshot([*kept.writes, gone], kept.head))
+    snaps.append(prepared([*kept.writes, gone], kept.head))
     snaps.append(snapshot(told, 3, maybe_fresh=False))
     snaps.append(snapshot(new, 1))  # the same repo again
 

@@ -298,17 +298,28 @@ def typed_row(write: RecordWrite, created_at: datetime | None = _UNSET) -> tuple
         return None
     if created_at is _UNSET:
         created_at = created_at_of(record)
-    return _typed(write, write.uri, record, created_at)
+    w = write
+    return typed_layout(w.uri, w.did, w.collection, w.rkey, w.cid, w.rev, record, created_at)
 
 
-def _typed(
-    write: RecordWrite, uri: str, record: dict[str, Any], created_at: datetime | None
+# The two row layouts take the write's fields one by one, so that a snapshot's records
+# (snapshot_rows.py, which builds no RecordWrite) are laid out by the same two functions.
+def typed_layout(
+    uri: str,
+    did: str,
+    collection: str,
+    rkey: str,
+    cid: str | None,
+    rev: str,
+    record: dict[str, Any],
+    created_at: datetime | None,
 ) -> tuple[str, Row] | None:
-    entry = _TABLES.get(write.collection)
+    """`(table, row)` in the layout of `typed_row`, or None (no typed table)."""
+    entry = _TABLES.get(collection)
     if entry is None:
         return None
     table, extract = entry
-    return table, (uri, write.did, write.rkey, write.cid, write.rev, created_at, *extract(record))
+    return table, (uri, did, rkey, cid, rev, created_at, *extract(record))
 
 
 # --- records ----------------------------------------------------------------------------------
@@ -366,11 +377,24 @@ def records_row(write: RecordWrite, created_at: datetime | None = _UNSET) -> Row
         return None
     if created_at is _UNSET:
         created_at = created_at_of(record)
-    return _records(write, write.uri, record_json(record), created_at)
+    w = write
+    return records_layout(
+        w.uri, w.did, w.collection, w.rkey, w.cid, w.rev, record_json(record), created_at
+    )
 
 
-def _records(write: RecordWrite, uri: str, record: Any, created_at: datetime | None) -> Row:
-    return (uri, write.did, write.collection, write.rkey, write.cid, write.rev, record, created_at)
+def records_layout(
+    uri: str,
+    did: str,
+    collection: str,
+    rkey: str,
+    cid: str | None,
+    rev: str,
+    record: Any,
+    created_at: datetime | None,
+) -> Row:
+    """The `records` row in the layout of `records_row` (queries.RECORDS_COLUMNS)."""
+    return (uri, did, collection, rkey, cid, rev, record, created_at)
 
 
 RECORD_COLUMN = RECORDS_COLUMN_NAMES.index("record")  # its place in a `records` row
@@ -392,17 +416,23 @@ def rows_of(write: RecordWrite, uri: str) -> tuple[Row, tuple[str, Row] | None] 
     record = write.record
     if not isinstance(record, dict) or write.cid is None:
         return None
-    created_at = created_at_of(record)
-    return _records(write, uri, record, created_at), _typed(write, uri, record, created_at)
+    did, collection, rkey, cid, rev = write.did, write.collection, write.rkey, write.cid, write.rev
+    at = created_at_of(record)
+    return (
+        records_layout(uri, did, collection, rkey, cid, rev, record, at),
+        typed_layout(uri, did, collection, rkey, cid, rev, record, at),
+    )
 
 
 def storable(write: RecordWrite, uri: str | None = None) -> bool:
     """Whether the write's identifiers can be stored at all: the uri (a primary key) fits a
     btree entry and uri/rev/cid hold no NUL or invalid UTF-8. A write failing this is hostile
     input; the writer counts and skips it rather than failing the whole batch."""
-    if uri is None:
-        uri = write.uri
-    rev, cid = write.rev, write.cid
+    return storable_ids(write.uri if uri is None else uri, write.rev, write.cid)
+
+
+def storable_ids(uri: str, rev: str, cid: str | None) -> bool:
+    """`storable` for a write's identifiers, given one by one (snapshot_rows.py)."""
     if (
         len(uri) <= _FAST_CHARS
         and uri.isascii()
@@ -413,9 +443,8 @@ def storable(write: RecordWrite, uri: str | None = None) -> bool:
         and (cid is None or (len(cid) <= _FAST_CHARS and cid.isascii() and "\x00" not in cid))
     ):
         return True  # fast path: every legitimate write
-    if not write.rev or not fits_index(uri) or not fits_index(write.rev):
+    if not rev or not fits_index(uri) or not fits_index(rev):
         return False
-    if clean_text(uri) is not uri or clean_text(write.rev) is not write.rev:
+    if clean_text(uri) is not uri or clean_text(rev) is not rev:
         return False
-    cid = write.cid
     return cid is None or (fits_index(cid) and clean_text(cid) is cid)

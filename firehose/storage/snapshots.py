@@ -69,15 +69,22 @@ async def write_snapshot(
     backfill.queue.Claimed.headed), so the batch takes the guarded path without first trying
     the unguarded load, which would only find the repo not fresh.
     """
-    batch = Batch(writes=writes)
     stats = ApplyStats()
-    rows = prepare(batch, stats, heads)
+    rows = prepare(Batch(writes=writes), stats, heads)
+    return await write_rows(conn, rows, stats, maybe_fresh=maybe_fresh)
+
+
+async def write_rows(
+    conn: Any, rows: PreparedRows, stats: ApplyStats, *, maybe_fresh: bool = True
+) -> ApplyStats:
+    """`write_snapshot` of a batch already turned into rows (`writer.prepare`, or
+    snapshot_rows.py for a snapshot's records), `stats` the counts of that step."""
     head = fresh_candidate(rows) if maybe_fresh else None
     if head is not None:
         loaded = await _load_fresh(conn, stats, rows, head)
         if loaded is not None:
             return loaded
-    prepared = drain(statement_args(batch, stats, rows, part_rows=None))
+    prepared = drain(statement_args(Batch(), stats, rows, part_rows=None))
     return await apply_prepared(conn, prepared, chain_heads=False)
 
 

@@ -13,7 +13,7 @@ rows first, in did order, and a repo the load does not make ours is written guar
 guarded transaction's rows go repo after repo in did order, each repo's in uri order: two
 writers of one repo never hold its rows at once (the `actors` row comes first), so this
 order is enough to never deadlock. A row PostgreSQL refuses sends each repo of that
-statement alone through `snapshots.write_snapshot`, so that it fails only its own repo:
+statement alone through `snapshots.write_rows`, so that it fails only its own repo:
 each repo gets its own outcome, its stats or the error of its own write, never another
 repo's (a hostile repo must not cost the repos it shares a statement with an attempt).
 """
@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from firehose.model import Batch, RecordWrite
+from firehose.model import Batch
 from firehose.storage import fresh, queries, snapshots
 from firehose.storage.writer import (
     NO_ROWS,
@@ -34,7 +34,6 @@ from firehose.storage.writer import (
     RepoHead,
     apply_prepared,
     latest_heads,
-    prepare,
     records_json,
     rows_json,
 )
@@ -44,7 +43,6 @@ from firehose.storage.writer import (
 class PreparedSnapshot:
     """A repo's whole snapshot (one batch with its head) as rows and JSON."""
 
-    writes: list[RecordWrite]
     head: RepoHead
     maybe_fresh: bool  # as write_snapshot's: False when the repo is known to have a head
     stats: ApplyStats  # the counts of its own batch (writes, duplicates, invalid, sanitized)
@@ -54,13 +52,11 @@ class PreparedSnapshot:
 
 
 def prepare_snapshot(
-    writes: list[RecordWrite], head: RepoHead, maybe_fresh: bool = True
+    rows: PreparedRows, stats: ApplyStats, head: RepoHead, maybe_fresh: bool = True
 ) -> PreparedSnapshot:
-    """The pure half of `write_snapshots` for one repo."""
-    stats = ApplyStats()
-    rows = prepare(Batch(writes=writes), stats, [head])
+    """The pure half of `write_snapshots` for one repo: its whole snapshot as rows with the
+    head `head` (snapshot_rows.py or `writer.prepare`), `stats` the counts of that step."""
     return PreparedSnapshot(
-        writes=writes,
         head=head,
         maybe_fresh=maybe_fresh,
         stats=stats,
@@ -130,9 +126,7 @@ async def write_snapshots(
     for i in sorted(alone):
         s = prepared[i]
         try:
-            stats[i] = await snapshots.write_snapshot(
-                conn, s.writes, heads=[s.head], maybe_fresh=s.maybe_fresh
-            )
+            stats[i] = await snapshots.write_rows(conn, s.rows, s.stats, maybe_fresh=s.maybe_fresh)
         except Exception as exc:
             errors[i] = exc
     return [errors.get(i, s) for i, s in enumerate(stats)]

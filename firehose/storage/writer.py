@@ -37,7 +37,7 @@ import orjson
 
 from firehose.model import Action, Batch, RecordWrite
 from firehose.storage import fresh, queries
-from firehose.storage.rows import RECORD_COLUMN, record_json, rows_of, storable
+from firehose.storage.rows import RECORD_COLUMN, record_json, rows_of, storable_ids
 
 # Writes turned into rows (or JSON) between two suspensions of `prepare_steps`: about 0.2 ms
 # of work (rows_of and the JSON cost 3-6 µs per write).
@@ -131,7 +131,7 @@ def _applied_writes_steps(
     valid = 0
     for n, w in enumerate(writes, 1):
         uri = w.uri
-        if storable(w, uri):
+        if storable_ids(uri, w.rev, w.cid):
             valid += 1
             # The highest rev per uri (ties: the later write), inline: every write passes here.
             seen = seen_write(uri)
@@ -188,18 +188,23 @@ def _prepare_steps(
                 table = typed[t[0]] = []
             table.append(t[1])
     written = heads_from_writes(latest.values())
-    if heads is not None:
-        # Every repo written gets a head in the same transaction, also when the caller's heads
-        # leave it out: a headless actors row must mean "no rows, no tombstones" (fresh.py).
-        named = {h[0] for h in heads}
-        heads = latest_heads([*heads, *(h for h in written if h[0] not in named)])
     return PreparedRows(
         records=records,
         typed=typed,
         deletes=(d_uri, d_did, d_col, d_rev),
-        heads=heads if heads is not None else written,
+        heads=heads_with(heads, written),
         claims=[h[0] for h in written],
     )
+
+
+def heads_with(heads: Sequence[RepoHead] | None, written: list[RepoHead]) -> list[RepoHead]:
+    """A batch's heads: the caller's (None: those of the writes, `written`), plus the head
+    of every repo written that they leave out: a headless actors row must mean "no rows, no
+    tombstones" (fresh.py), so every repo written gets a head in the same transaction."""
+    if heads is None:
+        return written
+    named = {h[0] for h in heads}
+    return latest_heads([*heads, *(h for h in written if h[0] not in named)])
 
 
 def last_per_did(events: Iterable[Any]) -> list[Any]:
