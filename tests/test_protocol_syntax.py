@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_protocol_support import FIXTURES
 
 from firehose.protocol import syntax
@@ -62,3 +65,15 @@ def test_tid_round_trip() -> None:
             syntax.parse_tid(bad)
     with pytest.raises(ValueError):
         syntax.make_tid(1 << 53)
+
+
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=600) | st.text("aZ9.~", max_size=3))
+@settings(max_examples=500)
+def test_a_record_key_is_the_specs_rule(text: str) -> None:
+    """Property: the letters-and-digits shortcut of is_record_key agrees with the spec's
+    rule (1-512 of A-Za-z0-9 . _ : ~ -, not "." or "..") on any text: non-ASCII letters and
+    digits (which str.isalnum accepts) and keys over 512 characters included."""
+    rule = re.fullmatch(r"[A-Za-z0-9._:~-]{1,512}", text) is not None and text not in (".", "..")
+    assert syntax.is_record_key(text) == rule
+    assert syntax.is_record_key("3k" * 256) and not syntax.is_record_key("3k" * 256 + "a")
+    assert not syntax.is_record_key("é") and not syntax.is_record_key("٣")

@@ -97,6 +97,10 @@ def tid_to_datetime(text: str) -> datetime:
 
 
 def is_record_key(text: str) -> bool:
+    if text.isascii() and text.isalnum() and len(text) <= RECORD_KEY_MAX_CHARS:
+        # Letters and digits only (a TID, `self`): nearly every key, without the regex
+        # (40 against 200 ns; every record of a backfill and every op of the live stream).
+        return True
     return (
         len(text) <= RECORD_KEY_MAX_CHARS
         and _RKEY_RE.fullmatch(text) is not None

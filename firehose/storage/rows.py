@@ -168,7 +168,9 @@ def created_at_of(record: Any) -> datetime | None:
     ):
         return None
     try:
-        return datetime.fromisoformat(value).astimezone(UTC)
+        at = datetime.fromisoformat(value)
+        # A `Z` value is read as UTC already: no second datetime (~45 ns, every record).
+        return at if at.tzinfo is UTC else at.astimezone(UTC)
     except (ValueError, OverflowError):
         return None
 
