@@ -35,6 +35,7 @@ from firehose.live.batch import shard_filter, shard_of
 from firehose.model import (
     AccountEvent,
     Action,
+    Batch,
     CommitEvent,
     IdentityEvent,
     OtherShardEvent,
@@ -58,7 +59,8 @@ from firehose.protocol.syntax import is_did
 from firehose.settings import WorkerSettings
 from firehose.storage.queries import TYPED_TABLES
 from firehose.storage.rows import MAX_ARRAY_ITEMS, rows_of
-from firehose.storage.writer import records_json
+from firehose.storage.snapshot_rows import snapshot_rows
+from firehose.storage.writer import ApplyStats, prepare, records_json
 
 TRIED: Counter[str] = Counter()
 TARGETS = ("frames", "car", "mst", "records", "rows", "window", "handles")
@@ -201,14 +203,22 @@ def snapshot(data: bytes, since: str | None = None) -> None:
     snap = checked_snapshot(did, checked, spool, entries, len(data))
     with snap:
         last = b""
+        writes: list[RecordWrite] = []
         for item in snap.writes(Window(None)):
             if isinstance(item, RecordWrite):
                 check_rows(item)
                 key = f"{item.collection}/{item.rkey}".encode()
                 assert key > last, "snapshot writes out of MST order"
                 last = key
+                writes.append(item)
             else:
                 assert isinstance(item, SkippedRecord)
+        # The backfill's own rows of the same records: the writer's, without its steps.
+        items = [i for i in snap.items(Window(None)) if not isinstance(i, SkippedRecord)]
+        heads = None if snap.head is None else [snap.head]
+        direct, generic = ApplyStats(), ApplyStats()
+        rows = snapshot_rows(did, items, heads, direct)
+        assert rows == prepare(Batch(writes=writes), generic, heads) and direct == generic
 
 
 def _commit_did(root: bytes, spool: MemoryBlocks | dict[bytes, bytes]) -> str:
