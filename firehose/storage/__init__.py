@@ -1,7 +1,8 @@
 """Storage: PostgreSQL through asyncpg (schema in sql/, shipped as `firehose.sql`).
 
 Owns: the numbered migrations and their runner (migrate.py), the embedded server used when no
-DATABASE_URL is given (embedded.py), the pure record -> row mapping (rows.py), the named SQL
+DATABASE_URL is given (embedded.py), the pure record -> row mapping (rows.py; for a repo
+snapshot's records, without a RecordWrite each: snapshot_rows.py), the named SQL
 (queries.py), the batch writer (writer.py), the snapshot writers of the backfill and resyncs
 (snapshots.py: one repo's batch; together.py: several small repos' whole snapshots in a few
 statements for all), the unguarded load of a repo the database has never seen, alone or several
