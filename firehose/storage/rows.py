@@ -301,26 +301,19 @@ def typed_row(write: RecordWrite, created_at: datetime | None = _UNSET) -> tuple
     if created_at is _UNSET:
         created_at = created_at_of(record)
     w = write
-    return typed_layout(w.uri, w.did, w.collection, w.rkey, w.cid, w.rev, record, created_at)
+    return typed_layout(
+        records_layout(w.uri, w.did, w.collection, w.rkey, w.cid, w.rev, record, created_at)
+    )
 
 
-# The two row layouts take the write's fields one by one, so that a snapshot's records
-# (snapshot_rows.py, which builds no RecordWrite) are laid out by the same two functions.
-def typed_layout(
-    uri: str,
-    did: str,
-    collection: str,
-    rkey: str,
-    cid: str | None,
-    rev: str,
-    record: dict[str, Any],
-    created_at: datetime | None,
-) -> tuple[str, Row] | None:
-    """`(table, row)` in the layout of `typed_row`, or None (no typed table)."""
-    entry = _TABLES.get(collection)
+def typed_layout(row: Row) -> tuple[str, Row] | None:
+    """`(table, row)` in the layout of `typed_row`, of a `records_layout` row whose record is
+    the dict; None when its collection has no typed table."""
+    entry = _TABLES.get(row[2])
     if entry is None:
         return None
     table, extract = entry
+    uri, did, _collection, rkey, cid, rev, record, created_at = row
     return table, (uri, did, rkey, cid, rev, created_at, *extract(record))
 
 
@@ -385,6 +378,8 @@ def records_row(write: RecordWrite, created_at: datetime | None = _UNSET) -> Row
     )
 
 
+# The row layouts take the write's fields one by one, so that a snapshot's records
+# (snapshot_rows.py, which builds no RecordWrite) are laid out by the same functions.
 def records_layout(
     uri: str,
     did: str,
@@ -418,12 +413,9 @@ def rows_of(write: RecordWrite, uri: str) -> tuple[Row, tuple[str, Row] | None] 
     record = write.record
     if not isinstance(record, dict) or write.cid is None:
         return None
-    did, collection, rkey, cid, rev = write.did, write.collection, write.rkey, write.cid, write.rev
-    at = created_at_of(record)
-    return (
-        records_layout(uri, did, collection, rkey, cid, rev, record, at),
-        typed_layout(uri, did, collection, rkey, cid, rev, record, at),
-    )
+    w, at = write, created_at_of(record)
+    row = records_layout(uri, w.did, w.collection, w.rkey, w.cid, w.rev, record, at)
+    return row, typed_layout(row)
 
 
 def storable(write: RecordWrite, uri: str | None = None) -> bool:

@@ -54,10 +54,11 @@ def snapshot_rows(
             invalid += 1
             continue
         at = created_at_of(record)
-        rows.append(records_layout(uri, did, collection, rkey, cid, rev, record, at))
+        row = records_layout(uri, did, collection, rkey, cid, rev, record, at)
+        rows.append(row)
         if was_sanitized:
             sanitized += 1
-        t = typed_layout(uri, did, collection, rkey, cid, rev, record, at)
+        t = typed_layout(row)
         if t is not None:
             table = typed.get(t[0])
             if table is None:
