@@ -4,7 +4,8 @@ written without a cursor (writer.py writes the live stream's batches).
 `write_snapshot` writes one batch of one repo: unguarded when the repo is fresh (fresh.py:
 never seen by the database, and still ours), else through the rev guards of
 `writer.apply_prepared` (together.py writes several small repos' whole snapshots in a few
-statements for all). `prune_repo` removes what a resync's snapshot no longer has.
+statements for all). `write_rows` does the same for a batch already turned into rows (the
+backfill's, by snapshot_rows.py). `prune_repo` removes what a resync's snapshot no longer has.
 
 Invariants kept (DESIGN.md): a snapshot's rows carry its rev and converge with live writes
 in any order (2), its heads advance `actors.rev` but are never chain heads; every writer
