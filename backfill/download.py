@@ -302,7 +302,8 @@ class RepoSnapshot:
         return walk_mst(self.data_cid, spool.get)
 
     def writes(self, window: Window) -> Iterator[RecordWrite | SkippedRecord]:
-        """`items` with each record as its RecordWrite (CREATE of this snapshot's did)."""
+        """`items` with each record as its RecordWrite (CREATE of this snapshot's did): the
+        form the tests and the fuzzer read; the backfill and resyncs write `items`."""
         did = self.did
         for item in self.items(window):
             yield item if isinstance(item, SkippedRecord) else snapshot_write(did, item)

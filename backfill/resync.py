@@ -39,14 +39,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from backfill import queue
 from backfill import resync_queries as q
+from backfill.download import SkippedRecord
 from backfill.network import Network, Snapshot, open_http_network
 from backfill.repo_task import failure_reason, is_transient
 from backfill.settings import BackfillSettings
 from backfill.window import Window
-from firehose.model import RecordWrite
+from firehose.model import SnapshotRecord
 from firehose.settings import collection_wanted
 from firehose.storage.database import QUERY_RETRY_ERRORS
-from firehose.storage.snapshots import prune_repo, write_snapshot
+from firehose.storage.snapshot_rows import snapshot_rows
+from firehose.storage.snapshots import prune_repo, write_rows
+from firehose.storage.writer import ApplyStats, RepoHead
 
 log = logging.getLogger("backfill.resync")
 
@@ -156,22 +159,27 @@ async def resync_repo(
     `activate`, mark the account active (see resync_queries.RESYNC_ACTIVATE)."""
     did, rev = snap.did, snap.rev
     written = 0
-    batch: list[RecordWrite] = []
-    for n, item in enumerate(snap.writes(Window(cutoff=None)), 1):
-        if isinstance(item, RecordWrite) and collection_wanted(item.collection, wanted_collections):
+    batch: list[SnapshotRecord] = []
+
+    async def write(conn: Any, heads: list[RepoHead] | None) -> int:
+        """The batch's rows as the backfill makes them (snapshot_rows.py); the number written."""
+        stats = ApplyStats()
+        stats = await write_rows(conn, snapshot_rows(did, batch, heads, stats), stats)
+        return len(batch) - stats.invalid
+
+    for n, item in enumerate(snap.items(Window(cutoff=None)), 1):
+        if not isinstance(item, SkippedRecord) and collection_wanted(item[0], wanted_collections):
             batch.append(item)
         if n % RESYNC_BATCH_RECORDS == 0:
             await asyncio.sleep(0)  # walking a big repo must not hold up the live stream
         if len(batch) >= RESYNC_BATCH_RECORDS:
             async with pool.acquire() as conn:
-                stats = await write_snapshot(conn, batch)
-            written += len(batch) - stats.invalid
+                written += await write(conn, None)
             batch = []
     # The last records, the removals and the head in one transaction: the head (what the
     # chain checks compare with) never says "in sync" while stale rows are still there.
     async with pool.acquire() as conn, conn.transaction():
-        stats = await write_snapshot(conn, batch, heads=[(did, rev, snap.data_cid)])
-        written += len(batch) - stats.invalid
+        written += await write(conn, [(did, rev, snap.data_cid)])
         removed = await prune_repo(conn, did, rev)
         if activate:
             await conn.execute(q.RESYNC_ACTIVATE, did)
