@@ -161,11 +161,12 @@ async def resync_repo(
     written = 0
     batch: list[SnapshotRecord] = []
 
-    async def write(conn: Any, heads: list[RepoHead] | None) -> int:
-        """The batch's rows as the backfill makes them (snapshot_rows.py); the number written."""
-        stats = ApplyStats()
-        stats = await write_rows(conn, snapshot_rows(did, batch, heads, stats), stats)
-        return len(batch) - stats.invalid
+    async def write(conn: Any, records: list[SnapshotRecord], heads: list[RepoHead] | None) -> int:
+        """`records` written as the backfill writes its batches (snapshot_rows.py); the
+        number written."""
+        counted = ApplyStats()
+        rows = snapshot_rows(did, records, heads, counted)
+        return len(records) - (await write_rows(conn, rows, counted)).invalid
 
     for n, item in enumerate(snap.items(Window(cutoff=None)), 1):
         if not isinstance(item, SkippedRecord) and collection_wanted(item[0], wanted_collections):
@@ -174,12 +175,12 @@ async def resync_repo(
             await asyncio.sleep(0)  # walking a big repo must not hold up the live stream
         if len(batch) >= RESYNC_BATCH_RECORDS:
             async with pool.acquire() as conn:
-                written += await write(conn, None)
+                written += await write(conn, batch, None)
             batch = []
     # The last records, the removals and the head in one transaction: the head (what the
     # chain checks compare with) never says "in sync" while stale rows are still there.
     async with pool.acquire() as conn, conn.transaction():
-        written += await write(conn, [(did, rev, snap.data_cid)])
+        written += await write(conn, batch, [(did, rev, snap.data_cid)])
         removed = await prune_repo(conn, did, rev)
         if activate:
             await conn.execute(q.RESYNC_ACTIVATE, did)
