@@ -18,8 +18,9 @@ Printed: records/s and repos/s committed, peak RSS of the backfill process and i
 together (psutil, every 0.1 s), CPU seconds of the backfill (helpers included), PostgreSQL
 and the devnet and CPU µs per record of the backfill and PostgreSQL, the WAL written, its
 writes and syncs (pg_stat_wal) and the data pages PostgreSQL wrote out of its shared buffers,
-extended and read back (pg_stat_io), the machine's load; then one JSON line
-{"bench": "backfill", ...}.
+extended and read back (pg_stat_io), the tables' and indexes' size when it ends, the machine's
+load; then one JSON line {"bench": "backfill", ...}. `--timeline` prints the records committed
+in each half second of the clock (the start's ramp, the steady rate, the tail).
 Throughput is claimed only on a quiet machine (bench.common.MachineLoad: at most 1 core busy
 just before the bench started, at most 0.25 cores of other processes during the run);
 otherwise a warning is printed in its place. CPU per record is printed either way.
@@ -33,6 +34,7 @@ both write paths run after run.
     python bench/backfill.py [--repos 1000] [--records 500] [--seed 5] [--profile-name P]
                              [--history-model N] [--guarded] [--known] [--processes N]
                              [--subprocess] [--cprofile FILE] [--statements] [--waits]
+                             [--timeline]
 
 `--known` first gives every repo the relay lists a head in `actors`, older than any of its
 commits, as a live stream leaves a repo it has seen a commit of: no repo is fresh, and every
@@ -155,9 +157,39 @@ async def job_numbers(dsn: str) -> dict[str, Any]:
             "SELECT wal_records, wal_fpi, wal_bytes, wal_write, wal_sync FROM pg_stat_wal"
         )
         io = await conn.fetchrow(PAGES_IO)
-        return {**dict(row), **dict(wal), **dict(io), "records_in_table": count} if row else {}
+        sizes = await conn.fetchrow(SIZES)
+        out = {**dict(row), **dict(wal), **dict(io), **dict(sizes), "records_in_table": count}
+        return out if row else {}
     finally:
         await conn.close()
+
+
+TIMELINE_BUCKET_S = 0.5
+
+
+async def done_timeline(dsn: str, started_wall: float) -> list[tuple[float, int]]:
+    """(seconds after the clock's start, records) of every repo done. A done mark's
+    `updated_at` is its transaction's start: the repo's rows committed just before it."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT extract(epoch FROM updated_at)::float8 AS at, records"
+            " FROM backfill_repos WHERE state = 'done'"
+        )
+        return sorted((row["at"] - started_wall, int(row["records"])) for row in rows)
+    finally:
+        await conn.close()
+
+
+def report_timeline(done: list[tuple[float, int]], elapsed_s: float) -> None:
+    """Records committed per TIMELINE_BUCKET_S of the clock: the ramp at the start, the steady
+    rate and the tail, where a mean over the whole run hides them."""
+    buckets = [0] * (int(elapsed_s / TIMELINE_BUCKET_S) + 1)
+    for at, records in done:
+        buckets[min(max(int(at / TIMELINE_BUCKET_S), 0), len(buckets) - 1)] += records
+    first = done[0][0] if done else 0.0
+    print(f"timeline: first repo done at +{first:.2f} s; records/s per {TIMELINE_BUCKET_S} s:")
+    print(" ".join(f"{n / TIMELINE_BUCKET_S / 1000:.0f}k" for n in buckets))
 
 
 # The data pages the server wrote out of its shared buffers (evicted by a backend, a COPY's
@@ -172,6 +204,18 @@ SELECT coalesce(sum(writes), 0)::bigint AS pages_written,
        coalesce(sum(reads), 0)::bigint AS pages_read
   FROM pg_stat_io
  WHERE backend_type <> 'standalone backend' AND context <> 'bulkread'
+"""
+
+
+# What the run left on disk: the tables' heap and their indexes (the `uri` keys' leaf pages,
+# half empty when a fresh repo's rows go in key order: firehose/storage/fill_order.py), and
+# `records_pkey` alone, in 8 KB pages.
+SIZES = """
+SELECT coalesce(sum(pg_table_size(c.oid)), 0)::bigint / 8192 AS table_pages,
+       coalesce(sum(pg_indexes_size(c.oid)), 0)::bigint / 8192 AS index_pages,
+       pg_relation_size('records_pkey') / 8192 AS records_pkey_pages
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = 'public' AND c.relkind = 'r'
 """
 
 
@@ -268,6 +312,11 @@ def main() -> None:
         "--known", action="store_true", help="every repo has a head first: none is fresh"
     )
     parser.add_argument(
+        "--timeline",
+        action="store_true",
+        help="records committed per half second of the clock (from the repos' done marks)",
+    )
+    parser.add_argument(
         "--disk-spool",
         action="store_true",
         help="spool every repo to disk (no in-memory small repos: the earlier behaviour)",
@@ -320,6 +369,7 @@ def main() -> None:
             if not args.subprocess:
                 import_service()
             started = time.monotonic()
+            started_wall = time.time()
             if args.subprocess:
                 log = tmp / "backfill.log"
                 proc = subprocess.Popen(
@@ -363,6 +413,7 @@ def main() -> None:
             }
             load.stop(sum(cpu.values()))
             job = _run_loop(job_numbers(pg.dsn))
+            timeline = _run_loop(done_timeline(pg.dsn, started_wall)) if args.timeline else None
         finally:
             pg.stop()
             devnet.terminate()
@@ -398,6 +449,9 @@ def main() -> None:
         "pg_pages_written": int(job["pages_written"]),
         "pg_pages_extended": int(job["pages_extended"]),
         "pg_pages_read": int(job["pages_read"]),
+        "table_pages": int(job["table_pages"]),
+        "index_pages": int(job["index_pages"]),
+        "records_pkey_pages": int(job["records_pkey_pages"]),
         **load.fields(),
     }
     done = result["repos_done"]
@@ -424,10 +478,16 @@ def main() -> None:
         f"data pages (8 KB): {result['pg_pages_written']:,} written out of shared buffers, "
         f"{result['pg_pages_extended']:,} extended, {result['pg_pages_read']:,} read back"
     )
+    print(
+        f"on disk (8 KB pages): tables {result['table_pages']:,}, their indexes "
+        f"{result['index_pages']:,}, of which records_pkey {result['records_pkey_pages']:,}"
+    )
     if statements is not None:
         report_statements(statements, elapsed)
     if waits is not None:
         waits.report()
+    if timeline is not None:
+        report_timeline(timeline, elapsed)
     if args.cprofile:
         pstats.Stats(args.cprofile).sort_stats("tottime").print_stats(25)
     print(json.dumps({"bench": "backfill", **result}))
