@@ -9,8 +9,9 @@ backfill's, by snapshot_rows.py). `prune_repo` removes what a resync's snapshot 
 
 Invariants kept (DESIGN.md): a snapshot's rows carry its rev and converge with live writes
 in any order (2), its heads advance `actors.rev` but are never chain heads; every writer
-takes the repos' `actors` rows first, in did order, then their rows in uri order, so
-writers of one repo wait for each other and never deadlock.
+takes the repos' `actors` rows first, in did order, then their rows (in uri order, but for a
+fresh load, which holds its repo alone: fill_order.py), so writers of one repo wait for each
+other and never deadlock.
 """
 
 from __future__ import annotations
