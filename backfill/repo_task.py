@@ -37,6 +37,7 @@ from backfill.window import Window
 from firehose.model import SnapshotRecord
 from firehose.settings import collection_wanted
 from firehose.storage.database import QUERY_RETRY_ERRORS
+from firehose.storage.fill_order import FILL_CHUNK_ROWS, chunks_in_filling_order
 from firehose.storage.snapshot_rows import snapshot_rows
 from firehose.storage.snapshots import FRESH_COPY_MIN_RECORDS, write_rows
 from firehose.storage.together import PreparedSnapshot, prepare_snapshot, write_snapshots
@@ -86,6 +87,9 @@ class RepoTask:
         # Small repos finishing together are written together (snapshots.write_snapshots).
         self.small_writes: GroupCommit[PreparedSnapshot, ApplyStats | Exception]
         self.small_writes = GroupCommit(self._write_small)
+        # Batches smaller than a chunk: a repo's records go in two passes across its batches,
+        # so that a fresh repo's index pages end ~90 % full (firehose/storage/fill_order.py).
+        self.fill_across_batches = ctx.settings.batch_size < FILL_CHUNK_ROWS
 
     async def run(self, c: Claimed) -> None:
         ctx = self.ctx
@@ -140,7 +144,10 @@ class RepoTask:
         head = [] if snap.head is None else [snap.head]
         whole = True  # the last batch is the snapshot's only one
         wanted = ctx.wanted_collections
-        for n, item in enumerate(snap.items(self.window), 1):
+        items = snap.items(self.window)
+        if self.fill_across_batches:
+            items = chunks_in_filling_order(items, size)
+        for n, item in enumerate(items, 1):
             counts.received += 1
             if isinstance(item, SkippedRecord) or not collection_wanted(item[0], wanted):
                 counts.skipped += 1
@@ -185,12 +192,15 @@ class RepoTask:
                     raise outcome  # its own write's error: the others' are theirs
                 stats = outcome
             else:
+                # A batch that is the whole snapshot was left in key order (the chunk was
+                # one batch), any other was ordered across the batches already.
+                fill = whole or not self.fill_across_batches
                 async with ctx.conn() as conn:
                     # Made once a connection is ours: a batch waiting for one holds only its
                     # records, not their rows too (made before the wait, they cost 8 MB more
                     # peak RSS on bench/backfill.py's 1,000 x 500).
                     rows = snapshot_rows(c.did, batch, head, stats)
-                    stats = await write_rows(conn, rows, stats, maybe_fresh=not c.headed)
+                    stats = await write_rows(conn, rows, stats, maybe_fresh=not c.headed, fill=fill)
         processed = len(batch) - stats.invalid
         counts.processed += processed
         counts.skipped += stats.invalid

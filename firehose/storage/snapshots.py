@@ -78,13 +78,20 @@ async def write_snapshot(
 
 
 async def write_rows(
-    conn: Any, rows: PreparedRows, stats: ApplyStats, *, maybe_fresh: bool = True
+    conn: Any,
+    rows: PreparedRows,
+    stats: ApplyStats,
+    *,
+    maybe_fresh: bool = True,
+    fill: bool = True,
 ) -> ApplyStats:
     """`write_snapshot` of a batch already turned into rows (`writer.prepare`, or
-    snapshot_rows.py for a snapshot's records), `stats` the counts of that step."""
+    snapshot_rows.py for a snapshot's records), `stats` the counts of that step. `fill=False`:
+    a fresh load sends the rows in the order given, which the caller chose across its batches
+    (fill_order.chunks_in_filling_order), instead of in two passes of its own."""
     head = fresh_candidate(rows) if maybe_fresh else None
     if head is not None:
-        loaded = await _load_fresh(conn, stats, rows, head)
+        loaded = await _load_fresh(conn, stats, rows, head, fill)
         if loaded is not None:
             return loaded
     prepared = drain(statement_args(Batch(), stats, rows, part_rows=None))
@@ -120,7 +127,7 @@ def fresh_candidate(prep: PreparedRows) -> RepoHead | None:
 
 
 async def _load_fresh(
-    conn: Any, stats: ApplyStats, prep: PreparedRows, head: RepoHead
+    conn: Any, stats: ApplyStats, prep: PreparedRows, head: RepoHead, fill: bool
 ) -> ApplyStats | None:
     """Insert the batch unguarded if its repo is fresh and ours (fresh.py): the stats, else
     None (nothing written; the caller takes the guarded path)."""
@@ -129,7 +136,7 @@ async def _load_fresh(
     known, xmin = fresh_loads.get(key)
     if known and xmin is None:
         return None
-    copy, records, tables, typed = fresh_payload(prep, continuing=xmin is not None)
+    copy, records, tables, typed = fresh_payload(prep, continuing=xmin is not None, fill=fill)
     nested = conn.is_in_transaction()
     sql = fresh.load_statement(tables, continuing=xmin is not None)
     args = [records, *typed, did, rev, data_cid, not nested]
@@ -173,22 +180,25 @@ async def _load_fresh(
 
 
 def fresh_payload(
-    prep: PreparedRows, *, continuing: bool
+    prep: PreparedRows, *, continuing: bool, fill: bool = True
 ) -> tuple[bytes | None, bytes, tuple[str, ...], list[bytes]]:
     """What a fresh load of `prep` sends (pure): the COPY text of its records rows (None: a
     small batch, whose records rows go as the JSON parameter instead), that parameter, the
     typed tables its statement names and each one's JSON rows. A first batch's statement
-    names only the typed tables it may need; a continuing one names every table. Each
-    table's rows go in fill_order.py's order: the load holds the repo, and its key ranges
-    then end in index pages ~90 % full instead of half full."""
-    rows = page_filling_order(prep.records)
+    names only the typed tables it may need; a continuing one names every table. With
+    `fill`, each table's rows go in fill_order.py's order: the load holds the repo, and its
+    key ranges then end in index pages ~90 % full instead of half full."""
+    order = page_filling_order if fill else _as_given
+    rows = order(prep.records)
     copy = _records_copy(rows)
     records = records_json(rows) if rows and copy is None else NO_ROWS
     tables = queries.TYPED_ORDER if continuing else queries.statement_tables(prep.typed)
-    typed = [
-        rows_json(page_filling_order(prep.typed[n])) if n in prep.typed else NO_ROWS for n in tables
-    ]
+    typed = [rows_json(order(prep.typed[n])) if n in prep.typed else NO_ROWS for n in tables]
     return copy, records, tables, typed
+
+
+def _as_given(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    return rows
 
 
 def _records_copy(rows: list[tuple[Any, ...]]) -> bytes | None:
