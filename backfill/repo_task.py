@@ -192,8 +192,10 @@ class RepoTask:
                     raise outcome  # its own write's error: the others' are theirs
                 stats = outcome
             else:
-                # A batch that is the whole snapshot was left in key order (the chunk was
-                # one batch), any other was ordered across the batches already.
+                # A batch that is the whole snapshot takes the load's own two passes: its
+                # chunk was left in key order, or (a chunk longer than a batch only through
+                # skipped records) snapshot_rows sorts it back. Any other was ordered across
+                # the batches already.
                 fill = whole or not self.fill_across_batches
                 async with ctx.conn() as conn:
                     # Made once a connection is ours: a batch waiting for one holds only its
