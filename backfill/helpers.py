@@ -2,7 +2,7 @@
 
 Why: a backfill process is one Python thread that downloads, hash-checks, walks and maps
 every record and feeds every PostgreSQL transaction. Measured on 2 cores (bench/backfill.py,
-1,000 repos x 500 records, `unthrottled`, four alternating pairs: docs/performance.md,
+1,000 repos x 500 records, `unthrottled`, four alternating pairs: docs/performance-log.md,
 issue 11 session 9), one process kept 1.39-1.46 of the cores busy (with PostgreSQL and the
 devnet), its thread and the database waiting for each other in turns, at 12,716-14,225
 records/s; two processes on the same job kept 1.80-1.82 busy, at 15,752-18,214. On more

@@ -196,7 +196,7 @@ def report_timeline(done: list[tuple[float, int]], elapsed_s: float) -> None:
 # ring, the background writer, a checkpoint), extended its files by, and read back (PostgreSQL
 # 16's pg_stat_io; initdb's standalone backend and this bench's own count(*), a bulk read, left
 # out). Each page written or extended is 8 KB copied into the page cache, which on this machine is
-# a quarter of PostgreSQL's CPU in a 1,000 x 500 run (docs/performance.md, session 27). A
+# a quarter of PostgreSQL's CPU in a 1,000 x 500 run (docs/performance-log.md, session 27). A
 # backend's counts reach the view when it exits or idles, so the last second's may be missing.
 PAGES_IO = """
 SELECT coalesce(sum(writes), 0)::bigint AS pages_written,

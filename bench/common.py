@@ -116,7 +116,7 @@ def machine_speed_us() -> float:
     `snapshot` workload of bench/instructions.py, timed; best of three rounds).
 
     The same code's CPU per record moves by 2x between this machine's phases (memory, not
-    arithmetic: docs/performance.md, sessions 14 and 17), which no load average shows. This
+    arithmetic: docs/performance-log.md, sessions 14 and 17), which no load average shows. This
     figure, printed beside every result, says which phase a run met: about 19.5 in the slow
     phase of 2026-12-04. It does not predict a run closely enough to correct its figures."""
     from bench.instructions import repo_car, run_snapshot

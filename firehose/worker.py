@@ -52,7 +52,7 @@ DB_RETRY_MAX_S = 10.0
 # transaction's BEGIN used to wait until the next batch was prepared in one run (gate, rows,
 # JSON: 9.5 ms of a 55 ms cycle per 1,000 events, traced); preparing in slices, 200,000
 # events, seven pairs alternating (load average 0.41-0.44): faster in every pair, 139,932
-# against 131,280 events/s summed (docs/performance.md, issue 11 session 12).
+# against 131,280 events/s summed (docs/performance-log.md, issue 11 session 12).
 LOOP_SLICE_S = 0.00025
 _EVENT_TYPE = {
     "CommitEvent": "commit",

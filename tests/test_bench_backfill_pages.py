@@ -1,6 +1,6 @@
 """bench/backfill.py's data page counts (pg_stat_io): what PostgreSQL wrote out of its
 buffers, extended its files by and read back, the bytes that cost it a quarter of its CPU in
-a big run (docs/performance.md, session 27)."""
+a big run (docs/performance-log.md, session 27)."""
 
 from __future__ import annotations
 

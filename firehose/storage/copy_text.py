@@ -5,7 +5,7 @@ costs PostgreSQL less per record than the same rows INSERTed from one JSON param
 (heap_multi_insert writes a page of rows per WAL record, and a bulk insert extends the table
 by up to 64 pages at a time without writing zeros first): 10.5 % less of its CPU in
 bench/backfill.py's alternated pairs, a gain of a few percent end to end, see
-docs/performance.md (session 18).
+docs/performance-log.md (session 18).
 
 Text format (https://www.postgresql.org/docs/16/sql-copy.html#id-1.9.3.55.9.2): one line per
 row, columns separated by a tab, `\\N` for NULL, and a backslash, tab, newline or carriage

@@ -37,7 +37,7 @@ DATABASE_NAME = "atproto"
 
 # No lower CPU priority for the server. Until 2026-12-04 its processes ran 10 nice levels
 # below the worker: with one Python thread feeding every transaction, backends preempting it
-# drained the pipeline (+9 % records/s in session 7, docs/performance.md). Since the backfill
+# drained the pipeline (+9 % records/s in session 7, docs/performance-log.md). Since the backfill
 # runs in one process per core (backfill/helpers.py), that no longer shows: bench/backfill.py
 # 1,000 x 500, nine pairs alternating (loads 0.41-0.44), gave 430,188 records/s summed at the
 # worker's priority against 420,154 at nice 10 (1.024x, faster in six pairs); bench/live.py

@@ -19,7 +19,7 @@ pages, each of which then holds (1/2) / (5/9) = 90 % of a page, the fill Postgre
 gives a rightmost split (its default leaf fillfactor). Exactly half in the first pass would
 fill a page to the last byte, and a key more splits it again: on 300 fresh repos of the bench's
 repo (150,300 keys) `records_pkey` took 3,184 pages in key order, 2,260 with halves, 2,033
-with 5/9, 2,134 with 3/5 and 2,294 with 2/3 (docs/performance.md, session 35).
+with 5/9, 2,134 with 3/5 and 2,294 with 2/3 (docs/performance-log.md, session 35).
 
 A repo written in batches smaller than itself (the throttled profiles' 5, 20 or 100 records)
 is loaded batch after batch, each in key order after the last, and reordering inside a

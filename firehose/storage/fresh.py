@@ -76,7 +76,7 @@ ON CONFLICT (did) DO UPDATE SET updated_at = now() WHERE a.chain_rev IS NULL
 # (queries.statement_tables): a one-record repo cost 410-467 µs of PostgreSQL's CPU with all
 # ten tables named against 236-297 with only its own, a ten-record repo 810-918 against
 # 646-754 (one connection, write_snapshot, 2,000 repos, alternating, loads 0.35-0.63;
-# docs/performance.md, session 21). Most repos of the network are that small. A snapshot's
+# docs/performance-log.md, session 21). Most repos of the network are that small. A snapshot's
 # later batches (`continuing`, the middle of a big repo) name every table.
 
 

@@ -252,7 +252,7 @@ TYPED_TABLES_BY_NAME = {t.name: t for t in TYPED_TABLES.values()}
 
 # A statement that writes a repo's rows may name only the typed tables its batch needs. Each
 # insert or upsert it names costs PostgreSQL its executor set-up, locks and plan-cache checks
-# on every run, rows or not: most of what a small repo costs (docs/performance.md, session
+# on every run, rows or not: most of what a small repo costs (docs/performance-log.md, session
 # 21). The everyday tables of the app are named when the batch has rows for them, the others
 # all together when it has rows for any of them (`statement_tables`): at most 2^5 x 2 shapes
 # of each such statement, each prepared once per pooled connection.
@@ -302,7 +302,7 @@ def snapshot_upserts_statement(tables: tuple[str, ...]) -> str:
     the heads' upsert waits for nobody, and the guards' reads of `actors` (status) see what
     the claim saw, which the heads (rev, data_cid) do not change. Each small repo that is
     not fresh saves a round trip: five per batch (BEGIN, claim, upserts, heads, COMMIT)
-    become four (docs/performance.md, session 22)."""
+    become four (docs/performance-log.md, session 22)."""
     n = len(tables)
     ctes = [*_upserts_ctes(tables), f"h AS ({heads_upsert(n + 2, 'false')})"]
     return (

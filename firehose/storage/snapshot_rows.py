@@ -3,7 +3,7 @@
 The backfill writes hundreds of records per repo, and for each the generic steps
 (`writer.prepare`: a `RecordWrite` built, its uri twice, the dedupe per uri, the sort, the
 heads of the writes) cost about 0.7 µs more than the rows themselves need, ~2 % of what a
-record costs this process and PostgreSQL together (docs/performance.md, session 34). A
+record costs this process and PostgreSQL together (docs/performance-log.md, session 34). A
 snapshot's records need none of it: they are one repo's, CREATEs, and come in strictly
 increasing key order (`firehose.protocol.mst.walk_mst` checks it), so no uri can
 supersede another and the rows are already in uri order.

@@ -44,7 +44,7 @@ from firehose.storage.writer import (
 # instead of in the load's statement: less of PostgreSQL's CPU per record (-10.5 % in
 # bench/backfill.py's pairs), for four round trips more (BEGIN, the COPY's two, COMMIT) than
 # the one statement, ~200 µs of our CPU per batch. Where between 128 and ~500 records the
-# COPY starts to pay was not resolved on the test machine (docs/performance.md, session 18).
+# COPY starts to pay was not resolved on the test machine (docs/performance-log.md, session 18).
 FRESH_COPY_MIN_RECORDS = 128
 
 

@@ -1,6 +1,6 @@
 """Small repos' whole snapshots written together: a few statements for all of them.
 
-For a small repo the statements cost more than its rows (docs/performance.md, session 23).
+For a small repo the statements cost more than its rows (docs/performance-log.md, session 23).
 `prepare_snapshot` (pure, run by each repo's own task, so the work stays spread over the
 event loop's turns as before) turns one repo's whole snapshot into rows and JSON;
 `write_snapshots` then writes several of them as `snapshots.write_snapshot` would write
