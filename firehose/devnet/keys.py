@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from firehose.protocol.signature import base58btc_decode, base58btc_encode
+
 CURVE_P256 = "p256"
 CURVE_K256 = "k256"
 
@@ -45,28 +47,6 @@ _CRYPTOGRAPHY_CURVE: dict[str, ec.EllipticCurve] = {
     CURVE_K256: ec.SECP256K1(),
 }
 _MULTICODEC = {CURVE_P256: MULTICODEC_P256_PUB, CURVE_K256: MULTICODEC_K256_PUB}
-
-_B58_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
-
-
-def base58btc_encode(data: bytes) -> str:
-    """Bitcoin base58 (no checksum); each leading zero byte becomes a '1'."""
-    n = int.from_bytes(data, "big")
-    chars = []
-    while n:
-        n, rem = divmod(n, 58)
-        chars.append(_B58_ALPHABET[rem])
-    zeros = len(data) - len(data.lstrip(b"\x00"))
-    return "1" * zeros + "".join(reversed(chars))
-
-
-def base58btc_decode(text: str) -> bytes:
-    n = 0
-    for char in text:
-        n = n * 58 + _B58_ALPHABET.index(char)
-    zeros = len(text) - len(text.lstrip("1"))
-    body = n.to_bytes((n.bit_length() + 7) // 8, "big") if n else b""
-    return b"\x00" * zeros + body
 
 
 def multikey(curve: str, compressed_point: bytes) -> str:
