@@ -11,7 +11,8 @@ old, ... so that a drift of the machine within the series weighs on both sides a
 
 Each run's figure comes from the bench's JSON line (`--figure`, by default `records_per_s`
 for `backfill` and `events_per_s` for `live`). Printed per run: which code, the figure, the
-load average and the machine's speed check before it, whether the bench claimed it; then per
+load average and the machine's speed check before it, whether the bench claimed it (and the
+live bench's ratio to its baseline, and peak RSS, where the bench prints them); then per
 side the runs, median, range and how many reached `--target`; with `--against`, the ratio of
 the sums over the complete pairs. Then one JSON line {"bench": "series", ...}. A run that
 fails ends the series with its output's tail.
@@ -38,6 +39,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 NEW, OLD = "new", "old"
 DEFAULT_FIGURES = {"backfill": "records_per_s", "live": "events_per_s"}
+# Shown beside each run's figure when its bench reports them: the other halves of the targets.
+ALSO_SHOWN = ("ratio_to_baseline", "peak_rss_mb")
 QUIET_POLL_S = 5.0
 QUIET_MAX_WAIT_S = 600.0  # then the run starts anyway: the bench's own claim still says
 
@@ -167,10 +170,11 @@ def main() -> None:
                 raise SystemExit(f"no figure {figure!r} in the JSON line; give --figure")
             values.append(float(result[figure]))
             results.append(result)
+            extra = "".join(f", {k} {result[k]}" for k in ALSO_SHOWN if k in result)
             print(
-                f"run {i}/{len(sides)} {side}: {figure} {values[-1]:,.0f} (load {load:.2f} "
-                f"before; speed check {result.get('machine_us_per_record', '?')} µs; "
-                f"{'claimed' if result.get('claimed') else 'NOT claimed'})",
+                f"run {i}/{len(sides)} {side}: {figure} {values[-1]:,.0f}{extra} (load "
+                f"{load:.2f} before; speed check {result.get('machine_us_per_record', '?')} "
+                f"µs; {'claimed' if result.get('claimed') else 'NOT claimed'})",
                 flush=True,
             )
     out: dict[str, Any] = {"bench": "series", "command": command, "figure": figure}
@@ -194,7 +198,7 @@ def main() -> None:
             print(f"new / old, summed over the pairs: {out['ratio_new_to_old']:.3f}x")
     out["runs"] = [
         {"side": s, "value": v, "claimed": r.get("claimed"), "load": r.get("loadavg_1m_before"),
-         "speed_us": r.get("machine_us_per_record")}
+         "speed_us": r.get("machine_us_per_record"), **{k: r[k] for k in ALSO_SHOWN if k in r}}
         for s, v, r in zip(sides, values, results, strict=True)
     ]  # fmt: skip
     print(json.dumps(out))

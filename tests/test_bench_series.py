@@ -45,8 +45,8 @@ def test_a_series_against_a_commit_runs_each_sides_own_bench(tmp_path: Path) -> 
     fake = repo / "bench" / "fake.py"
 
     def commit(value: int) -> None:
-        fake.write_text(f'import json\nprint(json.dumps({{"bench": "backfill", '
-                        f'"records_per_s": {value}, "claimed": True}}))\n')  # fmt: skip
+        result = {"bench": "backfill", "records_per_s": value, "peak_rss_mb": 7, "claimed": True}
+        fake.write_text(f"import json\nprint(json.dumps({result!r}))\n")
         subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True)
         subprocess.run(
             ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t",
@@ -67,6 +67,8 @@ def test_a_series_against_a_commit_runs_each_sides_own_bench(tmp_path: Path) -> 
     assert out["new"]["at_target"] == 2 and out["old"]["at_target"] == 0
     assert out["ratio_new_to_old"] == pytest.approx(1.25)
     assert "new / old, summed over the pairs: 1.250x" in proc.stdout
+    assert "run 2/4 new: records_per_s 125, peak_rss_mb 7 (load" in proc.stdout
+    assert out["runs"][0]["peak_rss_mb"] == 7
     listed = subprocess.run(
         ["git", "-C", str(repo), "worktree", "list"], capture_output=True, text=True, check=True
     )
