@@ -94,13 +94,11 @@ def pair_ratio(sides: list[str], values: list[float]) -> float | None:
 # --- running ---------------------------------------------------------------------------------
 
 
-def wait_quiet(below: float) -> float:
-    """Wait until the 1-minute load average is under `below` (at most QUIET_MAX_WAIT_S);
-    the load average then."""
+def wait_quiet(below: float) -> None:
+    """Wait until the 1-minute load average is under `below` (at most QUIET_MAX_WAIT_S)."""
     deadline = time.monotonic() + QUIET_MAX_WAIT_S
-    while (load := os.getloadavg()[0]) >= below and time.monotonic() < deadline:
+    while os.getloadavg()[0] >= below and time.monotonic() < deadline:
         time.sleep(QUIET_POLL_S)
-    return load
 
 
 @contextlib.contextmanager
@@ -163,7 +161,7 @@ def main() -> None:
         if args.against:
             trees[OLD] = stack.enter_context(worktree(args.against))
         for i, side in enumerate(sides, 1):
-            load = wait_quiet(args.quiet_below)
+            wait_quiet(args.quiet_below)
             result = run_bench(trees[side], command)
             figure = figure or DEFAULT_FIGURES.get(str(result["bench"]))
             if figure is None or figure not in result:
@@ -171,10 +169,13 @@ def main() -> None:
             values.append(float(result[figure]))
             results.append(result)
             extra = "".join(f", {k} {result[k]}" for k in ALSO_SHOWN if k in result)
+            # The bench's own load and speed check, taken as it started: one figure per run,
+            # the one its JSON line and its own printout carry.
             print(
                 f"run {i}/{len(sides)} {side}: {figure} {values[-1]:,.0f}{extra} (load "
-                f"{load:.2f} before; speed check {result.get('machine_us_per_record', '?')} "
-                f"µs; {'claimed' if result.get('claimed') else 'NOT claimed'})",
+                f"{result.get('loadavg_1m_before', '?')} before; speed check "
+                f"{result.get('machine_us_per_record', '?')} µs; "
+                f"{'claimed' if result.get('claimed') else 'NOT claimed'})",
                 flush=True,
             )
     out: dict[str, Any] = {"bench": "series", "command": command, "figure": figure}
@@ -184,7 +185,7 @@ def main() -> None:
         s = out[side]
         reached = (
             f", {s['at_target']} of {s['runs']} at {args.target:,.0f} or more"
-            if (args.target is not None)
+            if args.target is not None
             else ""
         )
         print(
