@@ -9,6 +9,7 @@ reads the metric.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -161,6 +162,49 @@ class LiveMetrics:
                 registry=registry,
             ),
         )
+
+
+# Decoded event classes (firehose.model) by the `type` label of firehose_events_total.
+_EVENT_TYPE_LABELS = {
+    "CommitEvent": "commit",
+    "SyncEvent": "sync",
+    "IdentityEvent": "identity",
+    "AccountEvent": "account",
+    "InfoEvent": "info",
+    "ErrorFrame": "error",
+}
+
+
+class LiveTally:
+    """The live path's per-event counts, kept off Prometheus's locks on the hot path.
+
+    A counter's inc() takes a lock (timeit: 0.5-0.8 µs a call against 0.1-0.2 µs for a dict
+    update), so the reader counts the events it decodes by type name in `decoded`, and
+    `flush()` moves them into firehose_events_total at every commit and when the reader stops.
+    Labelled children are built once: labels() costs a lock and a dict lookup."""
+
+    def __init__(self, metrics: LiveMetrics) -> None:
+        # Decoded events by type name (a class name, or a legacy type's name on the wire).
+        self.decoded: dict[str, int] = {}
+        self._events = {
+            name: metrics.events.labels(label) for name, label in _EVENT_TYPE_LABELS.items()
+        }
+        self._other_events = metrics.events.labels("other")
+        self._invalid_metric = metrics.invalid
+        self._invalid: dict[str, Any] = {}
+
+    def flush(self) -> None:
+        """Move the events decoded so far into firehose_events_total."""
+        counts, self.decoded = self.decoded, {}
+        for name, n in counts.items():
+            self._events.get(name, self._other_events).inc(n)
+
+    def invalid(self, reason: str) -> Any:
+        """firehose_invalid_total's child for `reason` (reasons come from a fixed set)."""
+        counter = self._invalid.get(reason)
+        if counter is None:
+            counter = self._invalid[reason] = self._invalid_metric.labels(reason)
+        return counter
 
 
 def _register_process_metrics(registry: CollectorRegistry) -> None:

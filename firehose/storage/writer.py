@@ -291,7 +291,7 @@ def prepare_steps(
     """`prepare_batch` in steps: a generator that suspends (a bare yield) after every
     PREPARE_STEP_WRITES writes turned into rows or JSON, and returns the PreparedBatch. The
     worker runs it on the event loop that also runs the previous batch's transaction, and
-    lets that transaction's round trips through between steps (worker.LOOP_SLICE_S)."""
+    lets that transaction's round trips through between steps (firehose.live.queue.LOOP_SLICE_S)."""
     stats = ApplyStats()
     prep = yield from _prepare_steps(batch, stats, heads)
     return (yield from statement_args(batch, stats, prep, PREPARE_STEP_WRITES))
