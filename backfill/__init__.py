@@ -8,9 +8,10 @@ document's ``id`` must equal the DID); `hosts.HostClient` is the only way out to
 network: per-host concurrency, ``RateLimit-*`` slow-down and 429 pauses per host, capped
 bodies, TLS verified, private addresses refused unless ``ALLOW_PRIVATE_NETWORK``, and every
 failure a `FetchError` with a bounded reason and a transient flag; `download.fetch_repo`
-streams ``getRepo`` through the hash-checking CAR reader into a disk spool, so memory per
-repo is an index of 16 bytes per block, never the CAR, and checks the commit's DID and that
-every MST node and record block is present before returning a snapshot.
+streams ``getRepo`` through the hash-checking CAR reader into a disk spool (`blocks`), so
+memory per repo is an index of 16 bytes per block, never the CAR (small repos stay in memory
+within a per-process budget), and checks the commit's DID and that every MST node and record
+block is present before returning a snapshot.
 
 `group_commit` sends work that arrives while a statement runs together in the next one
 (no timer): `done_marks` commits the done marks of repos that finish together in one

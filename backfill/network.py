@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from backfill.settings import BackfillSettings
 
 if TYPE_CHECKING:
-    from backfill.download import MemoryBudget
+    from backfill.blocks import MemoryBudget
 
 MIB = 1024 * 1024
 LIST_REPOS_PAGE = 1000  # listRepos' maximum page size
@@ -180,10 +180,10 @@ async def open_http_network(
     memory_mb: int | None = None,
 ) -> AsyncIterator[HttpNetwork]:
     """The network of one process; `memory_mb`, its part of BACKFILL_MAX_MEMORY_MB (default:
-    all of it), sizes the MemoryBudget of its in-memory repos (download.py)."""
+    all of it), sizes the MemoryBudget of its in-memory repos (blocks.py)."""
     import aiohttp
 
-    from backfill.download import MEMORY_BUDGET_FRACTION, MemoryBudget
+    from backfill.blocks import MEMORY_BUDGET_FRACTION, MemoryBudget
     from backfill.hosts import HostClient
     from backfill.identity import IdentityResolver
     from backfill.relay_http import relay_http_base

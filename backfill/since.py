@@ -72,7 +72,7 @@ class SinceSuspect(Exception):
 
 
 class BlockSource(Protocol):
-    """The sealed blocks of a download (`backfill.download.BlockSpool` / `MemoryBlocks`)."""
+    """The sealed blocks of a download (`backfill.blocks.BlockSpool` / `MemoryBlocks`)."""
 
     def get(self, cid: bytes) -> bytes | None: ...
 

@@ -30,6 +30,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 
 from backfill import download
+from backfill.blocks import MemoryBudget
 from backfill.download import RepoSnapshot
 from backfill.hosts import FetchError, HostClient
 from backfill.record_fetch import RecordFetch, fetch_record
@@ -66,7 +67,7 @@ async def fetch_window(
     max_bytes: int,
     spool_dir: Path,
     memory_max_bytes: int | None = None,
-    memory: download.MemoryBudget | None = None,
+    memory: MemoryBudget | None = None,
 ) -> RepoSnapshot:
     """`did`'s repo from `pds`: the part written after `since` (None: the whole repo) plus,
     with `want_profile`, its current profile when that part does not settle it."""

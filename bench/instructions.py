@@ -162,7 +162,8 @@ def run_snapshot(car: bytes, records: int) -> int:
     """Take `car` as the backfill takes a fresh repo, whole, until `records` are prepared
     (backfill/download.py's fetch_repo after the HTTP, then backfill/repo_task.py's rows and
     snapshots.write_rows before the database)."""
-    from backfill.download import MemoryBlocks, _check_snapshot, checked_snapshot
+    from backfill.blocks import MemoryBlocks
+    from backfill.download import _check_snapshot, checked_snapshot
     from backfill.window import Window
     from firehose.protocol.car import CarStreamReader
     from firehose.protocol.cbor import decode_block

@@ -18,10 +18,8 @@ import pytest
 from aiohttp import web
 from backfill_http import host_client, serve
 
+from backfill.blocks import BlockSpool, MemoryBlocks, MemoryBudget
 from backfill.download import (
-    BlockSpool,
-    MemoryBlocks,
-    MemoryBudget,
     RepoSnapshot,
     SkippedRecord,
     fetch_repo,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backfill.download import MemoryBlocks
+from backfill.blocks import MemoryBlocks
 from backfill.hosts import FetchError
 from backfill.since import (
     FALLBACK_OLD_COMMIT,

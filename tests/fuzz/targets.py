@@ -25,7 +25,8 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
-from backfill.download import MemoryBlocks, SkippedRecord, _check_snapshot, checked_snapshot
+from backfill.blocks import MemoryBlocks
+from backfill.download import SkippedRecord, _check_snapshot, checked_snapshot
 from backfill.handle_rules import did_from_txt, did_from_well_known
 from backfill.hosts import FetchError
 from backfill.record_fetch import verify_record_car
