@@ -58,6 +58,8 @@ class Worker:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = LiveMetrics.create(self.registry)
         self.state = WorkerState()
+        # A benchmark's list for every event's read -> commit latency (bench/live.py): set
+        # before run(), which hands it to the committer.
         self.latency_samples: list[float] | None = None
         self._stop = asyncio.Event()
         # Read and decoded, waiting for the committer (bounded: back-pressure, invariant 4).
