@@ -38,10 +38,10 @@ from firehose.model import SnapshotRecord
 from firehose.settings import collection_wanted
 from firehose.storage.database import QUERY_RETRY_ERRORS
 from firehose.storage.fill_order import FILL_CHUNK_ROWS, chunks_in_filling_order
+from firehose.storage.prepare import ApplyStats
 from firehose.storage.snapshot_rows import snapshot_rows
 from firehose.storage.snapshots import FRESH_COPY_MIN_RECORDS, write_rows
 from firehose.storage.together import PreparedSnapshot, prepare_snapshot, write_snapshots
-from firehose.storage.writer import ApplyStats
 
 log = logging.getLogger("backfill")
 

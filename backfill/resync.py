@@ -47,9 +47,9 @@ from backfill.window import Window
 from firehose.model import SnapshotRecord
 from firehose.settings import collection_wanted
 from firehose.storage.database import QUERY_RETRY_ERRORS
+from firehose.storage.prepare import ApplyStats, RepoHead
 from firehose.storage.snapshot_rows import snapshot_rows
 from firehose.storage.snapshots import prune_repo, write_rows
-from firehose.storage.writer import ApplyStats, RepoHead
 
 log = logging.getLogger("backfill.resync")
 

@@ -89,7 +89,7 @@ def run_decode(frame_list: list[bytes]) -> int:
 
 def run_batch(events: list[Event]) -> int:
     from firehose.live.batch import BatchBuilder
-    from firehose.storage.writer import prepare_batch
+    from firehose.storage.prepare import prepare_batch
 
     builder = BatchBuilder()
     for event in events:
@@ -111,14 +111,14 @@ def run_apply(dsn: str, events: list[Event]) -> int:
     import uvloop
 
     from firehose.live.batch import BatchBuilder
-    from firehose.storage import writer
+    from firehose.storage import prepare, writer
 
     async def apply(conn: asyncpg.Connection, chunk: list[Event]) -> None:
         builder = BatchBuilder()
         for event in chunk:
             builder.add(event)
         batch = builder.take()
-        prepared = writer.drain(writer.prepare_steps(batch, batch.heads))
+        prepared = prepare.drain(prepare.prepare_steps(batch, batch.heads))
         await writer.apply_prepared(conn, prepared)
 
     async def run() -> None:
@@ -167,9 +167,9 @@ def run_snapshot(car: bytes, records: int) -> int:
     from backfill.window import Window
     from firehose.protocol.car import CarStreamReader
     from firehose.protocol.cbor import decode_block
+    from firehose.storage.prepare import ApplyStats
     from firehose.storage.snapshot_rows import snapshot_rows
     from firehose.storage.snapshots import fresh_payload
-    from firehose.storage.writer import ApplyStats
 
     window = Window(cutoff=None)
     done = 0

@@ -79,8 +79,9 @@ from firehose.protocol.frames import decode_frame  # noqa: E402
 from firehose.settings import Settings  # noqa: E402
 from firehose.storage import queries  # noqa: E402
 from firehose.storage.embedded import start_embedded  # noqa: E402
+from firehose.storage.prepare import prepare_batch  # noqa: E402
 from firehose.storage.rows import with_record_json  # noqa: E402
-from firehose.storage.writer import prepare_batch, purge_accounts  # noqa: E402
+from firehose.storage.writer import purge_accounts  # noqa: E402
 from firehose.worker import Worker  # noqa: E402
 
 DECODE_ONLY_FRAMES = 20_000

@@ -54,14 +54,9 @@ from firehose.model import Action, Batch  # noqa: E402
 from firehose.storage import queries  # noqa: E402
 from firehose.storage.embedded import start_embedded  # noqa: E402
 from firehose.storage.migrate import migrate  # noqa: E402
+from firehose.storage.prepare import ApplyStats, PreparedBatch, prepare, prepare_batch  # noqa: E402
 from firehose.storage.rows import with_record_json  # noqa: E402
-from firehose.storage.writer import (  # noqa: E402
-    ApplyStats,
-    PreparedBatch,
-    apply_prepared,
-    prepare,
-    prepare_batch,
-)
+from firehose.storage.writer import apply_prepared  # noqa: E402
 
 CORES = 2
 TYPED_COLUMNS = {t.name: t.all_columns for t in queries.TYPED_TABLES.values()}

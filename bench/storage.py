@@ -39,7 +39,8 @@ from bench.common import (
 from firehose.devnet.tid import tid_of_value as tid
 from firehose.model import Action, Batch, RecordWrite
 from firehose.storage.migrate import migrate
-from firehose.storage.writer import ApplyStats, apply_batch
+from firehose.storage.prepare import ApplyStats
+from firehose.storage.writer import apply_batch
 
 
 def synthetic(n: int, seed: int = 1) -> list[RecordWrite]:

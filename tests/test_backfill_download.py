@@ -30,8 +30,8 @@ from firehose.model import Action, Batch, RecordWrite
 from firehose.protocol.car import read_car
 from firehose.protocol.mst import iter_repo_records, read_commit
 from firehose.protocol.syntax import is_tid, tid_to_datetime
+from firehose.storage.prepare import ApplyStats, prepare
 from firehose.storage.snapshot_rows import snapshot_rows
-from firehose.storage.writer import ApplyStats, prepare
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BNEWBOLD = "indigo/atproto/repo/testdata/bnewbold.robocracy.org.20250310005405.car"

@@ -25,7 +25,7 @@ from backfill.service import BackfillService, LivePressure, should_run
 from backfill.settings import BackfillSettings
 from firehose.model import SnapshotRecord
 from firehose.protocol.syntax import make_tid
-from firehose.storage.writer import ApplyStats, PreparedRows
+from firehose.storage.prepare import ApplyStats, PreparedRows
 
 CID = "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"
 NOW = datetime.now(UTC)

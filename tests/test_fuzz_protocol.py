@@ -55,8 +55,8 @@ from firehose.protocol.cid import CID_BYTES, cid_bytes_from_str
 from firehose.protocol.errors import ProtocolError
 from firehose.protocol.frames import decode_frame
 from firehose.protocol.mst import iter_repo_records, walk_mst
+from firehose.storage.prepare import records_json
 from firehose.storage.rows import MAX_SANITIZE_DEPTH, rows_of
-from firehose.storage.writer import records_json
 
 CI_EXAMPLES = 800  # per target: ~25 s for all the fuzz tests on a 2-core CI runner
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES") or CI_EXAMPLES)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from firehose.model import Action, RecordWrite
 from firehose.storage import queries, rows
+from firehose.storage.prepare import records_json
 from firehose.storage.rows import (
     MAX_ARRAY_ITEMS,
     MAX_INDEXED_TEXT_CHARS,
@@ -24,7 +25,6 @@ from firehose.storage.rows import (
     typed_row,
     with_record_json,
 )
-from firehose.storage.writer import records_json
 
 DID = "did:plc:alice"
 REF = {"uri": "at://did:plc:bob/app.bsky.feed.post/3k", "cid": "bafyref"}
@@ -384,7 +384,7 @@ _records = st.dictionaries(
 @settings(max_examples=300, deadline=None)
 @given(st.lists(_records, min_size=1, max_size=4))
 def test_records_json_of_a_batch_equals_record_by_record(records: list[dict[str, Any]]) -> None:
-    # writer.records_json serializes a batch in one call and falls back to record_json per
+    # prepare.records_json serializes a batch in one call and falls back to record_json per
     # record when that call cannot be stored (surrogates, ints beyond 64 bits, \u0000): the
     # stored JSON must be record_json's, record for record, whichever path was taken.
     writes = [

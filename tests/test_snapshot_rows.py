@@ -1,4 +1,4 @@
-"""snapshot_rows.py: a snapshot's records to rows exactly as `writer.prepare` makes them of
+"""snapshot_rows.py: a snapshot's records to rows exactly as `prepare.prepare` makes them of
 the same records as RecordWrites (no database)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from firehose.model import Batch, SnapshotRecord, snapshot_write
 from firehose.storage import snapshot_rows as module
+from firehose.storage.prepare import ApplyStats, PreparedRows, RepoHead, prepare
 from firehose.storage.snapshot_rows import snapshot_rows
-from firehose.storage.writer import ApplyStats, PreparedRows, RepoHead, prepare
 
 DID = "did:plc:snapshotrows"
 CID = "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"
@@ -64,7 +64,7 @@ def in_walk_order(items: list[Any]) -> list[Any]:
 @given(st.lists(ITEM, max_size=12), st.booleans(), HEADS)
 def test_the_same_as_the_writers_steps(items: list[Any], walked: bool, heads: Any) -> None:
     """Property: the rows, their order, the heads, the claims and every count are
-    `writer.prepare`'s, for records in a walk's order (the direct steps) or in any other
+    `prepare.prepare`'s, for records in a walk's order (the direct steps) or in any other
     (duplicated keys, out of order: the generic steps)."""
     records = in_walk_order(items) if walked else items
     stats = ApplyStats()

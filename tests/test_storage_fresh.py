@@ -21,9 +21,10 @@ from firehose.devnet.tid import tid_of_value as tid
 from firehose.model import Action, Batch, RecordWrite
 from firehose.storage import copy_text, fresh, queries, snapshots
 from firehose.storage.fresh import Loads
+from firehose.storage.prepare import ApplyStats, RepoHead, prepare
 from firehose.storage.snapshots import write_snapshot
 from firehose.storage.together import PreparedSnapshot, prepare_snapshot, write_snapshots
-from firehose.storage.writer import ApplyStats, RepoHead, apply_batch, prepare
+from firehose.storage.writer import apply_batch
 
 # (collection, rkey): a few uris over two typed tables.
 KEYS = [

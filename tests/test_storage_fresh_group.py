@@ -27,8 +27,9 @@ from test_storage_fresh import (
 from firehose.devnet.tid import tid_of_value as tid
 from firehose.model import Action, Batch, RecordWrite
 from firehose.storage import fresh
+from firehose.storage.prepare import RepoHead
 from firehose.storage.together import PreparedSnapshot, write_snapshots
-from firehose.storage.writer import RepoHead, apply_batch
+from firehose.storage.writer import apply_batch
 
 
 @pytest.fixture

@@ -13,20 +13,17 @@ import pytest
 from firehose.devnet.tid import tid_of_value as tid
 from firehose.model import AccountEvent, Action, Batch, IdentityEvent, RecordWrite
 from firehose.storage import queries
-from firehose.storage.snapshots import write_snapshot
-from firehose.storage.writer import (
+from firehose.storage.prepare import (
     PREPARE_STEP_WRITES,
     ApplyStats,
     applied_writes,
-    apply_batch,
-    apply_prepared,
     heads_from_writes,
-    load_cursor,
     prepare_batch,
     prepare_steps,
     records_json,
-    save_cursor,
 )
+from firehose.storage.snapshots import write_snapshot
+from firehose.storage.writer import apply_batch, apply_prepared, load_cursor, save_cursor
 
 ALICE = "did:plc:alice"
 BOB = "did:plc:bob"

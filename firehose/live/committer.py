@@ -22,7 +22,7 @@ from firehose.metrics import LiveMetrics, LiveTally, ops_collection_label
 from firehose.model import Batch
 from firehose.ops import WorkerState
 from firehose.settings import PipelineSettings
-from firehose.storage import refusals, writer
+from firehose.storage import prepare, refusals, writer
 from firehose.storage.database import QUERY_RETRY_ERRORS, Database
 from firehose.storage.snapshots import REFUSED
 
@@ -73,7 +73,7 @@ class Committer:
         # committed), which keeps per-repo order (invariant 3) and the cursor order; at most
         # two batches are held besides the bounded queue (invariant 4).
         in_flight: asyncio.Task[None] | None = None
-        flying: writer.PreparedBatch | None = None  # the batch `in_flight` writes
+        flying: prepare.PreparedBatch | None = None  # the batch `in_flight` writes
         # What batches done with hold (their events, writes, rows), dropped a slice at a time
         # while the next batch is prepared (_prepare): dropping a committed 1,000-event batch
         # at once took 2 ms of the loop between its COMMIT and the next batch's BEGIN.
@@ -98,7 +98,7 @@ class Committer:
                     await in_flight
                     in_flight = None
                 if flying is not None:
-                    trash.extend(writer.bulky_lists(flying))
+                    trash.extend(prepare.bulky_lists(flying))
                     flying = None
                 if prepared is not None:
                     rows_sent = asyncio.Event()
@@ -144,13 +144,13 @@ class Committer:
             builder.request_resync(did, reason)
         return [read_at for read_at, _ in items]
 
-    async def _prepare(self, batch: Batch, trash: list[list[Any]]) -> writer.PreparedBatch:
-        """writer.prepare_steps on the loop, with the lists in `trash` emptied a slice at a
+    async def _prepare(self, batch: Batch, trash: list[list[Any]]) -> prepare.PreparedBatch:
+        """prepare.prepare_steps on the loop, with the lists in `trash` emptied a slice at a
         time in between, yielding every LOOP_SLICE_S: the transaction in flight meanwhile
         gets its round trips through. `trash` is empty when it returns."""
         clock = time.monotonic
-        steps = writer.prepare_steps(batch, batch.heads)
-        prepared: writer.PreparedBatch | None = None
+        steps = prepare.prepare_steps(batch, batch.heads)
+        prepared: prepare.PreparedBatch | None = None
         yield_at = clock() + LOOP_SLICE_S
         while prepared is None or trash:
             if prepared is None:
@@ -160,7 +160,7 @@ class Committer:
                     prepared = done.value
             if trash:
                 items = trash[-1]
-                del items[-writer.PREPARE_STEP_WRITES :]
+                del items[-prepare.PREPARE_STEP_WRITES :]
                 if not items:
                     trash.pop()
             if clock() >= yield_at:
@@ -171,7 +171,7 @@ class Committer:
     async def _apply(
         self,
         db: Database,
-        prepared: writer.PreparedBatch,
+        prepared: prepare.PreparedBatch,
         deadline: float | None,
         read_times: list[float],
         rows_sent: asyncio.Event,
@@ -191,7 +191,7 @@ class Committer:
                         # A row PostgreSQL refuses fails every retry alike: commit the rest.
                         rest = await self._without_refused(db, batch, exc)
                         if rest is not None:
-                            prepared = writer.prepare_batch(rest, rest.heads)
+                            prepared = prepare.prepare_batch(rest, rest.heads)
                             batch = rest
                             continue
                     # Nothing was committed (one transaction): retrying the same batch is safe,

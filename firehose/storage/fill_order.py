@@ -34,7 +34,7 @@ spans four or five pages; two passes paid on fresh repos of 150 records already 
 Invariants kept: the same rows, each once; each pass keeps the order it was given (the
 rows' key order), so each pass alone is ascending. Any order of a snapshot's records
 converges (each row carries the snapshot's rev); within one batch the guarded writers keep
-uri order (writer.prepare sorts what is not ascending), and only loads that hold the repo's
+uri order (prepare.prepare sorts what is not ascending), and only loads that hold the repo's
 `actors` row write a batch in two passes (fresh.py: no other writer of the repo's rows can
 run until the load commits).
 """

@@ -33,7 +33,7 @@ the repo's `actors` row, used as a per-repo lock that needs no shared lock-table
   first is also the lock order of every writer (did order, `actors` before the rows), so
   two writers of one repo wait for each other there and never deadlock further on.
 * Every writer of rows also advances the repo head (`actors.rev`) in the same transaction
-  (writer.prepare adds the heads of written repos a caller left out), so a headless row
+  (prepare.prepare adds the heads of written repos a caller left out), so a headless row
   really means "no rows, no tombstones".
 
 Hence a load and another writer of the same repo are serialised: the load either commits

@@ -197,7 +197,7 @@ def _column_value(i: int, pgtype: str) -> str:
 
 def rows_param(n: int) -> str:
     """Parameter `n`, one batch's rows as the UTF-8 bytes of a JSON array of row arrays
-    (writer.records_json), as jsonb. Sent as bytea, the bytes orjson made go out as they are:
+    (prepare.records_json), as jsonb. Sent as bytea, the bytes orjson made go out as they are:
     as a jsonb parameter they had to be a str, decoded from those bytes and encoded back by
     asyncpg, which cost up to ~1 µs of our CPU per record of a batch with text outside
     Latin-1 (an emoji: a UCS-4 str; micro-benchmark, 100 batches of 500 records, two runs

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from firehose.model import Batch
-from firehose.storage import writer
+from firehose.storage import prepare, writer
 from firehose.storage.snapshots import REFUSED
 
 # The Batch fields a probe bisects, each a list of independent parts.
@@ -59,9 +59,9 @@ def parts_of(batch: Batch) -> list[tuple[str, Any]]:
     """The parts the writer applies, in field order and, within a field, in the batch's
     order. Not those it passes over, which cannot be what PostgreSQL refuses: a write that a
     later one of the same uri supersedes or that rows.py found unstorable
-    (writer.applied_writes, the writer's own selection),
-    an identity or account event followed by another of the same did (writer.last_per_did),
-    a head below another of its repo (writer.latest_heads), a resync request after the first
+    (prepare.applied_writes, the writer's own selection),
+    an identity or account event followed by another of the same did (prepare.last_per_did),
+    a head below another of its repo (prepare.latest_heads), a resync request after the first
     of its repo. Probed alone, such a part could be refused and then counted although it was
     never going to be written."""
     first_resyncs: dict[str, tuple[str, str]] = {}
@@ -70,10 +70,10 @@ def parts_of(batch: Batch) -> list[tuple[str, Any]]:
     applied = {
         id(part)
         for part in (
-            *writer.applied_writes(batch.writes).values(),
-            *writer.last_per_did(batch.identities),
-            *writer.last_per_did(batch.accounts),
-            *writer.latest_heads(batch.heads),
+            *prepare.applied_writes(batch.writes).values(),
+            *prepare.last_per_did(batch.identities),
+            *prepare.last_per_did(batch.accounts),
+            *prepare.latest_heads(batch.heads),
             *first_resyncs.values(),
         )
     }

@@ -408,7 +408,7 @@ def rows_of(write: RecordWrite, uri: str) -> tuple[Row, tuple[str, Row] | None] 
     `(records row, (typed table, row) or None)`, or None if there is no record to store.
 
     The records row holds the record itself (a dict), not its JSON text: the writer turns a
-    whole batch of rows into JSON in one call (writer.records_json), falling back to
+    whole batch of rows into JSON in one call (prepare.records_json), falling back to
     `record_json` per record for what that call refuses (`with_record_json`)."""
     record = write.record
     if not isinstance(record, dict) or write.cid is None:

@@ -1,17 +1,17 @@
 """A repo snapshot's records straight to rows (pure, no I/O).
 
 The backfill writes hundreds of records per repo, and for each the generic steps
-(`writer.prepare`: a `RecordWrite` built, its uri twice, the dedupe per uri, the sort, the
+(`prepare.prepare`: a `RecordWrite` built, its uri twice, the dedupe per uri, the sort, the
 heads of the writes) cost about 0.7 µs more than the rows themselves need, ~2 % of what a
 record costs this process and PostgreSQL together (docs/performance-log.md, session 34). A
 snapshot's records need none of it: they are one repo's, CREATEs, and come in strictly
 increasing key order (`firehose.protocol.mst.walk_mst` checks it), so no uri can
 supersede another and the rows are already in uri order.
 
-Invariant kept: `snapshot_rows` gives exactly what `writer.prepare` gives for the same
+Invariant kept: `snapshot_rows` gives exactly what `prepare.prepare` gives for the same
 records as RecordWrites (`model.snapshot_write`): the same rows in the same order, the same
 heads and claims, the same counts; the row layouts and the storable rule are the ones of
-rows.py. Records in any other order (a duplicated key, say) go through `writer.prepare`
+rows.py. Records in any other order (a duplicated key, say) go through `prepare.prepare`
 itself. tests/test_snapshot_rows.py checks the two against each other on any input.
 """
 
@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from firehose.model import Batch, SnapshotRecord, snapshot_write
+from firehose.storage.prepare import ApplyStats, PreparedRows, RepoHead, heads_with, prepare
 from firehose.storage.rows import created_at_of, records_layout, storable_ids, typed_layout
-from firehose.storage.writer import ApplyStats, PreparedRows, RepoHead, heads_with, prepare
 
 
 def snapshot_rows(
@@ -31,7 +31,7 @@ def snapshot_rows(
     heads: Sequence[RepoHead] | None,
     stats: ApplyStats,
 ) -> PreparedRows:
-    """`writer.prepare(Batch(writes=[snapshot_write(did, r) for r in records]), stats, heads)`,
+    """`prepare.prepare(Batch(writes=[snapshot_write(did, r) for r in records]), stats, heads)`,
     without the writes while the records' keys strictly increase."""
     prefix = f"at://{did}/"
     rows: list[tuple[Any, ...]] = []

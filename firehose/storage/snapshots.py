@@ -27,18 +27,18 @@ from firehose.model import Batch, RecordWrite
 from firehose.storage import fresh, queries
 from firehose.storage.copy_text import COPY_COLUMNS, records_copy
 from firehose.storage.fill_order import page_filling_order
-from firehose.storage.writer import (
+from firehose.storage.prepare import (
     NO_ROWS,
     ApplyStats,
     PreparedRows,
     RepoHead,
-    apply_prepared,
     drain,
     prepare,
     records_json,
     rows_json,
     statement_args,
 )
+from firehose.storage.writer import apply_prepared
 
 # A fresh batch of at least this many records sends its records rows by COPY (copy_text.py)
 # instead of in the load's statement: less of PostgreSQL's CPU per record (-10.5 % in
@@ -85,7 +85,7 @@ async def write_rows(
     maybe_fresh: bool = True,
     fill: bool = True,
 ) -> ApplyStats:
-    """`write_snapshot` of a batch already turned into rows (`writer.prepare`, or
+    """`write_snapshot` of a batch already turned into rows (`prepare.prepare`, or
     snapshot_rows.py for a snapshot's records), `stats` the counts of that step. `fill=False`:
     a fresh load sends the rows in the order given, which the caller chose across its batches
     (fill_order.chunks_in_filling_order), instead of in two passes of its own."""

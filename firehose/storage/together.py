@@ -26,17 +26,17 @@ from typing import Any
 
 from firehose.model import Batch
 from firehose.storage import fresh, queries, snapshots
-from firehose.storage.writer import (
+from firehose.storage.prepare import (
     NO_ROWS,
     ApplyStats,
     PreparedBatch,
     PreparedRows,
     RepoHead,
-    apply_prepared,
     latest_heads,
     records_json,
     rows_json,
 )
+from firehose.storage.writer import apply_prepared
 
 
 @dataclass(slots=True)
@@ -55,7 +55,7 @@ def prepare_snapshot(
     rows: PreparedRows, stats: ApplyStats, head: RepoHead, maybe_fresh: bool = True
 ) -> PreparedSnapshot:
     """The pure half of `write_snapshots` for one repo: its whole snapshot as rows with the
-    head `head` (snapshot_rows.py or `writer.prepare`), `stats` the counts of that step."""
+    head `head` (snapshot_rows.py or `prepare.prepare`), `stats` the counts of that step."""
     return PreparedSnapshot(
         head=head,
         maybe_fresh=maybe_fresh,

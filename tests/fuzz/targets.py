@@ -58,10 +58,10 @@ from firehose.protocol.mst import (
 )
 from firehose.protocol.syntax import is_did
 from firehose.settings import WorkerSettings
+from firehose.storage.prepare import ApplyStats, prepare, records_json
 from firehose.storage.queries import TYPED_TABLES
 from firehose.storage.rows import MAX_ARRAY_ITEMS, rows_of
 from firehose.storage.snapshot_rows import snapshot_rows
-from firehose.storage.writer import ApplyStats, prepare, records_json
 
 TRIED: Counter[str] = Counter()
 TARGETS = ("frames", "car", "mst", "records", "rows", "window", "handles")
