@@ -17,8 +17,14 @@ side the runs, median, range and how many reached `--target`; with `--against`, 
 the sums over the complete pairs. Then one JSON line {"bench": "series", ...}. A run that
 fails ends the series with its output's tail.
 
+With `--fast-below US`, each run also waits until the machine's speed check (bench/common.py,
+`machine_speed_us`) reads under US µs per record, checked every FAST_POLL_S, so that a series
+started in a slow phase runs when a fast one comes; when none has come after
+`--fast-wait-max-s`, the series ends there with the runs it has.
+
     python bench/series.py [--runs 6] [--against REV] [--target 50000] [--figure KEY]
-                           [--quiet-below 0.45] -- bench/backfill.py [its arguments]
+                           [--quiet-below 0.45] [--fast-below 17 [--fast-wait-max-s 10800]]
+                           -- bench/backfill.py [its arguments]
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +49,8 @@ DEFAULT_FIGURES = {"backfill": "records_per_s", "live": "events_per_s"}
 ALSO_SHOWN = ("ratio_to_baseline", "peak_rss_mb")
 QUIET_POLL_S = 5.0
 QUIET_MAX_WAIT_S = 600.0  # then the run starts anyway: the bench's own claim still says
+FAST_POLL_S = 60.0  # a speed check takes about a second of one core
+FAST_REPORT_EVERY_S = 600.0  # one line per ten minutes of waiting for a fast phase
 
 
 # --- pure parts ------------------------------------------------------------------------------
@@ -101,6 +109,35 @@ def wait_quiet(below: float) -> None:
         time.sleep(QUIET_POLL_S)
 
 
+def machine_speed_us() -> float:
+    """bench/common.py's speed check, imported when asked for: this script also runs alone
+    (its tests copy it into a throwaway repository)."""
+    sys.path.insert(0, str(ROOT))
+    from bench.common import machine_speed_us as speed
+
+    return speed()
+
+
+def wait_fast(
+    below_us: float, max_wait_s: float, speed: Callable[[], float] = machine_speed_us
+) -> float | None:
+    """Wait until `speed()` (µs per record) reads under `below_us`: that reading, or None
+    when `max_wait_s` passed first. Says every FAST_REPORT_EVERY_S what it waits for."""
+    started = time.monotonic()
+    reported = started
+    while True:
+        us = speed()
+        if us < below_us:
+            return us
+        now = time.monotonic()
+        if now + FAST_POLL_S - started > max_wait_s:
+            return None
+        if now - reported >= FAST_REPORT_EVERY_S or reported == started:
+            print(f"speed check {us:.1f} µs per record: waiting for under {below_us}", flush=True)
+            reported = now
+        time.sleep(FAST_POLL_S)
+
+
 @contextlib.contextmanager
 def worktree(rev: str) -> Iterator[Path]:
     """REV checked out beside this tree's `../shared`, as a bench of REV expects to find it."""
@@ -145,6 +182,10 @@ def main() -> None:
     parser.add_argument("--target", type=float, help="count the runs at or above this")
     parser.add_argument("--figure", help="the JSON key to compare (default: by bench)")
     parser.add_argument("--quiet-below", type=float, default=0.45, help="load average")
+    parser.add_argument(
+        "--fast-below", type=float, metavar="US", help="wait for a speed check under US µs"
+    )
+    parser.add_argument("--fast-wait-max-s", type=float, default=3 * 3600.0)
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- bench/X.py [args]")
     args = parser.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -161,6 +202,16 @@ def main() -> None:
         if args.against:
             trees[OLD] = stack.enter_context(worktree(args.against))
         for i, side in enumerate(sides, 1):
+            if args.fast_below is not None:
+                wait_quiet(args.quiet_below)
+                if wait_fast(args.fast_below, args.fast_wait_max_s) is None:
+                    print(
+                        f"no speed check under {args.fast_below} µs in "
+                        f"{args.fast_wait_max_s:.0f} s: the series ends after {i - 1} runs",
+                        flush=True,
+                    )
+                    sides = sides[: i - 1]
+                    break
             wait_quiet(args.quiet_below)
             result = run_bench(trees[side], command)
             figure = figure or DEFAULT_FIGURES.get(str(result["bench"]))
@@ -178,6 +229,8 @@ def main() -> None:
                 f"{'claimed' if result.get('claimed') else 'NOT claimed'})",
                 flush=True,
             )
+    if not values:
+        raise SystemExit("no run")
     out: dict[str, Any] = {"bench": "series", "command": command, "figure": figure}
     for side in dict.fromkeys(sides):
         mine = [v for s, v in zip(sides, values, strict=True) if s == side]

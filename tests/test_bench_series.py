@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import series
 from bench.series import NEW, OLD, ROOT, bench_result, pair_ratio, run_order, side_summary
 
 
@@ -33,6 +34,23 @@ def test_summary_and_ratio() -> None:
     sides = [OLD, NEW, NEW, OLD, OLD]  # the last run has no partner: left out
     assert pair_ratio(sides, [10.0, 11.0, 13.0, 12.0, 99.0]) == pytest.approx(24 / 22)
     assert pair_ratio([NEW, NEW], [1.0, 2.0]) is None
+
+
+def test_waiting_for_a_fast_phase(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(series, "FAST_POLL_S", 0.0)
+    readings = iter([41.6, 25.0, 16.2, 99.0])
+    # The first reading under the threshold ends the wait; slower ones are waited out.
+    assert series.wait_fast(17.0, 3600, lambda: next(readings)) == 16.2
+    assert next(readings) == 99.0  # no check after the fast one
+    # Never fast within the time allowed: None, after a single check when none fits in it.
+    calls = []
+    assert series.wait_fast(17.0, 0, lambda: calls.append(1) or 41.6) is None
+    assert len(calls) == 1
+
+
+def test_the_speed_check_it_waits_for_is_the_benches_own() -> None:
+    # The real check (bench/common.py), as the series calls it: a figure in µs per record.
+    assert 0 < series.machine_speed_us() < 10_000
 
 
 def test_a_series_against_a_commit_runs_each_sides_own_bench(tmp_path: Path) -> None:
