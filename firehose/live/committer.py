@@ -26,7 +26,7 @@ from firehose.storage import prepare, refusals, writer
 from firehose.storage.database import QUERY_RETRY_ERRORS, Database
 from firehose.storage.snapshots import REFUSED
 
-log = logging.getLogger("firehose.worker")
+log = logging.getLogger("firehose.worker")  # the worker's lines, under the name they always had
 
 STOP_DRAIN_S = 7.0  # SIGTERM → exit within 10 s, leaving room for closing the pool
 DB_RETRY_MIN_S = 0.5
