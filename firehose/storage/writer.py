@@ -44,15 +44,6 @@ from firehose.storage.prepare import (
     prepare_batch,
 )
 
-
-def _count(status: str) -> int:
-    """Row count of a command tag such as 'INSERT 0 12' or 'DELETE 3'."""
-    try:
-        return int(status.rsplit(" ", 1)[-1])
-    except ValueError:
-        return 0
-
-
 # Asynchronous commit: COMMIT returns before its WAL is flushed (one fsync less per batch).
 # Safe for invariant 1 because the rows and the cursor are in the SAME transaction and the
 # WAL is one sequential log: a crash of the PostgreSQL server (a crash of the worker changes
