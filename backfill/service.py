@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from backfill import jobs, queue
 from backfill.context import Context
+from backfill.dispatch import dispatch, wait_any
 from backfill.enumeration import enumerate_until_done
 from backfill.handles import HandleMetrics, verify_handles
 from backfill.helpers import Helpers, plan_helpers
@@ -31,7 +32,7 @@ from backfill.jobs import Job
 from backfill.metrics import BackfillMetrics
 from backfill.network import Network, open_http_network
 from backfill.progress import Counts, Progress, config_lines, start_line
-from backfill.repo_task import RepoTask, save_progress
+from backfill.repo_task import save_progress
 from backfill.settings import BackfillSettings
 from backfill.status import job_status
 from backfill.throttle import LivePressure, Throttle, process_rss_bytes
@@ -49,14 +50,6 @@ log = logging.getLogger("backfill")
 INTERRUPTED_ATTEMPTS_FACTOR = 4
 
 CONTROL_POLL_S = 1.0  # pause/resume from the CLI are noticed within this
-# An empty queue is looked at again after DISPATCH_IDLE_MIN_S, then twice as long each time up
-# to DISPATCH_POLL_S, and at once when this process queued repos (Context.queued). The
-# repos of another process (a helper's last ones, a retry's delay) end the wait only by a
-# poll: a flat 0.2 s poll left each of the two processes of bench/backfill.py idle for up
-# to 0.2 s at the start (its first claim came before the enumeration's first page) and the
-# job's completion up to 0.2 s after the other process's last repo, 2-3 % of a 10 s run.
-DISPATCH_IDLE_MIN_S = 0.01
-DISPATCH_POLL_S = 0.2
 RECLAIM_EVERY_S = 15.0  # stuck-work recovery while running
 DB_RETRY_MIN_S = 1.0  # a database outage: first wait before starting again
 DB_RETRY_MAX_S = 30.0
@@ -180,7 +173,7 @@ class BackfillService:
                     tg.create_task(verify_handles(ctx, self.handle_metrics, stop))
                     tg.create_task(self._control(ctx))
                     tg.create_task(enumerate_until_done(ctx))
-                    tg.create_task(self._dispatch(ctx))
+                    tg.create_task(dispatch(ctx, self.own.max_concurrent, self._try_complete))
                     if self.helpers is not None:
                         tg.create_task(self.helpers.run(ctx.halt))
             finally:
@@ -330,46 +323,8 @@ class BackfillService:
     # -- the loops -----------------------------------------------------------------------
 
     async def _watch_stop(self, ctx: Context, stop: asyncio.Event) -> None:
-        await _wait_any(set(), (stop, ctx.halt), None)
+        await wait_any(set(), (stop, ctx.halt), None)
         ctx.halt.set()
-
-    async def _dispatch(self, ctx: Context) -> None:
-        """Claim repos while there are free slots and no throttle holds; complete the job
-        when every repo is finished."""
-        limit = self.own.max_concurrent
-        slots = asyncio.Semaphore(limit)
-        runner = RepoTask(ctx, slots)
-        tasks: set[asyncio.Task[None]] = set()
-        idle_s = DISPATCH_IDLE_MIN_S
-        try:
-            while not ctx.halt.is_set():
-                tasks = _reap(tasks)
-                await self.throttle.wait_claimable(ctx.halt, busy=_any_running(tasks))
-                free = limit - len(tasks)
-                if self.throttle.memory.closed:
-                    free = min(free, 1)  # under memory pressure: one repo at a time
-                claimed: list[queue.Claimed] = []
-                if free > 0 and not ctx.halt.is_set():
-                    ctx.queued.clear()  # what is queued from now on wakes the idle wait
-                    async with ctx.conn() as conn:
-                        claimed = await queue.claim(conn, ctx.job.id, ctx.owner, free, ctx.lease_s)
-                for c in claimed:
-                    tasks.add(asyncio.create_task(runner.run(c)))
-                if claimed:
-                    idle_s = DISPATCH_IDLE_MIN_S
-                    continue
-                if not tasks and await self._try_complete(ctx):
-                    return
-                # Until a repo of ours ends, repos are queued here while a slot is free (a
-                # full process would only wake again and again), a stop, or the poll.
-                events = (ctx.halt, ctx.queued) if free > 0 else (ctx.halt,)
-                await _wait_any(tasks, events, idle_s if not tasks else DISPATCH_POLL_S)
-                if not tasks:
-                    idle_s = min(idle_s * 2, DISPATCH_POLL_S)
-        finally:
-            if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
-            ctx.halt.set()
 
     async def _try_complete(self, ctx: Context) -> bool:
         async with ctx.conn() as conn:
@@ -491,38 +446,3 @@ def _first_leaf(exc: BaseException) -> str:
         exc = exc.exceptions[0]
     text = f"{type(exc).__name__}: {exc}"
     return text if len(text) <= 200 else text[:197] + "..."
-
-
-async def _wait_any(
-    tasks: set[asyncio.Task[None]], events: tuple[asyncio.Event, ...], wait_s: float | None
-) -> None:
-    """Until one of `tasks` ends, one of `events` is set, or `wait_s` passes (None: no limit)."""
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait({*tasks, *waiters}, timeout=wait_s, return_when="FIRST_COMPLETED")
-    finally:
-        for w in waiters:
-            w.cancel()
-
-
-def _any_running(tasks: set[asyncio.Task[None]]) -> Callable[[], bool]:
-    return lambda: any(not t.done() for t in tasks)
-
-
-def _reap(tasks: set[asyncio.Task[None]]) -> set[asyncio.Task[None]]:
-    """The repo tasks still running. A finished one's exception is retrieved and logged here
-    (a database outage ends a repo task mid-write): asyncio would otherwise print "Task
-    exception was never retrieved" with a traceback for each. Nothing is lost: the repo's
-    lease expires and it is claimed again."""
-    running: set[asyncio.Task[None]] = set()
-    for t in tasks:
-        if not t.done():
-            running.add(t)
-        elif not t.cancelled() and (exc := t.exception()) is not None:
-            log.warning(
-                "[BACKFILL] a repo task stopped (%s: %s); the repo is claimed again when its "
-                "lease expires",
-                type(exc).__name__,
-                exc,
-            )
-    return running

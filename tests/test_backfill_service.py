@@ -263,8 +263,8 @@ async def test_an_idle_dispatcher_claims_when_a_page_is_queued(
     """Each listRepos page comes late, so the dispatcher finds the queue empty first; with
     its polls an hour apart, only the enumeration's wake-up (Context.queued) and its own
     repos ending can move it on: the job still completes."""
-    monkeypatch.setattr("backfill.service.DISPATCH_IDLE_MIN_S", 3600.0)
-    monkeypatch.setattr("backfill.service.DISPATCH_POLL_S", 3600.0)
+    monkeypatch.setattr("backfill.dispatch.DISPATCH_IDLE_MIN_S", 3600.0)
+    monkeypatch.setattr("backfill.dispatch.DISPATCH_POLL_S", 3600.0)
     net = FakeNetwork(n_repos=20, page_size=7, list_delay_s=0.2)
     async with service_pool(db_dsn) as pool:
         await run_to_end(make(FAST, pool, net))
