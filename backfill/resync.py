@@ -39,6 +39,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from backfill import queue
 from backfill import resync_queries as q
+from backfill.dispatch import wait_any
 from backfill.download import SkippedRecord
 from backfill.network import Network, Snapshot, open_http_network
 from backfill.repo_task import failure_reason, is_transient
@@ -273,12 +274,7 @@ class ResyncService:
     async def _wait(self, stop: asyncio.Event) -> None:
         """Until a repo finishes (a free slot), the poll interval passes, or stop."""
         self._wake.clear()
-        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
-        try:
-            await asyncio.wait(waiters, timeout=self._poll_s, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waiters:
-                w.cancel()
+        await wait_any(set(), (stop, self._wake), self._poll_s)
 
     async def _one(self, net: Network, c: ResyncClaim) -> None:
         started = time.monotonic()
